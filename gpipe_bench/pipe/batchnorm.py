@@ -1,0 +1,113 @@
+"""Deferred BatchNorm: running statistics of the whole mini-batch, not of each micro-batch.
+
+With micro-batches, a plain BatchNorm would update its running statistics once
+per micro-batch, from micro-batch statistics: ``chunks`` momentum steps per
+training step, each from a noisier estimate. :class:`DeferredBatchNorm`
+normalises each micro-batch with its own statistics (which is what GPipe
+computes) but only *accumulates* them; the engine commits them once per
+mini-batch, giving exactly the running statistics a plain BatchNorm would have
+after seeing the whole mini-batch.
+
+Accumulation merges per-micro-batch means and sums of squared deviations
+(Chan et al.'s pairwise update) rather than raw sums of squares, so the
+committed variance matches a one-shot computation to rounding even in float32.
+Recomputation does not accumulate: each micro-batch counts once.
+"""
+from __future__ import annotations
+
+from typing import Optional, TypeVar, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .checkpoint import is_recomputing
+
+__all__ = ["DeferredBatchNorm"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class DeferredBatchNorm(_BatchNorm):
+    """A BatchNorm whose running statistics are committed once per mini-batch."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        chunks: int = 1,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats=True)
+        self.chunks = chunks
+        # Not persistent: state dicts stay those of a plain BatchNorm.
+        self.register_buffer("acc_mean", torch.zeros(num_features), persistent=False)
+        self.register_buffer("acc_m2", torch.zeros(num_features), persistent=False)
+        self.acc_count = 0
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    @torch.no_grad()
+    def _accumulate(self, input: Tensor) -> None:
+        dims = [d for d in range(input.dim()) if d != 1]
+        x = input.detach().to(self.acc_mean.dtype)
+        count = x.numel() // x.size(1)
+        mean = x.mean(dims)
+        m2 = (x - mean.view(1, -1, *([1] * (x.dim() - 2)))).pow(2).sum(dims)
+        total = self.acc_count + count
+        delta = mean - self.acc_mean
+        self.acc_mean.add_(delta * (count / total))
+        self.acc_m2.add_(m2 + delta.pow(2) * (self.acc_count * count / total))
+        self.acc_count = total
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Fold the accumulated mini-batch statistics into the running ones, as one BatchNorm step."""
+        if self.acc_count == 0:
+            return
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked)
+        else:
+            factor = self.momentum
+        var = self.acc_m2 / max(self.acc_count - 1, 1)
+        self.running_mean.mul_(1 - factor).add_(self.acc_mean, alpha=factor)
+        self.running_var.mul_(1 - factor).add_(var, alpha=factor)
+        self.acc_mean.zero_()
+        self.acc_m2.zero_()
+        self.acc_count = 0
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training:
+            return F.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        if not is_recomputing():
+            self._accumulate(input)
+        return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    @classmethod
+    def convert_deferred_batch_norm(cls, module: M, chunks: int = 1) -> M:
+        """Replace every BatchNorm in ``module`` (recursively) by a deferred one sharing its tensors."""
+        if isinstance(module, _BatchNorm) and module.track_running_stats and not isinstance(module, cls):
+            converted = cls(module.num_features, module.eps, module.momentum, module.affine, chunks)
+            if module.affine:
+                converted.weight = module.weight
+                converted.bias = module.bias
+            converted.running_mean = module.running_mean
+            converted.running_var = module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+            converted.acc_mean = converted.acc_mean.to(module.running_mean)  # type: ignore[arg-type]
+            converted.acc_m2 = converted.acc_m2.to(module.running_mean)  # type: ignore[arg-type]
+            converted.train(module.training)
+            return cast(M, converted)
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert_deferred_batch_norm(child, chunks))
+        return module

@@ -1,0 +1,67 @@
+"""Micro-batches: split a mini-batch along dim 0 and join the outputs back.
+
+A batch is a tensor or a flat tuple of tensors. Every tensor of a tuple is split
+on its first dimension, so a tuple like ``(images, masks)`` travels through the
+pipeline as aligned micro-batches. Inside the engine a batch is always held as a
+tuple plus an ``atomic`` flag saying whether the user gave a bare tensor; that
+keeps every other module free of ``isinstance`` branches.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["Tensors", "TensorOrTensors", "check", "as_tuple", "unpack", "scatter", "gather"]
+
+Tensors = Tuple[Tensor, ...]
+TensorOrTensors = Union[Tensor, Tensors]
+
+
+def check(input: Any) -> None:
+    """Raise :class:`TypeError` unless ``input`` is a tensor or a tuple of tensors."""
+    if isinstance(input, Tensor):
+        return
+    if isinstance(input, tuple):
+        for x in input:
+            if not isinstance(x, Tensor):
+                raise TypeError(f"expected Tensor or tuple of Tensors, but the tuple holds {type(x).__name__}")
+        return
+    raise TypeError(f"expected Tensor or tuple of Tensors, but got {type(input).__name__}")
+
+
+def as_tuple(value: TensorOrTensors) -> Tuple[Tensors, bool]:
+    """Return ``(tensors, atomic)``: the value as a tuple and whether it was a bare tensor."""
+    if isinstance(value, Tensor):
+        return (value,), True
+    return tuple(value), False
+
+
+def unpack(tensors: Tensors, atomic: bool) -> TensorOrTensors:
+    """Inverse of :func:`as_tuple`."""
+    return tensors[0] if atomic else tensors
+
+
+def scatter(input: TensorOrTensors, chunks: int) -> Tuple[List[Tensors], bool]:
+    """Split every tensor of ``input`` into at most ``chunks`` pieces along dim 0.
+
+    Like :func:`torch.chunk`, a batch that does not divide evenly gives smaller
+    last pieces, and one smaller than ``chunks`` gives fewer micro-batches.
+    """
+    tensors, atomic = as_tuple(input)
+    if not tensors:
+        raise TypeError("expected at least one tensor in the input tuple")
+    pieces = [t.chunk(chunks) for t in tensors]
+    counts = {len(p) for p in pieces}
+    if len(counts) != 1:
+        sizes = [t.size(0) if t.dim() else None for t in tensors]
+        raise ValueError(f"every tensor of the input tuple must have the same batch size (dim 0), got {sizes}")
+    return [tuple(p[i] for p in pieces) for i in range(counts.pop())], atomic
+
+
+def gather(outputs: Sequence[Tensors], atomic: bool) -> TensorOrTensors:
+    """Concatenate micro-batch outputs position by position along dim 0."""
+    width = len(outputs[0])
+    joined = tuple(torch.cat([out[k] for out in outputs]) for k in range(width))
+    return unpack(joined, atomic)

@@ -1,0 +1,407 @@
+"""Run the partitions over the micro-batches: forward cells, then backward cells.
+
+The autograd graph is cut at every partition boundary: each cell (micro-batch
+``i`` on partition ``j``) starts from detached leaf tensors and builds a graph
+of its own. The cells are joined to the caller's graph by one autograd
+Function (:class:`_Join`) whose inputs are the caller's input tensors and the
+model's parameters, and whose backward runs the backward schedule: each cell's
+``torch.autograd.grad`` runs on the worker of that cell's device, recomputing
+first when the cell was checkpointed, and hands its input gradients to the
+previous partition.
+
+Why not leave the backward to one autograd call over a connected graph (as
+torchgpipe does)? PyTorch runs all CPU backward work in the single thread that
+called ``backward()``; only CUDA devices get autograd threads of their own. A
+connected graph therefore serialises the backward of every CPU partition, and
+virtual CPU devices could never overlap more than the forward. Scheduling the
+backward ourselves makes the pipeline the same on CPU and CUDA, and makes the
+order of every step explicit (the same task list gives 1F1B later).
+
+Parameter gradients are returned through the Function rather than written
+into ``.grad`` directly, so ``torch.autograd.grad(loss, model.parameters())``
+and gradient hooks behave exactly as with the plain model.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, nullcontext
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
+
+import torch
+from torch import Tensor, nn
+
+from .batchnorm import DeferredBatchNorm
+from .checkpoint import CPU_RNG_LOCK, RNGState, checkpointing, recomputing
+from .copy import storage_device, transfer
+from .microbatch import Tensors, TensorOrTensors, as_tuple, unpack
+from .schedule import Step, backward_steps, forward_steps
+from .skip.layout import SkipLayout
+from .skip.tracker import SkipKey, SkipTracker, use_skip_tracker
+from .stream import AbstractStream, CPU_STREAM, Event, current_stream, new_stream, record_event
+from .worker import execute
+
+__all__ = ["Pipeline"]
+
+_RANDOM_LAYERS = (nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+class _CellTracker(SkipTracker):
+    """A cell's skip tracker: tensors bound for later partitions are kept aside."""
+
+    def __init__(self, incoming: Dict[SkipKey, Tensor], outgoing: Sequence[SkipKey]) -> None:
+        super().__init__()
+        self.tensors.update(incoming)
+        self._outgoing = set(outgoing)
+        self.leaving: Dict[SkipKey, Tensor] = {}
+
+    def save(self, key: SkipKey, tensor: Tensor) -> None:
+        if key in self._outgoing:
+            self.leaving[key] = tensor
+        else:
+            super().save(key, tensor)
+
+
+class _Cell:
+    """What one (micro-batch, partition) keeps between its forward and its backward."""
+
+    __slots__ = (
+        "inputs", "in_atomic", "skips_in", "outputs", "out_atomic", "out_grad",
+        "skips_out", "rng", "event", "grads_in", "skip_grads_in", "grad_event",
+    )
+
+    def __init__(self) -> None:
+        self.inputs: Tensors = ()
+        self.in_atomic = True
+        self.skips_in: Dict[SkipKey, Tensor] = {}
+        self.outputs: Tensors = ()
+        self.out_atomic = True
+        # Whether each output carries gradient to the next partition (known before a recompute).
+        self.out_grad: Tuple[bool, ...] = ()
+        self.skips_out: Dict[SkipKey, Tensor] = {}
+        self.rng: Optional[RNGState] = None
+        self.event: Event = None
+        self.grads_in: Tuple[Optional[Tensor], ...] = ()
+        self.skip_grads_in: Dict[SkipKey, Optional[Tensor]] = {}
+        self.grad_event: Event = None
+
+
+def _differentiable(t: Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _leaf(t: Tensor, requires_grad: bool) -> Tensor:
+    return t.detach().requires_grad_(requires_grad and _differentiable(t))
+
+
+def _check_output(value: Any, j: int) -> Tuple[Tensors, bool]:
+    if isinstance(value, Tensor):
+        return (value,), True
+    if isinstance(value, tuple) and all(isinstance(x, Tensor) for x in value):
+        return value, False
+    raise TypeError(f"partition {j} returned {type(value).__name__}; layers must return a Tensor or a tuple of Tensors")
+
+
+class _ThreadState:
+    """Thread-local settings of the caller that worker threads must share (autocast)."""
+
+    def __init__(self) -> None:
+        self.autocast: List[Tuple[str, bool, torch.dtype]] = []
+        for device_type in ("cpu", "cuda"):
+            if device_type == "cuda" and not torch.cuda.is_available():
+                continue
+            enabled = torch.is_autocast_enabled(device_type)
+            self.autocast.append((device_type, enabled, torch.get_autocast_dtype(device_type)))
+
+    def enter(self, stack: ExitStack) -> None:
+        for device_type, enabled, dtype in self.autocast:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+
+
+class _Run:
+    """The state of one forward call that its backward needs."""
+
+    def __init__(self, m: int, checkpoint_stop: int, thread_state: _ThreadState) -> None:
+        self.m = m
+        self.checkpoint_stop = checkpoint_stop
+        self.thread_state = thread_state
+        self.cells: Dict[Tuple[int, int], _Cell] = {}
+        self.input_devices: Tuple[torch.device, ...] = ()
+        self.input_needs_grad: Tuple[bool, ...] = ()
+        self.params: List[List[nn.Parameter]] = []
+        self.done = False
+
+
+class Pipeline:
+    """The partitions of one GPipe placed on their devices, and the workers that run them."""
+
+    def __init__(
+        self,
+        partitions: Sequence[nn.Sequential],
+        devices: Sequence[torch.device],
+        skip_layout: SkipLayout,
+    ) -> None:
+        self.partitions = partitions
+        self.devices = list(devices)
+        self.places = [storage_device(d) for d in self.devices]
+        self.skip_layout = skip_layout
+        # One worker per distinct device; repeated devices share one (and one stream).
+        self.worker_devices: List[torch.device] = []
+        self.worker_of: List[int] = []
+        for device in self.devices:
+            if device not in self.worker_devices:
+                self.worker_devices.append(device)
+            self.worker_of.append(self.worker_devices.index(device))
+        cpu_workers = sum(1 for d in self.worker_devices if d.type == "cpu")
+        self._cpu_workers = cpu_workers
+        self._rng_locked = [
+            cpu_workers > 1 and d.type == "cpu" and any(isinstance(m, _RANDOM_LAYERS) for m in p.modules())
+            for p, d in zip(partitions, self.devices)
+        ]
+        self._deferred = [[m for m in p.modules() if isinstance(m, DeferredBatchNorm)] for p in partitions]
+        self._copy_streams: List[AbstractStream] = []
+
+    # -- plumbing -------------------------------------------------------
+
+    def _copy_stream(self, j: int) -> AbstractStream:
+        if not self._copy_streams:
+            self._copy_streams = [new_stream(storage_device(d)) for d in self.worker_devices]
+        return self._copy_streams[self.worker_of[j]]
+
+    def _contexts(self, state: _ThreadState) -> List[Callable[[], ExitStack]]:
+        threads = max(1, torch.get_num_threads() // max(1, self._cpu_workers))
+        parallel = len(self.worker_devices) > 1
+
+        def make(device: torch.device) -> Callable[[], ExitStack]:
+            def context() -> ExitStack:
+                stack = ExitStack()
+                if device.type == "cuda":
+                    stack.enter_context(torch.cuda.device(device))
+                elif parallel:
+                    # Split the caller's intra-op threads among the CPU workers so that
+                    # partitions running at once do not oversubscribe the cores. The
+                    # setting is per thread: the caller's own count is untouched.
+                    torch.set_num_threads(threads)
+                state.enter(stack)
+                return stack
+
+            return context
+
+        return [make(d) for d in self.worker_devices]
+
+    def _plan(self, clocks: List[List[Step]], run_step: Callable[[Step], None]) -> List[List[Tuple[int, Callable[[], None]]]]:
+        plan: List[List[Tuple[int, Callable[[], None]]]] = [[] for _ in self.worker_devices]
+        for clock, steps in enumerate(clocks):
+            for step in steps:
+                plan[self.worker_of[step.j]].append((clock, _bind(run_step, step)))
+        return plan
+
+    def _lock(self, j: int, run: _Run) -> Any:
+        return CPU_RNG_LOCK if self._rng_locked[j] and run.checkpoint_stop > 0 else nullcontext()
+
+    # -- forward --------------------------------------------------------
+
+    def forward(
+        self, batches: List[Tensors], atomic: bool, checkpoint_stop: int, grad: bool
+    ) -> Tuple[List[Tensors], bool, _Run]:
+        """Run every forward cell; return the last partition's outputs per micro-batch."""
+        m, n = len(batches), len(self.partitions)
+        run = _Run(m, checkpoint_stop if grad else 0, _ThreadState())
+        first = batches[0]
+        run.input_devices = tuple(t.device for t in first)
+        input_ready = record_event(current_stream(first[0].device)) if first[0].is_cuda else None
+
+        def step(s: Step) -> None:
+            i, j = s.i, s.j
+            cell = _Cell()
+            place = self.places[j]
+            compute = current_stream(place) if place.type == "cuda" else CPU_STREAM
+            if j == 0:
+                source, ready, in_atomic = batches[i], input_ready, atomic
+                wants = tuple(t.requires_grad for t in source)
+            else:
+                prev = run.cells[(i, j - 1)]
+                source, ready, in_atomic = prev.outputs, prev.event, prev.out_atomic
+                wants = prev.out_grad
+            inputs = transfer(source, place, ready, self._copy_stream(j), compute)
+            skips: Dict[SkipKey, Tensor] = {}
+            for key, src in self.skip_layout.incoming(j):
+                origin = run.cells[(i, src)]
+                (moved,) = transfer((origin.skips_out[key],), place, origin.event, self._copy_stream(j), compute)
+                skips[key] = moved
+            if grad:
+                inputs = tuple(_leaf(t, w) for t, w in zip(inputs, wants))
+                skips = {k: _leaf(t, True) for k, t in skips.items()}
+            cell.inputs, cell.in_atomic, cell.skips_in = inputs, in_atomic, skips
+
+            checkpointed = i < run.checkpoint_stop
+            tracker = _CellTracker(skips, list(self.skip_layout.outgoing(j)))
+            with self._lock(j, run), use_skip_tracker(tracker):
+                if checkpointed:
+                    cell.rng = RNGState(place)
+                    with torch.no_grad(), checkpointing():
+                        output = self.partitions[j](unpack(inputs, in_atomic))
+                else:
+                    with torch.set_grad_enabled(grad):
+                        output = self.partitions[j](unpack(inputs, in_atomic))
+            cell.outputs, cell.out_atomic = _check_output(output, j)
+            if checkpointed:
+                # The graph is rebuilt later; until then assume every float output carries gradient.
+                cell.out_grad = tuple(_differentiable(t) for t in cell.outputs)
+            else:
+                cell.out_grad = tuple(t.requires_grad for t in cell.outputs)
+            cell.skips_out = tracker.leaving
+            cell.event = record_event(compute)
+            run.cells[(i, j)] = cell
+
+        clocks = forward_steps(m, n)
+        execute(self._plan(clocks, step), self._contexts(run.thread_state), len(clocks))
+
+        if any(p.training for p in self.partitions):
+            for layers in self._deferred:
+                for bn in layers:
+                    bn.commit()
+
+        outputs = [run.cells[(i, n - 1)].outputs for i in range(m)]
+        out_atomic = run.cells[(0, n - 1)].out_atomic
+        if not grad:
+            run.cells.clear()
+        return outputs, out_atomic, run
+
+    # -- backward -------------------------------------------------------
+
+    def backward(
+        self, run: _Run, grad_outputs: Sequence[Optional[Tensor]]
+    ) -> Tuple[List[Optional[Tensor]], List[List[Optional[Tensor]]]]:
+        """Run every backward cell; return (input gradients, parameter gradients per partition)."""
+        if run.done:
+            raise RuntimeError(
+                "GPipe's graph has already been backwarded; retain_graph=True is not supported by the pipeline"
+            )
+        run.done = True
+        m, n = run.m, len(self.partitions)
+        last = [run.cells[(i, n - 1)].outputs for i in range(m)]
+        slices: List[List[Optional[Tensor]]] = [[] for _ in range(m)]
+        for k, g in enumerate(grad_outputs):
+            if g is None:
+                for i in range(m):
+                    slices[i].append(None)
+                continue
+            sizes = [out[k].size(0) for out in last]
+            for i, piece in enumerate(g.split(sizes)):
+                slices[i].append(piece)
+        first_grad = next((g for g in grad_outputs if g is not None), None)
+        grads_ready = record_event(current_stream(first_grad.device)) if first_grad is not None and first_grad.is_cuda else None
+        param_grads: List[List[Optional[Tensor]]] = [[None] * len(ps) for ps in run.params]
+        owned: List[List[bool]] = [[False] * len(ps) for ps in run.params]
+
+        def recompute(i: int, j: int) -> None:
+            cell = run.cells[(i, j)]
+            assert cell.rng is not None
+            tracker = _CellTracker(cell.skips_in, list(self.skip_layout.outgoing(j)))
+            with self._lock(j, run), use_skip_tracker(tracker), cell.rng.replay(), torch.enable_grad(), recomputing():
+                output = self.partitions[j](unpack(cell.inputs, cell.in_atomic))
+            cell.outputs, _ = _check_output(output, j)
+            cell.skips_out = tracker.leaving
+
+        def backward(i: int, j: int) -> None:
+            cell = run.cells[(i, j)]
+            place = self.places[j]
+            compute = current_stream(place) if place.type == "cuda" else CPU_STREAM
+            pairs: List[Tuple[Tensor, Tensor]] = []
+
+            def take(tensors: Sequence[Tensor], grads: Sequence[Optional[Tensor]], ready: Event) -> None:
+                present = [(t, g) for t, g in zip(tensors, grads) if g is not None and t.requires_grad]
+                if not present:
+                    return
+                moved = transfer(tuple(g for _, g in present), place, ready, self._copy_stream(j), compute)
+                pairs.extend(zip((t for t, _ in present), moved))
+
+            if j == n - 1:
+                take(cell.outputs, slices[i], grads_ready)
+            else:
+                nxt = run.cells[(i, j + 1)]
+                take(cell.outputs, nxt.grads_in, nxt.grad_event)
+            for key, tensor in cell.skips_out.items():
+                dst = self.skip_layout.routes[key][1]
+                popper = run.cells[(i, dst)]
+                take((tensor,), (popper.skip_grads_in.get(key),), popper.grad_event)
+
+            leaves = [t for t in cell.inputs if t.requires_grad]
+            skip_leaves = [(k, t) for k, t in cell.skips_in.items() if t.requires_grad]
+            params = run.params[j]
+            wrt: List[Tensor] = leaves + [t for _, t in skip_leaves] + list(params)
+            if pairs and wrt:
+                grads = torch.autograd.grad(
+                    [t for t, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+                )
+            else:
+                grads = (None,) * len(wrt)
+
+            it = iter(grads)
+            cell.grads_in = tuple(next(it) if t.requires_grad else None for t in cell.inputs)
+            cell.skip_grads_in = {k: next(it) for k, _ in skip_leaves}
+            acc, own = param_grads[j], owned[j]
+            for p, g in enumerate(it):
+                if g is None:
+                    continue
+                if acc[p] is None:
+                    acc[p] = g
+                elif own[p]:
+                    cast(Tensor, acc[p]).add_(g)
+                else:
+                    # The first gradient may alias autograd's buffers; sum into a tensor we own.
+                    acc[p] = cast(Tensor, acc[p]) + g
+                    own[p] = True
+            # Free what this cell held; the successor's gradients are consumed too.
+            cell.outputs, cell.skips_out, cell.inputs, cell.skips_in = (), {}, (), {}
+            if j < n - 1:
+                run.cells[(i, j + 1)].grads_in = ()
+            cell.grad_event = record_event(compute)
+
+        def step(s: Step) -> None:
+            (recompute if s.kind == "recompute" else backward)(s.i, s.j)
+
+        clocks = backward_steps(m, n, lambda i: i < run.checkpoint_stop)
+        execute(self._plan(clocks, step), self._contexts(run.thread_state), len(clocks))
+
+        input_grads: List[Optional[Tensor]] = []
+        for k, device in enumerate(run.input_devices):
+            pieces = [run.cells[(i, 0)].grads_in[k] for i in range(m)]
+            if any(p is None for p in pieces):
+                input_grads.append(None)
+                continue
+            joined = torch.cat([cast(Tensor, p) for p in pieces])
+            input_grads.append(joined.to(device) if joined.device != device else joined)
+        run.cells.clear()
+        return input_grads, param_grads
+
+
+def _bind(fn: Callable[[Step], None], step: Step) -> Callable[[], None]:
+    return lambda: fn(step)
+
+
+class _Join(torch.autograd.Function):
+    """Joins the cut per-cell graphs to the caller's graph; its backward runs the pipeline's."""
+
+    @staticmethod
+    def forward(ctx: Any, pipeline: Pipeline, run: _Run, outputs: List[Tensors], n_inputs: int, *tensors: Tensor) -> Any:
+        ctx.pipeline, ctx.run, ctx.n_inputs = pipeline, run, n_inputs
+        joined = tuple(torch.cat([out[k] for out in outputs]) for k in range(len(outputs[0])))
+        ctx.mark_non_differentiable(*[t for t in joined if not _differentiable(t)])
+        return joined
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Optional[Tensor]) -> Any:
+        run: _Run = ctx.run
+        input_grads, param_grads = ctx.pipeline.backward(run, grad_outputs)
+        wanted = [g for g, w in zip(input_grads, run.input_needs_grad) if w]
+        flat = [g for grads in param_grads for g in grads]
+        return (None, None, None, None, *wanted, *flat)
+
+
+def join(pipeline: Pipeline, run: _Run, outputs: List[Tensors], inputs: Tensors, atomic: bool) -> TensorOrTensors:
+    """Connect the pipeline's outputs to ``inputs`` and the parameters in the caller's graph."""
+    run.input_needs_grad = tuple(t.requires_grad for t in inputs)
+    run.params = [[p for p in part.parameters() if p.requires_grad] for part in pipeline.partitions]
+    tensors = [t for t in inputs if t.requires_grad] + [p for ps in run.params for p in ps]
+    joined = _Join.apply(pipeline, run, outputs, len(inputs), *tensors)
+    return unpack(tuple(joined), atomic)

@@ -1,0 +1,120 @@
+"""Run a clocked plan of steps on one thread per device.
+
+Each device group (a CUDA device, a virtual CPU device ``cpu:k``, or plain
+``cpu`` for all partitions at once) gets one thread for one phase (the forward
+pass, or the backward pass). The thread runs its steps in clock order; a step of
+clock ``k`` waits until every step of clock ``k - 1`` has finished, on every
+worker. That barrier is the fill-drain schedule itself, and it gives errors a
+clean meaning: when a step fails, the steps of its clock that already started
+finish, nothing of a later clock starts, every thread exits, and the caller gets
+the original exception with its original traceback.
+
+Threads live for one phase only. Starting a few threads costs microseconds
+against milliseconds of work per step, and nothing is left running between
+calls, after an error, or when the model is dropped. With a single group the
+steps run inline on the caller's thread: no hand-off at all.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import AbstractContextManager
+from typing import Callable, List, Optional, Sequence, Tuple
+
+__all__ = ["Plan", "execute"]
+
+# For each worker, its steps in order as (clock, function).
+Plan = Sequence[Sequence[Tuple[int, Callable[[], None]]]]
+
+
+class _Clocks:
+    """Countdown per clock, plus the first failure, shared by the workers of one phase."""
+
+    def __init__(self, counts: Sequence[int]) -> None:
+        self._lock = threading.Lock()
+        self._left = list(counts)
+        self._done = [threading.Event() for _ in counts]
+        for k, count in enumerate(counts):
+            if count == 0:
+                self._done[k].set()
+        self.error: Optional[BaseException] = None
+        self._error_clock = -1
+
+    @property
+    def aborted(self) -> bool:
+        return self.error is not None
+
+    def wait(self, clock: int) -> None:
+        if clock > 0:
+            self._done[clock - 1].wait()
+
+    def finish(self, clock: int) -> None:
+        with self._lock:
+            self._left[clock] -= 1
+            if self._left[clock] == 0:
+                self._done[clock].set()
+
+    def fail(self, clock: int, error: BaseException) -> None:
+        with self._lock:
+            # Keep the failure of the earliest clock: it is the cause, later ones are consequences.
+            if self.error is None or clock < self._error_clock:
+                self.error, self._error_clock = error, clock
+        self.release()
+
+    def release(self) -> None:
+        for event in self._done:
+            event.set()
+
+
+def execute(
+    plan: Plan,
+    contexts: Sequence[Callable[[], AbstractContextManager[None]]],
+    num_clocks: int,
+) -> None:
+    """Run ``plan`` (one list of steps per worker), each worker inside ``contexts[w]()``.
+
+    Raises the first failing step's exception after all workers have stopped.
+    """
+    if len(plan) == 1:
+        with contexts[0]():
+            for _, fn in plan[0]:
+                fn()
+        return
+
+    counts = [0] * num_clocks
+    for steps in plan:
+        for clock, _ in steps:
+            counts[clock] += 1
+    clocks = _Clocks(counts)
+
+    def work(w: int) -> None:
+        clock = 0
+        try:
+            with contexts[w]():
+                for clock, fn in plan[w]:
+                    clocks.wait(clock)
+                    if clocks.aborted:
+                        return
+                    fn()
+                    clocks.finish(clock)
+        except BaseException as error:  # noqa: BLE001 - carried to the caller's thread
+            clocks.fail(clock, error)
+
+    threads: List[threading.Thread] = [
+        threading.Thread(target=work, args=(w,), name=f"gpipe-worker-{w}", daemon=True)
+        for w in range(len(plan))
+    ]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException as interrupt:
+        # Ctrl-C in the caller: let running steps finish, start no more, then re-raise.
+        clocks.fail(-1, interrupt)
+        for t in threads:
+            t.join()
+        raise
+    if clocks.error is not None:
+        error = clocks.error
+        clocks.error = None
+        raise error
