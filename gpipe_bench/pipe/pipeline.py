@@ -23,11 +23,12 @@ and gradient hooks behave exactly as with the plain model.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, nullcontext
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import DeferredBatchNorm
 from .checkpoint import CPU_RNG_LOCK, RNGState, checkpointing, recomputing
@@ -157,6 +158,10 @@ class Pipeline:
             for p, d in zip(partitions, self.devices)
         ]
         self._deferred = [[m for m in p.modules() if isinstance(m, DeferredBatchNorm)] for p in partitions]
+        self._plain_bn = [
+            [m for m in p.modules() if isinstance(m, _BatchNorm) and not isinstance(m, DeferredBatchNorm)]
+            for p in partitions
+        ]
         self._copy_streams: List[AbstractStream] = []
 
     # -- plumbing -------------------------------------------------------
@@ -297,7 +302,8 @@ class Pipeline:
             cell = run.cells[(i, j)]
             assert cell.rng is not None
             tracker = _CellTracker(cell.skips_in, list(self.skip_layout.outgoing(j)))
-            with self._lock(j, run), use_skip_tracker(tracker), cell.rng.replay(), torch.enable_grad(), recomputing():
+            with self._lock(j, run), use_skip_tracker(tracker), cell.rng.replay(), torch.enable_grad(), \
+                    recomputing(), _frozen_running_stats(self._plain_bn[j]):
                 output = self.partitions[j](unpack(cell.inputs, cell.in_atomic))
             cell.outputs, _ = _check_output(output, j)
             cell.skips_out = tracker.leaving
@@ -373,6 +379,23 @@ class Pipeline:
             input_grads.append(joined.to(device) if joined.device != device else joined)
         run.cells.clear()
         return input_grads, param_grads
+
+
+@contextmanager
+def _frozen_running_stats(layers: Sequence[_BatchNorm]) -> Iterator[None]:
+    """Keep a recompute from updating plain BatchNorm running statistics a second time.
+
+    A BatchNorm that does not track statistics normalises a training batch
+    exactly as one that does, so the recomputed graph is unchanged.
+    """
+    tracking = [bn.track_running_stats for bn in layers]
+    for bn in layers:
+        bn.track_running_stats = False
+    try:
+        yield
+    finally:
+        for bn, flag in zip(layers, tracking):
+            bn.track_running_stats = flag
 
 
 def _bind(fn: Callable[[Step], None], step: Step) -> Callable[[], None]:
