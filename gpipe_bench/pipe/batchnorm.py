@@ -51,17 +51,21 @@ class DeferredBatchNorm(_BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
+    def _buffer(self, name: str) -> Tensor:
+        return cast(Tensor, getattr(self, name))
+
     @torch.no_grad()
     def _accumulate(self, input: Tensor) -> None:
+        acc_mean, acc_m2 = self._buffer("acc_mean"), self._buffer("acc_m2")
         dims = [d for d in range(input.dim()) if d != 1]
-        x = input.detach().to(self.acc_mean.dtype)
+        x = input.detach().to(acc_mean.dtype)
         count = x.numel() // x.size(1)
         mean = x.mean(dims)
         m2 = (x - mean.view(1, -1, *([1] * (x.dim() - 2)))).pow(2).sum(dims)
         total = self.acc_count + count
-        delta = mean - self.acc_mean
-        self.acc_mean.add_(delta * (count / total))
-        self.acc_m2.add_(m2 + delta.pow(2) * (self.acc_count * count / total))
+        delta = mean - acc_mean
+        acc_mean.add_(delta * (count / total))
+        acc_m2.add_(m2 + delta.pow(2) * (self.acc_count * count / total))
         self.acc_count = total
 
     @torch.no_grad()
@@ -69,18 +73,15 @@ class DeferredBatchNorm(_BatchNorm):
         """Fold the accumulated mini-batch statistics into the running ones, as one BatchNorm step."""
         if self.acc_count == 0:
             return
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked)
-        else:
-            factor = self.momentum
-        var = self.acc_m2 / max(self.acc_count - 1, 1)
-        self.running_mean.mul_(1 - factor).add_(self.acc_mean, alpha=factor)
-        self.running_var.mul_(1 - factor).add_(var, alpha=factor)
-        self.acc_mean.zero_()
-        self.acc_m2.zero_()
+        acc_mean, acc_m2 = self._buffer("acc_mean"), self._buffer("acc_m2")
+        tracked = self._buffer("num_batches_tracked")
+        tracked.add_(1)
+        factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
+        var = acc_m2 / max(self.acc_count - 1, 1)
+        self._buffer("running_mean").mul_(1 - factor).add_(acc_mean, alpha=factor)
+        self._buffer("running_var").mul_(1 - factor).add_(var, alpha=factor)
+        acc_mean.zero_()
+        acc_m2.zero_()
         self.acc_count = 0
 
     def forward(self, input: Tensor) -> Tensor:
@@ -104,8 +105,9 @@ class DeferredBatchNorm(_BatchNorm):
             converted.running_mean = module.running_mean
             converted.running_var = module.running_var
             converted.num_batches_tracked = module.num_batches_tracked
-            converted.acc_mean = converted.acc_mean.to(module.running_mean)  # type: ignore[arg-type]
-            converted.acc_m2 = converted.acc_m2.to(module.running_mean)  # type: ignore[arg-type]
+            like = cast(Tensor, module.running_mean)
+            converted.acc_mean = converted._buffer("acc_mean").to(like)
+            converted.acc_m2 = converted._buffer("acc_m2").to(like)
             converted.train(module.training)
             return cast(M, converted)
         for name, child in module.named_children():

@@ -154,14 +154,15 @@ class GPipe(nn.Module):
             devices = range(torch.cuda.device_count())
         resolved = [torch.device(d) for d in devices]
         self.partitions, self.balance, self.devices = _split_module(module, list(balance), resolved)
-        self._pipeline = Pipeline(
-            cast(List[nn.Sequential], list(self.partitions)), self.devices, inspect_skip_layout(self.partitions)
-        )
+        self._pipeline = Pipeline(self._partitions(), self.devices, inspect_skip_layout(self._partitions()))
+
+    def _partitions(self) -> List[nn.Sequential]:
+        return cast(List[nn.Sequential], list(self.partitions))
 
     # -- sequence behaviour ---------------------------------------------
 
     def __len__(self) -> int:
-        return sum(len(p) for p in self.partitions)
+        return sum(len(p) for p in self._partitions())
 
     def __getitem__(self, index: int) -> nn.Module:
         if not isinstance(index, int):
@@ -170,14 +171,14 @@ class GPipe(nn.Module):
         position = index + length if index < 0 else index
         if not 0 <= position < length:
             raise IndexError(f"index {index} is out of range for {length} layers")
-        for partition in self.partitions:
+        for partition in self._partitions():
             if position < len(partition):
-                return cast(nn.Module, partition[position])
+                return partition[position]
             position -= len(partition)
         raise IndexError(index)  # unreachable
 
     def __iter__(self) -> Iterator[nn.Module]:
-        for partition in self.partitions:
+        for partition in self._partitions():
             yield from partition
 
     # -- device placement is GPipe's -------------------------------------
@@ -194,11 +195,11 @@ class GPipe(nn.Module):
             raise _MOVING_DENIED
         if args and (isinstance(args[0], (torch.device, int, str)) or torch.is_tensor(args[0])):
             raise _MOVING_DENIED
-        return cast("GPipe", super().to(*args, **kwargs))
+        return super().to(*args, **kwargs)
 
     # -- forward ---------------------------------------------------------
 
-    def forward(self, input: TensorOrTensors) -> TensorOrTensors:  # type: ignore[override]
+    def forward(self, input: TensorOrTensors) -> TensorOrTensors:
         """Run ``input`` (a tensor or a tuple of tensors, split on dim 0) through the pipeline."""
         microbatch.check(input)
         if not self.devices:

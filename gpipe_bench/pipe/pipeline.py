@@ -291,7 +291,7 @@ class Pipeline:
                     slices[i].append(None)
                 continue
             sizes = [out[k].size(0) for out in last]
-            for i, piece in enumerate(g.split(sizes)):
+            for i, piece in enumerate(torch.split(g, sizes)):
                 slices[i].append(piece)
         first_grad = next((g for g in grad_outputs if g is not None), None)
         grads_ready = record_event(current_stream(first_grad.device)) if first_grad is not None and first_grad.is_cuda else None
@@ -335,6 +335,7 @@ class Pipeline:
             skip_leaves = [(k, t) for k, t in cell.skips_in.items() if t.requires_grad]
             params = run.params[j]
             wrt: List[Tensor] = leaves + [t for _, t in skip_leaves] + list(params)
+            grads: Sequence[Optional[Tensor]]
             if pairs and wrt:
                 grads = torch.autograd.grad(
                     [t for t, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True

@@ -44,7 +44,7 @@ def new_stream(device: torch.device) -> AbstractStream:
     """A fresh stream on ``device`` (the sentinel on CPU)."""
     if device.type != "cuda":
         return CPU_STREAM
-    return torch.cuda.Stream(device)
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
 
 
 def current_stream(device: torch.device) -> AbstractStream:
@@ -68,7 +68,7 @@ def record_event(stream: AbstractStream) -> Event:
     """Mark the work queued so far on ``stream``; ``None`` on CPU (already done)."""
     if isinstance(stream, CPUStream):
         return None
-    event = torch.cuda.Event()
+    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
     event.record(stream)
     return event
 

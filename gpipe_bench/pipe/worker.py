@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import AbstractContextManager
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 __all__ = ["Plan", "execute"]
 
@@ -67,7 +67,7 @@ class _Clocks:
 
 def execute(
     plan: Plan,
-    contexts: Sequence[Callable[[], AbstractContextManager[None]]],
+    contexts: Sequence[Callable[[], AbstractContextManager[Any]]],
     num_clocks: int,
 ) -> None:
     """Run ``plan`` (one list of steps per worker), each worker inside ``contexts[w]()``.

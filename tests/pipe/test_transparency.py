@@ -152,8 +152,11 @@ def _device_list(kind: str, k: int) -> List[str]:
 
 
 def _rel_err(a: Tensor, b: Tensor) -> float:
-    scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
-    return (a - b).abs().max().item() / scale if a.numel() else 0.0
+    """Norm-wise relative error, ||a - b|| / ||b|| (absolute when ``b`` is tiny)."""
+    if not a.numel():
+        return 0.0
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    return (a64 - b64).norm().item() / max(b64.norm().item(), 1e-6)
 
 
 def _assert_close(a: Tensor, b: Tensor, tol: float, what: str) -> None:
@@ -252,7 +255,7 @@ def _batchnorms(layers: Any) -> List[nn.modules.batchnorm._BatchNorm]:
     return [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
