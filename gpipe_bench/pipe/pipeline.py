@@ -37,7 +37,7 @@ from .microbatch import Tensors, TensorOrTensors, as_tuple, unpack
 from .schedule import Step, backward_steps, forward_steps
 from .skip.layout import SkipLayout
 from .skip.tracker import SkipKey, SkipTracker, use_skip_tracker
-from .stream import AbstractStream, CPU_STREAM, Event, current_stream, new_stream, record_event
+from .stream import AbstractStream, CPU_STREAM, Event, current_stream, new_stream, record_event, wait_event
 from .worker import execute
 
 __all__ = ["Pipeline"]
@@ -199,6 +199,13 @@ class Pipeline:
                 plan[self.worker_of[step.j]].append((clock, _bind(run_step, step)))
         return plan
 
+    @staticmethod
+    def _join_streams(place: torch.device, events: Sequence[Event]) -> None:
+        if place.type == "cuda":
+            stream = current_stream(place)
+            for event in events:
+                wait_event(stream, event)
+
     def _lock(self, j: int, run: _Run) -> Any:
         return CPU_RNG_LOCK if self._rng_locked[j] and run.checkpoint_stop > 0 else nullcontext()
 
@@ -265,6 +272,8 @@ class Pipeline:
                 for bn in layers:
                     bn.commit()
 
+        # The caller's stream may differ from the workers': order it after the last partition.
+        self._join_streams(self.places[-1], [run.cells[(i, n - 1)].event for i in range(m)])
         outputs = [run.cells[(i, n - 1)].outputs for i in range(m)]
         out_atomic = run.cells[(0, n - 1)].out_atomic
         if not grad:
@@ -370,6 +379,7 @@ class Pipeline:
         clocks = backward_steps(m, n, lambda i: i < run.checkpoint_stop)
         execute(self._plan(clocks, step), self._contexts(run.thread_state), len(clocks))
 
+        self._join_streams(self.places[0], [run.cells[(i, 0)].grad_event for i in range(m)])
         input_grads: List[Optional[Tensor]] = []
         for k, device in enumerate(run.input_devices):
             pieces = [run.cells[(i, 0)].grads_in[k] for i in range(m)]

@@ -256,7 +256,7 @@ class _Recorder(nn.Module):
         self.log, self.tag = log, tag
 
     def forward(self, x: Tensor) -> Tensor:
-        self.log.append((self.tag, threading.get_ident()))
+        self.log.append((self.tag, threading.current_thread().name))
         return x
 
 
@@ -264,13 +264,13 @@ def test_virtual_cpu_devices_get_own_threads_cpu_shares_caller() -> None:
     log: List[Any] = []
     model = GPipe(nn.Sequential(_Recorder(log, 0), _Recorder(log, 1)), [1, 1], devices=["cpu:0", "cpu:1"])
     model(torch.ones(2, 1))
-    threads = {tag: ident for tag, ident in log}
-    assert threads[0] != threads[1] and threading.get_ident() not in threads.values()
+    threads = {tag: name for tag, name in log}
+    assert threads[0] != threads[1] and threading.current_thread().name not in threads.values()
 
     log.clear()
     model = GPipe(nn.Sequential(_Recorder(log, 0), _Recorder(log, 1)), [1, 1], devices=["cpu", "cpu"])
     model(torch.ones(2, 1))
-    assert {ident for _, ident in log} == {threading.get_ident()}
+    assert {name for _, name in log} == {threading.current_thread().name}
 
 
 def test_worker_threads_divide_intra_op_threads() -> None:
