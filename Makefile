@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH_PINS)
-	$(PIP) install -q --disable-pip-version-check -e '.[test]'
+	$(PIP) install -q --disable-pip-version-check -e '.[test,peers]'
 	@touch $(STAMP)
 
 test: $(STAMP)
@@ -25,12 +25,10 @@ typecheck: $(STAMP)
 
 # The engine's CPU benchmark (plain model, our GPipe, torchgpipe 0.0.7, two virtual CPU devices).
 bench-engine: $(STAMP)
-	@$(PY) -c "import torchgpipe" 2>/dev/null || $(PIP) install -q --disable-pip-version-check --no-deps 'torchgpipe==0.0.7'
 	$(PY) -m gpipe_bench.bench.engine
 
 # Everything a lent GPU machine should check, in one call: CUDA tests and a short timing.
 gpu-check: $(STAMP)
-	@$(PY) -c "import torchgpipe" 2>/dev/null || $(PIP) install -q --disable-pip-version-check --no-deps 'torchgpipe==0.0.7'
 	$(PY) -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__, torch.version.cuda)"
 	$(PY) -m pytest -q -m cuda
 	$(PY) -m gpipe_bench.bench.engine --device cuda
