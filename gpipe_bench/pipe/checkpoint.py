@@ -28,7 +28,7 @@ _local = threading.local()
 # The host's default generator is process-wide. When partitions that draw random
 # numbers run on several CPU workers at once, their draws interleave and a
 # recompute could not replay its forward; such partitions take this lock for
-# each forward and recompute (see pipeline.Pipeline).
+# each forward and recompute (see Pipeline._forward_rng).
 CPU_RNG_LOCK = threading.Lock()
 
 

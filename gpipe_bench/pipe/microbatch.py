@@ -52,12 +52,11 @@ def scatter(input: TensorOrTensors, chunks: int) -> Tuple[List[Tensors], bool]:
     tensors, atomic = as_tuple(input)
     if not tensors:
         raise TypeError("expected at least one tensor in the input tuple")
+    sizes = [t.size(0) if t.dim() else None for t in tensors]
+    if None in sizes or len(set(sizes)) != 1:
+        raise ValueError(f"every tensor of the input must have the same batch size (dim 0), got sizes {sizes}")
     pieces = [t.chunk(chunks) for t in tensors]
-    counts = {len(p) for p in pieces}
-    if len(counts) != 1:
-        sizes = [t.size(0) if t.dim() else None for t in tensors]
-        raise ValueError(f"every tensor of the input tuple must have the same batch size (dim 0), got {sizes}")
-    return [tuple(p[i] for p in pieces) for i in range(counts.pop())], atomic
+    return [tuple(p[i] for p in pieces) for i in range(len(pieces[0]))], atomic
 
 
 def gather(outputs: Sequence[Tensors], atomic: bool) -> TensorOrTensors:

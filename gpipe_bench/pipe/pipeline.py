@@ -24,7 +24,7 @@ and gradient hooks behave exactly as with the plain model.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -42,19 +42,17 @@ from .worker import execute
 
 __all__ = ["Pipeline"]
 
-_RANDOM_LAYERS = (nn.modules.dropout._DropoutNd, nn.RReLU)
-
 
 class _CellTracker(SkipTracker):
     """A cell's skip tracker: tensors bound for later partitions are kept aside."""
 
-    def __init__(self, incoming: Dict[SkipKey, Tensor], outgoing: Sequence[SkipKey]) -> None:
+    def __init__(self, incoming: Dict[SkipKey, Optional[Tensor]], outgoing: Sequence[SkipKey]) -> None:
         super().__init__()
         self.tensors.update(incoming)
         self._outgoing = set(outgoing)
-        self.leaving: Dict[SkipKey, Tensor] = {}
+        self.leaving: Dict[SkipKey, Optional[Tensor]] = {}
 
-    def save(self, key: SkipKey, tensor: Tensor) -> None:
+    def save(self, key: SkipKey, tensor: Optional[Tensor]) -> None:
         if key in self._outgoing:
             self.leaving[key] = tensor
         else:
@@ -72,12 +70,12 @@ class _Cell:
     def __init__(self) -> None:
         self.inputs: Tensors = ()
         self.in_atomic = True
-        self.skips_in: Dict[SkipKey, Tensor] = {}
+        self.skips_in: Dict[SkipKey, Optional[Tensor]] = {}
         self.outputs: Tensors = ()
         self.out_atomic = True
         # Whether each output carries gradient to the next partition (known before a recompute).
         self.out_grad: Tuple[bool, ...] = ()
-        self.skips_out: Dict[SkipKey, Tensor] = {}
+        self.skips_out: Dict[SkipKey, Optional[Tensor]] = {}
         self.rng: Optional[RNGState] = None
         self.event: Event = None
         self.grads_in: Tuple[Optional[Tensor], ...] = ()
@@ -129,6 +127,8 @@ class _Run:
         self.input_needs_grad: Tuple[bool, ...] = ()
         self.params: List[List[nn.Parameter]] = []
         self.done = False
+        # Partitions seen drawing from the host generator (see Pipeline._forward_rng).
+        self.draws_random: Set[int] = set()
 
 
 class Pipeline:
@@ -153,10 +153,8 @@ class Pipeline:
             self.worker_of.append(self.worker_devices.index(device))
         cpu_workers = sum(1 for d in self.worker_devices if d.type == "cpu")
         self._cpu_workers = cpu_workers
-        self._rng_locked = [
-            cpu_workers > 1 and d.type == "cpu" and any(isinstance(m, _RANDOM_LAYERS) for m in p.modules())
-            for p, d in zip(partitions, self.devices)
-        ]
+        # Partitions whose draws from the host generator could interleave with another's.
+        self._rng_shared = [cpu_workers > 1 and d.type == "cpu" for d in self.devices]
         self._deferred = [[m for m in p.modules() if isinstance(m, DeferredBatchNorm)] for p in partitions]
         self._plain_bn = [
             [m for m in p.modules() if isinstance(m, _BatchNorm) and not isinstance(m, DeferredBatchNorm)]
@@ -206,8 +204,36 @@ class Pipeline:
             for event in events:
                 wait_event(stream, event)
 
-    def _lock(self, j: int, run: _Run) -> Any:
-        return CPU_RNG_LOCK if self._rng_locked[j] and run.checkpoint_stop > 0 else nullcontext()
+    @contextmanager
+    def _forward_rng(self, i: int, j: int, run: _Run) -> Iterator[None]:
+        """Serialise host-generator draws of partitions that will be recomputed.
+
+        Virtual CPU devices share the host's one generator. If two partitions
+        drew from it at once, neither recompute could replay its draws. Which
+        partitions draw (dropout modules, functional dropout, ``torch.rand`` in
+        a custom layer, ...) is found by watching, not by guessing from module
+        types: each partition's first micro-batch runs under the lock and is
+        marked random if the generator moved. Its later forwards and its
+        recomputes take the lock; the others run freely. The first micro-batch
+        of partition ``j`` runs alone at clock ``j`` among first micro-batches,
+        and earlier partitions are already classified, so the watch is exact.
+        """
+        if not (self._rng_shared[j] and run.checkpoint_stop > 0):
+            yield
+        elif i == 0:
+            with CPU_RNG_LOCK:
+                before = torch.get_rng_state()
+                yield
+                if not torch.equal(before, torch.get_rng_state()):
+                    run.draws_random.add(j)
+        elif j in run.draws_random:
+            with CPU_RNG_LOCK:
+                yield
+        else:
+            yield
+
+    def _recompute_rng(self, j: int, run: _Run) -> Any:
+        return CPU_RNG_LOCK if self._rng_shared[j] and j in run.draws_random else nullcontext()
 
     # -- forward --------------------------------------------------------
 
@@ -234,19 +260,22 @@ class Pipeline:
                 source, ready, in_atomic = prev.outputs, prev.event, prev.out_atomic
                 wants = prev.out_grad
             inputs = transfer(source, place, ready, self._copy_stream(j), compute)
-            skips: Dict[SkipKey, Tensor] = {}
+            skips: Dict[SkipKey, Optional[Tensor]] = {}
             for key, src in self.skip_layout.incoming(j):
                 origin = run.cells[(i, src)]
-                (moved,) = transfer((origin.skips_out[key],), place, origin.event, self._copy_stream(j), compute)
-                skips[key] = moved
+                value = origin.skips_out[key]
+                if value is not None:
+                    (value,) = transfer((value,), place, origin.event, self._copy_stream(j), compute)
+                    if grad:
+                        value = _leaf(value, True)
+                skips[key] = value
             if grad:
                 inputs = tuple(_leaf(t, w) for t, w in zip(inputs, wants))
-                skips = {k: _leaf(t, True) for k, t in skips.items()}
             cell.inputs, cell.in_atomic, cell.skips_in = inputs, in_atomic, skips
 
             checkpointed = i < run.checkpoint_stop
             tracker = _CellTracker(skips, list(self.skip_layout.outgoing(j)))
-            with self._lock(j, run), use_skip_tracker(tracker):
+            with self._forward_rng(i, j, run), use_skip_tracker(tracker):
                 if checkpointed:
                     cell.rng = RNGState(place)
                     with torch.no_grad(), checkpointing():
@@ -311,7 +340,7 @@ class Pipeline:
             cell = run.cells[(i, j)]
             assert cell.rng is not None
             tracker = _CellTracker(cell.skips_in, list(self.skip_layout.outgoing(j)))
-            with self._lock(j, run), use_skip_tracker(tracker), cell.rng.replay(), torch.enable_grad(), \
+            with self._recompute_rng(j, run), use_skip_tracker(tracker), cell.rng.replay(), torch.enable_grad(), \
                     recomputing(), _frozen_running_stats(self._plain_bn[j]):
                 output = self.partitions[j](unpack(cell.inputs, cell.in_atomic))
             cell.outputs, _ = _check_output(output, j)
@@ -336,12 +365,14 @@ class Pipeline:
                 nxt = run.cells[(i, j + 1)]
                 take(cell.outputs, nxt.grads_in, nxt.grad_event)
             for key, tensor in cell.skips_out.items():
+                if tensor is None:
+                    continue
                 dst = self.skip_layout.routes[key][1]
                 popper = run.cells[(i, dst)]
                 take((tensor,), (popper.skip_grads_in.get(key),), popper.grad_event)
 
             leaves = [t for t in cell.inputs if t.requires_grad]
-            skip_leaves = [(k, t) for k, t in cell.skips_in.items() if t.requires_grad]
+            skip_leaves = [(k, t) for k, t in cell.skips_in.items() if t is not None and t.requires_grad]
             params = run.params[j]
             wrt: List[Tensor] = leaves + [t for _, t in skip_leaves] + list(params)
             grads: Sequence[Optional[Tensor]]

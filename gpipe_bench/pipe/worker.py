@@ -44,8 +44,9 @@ class _Clocks:
         return self.error is not None
 
     def wait(self, clock: int) -> None:
-        if clock > 0:
-            self._done[clock - 1].wait()
+        # Every earlier clock, not just the one before: a worker's plan may skip clocks.
+        for event in self._done[:clock]:
+            event.wait()
 
     def finish(self, clock: int) -> None:
         with self._lock:

@@ -151,17 +151,23 @@ def _device_list(kind: str, k: int) -> List[str]:
     return [f"cpu:{j % 2}" for j in range(k)]  # repeats, not adjacent
 
 
-def _rel_err(a: Tensor, b: Tensor) -> float:
-    """Norm-wise relative error, ||a - b|| / ||b|| (absolute when ``b`` is tiny)."""
+def _rel_err(a: Tensor, b: Tensor, scale: float = 0.0) -> float:
+    """Norm-wise relative error ||a - b|| / max(||b||, scale).
+
+    ``scale`` is the norm of the whole quantity ``b`` is a part of (all parameter
+    gradients together): a gradient that is mathematically zero (a conv bias
+    before BatchNorm) holds only rounding noise, which is measured against the
+    whole gradient, not against itself.
+    """
     if not a.numel():
         return 0.0
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    return (a64 - b64).norm().item() / max(b64.norm().item(), 1e-6)
+    return (a64 - b64).norm().item() / max(b64.norm().item(), scale, 1e-12)
 
 
-def _assert_close(a: Tensor, b: Tensor, tol: float, what: str) -> None:
+def _assert_close(a: Tensor, b: Tensor, tol: float, what: str, scale: float = 0.0) -> None:
     assert a.shape == b.shape, what
-    err = _rel_err(a, b)
+    err = _rel_err(a, b, scale)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
 
 
@@ -220,16 +226,18 @@ def _check(
     _assert_close(grad, ref_grad, tol, "input gradient")
     params = list(gpipe.parameters())
     assert len(params) == len(ref_params)
+    whole = torch.cat([q.grad.flatten().to(torch.float64) for q in ref_params if q.grad is not None]).norm().item()
     for k, (p, q) in enumerate(zip(params, ref_params)):
         assert (p.grad is None) == (q.grad is None), f"parameter {k}: gradient presence differs"
         if p.grad is not None and q.grad is not None:
-            _assert_close(p.grad, q.grad, tol, f"gradient of parameter {k}")
+            _assert_close(p.grad, q.grad, tol, f"gradient of parameter {k}", whole)
 
     # After an optimizer step the parameters still match.
     for opt_params in (params, ref_params):
         torch.optim.SGD(opt_params, lr=0.1).step()
+    weights = torch.cat([q.detach().flatten().to(torch.float64) for q in ref_params]).norm().item()
     for k, (p, q) in enumerate(zip(params, ref_params)):
-        _assert_close(p.detach(), q.detach(), tol, f"parameter {k} after SGD")
+        _assert_close(p.detach(), q.detach(), tol, f"parameter {k} after SGD", weights)
 
     # Running statistics. Plain BatchNorm in the pipeline updates once per micro-batch, like the
     # reference. A deferred BatchNorm must hold what a plain BatchNorm would after seeing, at once,
@@ -248,14 +256,15 @@ def _check(
             expected = [b for name, b in plain.named_buffers() if name.rsplit(".", 1)[-1] in names]
         assert len(got) == len(expected)
         for k, (a, b) in enumerate(zip(got, expected)):
-            _assert_close(a.to(torch.float64), b.to(torch.float64), tol, f"BatchNorm buffer {k}")
+            # Running statistics start at mean 0 and variance 1: measure against that unit scale.
+            _assert_close(a.to(torch.float64), b.to(torch.float64), tol, f"BatchNorm buffer {k}", 1.0)
 
 
 def _batchnorms(layers: Any) -> List[nn.modules.batchnorm._BatchNorm]:
     return [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
@@ -274,8 +283,10 @@ def test_gpipe_equals_plain_model(family: str, dtype: torch.dtype, data: st.Data
     batch = data.draw(st.integers(1, 24), label="batch")
     if has_bn:
         # Training BatchNorm needs at least two values per channel in every micro-batch.
+        # In float32, BatchNorm over 2-3 values is so ill-conditioned that its input
+        # gradient (mathematically near zero) is rounding noise; ask for 4.
         sizes = [len(c) for c in torch.empty(batch).chunk(chunks)]
-        assume(min(sizes) >= 2 or family == "conv")
+        assume(family == "conv" or min(sizes) >= (2 if dtype == torch.float64 else 4))
     shape = (batch, D) if family == "vector" else (batch, C, 4, 4)
     seed = data.draw(st.integers(0, 2**16), label="seed")
     torch.manual_seed(seed)

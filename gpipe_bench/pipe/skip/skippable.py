@@ -97,7 +97,7 @@ class Skippable(nn.Module):
 
     def forward(self, input: Any) -> Any:
         tracker = current_skip_tracker()
-        poppable: Dict[str, Tensor] = {}
+        poppable: Dict[str, Optional[Tensor]] = {}
         for key in self.poppable():
             try:
                 poppable[key[1]] = tracker.load(key)
@@ -112,7 +112,7 @@ class Skippable(nn.Module):
                 raise RuntimeError(f"'{name}' has not been declared as stashable in @skippable({type(self).__name__})")
             stashed[name] = tensor
 
-        def on_pop(name: str) -> Tensor:
+        def on_pop(name: str) -> Optional[Tensor]:
             if name not in self.poppable_names:
                 raise RuntimeError(f"'{name}' has not been declared as poppable in @skippable({type(self).__name__})")
             if name in popped:
@@ -130,16 +130,14 @@ class Skippable(nn.Module):
             raise RuntimeError(f"{', '.join(sorted(missing_pop))} must be popped but were not")
 
         for key in self.stashable():
-            tensor = stashed[key[1]]
-            if tensor is not None:
-                tracker.save(key, tensor)
+            tracker.save(key, stashed[key[1]])
         return output
 
     def _drive(
         self,
         input: Any,
         on_stash: Callable[[str, Optional[Tensor]], None],
-        on_pop: Callable[[str], Tensor],
+        on_pop: Callable[[str], Optional[Tensor]],
     ) -> Any:
         """Run the wrapped forward, answering its stash/pop commands."""
         result = self.module(input)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 from torch import Tensor
 
@@ -25,12 +25,13 @@ class SkipTracker:
     """Holds stashed tensors by (namespace, name) until their pop."""
 
     def __init__(self) -> None:
-        self.tensors: Dict[SkipKey, Tensor] = {}
+        # None is a legal stash (torchgpipe passes it through to the pop).
+        self.tensors: Dict[SkipKey, Optional[Tensor]] = {}
 
-    def save(self, key: SkipKey, tensor: Tensor) -> None:
+    def save(self, key: SkipKey, tensor: Optional[Tensor]) -> None:
         self.tensors[key] = tensor
 
-    def load(self, key: SkipKey) -> Tensor:
+    def load(self, key: SkipKey) -> Optional[Tensor]:
         """Take the tensor out; :class:`KeyError` if it was never stashed."""
         return self.tensors.pop(key)
 
