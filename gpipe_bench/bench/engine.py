@@ -1,0 +1,461 @@
+"""Engine micro-benchmark: plain model vs our GPipe vs torchgpipe 0.0.7, one process.
+
+Why it exists
+-------------
+``gpipe_bench.pipe.GPipe`` has to earn its place twice. First, on one device it
+must cost (almost) nothing over the plain model doing the same work, i.e.
+gradient accumulation over the same micro-batches, and it must be no slower than
+torchgpipe 0.0.7, the engine it replaces. Second, across devices the pipeline
+must actually overlap its partitions: on two virtual CPU devices (``cpu:0``,
+``cpu:1``, one worker thread each) ``chunks=M`` must beat ``chunks=1`` (naive
+model parallelism) by a clear margin. This is the check behind
+``make bench-engine`` (CPU) and the timing step of ``make gpu-check``
+(``--device cuda``).
+
+What it runs
+------------
+One model is built once; every variant trains a fresh deep copy of it (same
+weights) on the same fixed batch (``torch.rand`` inputs, ``randint`` labels,
+cross-entropy, SGD lr 0.1). One *training step* is zero_grad, forward,
+backward and one optimizer step over the whole batch.
+
+(a)  plain ``nn.Sequential``, gradient accumulation: the batch is split into M
+     parts with ``torch.chunk``, each part does forward + backward (loss scaled
+     by its share of the batch), then one optimizer step.
+(b)  our GPipe, two halves on one device (``['cpu', 'cpu']``: one worker for
+     both), ``chunks=M``, ``checkpoint='never'``.
+(c)  torchgpipe 0.0.7 with identical settings.
+(d0) our GPipe on ``['cpu:0', 'cpu:1']``, ``chunks=1``: naive model parallelism.
+(d)  our GPipe on ``['cpu:0', 'cpu:1']``, ``chunks=M``: the pipeline.
+(e)  our GPipe as (b) but ``checkpoint='except_last'``: informational, shows the
+     cost of recomputation.
+
+With ``--device cuda`` only (a), (b), (c) run, on ``cuda:0`` (GPipe with
+``['cuda:0', 'cuda:0']``), a ResNet-sized stack, ``torch.cuda.synchronize()``
+around every timed step.
+
+Measurement: one warm-up round of every variant, then ``--repeats`` rounds,
+round-robin over the variants (each round starting one variant later than the
+previous, so no variant always follows the same neighbour). Interleaving means
+slow drifts of the machine (thermal, other processes) hit all variants alike.
+
+How to read it
+--------------
+The first table gives, per variant, the median seconds per training step and
+the spread (min-max) over the repeats; a wide spread means a noisy machine
+(the script prints a warning when a row's max exceeds its min by more than 25 %;
+the 1-min load average at start is printed too). On a 2-core host another busy
+process is enough to make 2-thread steps several times slower (OpenMP threads
+wait on a descheduled peer), so rerun with more ``--repeats`` on an
+idle machine before believing a ratio near its target. The second table gives
+the ratios with their targets:
+
+* (b)/(a) throughput = t(a) / t(b) >= 0.95: the engine's own overhead on one
+  device is at most ~5 %.
+* (b)/(c) throughput = t(c) / t(b) >= 1.0: not slower than torchgpipe.
+* (d)/(d0) speedup = t(d0) / t(d) >= 1.4 (defined for a 2-core host): pipeline
+  overlap. Beside it, the ideal fill-drain speedup of two balanced stages,
+  2M/(M+1), and how much of it was reached.
+* (e)/(b) is information only: the price of ``checkpoint='except_last'``.
+
+Each targeted line says PASS or MISS as measured; nothing is adjusted. The exit
+status is 0 whenever the benchmark ran (a MISS is a finding, not a crash).
+
+Example::
+
+    python -m gpipe_bench.bench.engine --repeats 7 --chunks 8
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, TextIO
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate  # type: ignore[import-untyped, unused-ignore]
+from torch import nn
+
+from gpipe_bench.pipe import GPipe
+
+__all__ = ["Workload", "Variant", "build_model", "build_variants", "measure", "main"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The model and batch of one benchmark run."""
+
+    channels: int
+    blocks: int  # Conv2d/BatchNorm2d/ReLU blocks after the stem block
+    spatial: int  # input height = width
+    batch: int
+    classes: int
+
+
+# Calibrated by measurement on the development machine (2 vCPUs of an AMD EPYC,
+# torch 2.14.1, 2 intra-op threads, 2026-11-28): one plain training step
+# (forward + backward + SGD, full batch) of this 24-layer stack took 0.205 s
+# (best of 20; median 0.21 s). Neighbours measured there: 34x34 -> 0.18 s,
+# 32x32 -> 0.16 s, 48 channels at 32x32 batch 64 -> 0.31 s. Batch 64 gives
+# micro-batches of 8 at M=8 and is divisible by every power-of-two --chunks up to 64.
+CPU_WORKLOAD = Workload(channels=32, blocks=6, spatial=36, batch=64, classes=10)
+# ResNet-sized stack for --device cuda: 256 channels at 56x56 (ResNet's stage-1
+# resolution), batch 64, 24 layers.
+CUDA_WORKLOAD = Workload(channels=256, blocks=6, spatial=56, batch=64, classes=1000)
+# --quick: a seconds-long smoke run of the same code paths.
+QUICK_WORKLOAD = Workload(channels=8, blocks=2, spatial=8, batch=16, classes=10)
+
+DEFAULT_CHUNKS = 8
+DEFAULT_REPEATS = 5
+LEARNING_RATE = 0.1
+
+TARGET_B_OVER_A = 0.95
+TARGET_B_OVER_C = 1.0
+TARGET_D_OVER_D0 = 1.4
+NOISY_SPREAD = 0.25  # max/min above 1.25 in a row: flag the run as noisy
+TORCHGPIPE_MISSING = "not installed: pip install torchgpipe==0.0.7"
+
+Step = Callable[[], None]
+
+
+def build_model(workload: Workload) -> nn.Sequential:
+    """A flat conv stack: stem + ``blocks`` x (Conv2d, BatchNorm2d, ReLU), then pool/flatten/linear."""
+    c = workload.channels
+    layers: List[nn.Module] = [nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+    for _ in range(workload.blocks):
+        layers += [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, workload.classes)]
+    return nn.Sequential(*layers)
+
+
+def halves(model: nn.Sequential) -> List[int]:
+    """Balance of two partitions with the layers split in half."""
+    n = len(model)
+    return [n // 2, n - n // 2]
+
+
+@dataclass
+class Variant:
+    """One row of the table: a way of doing a training step, and its timings."""
+
+    key: str
+    engine: str
+    devices: str
+    chunks: int
+    checkpoint: str
+    step: Optional[Step]  # None: the variant cannot run (see ``note``)
+    note: str = ""
+    # A third-party engine whose failure in warm-up is reported in its row instead of raised.
+    fallible: bool = False
+    times: List[float] = field(default_factory=list)
+
+    def median(self) -> Optional[float]:
+        return statistics.median(self.times) if self.times else None
+
+
+def accumulation_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunks: int) -> Step:
+    """(a): split the batch with ``torch.chunk``, forward+backward each part, one SGD step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    parts = list(zip(torch.chunk(x, chunks), torch.chunk(y, chunks)))
+    total = x.size(0)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        for xs, ys in parts:
+            # Scaled by its share, the sum of part losses is the full-batch mean loss.
+            loss = F.cross_entropy(model(xs), ys) * (xs.size(0) / total)
+            torch.autograd.backward(loss)
+        optimizer.step()
+
+    return step
+
+
+def full_batch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+    """(b)-(e): one forward of the whole batch through the (pipelined) model, backward, SGD step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        output = model(x)
+        loss = F.cross_entropy(output, y.to(output.device))
+        torch.autograd.backward(loss)
+        optimizer.step()
+
+    return step
+
+
+def torchgpipe_variant(
+    base: nn.Sequential, x: torch.Tensor, y: torch.Tensor, devices: List[str], chunks: int
+) -> Variant:
+    """(c): torchgpipe 0.0.7 with the settings of (b), or a row saying why it cannot run."""
+    variant = Variant("(c)", "torchgpipe 0.0.7", ", ".join(devices), chunks, "never", None, fallible=True)
+    try:
+        import torchgpipe  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    except ImportError:
+        variant.note = TORCHGPIPE_MISSING
+        return variant
+    version = getattr(torchgpipe, "__version__", "?")
+    variant.engine = f"torchgpipe {version}"
+    try:
+        model = torchgpipe.GPipe(
+            copy.deepcopy(base), balance=halves(base), devices=devices, chunks=chunks, checkpoint="never"
+        )
+    except Exception as error:  # noqa: BLE001 - a third-party engine failing on this torch is a result
+        variant.note = f"failed: {type(error).__name__}: {error}"[:120]
+        return variant
+    variant.step = full_batch_step(model, x, y)
+    return variant
+
+
+def build_variants(base: nn.Sequential, x: torch.Tensor, y: torch.Tensor, device: str, chunks: int) -> List[Variant]:
+    """Every variant for ``device`` ('cpu' or 'cuda'), each on a fresh deep copy of ``base``."""
+    balance = halves(base)
+    if device == "cuda":
+        one = ["cuda:0", "cuda:0"]
+        plain = copy.deepcopy(base).to("cuda:0")
+        return [
+            Variant("(a)", "nn.Sequential, grad accumulation", "cuda:0", chunks, "-",
+                    accumulation_step(plain, x, y, chunks)),
+            Variant("(b)", "our GPipe", ", ".join(one), chunks, "never",
+                    full_batch_step(GPipe(copy.deepcopy(base), balance, devices=one, chunks=chunks,
+                                          checkpoint="never"), x, y)),
+            torchgpipe_variant(base, x, y, one, chunks),
+        ]
+
+    one = ["cpu", "cpu"]
+    two = ["cpu:0", "cpu:1"]
+
+    def ours(devices: List[str], m: int, checkpoint: str) -> Step:
+        model = GPipe(copy.deepcopy(base), balance, devices=devices, chunks=m, checkpoint=checkpoint)
+        return full_batch_step(model, x, y)
+
+    return [
+        Variant("(a)", "nn.Sequential, grad accumulation", "cpu", chunks, "-",
+                accumulation_step(copy.deepcopy(base), x, y, chunks)),
+        Variant("(b)", "our GPipe", ", ".join(one), chunks, "never", ours(one, chunks, "never")),
+        torchgpipe_variant(base, x, y, one, chunks),
+        Variant("(d0)", "our GPipe, naive model parallel", ", ".join(two), 1, "never", ours(two, 1, "never")),
+        Variant("(d)", "our GPipe, pipelined", ", ".join(two), chunks, "never", ours(two, chunks, "never")),
+        Variant("(e)", "our GPipe [info: recompute]", ", ".join(one), chunks, "except_last",
+                ours(one, chunks, "except_last")),
+    ]
+
+
+def _time_step(step: Step, sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - start
+
+
+def measure(variants: Sequence[Variant], repeats: int, sync: Callable[[], None], log: Optional[TextIO]) -> None:
+    """One warm-up round, then ``repeats`` interleaved rounds; fills ``Variant.times``.
+
+    A ``fallible`` variant that raises in warm-up is dropped, the error kept in its ``note``.
+    """
+    runnable = [v for v in variants if v.step is not None]
+    for v in list(runnable):  # warm-up, not recorded
+        assert v.step is not None
+        try:
+            _time_step(v.step, sync)
+        except Exception as error:  # noqa: BLE001 - only for fallible (third-party) variants
+            if not v.fallible:
+                raise
+            v.step, v.note = None, f"failed: {type(error).__name__}: {error}"[:120]
+            runnable.remove(v)
+    if log is not None:
+        print("  warm-up done", file=log, flush=True)
+    n = len(runnable)
+    for r in range(repeats):
+        offset = r % n if n else 0
+        for v in runnable[offset:] + runnable[:offset]:
+            assert v.step is not None
+            v.times.append(_time_step(v.step, sync))
+        if log is not None:
+            done = ", ".join(f"{v.key} {v.times[-1]:.3f}s" for v in runnable)
+            print(f"  round {r + 1}/{repeats} done: {done}", file=log, flush=True)
+
+
+def _fmt(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds:.4f}"
+
+
+def results_table(variants: Sequence[Variant], batch: int) -> str:
+    rows = []
+    for v in variants:
+        med = v.median()
+        spread = f"{min(v.times):.4f}-{max(v.times):.4f}" if v.times else v.note or "-"
+        rate = f"{batch / med:.1f}" if med else "-"
+        rows.append([v.key, v.engine, v.devices, v.chunks, v.checkpoint, _fmt(med), spread, rate])
+    headers = ["row", "engine", "devices", "chunks", "checkpoint", "median s/step", "spread (min-max)", "samples/s"]
+    return str(tabulate(rows, headers=headers, tablefmt="rst", disable_numparse=True))
+
+
+def _verdict(value: float, target: float) -> str:
+    return "PASS" if value >= target else "MISS"
+
+
+def ratios_table(variants: Sequence[Variant], chunks: int, cores: int) -> str:
+    t = {v.key: v.median() for v in variants}
+    c_note = next((v.note for v in variants if v.key == "(c)"), "")
+    rows: List[List[str]] = []
+
+    def add(name: str, slow: str, fast: str, target: Optional[float], skip: str = "") -> None:
+        num, den = t.get(slow), t.get(fast)
+        if num is None or den is None:
+            rows.append([name, "-", f">= {target:.2f}" if target else "-", "-", "-", f"SKIP ({skip or 'not measured'})"])
+            return
+        value = num / den
+        rows.append([name, f"{value:.3f}", f">= {target:.2f}" if target else "-", "-", "-",
+                     _verdict(value, target) if target else "info"])
+
+    add("(b)/(a) throughput: our GPipe vs plain", "(a)", "(b)", TARGET_B_OVER_A)
+    add("(b)/(c) throughput: our GPipe vs torchgpipe", "(c)", "(b)", TARGET_B_OVER_C, c_note)
+    if "(d)" in t:
+        ideal = 2 * chunks / (chunks + 1)
+        d0, d = t.get("(d0)"), t.get("(d)")
+        if d0 is not None and d is not None:
+            value = d0 / d
+            verdict = _verdict(value, TARGET_D_OVER_D0)
+            if cores < 2:
+                verdict = f"n/a ({cores} core; needs >= 2)"
+            elif ideal < TARGET_D_OVER_D0:
+                verdict += f" (ideal {ideal:.2f} < target at chunks={chunks})"
+            rows.append(["(d)/(d0) speedup: pipelined vs naive", f"{value:.3f}", f">= {TARGET_D_OVER_D0:.2f}",
+                         f"{ideal:.3f}", f"{value / ideal:.3f}", verdict])
+        add("(e)/(b) time: cost of checkpoint='except_last'", "(e)", "(b)", None)
+    else:
+        rows.append(["(d)/(d0) speedup: pipelined vs naive", "-", f">= {TARGET_D_OVER_D0:.2f}",
+                     f"{2 * chunks / (chunks + 1):.3f}", "-", "SKIP (virtual CPU devices only)"])
+    headers = ["ratio", "measured", "target", "ideal 2M/(M+1)", "measured/ideal", "verdict"]
+    return str(tabulate(rows, headers=headers, tablefmt="rst", disable_numparse=True))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (affinity-aware where the OS tells)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def environment(device: str, workload: Workload, chunks: int, repeats: int) -> List[str]:
+    cores, total = usable_cores(), os.cpu_count() or 1
+    name = torch.cuda.get_device_name(0) if device == "cuda" else _cpu_name()
+    lines = [
+        f"date:     {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"torch:    {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if device == "cuda" else ""),
+        f"threads:  {torch.get_num_threads()} (torch.get_num_threads())",
+        f"CPUs:     {cores}" + (f" usable of {total}" if cores != total else ""),
+        f"device:   {device}: {name}",
+        f"workload: {3 * (workload.blocks + 1) + 3} layers, {workload.blocks + 1} conv blocks x {workload.channels} ch at {workload.spatial}x{workload.spatial}, "
+        f"batch {workload.batch}, {workload.classes} classes; chunks M={chunks}; "
+        f"{repeats} interleaved rounds after 1 warm-up",
+    ]
+    if hasattr(os, "getloadavg"):
+        lines.append(f"load:     {os.getloadavg()[0]:.2f} (1-min load average at start; it lags, the spread tells more)")
+    return lines
+
+
+def noise_warning(variants: Sequence[Variant], tolerance: float = NOISY_SPREAD) -> Optional[str]:
+    """A warning naming the rows whose max/min exceeds ``1 + tolerance``, or None."""
+    noisy = [v.key for v in variants if len(v.times) > 1 and max(v.times) > (1 + tolerance) * min(v.times)]
+    if not noisy:
+        return None
+    return (
+        f"warning: spread above {tolerance:.0%} of the minimum in {', '.join(noisy)}: the machine was busy or "
+        "unstable; treat the ratios as unreliable and rerun with more --repeats on an idle machine."
+    )
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpipe_bench.bench.engine",
+        description=(
+            "Engine micro-benchmark: seconds per training step of the plain model (gradient\n"
+            "accumulation), our GPipe, torchgpipe 0.0.7 and our GPipe over two virtual CPU\n"
+            "devices, measured interleaved in one process, then the ratios against their\n"
+            "targets: (b)/(a) >= 0.95, (b)/(c) >= 1.0, (d)/(d0) >= 1.4, each PASS or MISS."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m gpipe_bench.bench.engine                    # CPU, the `make bench-engine` run\n"
+            "  python -m gpipe_bench.bench.engine --repeats 9 --chunks 4\n"
+            "  python -m gpipe_bench.bench.engine --device cuda      # on a GPU machine (make gpu-check)\n"
+            "  python -m gpipe_bench.bench.engine --quick --repeats 1  # seconds-long smoke run"
+        ),
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30),
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: rows (a)-(e); cuda: rows (a)-(c) on cuda:0 (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                        help="timed rounds over all variants, after one warm-up round (default: %(default)s)")
+    parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS,
+                        help="micro-batches M; must divide the batch (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny model and batch ({QUICK_WORKLOAD.batch}) for a smoke test")
+    parser.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.chunks < 1:
+        parser.error("--chunks must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    workload = QUICK_WORKLOAD if args.quick else CUDA_WORKLOAD if args.device == "cuda" else CPU_WORKLOAD
+    if workload.batch % args.chunks:
+        parser.error(f"--chunks {args.chunks} does not divide the batch of {workload.batch}")
+    args.workload = workload
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark and print the environment and both tables to stdout."""
+    args = parse_args(argv)
+    device: str = args.device
+    workload: Workload = args.workload
+    chunks: int = args.chunks
+    log = None if args.quiet else sys.stderr
+
+    print("\n".join(environment(device, workload, chunks, args.repeats)), flush=True)
+
+    torch.manual_seed(0)
+    base = build_model(workload)
+    target = "cuda:0" if device == "cuda" else "cpu"
+    x = torch.rand(workload.batch, 3, workload.spatial, workload.spatial).to(target)
+    y = torch.randint(0, workload.classes, (workload.batch,)).to(target)
+    variants = build_variants(base, x, y, device, chunks)
+
+    sync: Callable[[], None] = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    measure(variants, args.repeats, sync, log)
+
+    print()
+    print(results_table(variants, workload.batch))
+    print()
+    print(ratios_table(variants, chunks, usable_cores()))
+    warning = noise_warning(variants)
+    if warning:
+        print(warning)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
