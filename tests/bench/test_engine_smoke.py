@@ -14,7 +14,7 @@ from gpipe_bench.bench import engine  # noqa: E402 - after the skip guard
 
 
 def test_quick_run_prints_tables(capsys: pytest.CaptureFixture[str]) -> None:
-    assert engine.main(["--quick", "--repeats", "1", "--quiet"]) == 0
+    assert engine.main(["--quick", "--repeats", "1", "--quiet", "--malloc", "default"]) == 0
     out = capsys.readouterr().out
     assert "torch:" in out and "threads:" in out
     assert "median s/step" in out and "spread (min-max)" in out
