@@ -9,20 +9,26 @@ memory) pass through untouched.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Mapping, Tuple
 
 import torch
 from torch import Tensor
 
-from .stream import AbstractStream, Event, record_stream, use_stream, wait_event, wait_stream
+from .stream import CPU_STREAM, AbstractStream, Event, record_stream, use_stream, wait_event, wait_stream
 
 __all__ = ["storage_device", "transfer"]
 
 
 def storage_device(device: torch.device) -> torch.device:
-    """Where a partition's tensors live: virtual CPU devices ``cpu:k`` all mean host memory."""
+    """Where a partition's tensors live.
+
+    Virtual CPU devices ``cpu:k`` all mean host memory; a bare ``cuda`` means the
+    current CUDA device, made explicit so tensors' devices compare equal to it.
+    """
     if device.type == "cpu":
         return torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -36,23 +42,31 @@ def transfer(
     tensors: Tuple[Tensor, ...],
     device: torch.device,
     ready: Event,
-    copy_stream: AbstractStream,
+    copy_streams: Mapping[torch.device, AbstractStream],
     compute_stream: AbstractStream,
 ) -> Tuple[Tensor, ...]:
-    """Copy ``tensors`` to ``device`` once ``ready`` fires, overlapping compute."""
+    """Copy ``tensors`` to ``device`` once ``ready`` fires, overlapping compute.
+
+    A copy between two GPUs is queued on the current streams of both devices,
+    so both are made the devices' copy streams: neither device's compute
+    stream is held up by the transfer.
+    """
     if all(_same_place(t, device) for t in tensors):
         wait_event(compute_stream, ready)
         return tensors
-    wait_event(copy_stream, ready)
+    dst_copy = copy_streams.get(device, CPU_STREAM)
+    wait_event(dst_copy, ready)
     moved = []
-    with use_stream(copy_stream):
-        for t in tensors:
-            if _same_place(t, device):
-                moved.append(t)
-                continue
-            record_stream(t, copy_stream)
+    for t in tensors:
+        if _same_place(t, device):
+            moved.append(t)
+            continue
+        src_copy = copy_streams.get(t.device, CPU_STREAM)
+        wait_event(src_copy, ready)
+        with use_stream(src_copy), use_stream(dst_copy):
+            record_stream(t, src_copy)
             moved.append(t.to(device, non_blocking=True))
-    wait_stream(compute_stream, copy_stream)
+    wait_stream(compute_stream, dst_copy)
     for t in moved:
         record_stream(t, compute_stream)
     return tuple(moved)

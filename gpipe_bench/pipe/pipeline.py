@@ -37,7 +37,7 @@ from .microbatch import Tensors, TensorOrTensors, as_tuple, unpack
 from .schedule import Step, backward_steps, forward_steps
 from .skip.layout import SkipLayout
 from .skip.tracker import SkipKey, SkipTracker, use_skip_tracker
-from .stream import AbstractStream, CPU_STREAM, Event, current_stream, new_stream, record_event, wait_event
+from .stream import AbstractStream, Event, current_stream, new_stream, record_event, wait_event
 from .worker import execute
 
 __all__ = ["Pipeline"]
@@ -147,10 +147,13 @@ class Pipeline:
         # One worker per distinct device; repeated devices share one (and one stream).
         self.worker_devices: List[torch.device] = []
         self.worker_of: List[int] = []
-        for device in self.devices:
-            if device not in self.worker_devices:
-                self.worker_devices.append(device)
-            self.worker_of.append(self.worker_devices.index(device))
+        for device, place in zip(self.devices, self.places):
+            # A GPU is one worker however it is spelled ('cuda', 'cuda:0'); virtual CPU
+            # devices are distinct workers although they share host memory.
+            key = place if place.type == "cuda" else device
+            if key not in self.worker_devices:
+                self.worker_devices.append(key)
+            self.worker_of.append(self.worker_devices.index(key))
         cpu_workers = sum(1 for d in self.worker_devices if d.type == "cpu")
         self._cpu_workers = cpu_workers
         # Partitions whose draws from the host generator could interleave with another's.
@@ -160,14 +163,14 @@ class Pipeline:
             [m for m in p.modules() if isinstance(m, _BatchNorm) and not isinstance(m, DeferredBatchNorm)]
             for p in partitions
         ]
-        self._copy_streams: List[AbstractStream] = []
+        self._copy_streams: Dict[torch.device, AbstractStream] = {}
 
     # -- plumbing -------------------------------------------------------
 
-    def _copy_stream(self, j: int) -> AbstractStream:
+    def _ensure_copy_streams(self) -> None:
+        # Made on the caller's thread before any worker starts, so workers only read the map.
         if not self._copy_streams:
-            self._copy_streams = [new_stream(storage_device(d)) for d in self.worker_devices]
-        return self._copy_streams[self.worker_of[j]]
+            self._copy_streams = {place: new_stream(place) for place in set(self.places) if place.type == "cuda"}
 
     def _contexts(self, state: _ThreadState) -> List[Callable[[], ExitStack]]:
         threads = max(1, torch.get_num_threads() // max(1, self._cpu_workers))
@@ -243,6 +246,7 @@ class Pipeline:
         """Run every forward cell; return the last partition's outputs per micro-batch."""
         m, n = len(batches), len(self.partitions)
         run = _Run(m, checkpoint_stop if grad else 0, _ThreadState())
+        self._ensure_copy_streams()
         first = batches[0]
         run.input_devices = tuple(t.device for t in first)
         input_ready = record_event(current_stream(first[0].device)) if first[0].is_cuda else None
@@ -251,7 +255,7 @@ class Pipeline:
             i, j = s.i, s.j
             cell = _Cell()
             place = self.places[j]
-            compute = current_stream(place) if place.type == "cuda" else CPU_STREAM
+            compute = current_stream(place)
             if j == 0:
                 source, ready, in_atomic = batches[i], input_ready, atomic
                 wants = tuple(t.requires_grad for t in source)
@@ -259,13 +263,13 @@ class Pipeline:
                 prev = run.cells[(i, j - 1)]
                 source, ready, in_atomic = prev.outputs, prev.event, prev.out_atomic
                 wants = prev.out_grad
-            inputs = transfer(source, place, ready, self._copy_stream(j), compute)
+            inputs = transfer(source, place, ready, self._copy_streams, compute)
             skips: Dict[SkipKey, Optional[Tensor]] = {}
             for key, src in self.skip_layout.incoming(j):
                 origin = run.cells[(i, src)]
                 value = origin.skips_out[key]
                 if value is not None:
-                    (value,) = transfer((value,), place, origin.event, self._copy_stream(j), compute)
+                    (value,) = transfer((value,), place, origin.event, self._copy_streams, compute)
                     if grad:
                         value = _leaf(value, True)
                 skips[key] = value
@@ -349,14 +353,14 @@ class Pipeline:
         def backward(i: int, j: int) -> None:
             cell = run.cells[(i, j)]
             place = self.places[j]
-            compute = current_stream(place) if place.type == "cuda" else CPU_STREAM
+            compute = current_stream(place)
             pairs: List[Tuple[Tensor, Tensor]] = []
 
             def take(tensors: Sequence[Tensor], grads: Sequence[Optional[Tensor]], ready: Event) -> None:
                 present = [(t, g) for t, g in zip(tensors, grads) if g is not None and t.requires_grad]
                 if not present:
                     return
-                moved = transfer(tuple(g for _, g in present), place, ready, self._copy_stream(j), compute)
+                moved = transfer(tuple(g for _, g in present), place, ready, self._copy_streams, compute)
                 pairs.extend(zip((t for t, _ in present), moved))
 
             if j == n - 1:
