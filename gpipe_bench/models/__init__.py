@@ -1,0 +1,88 @@
+"""The models of the published tables, by name: ``build(name, **kwargs)``.
+
+Every model is a flat ``nn.Sequential`` whose layer count matches the
+published balances. Builders are imported when used, so listing the models
+costs nothing, and descriptions count parameters on the ``meta`` device (no
+memory, seconds even for billions of parameters).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Tuple, cast
+
+import torch
+from torch import nn
+
+__all__ = ["ModelSpec", "names", "spec", "build", "count", "describe"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: where its builder lives and what it is."""
+
+    name: str
+    target: str  # "module:function"
+    summary: str
+    defaults: Dict[str, Any] = field(default_factory=dict)
+
+    def builder(self) -> Callable[..., nn.Sequential]:
+        module, function = self.target.split(":")
+        return cast(Callable[..., nn.Sequential], getattr(importlib.import_module(module), function))
+
+
+_MODELS: Dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            "resnet101",
+            "gpipe_bench.models.resnet:resnet101",
+            "ResNet-101 flattened to 370 layers (torchvision modules; skip API for the residuals)",
+            {"num_classes": 10},
+        ),
+        ModelSpec(
+            "amoebanetd",
+            "gpipe_bench.models.amoebanet:amoebanetd",
+            "AmoebaNet-D (L, F) of the GPipe tables, 60·L + 85 layers (table-era operations)",
+            {"num_layers": 4, "num_filters": 512, "num_classes": 10},
+        ),
+        ModelSpec(
+            "amoebanetd-corrected",
+            "gpipe_bench.models.amoebanet:amoebanetd_corrected",
+            "AmoebaNet-D with true max pooling and no extra 1×1 conv in pooling operations",
+            {"num_layers": 4, "num_filters": 512, "num_classes": 10},
+        ),
+    ]
+}
+
+
+def names() -> List[str]:
+    """Registered model names, sorted."""
+    return sorted(_MODELS)
+
+
+def spec(name: str) -> ModelSpec:
+    """The registration of ``name``; :class:`KeyError` naming the known models otherwise."""
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(names())}") from None
+
+
+def build(name: str, **kwargs: Any) -> nn.Sequential:
+    """Build model ``name``; keyword arguments override its defaults (e.g. ``num_classes``)."""
+    registered = spec(name)
+    return registered.builder()(**{**registered.defaults, **kwargs})
+
+
+def count(name: str, **kwargs: Any) -> Tuple[int, int]:
+    """(layers, parameters) of ``name``, built on the meta device: no memory, no initialisation cost."""
+    with torch.device("meta"):
+        model = build(name, **kwargs)
+    return len(model), sum(p.numel() for p in model.parameters())
+
+
+def describe(name: str, **kwargs: Any) -> str:
+    """One line for listings: name, layers, parameters, summary."""
+    layers, params = count(name, **kwargs)
+    return f"{name}: {layers} layers, {params:,} parameters; {spec(name).summary}"

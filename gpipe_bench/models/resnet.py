@@ -1,0 +1,92 @@
+"""ResNet-101 flattened to the 370-layer sequence of the published GPipe tables.
+
+The published balances (e.g. ``[26, 22, 33, 44, 44, 66, 66, 69]``) count layers
+of one particular flattening, and most of them cut *inside* a bottleneck. So
+each bottleneck becomes 11 layers: a fork that stashes the identity, the three
+conv/BN/ReLU triples (conv3's ReLU comes after the addition), and a residual
+layer that pops the identity, applies the downsample if any, and adds. The
+identity travels through the engine's skip API, so a cut anywhere in a block
+moves it straight from the fork's device to the residual's, and the same
+sequence runs as a plain ``nn.Sequential`` (or any whole slice of it).
+
+The modules are torchvision's own (same shapes, same initialisation: Kaiming
+normal fan-out convolutions, BatchNorm weight 1 and bias 0), taken out of a
+``torchvision.models.resnet101`` rather than written again; only the ReLUs are
+new, not in-place by default (an in-place ReLU would overwrite a stashed
+tensor or a recompute's saved input).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Optional
+
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+
+from gpipe_bench.pipe.skip import Namespace, pop, skippable, stash
+
+__all__ = ["resnet101", "LAYERS_PER_BOTTLENECK"]
+
+LAYERS_PER_BOTTLENECK = 11
+
+
+@skippable(stash=["identity"])
+class Fork(nn.Module):
+    """Keeps the block's input for the residual addition."""
+
+    def forward(self, x: Tensor) -> Any:
+        yield stash("identity", x)
+        return x
+
+
+@skippable(pop=["identity"])
+class Residual(nn.Module):
+    """Adds the (downsampled) block input to the block output."""
+
+    def __init__(self, downsample: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Any:
+        identity = yield pop("identity")
+        if self.downsample is not None:
+            identity = self.downsample(identity)
+        return x + identity
+
+
+def _bottleneck(block: tv_resnet.Bottleneck, prefix: str, inplace: bool) -> "OrderedDict[str, nn.Module]":
+    ns = Namespace()
+    return OrderedDict(
+        [
+            (f"{prefix}_fork", Fork().isolate(ns)),
+            (f"{prefix}_conv1", block.conv1),
+            (f"{prefix}_bn1", block.bn1),
+            (f"{prefix}_relu1", nn.ReLU(inplace=inplace)),
+            (f"{prefix}_conv2", block.conv2),
+            (f"{prefix}_bn2", block.bn2),
+            (f"{prefix}_relu2", nn.ReLU(inplace=inplace)),
+            (f"{prefix}_conv3", block.conv3),
+            (f"{prefix}_bn3", block.bn3),
+            (f"{prefix}_residual", Residual(block.downsample).isolate(ns)),
+            (f"{prefix}_relu3", nn.ReLU(inplace=inplace)),
+        ]
+    )
+
+
+def resnet101(num_classes: int = 1000, inplace: bool = False) -> nn.Sequential:
+    """ResNet-101 as 370 layers: stem 4, 33 bottlenecks × 11, then avgpool, flatten, fc.
+
+    44,549,160 parameters at 1000 classes (torchvision's count), 42,520,650 at
+    10. The head pools adaptively, so any input of at least 32×32 works.
+    """
+    base = tv_resnet.resnet101(num_classes=num_classes)
+    layers: "OrderedDict[str, nn.Module]" = OrderedDict(
+        [("conv1", base.conv1), ("bn1", base.bn1), ("relu", nn.ReLU(inplace=inplace)), ("maxpool", base.maxpool)]
+    )
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for k, block in enumerate(getattr(base, stage)):
+            layers.update(_bottleneck(block, f"{stage}_{k}", inplace))
+    layers["avgpool"] = base.avgpool
+    layers["flatten"] = nn.Flatten(1)
+    layers["fc"] = base.fc
+    return nn.Sequential(layers)
