@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test typecheck bench-engine gpu-check clean
+.PHONY: install demo test typecheck bench-engine gpu-check clean
 
 install: $(STAMP)
 
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check $(TORCH_PINS)
 	$(PIP) install -q --disable-pip-version-check -e '.[test,peers]'
 	@touch $(STAMP)
+
+# The main job on the embedded default. Until the harness lands, that is the engine
+# benchmark: plain model vs GPipe vs torchgpipe, and the pipeline over virtual CPU devices.
+demo: $(STAMP)
+	$(PY) -m gpipe_bench.bench.engine --quiet
 
 test: $(STAMP)
 	$(PY) -m pytest -q
