@@ -1,16 +1,239 @@
-"""The ``gpipe-bench`` command line: thin; parse, load, call, print."""
+"""The ``gpipe-bench`` command line: thin; parse, load, call, print.
+
+Every mistake a user can make (unknown model, table or row, a bad option, a
+balance that does not fit, missing devices) ends as one line naming the bad
+value and the fix, exit code 2, and no results file.
+"""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
 import click
+import torch
 
-from . import __version__
+from . import __version__, config, devices, models, report, results
+from .config import Overrides
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=_CONTEXT)
 @click.version_option(__version__, prog_name="gpipe-bench")
 def main() -> None:
     """Reproduce the published GPipe/torchgpipe tables on this machine.
 
-    The engine is importable as ``gpipe_bench.pipe`` (torchgpipe 0.0.7's API).
-    The engine's CPU benchmark: ``make bench-engine``.
+    \b
+    gpipe-bench list                              tables, rows and models
+    gpipe-bench speed resnet101 --pipeline 8      one row of the ResNet-101 speed table
+    gpipe-bench speed resnet101                   the whole table
+    gpipe-bench table resnet101-speed             saved results in the published layout
+    gpipe-bench compare --check                   ours vs published; exit 1 on a regression
+
+    The engine is importable as gpipe_bench.pipe (torchgpipe 0.0.7's API).
     """
+
+
+# -- list ----------------------------------------------------------------------
+
+
+@main.command("list", context_settings=_CONTEXT)
+def list_command() -> None:
+    """Tables with their rows, and models with their layers and parameters.
+
+    Example: gpipe-bench list
+    """
+    click.echo("Tables (configs/*.yaml):")
+    for name in config.table_names():
+        table = config.load(name)
+        rows = ", ".join(r.name for r in table.profile("published").rows)
+        click.echo(f"  {name:22s} {table.title}: {rows}")
+    click.echo("\nModels:")
+    for name in models.names():
+        click.echo(f"  {models.describe(name)}")
+
+
+# -- speed ---------------------------------------------------------------------
+
+
+def _parse_balance(value: Optional[str]) -> Optional[Tuple[int, ...]]:
+    if value is None:
+        return None
+    try:
+        balance = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 26,22,33", param_hint="--balance") from None
+    return balance
+
+
+def _speed_table_for(model: str) -> str:
+    name = f"{model}-speed"
+    if name not in config.table_names():
+        speed_models = [t[: -len("-speed")] for t in config.table_names() if t.endswith("-speed")]
+        raise click.BadParameter(f"no speed table for {model!r}; choose one of: {', '.join(speed_models)}", param_hint="MODEL")
+    return name
+
+
+def _default_profile(profile: Optional[str], quiet: bool) -> str:
+    if profile is not None:
+        return profile
+    if torch.cuda.is_available():
+        return "published"
+    if not quiet:
+        click.echo("No CUDA device: running the quick profile on virtual CPU devices (--profile published forces the published sizes).", err=True)
+    return "quick"
+
+
+class _Bar:
+    """A progress bar per row with live samples/s; plain per-epoch lines with --quiet."""
+
+    def __init__(self, row: str, epochs: int, quiet: bool) -> None:
+        self.row, self.epochs, self.quiet = row, epochs, quiet
+        self.bar: Any = None
+        self.rate = 0.0
+
+    def __call__(self, epoch: int, step: int, steps: int, rate: float) -> None:
+        self.rate = rate
+        if self.quiet:
+            if step == steps:
+                click.echo(f"{self.row}: epoch {epoch + 1}/{self.epochs} {rate:.3f} samples/s", err=True)
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(
+                length=self.epochs * steps, label=f"{self.row:>14s}", file=sys.stderr, show_eta=True,
+                item_show_func=lambda _: f"{self.rate:9.2f} samples/s",
+            )
+            self.bar.__enter__()
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@main.command("speed", context_settings=_CONTEXT)
+@click.argument("model")
+@click.option("--pipeline", type=click.IntRange(min=1), help="Run the row pipeline-N.")
+@click.option("--naive", type=click.IntRange(min=1), help="Run the row naive-N.")
+@click.option("--experiment", help="Run the row with this exact name (e.g. pipeline-8).")
+@click.option("--devices", "devices_spec", metavar="LIST", help="Devices, e.g. 0,1,2,3 or cuda:0*8 or cpu:0,cpu:1 [default: every CUDA device; virtual CPU devices without CUDA].")
+@click.option("--profile", type=click.Choice(["published", "quick"]), help="Row sizes [default: published with CUDA, quick without].")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs, warm-up included [default: the config's].")
+@click.option("--skip-epochs", type=click.IntRange(min=0), help="Warm-up epochs left out of the mean [default: the config's].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Mini-batch size [default: the row's].")
+@click.option("--chunks", type=click.IntRange(min=1), help="Micro-batches per mini-batch [default: the row's].")
+@click.option("--balance", help="Layers per partition, e.g. 26,22,33,44,44,66,66,69 [default: the row's].")
+@click.option("--checkpoint", type=click.Choice(["always", "except_last", "never"]), help="Checkpoint mode [default: the row's].")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
+@click.option("--engine", type=click.Choice(["gpipe-bench", "torchgpipe"]), default="gpipe-bench", show_default=True, help="The engine to time; torchgpipe is the archived peer on the same settings.")
+@click.option("--quiet", is_flag=True, help="Log lines instead of a progress bar.")
+def speed_command(
+    model: str, pipeline: Optional[int], naive: Optional[int], experiment: Optional[str], devices_spec: Optional[str],
+    profile: Optional[str], epochs: Optional[int], skip_epochs: Optional[int], batch_size: Optional[int],
+    chunks: Optional[int], balance: Optional[str], checkpoint: Optional[str], output: Optional[Path],
+    engine: str, quiet: bool,
+) -> None:
+    """Measure training throughput of a row of MODEL's speed table, or of the whole table.
+
+    The published method: a fixed synthetic batch, dataset_size // batch steps an epoch,
+    warm-up epochs left out, the mean of the per-epoch samples/s (spread kept too).
+    Each row is saved to the results directory; then the table prints beside the
+    published one.
+
+    Example: gpipe-bench speed resnet101 --pipeline 8 --devices 0,1,2,3,4,5,6,7
+    """
+    from .bench import speed  # torch-heavy; imported when used
+
+    named = [flag for flag, value in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment)) if value is not None]
+    if len(named) > 1:
+        raise click.UsageError(f"{' and '.join(named)} both name a row; give one")
+    table = config.load(_speed_table_for(model))
+    profile_name = _default_profile(profile, quiet)
+    chosen = table.profile(profile_name)
+    if named:
+        rows = [config.find_row(table, pipeline=pipeline, naive=naive, experiment=experiment, profile=profile_name)]
+    else:
+        rows = list(chosen.rows)
+    overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint, epochs=epochs, skip_epochs=skip_epochs)
+    jobs = []
+    for row in rows:  # resolve and validate everything before the first measurement
+        row, settings = config.apply(table, row, chosen.settings, overrides)
+        plan = devices.resolve(devices_spec, len(row.balance) if row.balance else 1)
+        jobs.append((speed.SpeedJob(table, row, settings, profile_name, plan.devices, engine), plan))
+    root = output if output is not None else results.results_dir()
+
+    done: List[results.Result] = []
+    for job, plan in jobs:
+        if plan.note and not quiet:
+            click.echo(f"{job.row.name}: {plan.note}", err=True)
+        bar = _Bar(job.row.name, job.settings.epochs, quiet)
+        try:
+            result = speed.run(job, bar)
+        except KeyboardInterrupt as interrupt:
+            bar.close()
+            finished = getattr(interrupt, "completed_epochs", 0)
+            click.echo(f"\nInterrupted in {job.row.name} after {finished} of {job.settings.epochs} epochs; nothing written for it"
+                       f" ({len(done)} earlier row(s) saved).", err=True)
+            sys.exit(130)
+        bar.close()
+        path = results.save(result, root)
+        figure = "Out of memory" if result.status == "oom" else f"{result.value:.3f} {result.unit}"
+        click.echo(f"{job.row.name}: {figure}  -> {path}", err=True)
+        done.append(result)
+
+    if done:
+        key = done[0].hardware_key()
+        saved = [r for r in results.load_all(root, table=table.name, profile=profile_name, hardware=key)]
+        click.echo(report.render(table, saved, fmt="rst", published=True))
+
+
+# -- table / compare -----------------------------------------------------------
+
+
+def _table_arg(name: str) -> config.Table:
+    return config.load(name)
+
+
+@main.command("table", context_settings=_CONTEXT)
+@click.argument("table_name", metavar="TABLE")
+@click.option("--format", "fmt", type=click.Choice(["rst", "md"]), default="rst", show_default=True, help="Output format.")
+@click.option("--profile", type=click.Choice(["published", "quick"]), help="Only results of this profile [default: all].")
+@click.option("--published/--no-published", default=True, show_default=True, help="Show the published columns beside ours.")
+@click.option("--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
+def table_command(table_name: str, fmt: str, profile: Optional[str], published: bool, root: Optional[Path]) -> None:
+    """Render saved results of TABLE in the published layout (one table per hardware and profile).
+
+    Example: gpipe-bench table resnet101-speed --format md
+    """
+    table = _table_arg(table_name)
+    saved = results.load_all(root or results.results_dir(), table=table.name, profile=profile)
+    if not saved:
+        click.echo(f"No results for {table.name} yet; measure some with: gpipe-bench {table.kind} {table.model}", err=True)
+    click.echo(report.render(table, saved, fmt=fmt, published=published))
+
+
+@main.command("compare", context_settings=_CONTEXT)
+@click.argument("table_name", metavar="[TABLE]", required=False)
+@click.option("--check", is_flag=True, help="Exit 1 when a row regresses beyond the table's tolerance.")
+@click.option("--format", "fmt", type=click.Choice(["rst", "md"]), default="rst", show_default=True, help="Output format.")
+@click.option("--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
+def compare_command(table_name: Optional[str], check: bool, fmt: str, root: Optional[Path]) -> None:
+    """Our results against the published numbers, row by row, with flags and inconsistencies.
+
+    Example: gpipe-bench compare resnet101-speed --check
+    """
+    names = [table_name] if table_name else config.table_names()
+    regressions: List[str] = []
+    for name in names:
+        table = _table_arg(name)
+        saved = results.load_all(root or results.results_dir(), table=table.name)
+        comparison = report.compare(table, saved, fmt=fmt)
+        click.echo(comparison.text)
+        regressions += [f"{table.name}: {r}" for r in comparison.regressions]
+    if check and regressions:
+        click.echo(f"{len(regressions)} regression(s):", err=True)
+        for line in regressions:
+            click.echo(f"  {line}", err=True)
+        sys.exit(1)

@@ -12,7 +12,7 @@ from gpipe_bench import models
 from gpipe_bench.models.resnet import LAYERS_PER_BOTTLENECK, Fork, Residual, resnet101
 from gpipe_bench.pipe import GPipe
 
-# The balances of the ResNet-101 speed and accuracy tables (SEED-TABLES.md).
+# The balances of the ResNet-101 speed and accuracy tables (configs/resnet101-speed.yaml, configs/resnet101-accuracy.yaml).
 PUBLISHED_BALANCES = [
     [370],
     [140, 230],

@@ -1,0 +1,102 @@
+"""Which devices a run uses: ``--devices``, the defaults, sharing, and CPU virtual devices.
+
+A pipeline row needs one device per partition. Users name them the way
+PyTorch tools do (``0,1,2,3``, ``cuda:0,cuda:1``, ``cpu:0,cpu:1``), may repeat
+one (``cuda:0*8`` is eight partitions on one GPU: that measures the engine's
+overhead, not parallel speedup, and the plan says so), or give nothing: then
+every CUDA device is used, and a machine without CUDA gets virtual CPU devices,
+one worker thread each, so pipelining is still observable.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import List, Optional
+
+import click
+import torch
+
+__all__ = ["DevicePlan", "parse", "resolve"]
+
+_DEVICE = re.compile(r"^(?:(cuda|cpu)(?::(\d+))?|(\d+))$")
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The devices of one run, one per partition (or the single device of a plain model)."""
+
+    devices: List[str]
+    virtual_cpu: bool  # no CUDA: partitions run on virtual CPU devices
+    shared: bool  # some device holds several partitions: overhead, not parallel speedup
+    note: str  # one line for the user when the plan is not the obvious one ("" otherwise)
+
+
+def parse(spec: str) -> List[str]:
+    """Parse ``--devices``: comma-separated ``N``, ``cuda:N``, ``cpu``, ``cpu:N``, each optionally ``*COUNT``."""
+    devices: List[str] = []
+    for item in (part.strip() for part in spec.split(",")):
+        name, _, times = item.partition("*")
+        match = _DEVICE.match(name.strip())
+        if not match or (times and not times.strip().isdigit()) or (times and int(times) < 1):
+            raise click.BadParameter(
+                f"{item!r} is not a device; use e.g. '0,1', 'cuda:0,cuda:1', 'cuda:0*4' or 'cpu:0,cpu:1'",
+                param_hint="--devices",
+            )
+        kind, index, bare = match.groups()
+        device = f"cuda:{bare}" if bare is not None else (f"{kind}:{index}" if index is not None else kind)
+        devices += [device] * (int(times) if times else 1)
+    return devices
+
+
+def _check_available(devices: List[str]) -> None:
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if not cuda:
+        return
+    if not torch.cuda.is_available():
+        raise click.BadParameter(
+            f"{cuda[0]} asked for, but this machine has no CUDA device; use virtual CPU devices such as "
+            "'cpu:0,cpu:1' (or leave --devices out)",
+            param_hint="--devices",
+        )
+    count = torch.cuda.device_count()
+    for d in cuda:
+        index = int(d.split(":")[1]) if ":" in d else 0
+        if index >= count:
+            raise click.BadParameter(
+                f"{d} asked for, but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})",
+                param_hint="--devices",
+            )
+
+
+def resolve(spec: Optional[str], partitions: int) -> DevicePlan:
+    """Devices for ``partitions`` partitions, from ``--devices`` or the defaults."""
+    if partitions < 1:
+        raise ValueError(f"partitions must be at least 1, got {partitions}")
+    if spec is not None:
+        given = parse(spec)
+        _check_available(given)
+        if len(given) < partitions:
+            raise click.BadParameter(
+                f"{len(given)} device(s) given for {partitions} partitions; give {partitions} "
+                f"(repeats allowed, e.g. '{given[0]}*{partitions}')",
+                param_hint="--devices",
+            )
+        devices = given[:partitions]
+        virtual = all(d.startswith("cpu") for d in devices)
+    elif torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if count < partitions:
+            raise click.UsageError(
+                f"{partitions} partitions but only {count} CUDA device(s); pass --devices with repeats, e.g. "
+                f"--devices cuda:0*{partitions} (that measures engine overhead, not parallel speedup)"
+            )
+        devices, virtual = [f"cuda:{j}" for j in range(partitions)], False
+    else:
+        devices, virtual = [f"cpu:{j}" for j in range(partitions)], True
+    shared = len(set(devices)) < len(devices) or (devices == ["cpu"] * len(devices) and len(devices) > 1)
+    note = ""
+    if shared:
+        note = "devices repeat: partitions share a device, so this measures engine overhead, not parallel speedup"
+    elif virtual and partitions > 1:
+        note = f"virtual CPU devices: {partitions} partitions on {partitions} worker threads of this host's cores"
+    return DevicePlan(devices, virtual, shared, note)

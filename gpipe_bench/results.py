@@ -1,0 +1,375 @@
+"""Result records: one measured table row, with the environment that produced it.
+
+A measurement can take hours; its record is the only thing that survives the
+run, so it is written whole or not at all (a temporary file in the target
+directory, fsync, then an atomic rename) and carries everything needed to judge
+it later: exact settings, versions, the machine, the date. Rendering and
+comparison (:mod:`gpipe_bench.report`) are separate steps over saved records.
+
+Records live at ``<root>/<table>/<profile>/<hardware_key>/<experiment>.json``
+(``<experiment>--<engine>.json`` for engines other than ours), so results from
+different hardware never share a path and a re-run replaces exactly one file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, cast
+
+import click
+import torch
+
+from . import __version__
+
+__all__ = [
+    "SCHEMA",
+    "STATUSES",
+    "DEFAULT_ENGINE",
+    "Result",
+    "summarize",
+    "environment",
+    "hardware_key",
+    "results_dir",
+    "path_for",
+    "save",
+    "load_all",
+]
+
+#: Version of the JSON layout; a reader refuses records from a newer writer.
+SCHEMA = 1
+STATUSES = ("ok", "oom", "interrupted", "error")
+DEFAULT_ENGINE = "gpipe-bench"
+
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def summarize(samples: Sequence[float]) -> Dict[str, float]:
+    """The spread of ``samples``: min, max, median and (sample) std; empty for no samples."""
+    if not samples:
+        return {}
+    values = [float(s) for s in samples]
+    mean = math.fsum(values) / len(values)
+    # By hand rather than statistics.stdev, which raises on a NaN instead of propagating it.
+    var = math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return {"min": min(values), "max": max(values), "median": statistics.median(values), "std": math.sqrt(var)}
+
+
+@dataclass
+class Result:
+    """One measured row of one table, on one machine, by one engine."""
+
+    table: str
+    experiment: str
+    profile: str
+    engine: str  # "gpipe-bench" | "torchgpipe" | "plain"
+    kind: str  # "speed" | "memory" | "accuracy"
+    metric: str
+    unit: str
+    value: Optional[float]  # the headline figure; None when status != "ok"
+    status: str  # one of STATUSES
+    samples: List[float] = field(default_factory=list)
+    spread: Dict[str, float] = field(default_factory=dict)
+    settings: Dict[str, Any] = field(default_factory=dict)
+    environment: Dict[str, Any] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=_now)
+
+    def hardware_key(self) -> str:
+        """A stable, filesystem-safe slug of the machine: see :func:`hardware_key`."""
+        return hardware_key(self.environment)
+
+    def to_json(self) -> Dict[str, Any]:
+        """A JSON-ready dict: the fields plus ``schema``."""
+        record = asdict(self)
+        record["schema"] = SCHEMA
+        return record
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Result":
+        """Rebuild a record; :class:`ValueError` naming the first field that is missing or of the wrong type."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        schema = data.get("schema", SCHEMA)
+        if not isinstance(schema, int) or isinstance(schema, bool):
+            raise ValueError(f"'schema' is not an integer: {schema!r}")
+        if schema > SCHEMA:
+            raise ValueError(f"schema {schema} is newer than this gpipe-bench reads ({SCHEMA}); upgrade gpipe-bench")
+        kwargs: Dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                raise ValueError(f"missing field {f.name!r}")
+            kwargs[f.name] = data[f.name]
+        for name in ("table", "experiment", "profile", "engine", "kind", "metric", "unit", "status", "created"):
+            if not isinstance(kwargs[name], str):
+                raise ValueError(f"field {name!r} is not a string: {kwargs[name]!r}")
+        if kwargs["status"] not in STATUSES:
+            raise ValueError(f"field 'status' is {kwargs['status']!r}, not one of {', '.join(STATUSES)}")
+        value = kwargs["value"]
+        if value is not None and not _is_number(value):
+            raise ValueError(f"field 'value' is not a number or null: {value!r}")
+        kwargs["value"] = None if value is None else float(value)
+        samples = kwargs["samples"]
+        if not isinstance(samples, list) or not all(_is_number(s) for s in samples):
+            raise ValueError("field 'samples' is not a list of numbers")
+        kwargs["samples"] = [float(s) for s in samples]
+        spread = kwargs["spread"]
+        if not isinstance(spread, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in spread.items()):
+            raise ValueError("field 'spread' is not an object of numbers")
+        kwargs["spread"] = {k: float(v) for k, v in spread.items()}
+        for name in ("settings", "environment", "extra"):
+            if not isinstance(kwargs[name], dict):
+                raise ValueError(f"field {name!r} is not an object")
+        return cls(**kwargs)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# -- environment ---------------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            info = f.read()
+    except OSError:
+        info = ""
+    # x86 says "model name"; some ARM kernels say "Hardware" or "Processor" instead.
+    for key in ("model name", "Hardware", "Processor", "cpu model"):
+        match = re.search(rf"^{key}\s*:\s*(.+)$", info, re.MULTILINE)
+        if match and match.group(1).strip():
+            return match.group(1).strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _git_commit() -> Optional[str]:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=2, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def _cuda_names(devices: Sequence[str]) -> Dict[str, str]:
+    """Name of each CUDA device in ``devices`` (by the device string as given)."""
+    names: Dict[str, str] = {}
+    for spec in devices:
+        try:
+            device = torch.device(spec)
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        if device.type != "cuda" or not torch.cuda.is_available():
+            continue
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        names[str(spec)] = torch.cuda.get_device_name(index)
+    return names
+
+
+def _cudnn_version() -> Optional[int]:
+    version = cast(Callable[[], Optional[int]], torch.backends.cudnn.version)  # untyped in torch's stubs
+    return version()
+
+
+def environment(devices: Sequence[str]) -> Dict[str, Any]:
+    """Everything about this machine and software that a figure measured on ``devices`` depends on."""
+    cuda = torch.cuda.is_available()
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "hip": getattr(torch.version, "hip", None),
+        "cudnn": _cudnn_version() if cuda else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": _usable_cores(),
+        "threads": torch.get_num_threads(),
+        "devices": [str(d) for d in devices],
+        "device_names": _cuda_names(devices),
+        # Every visible GPU, used or not: the machine, which the hardware key names.
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "gpipe_bench": __version__,
+        "git_commit": _git_commit(),
+        "date": _now(),
+    }
+
+
+def _slug(text: str, limit: int = 60) -> str:
+    text = re.sub(r"\((r|tm|c)\)", "", text.lower())
+    text = re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+    return text[:limit].rstrip("-") or "unknown"
+
+
+def _used_cuda(env: Mapping[str, Any]) -> bool:
+    return bool(env.get("device_names")) or any(
+        str(d).split(":")[0] == "cuda" for d in env.get("devices") or []
+    )
+
+
+def hardware_key(env: Mapping[str, Any]) -> str:
+    """A slug of the machine an environment describes, e.g. ``cpu-2-amd-epyc-7b13`` or ``8x-nvidia-tesla-p40``.
+
+    GPU runs are named by every GPU the machine showed (not only those the row
+    used), so naive-1 and pipeline-8 measured on one 8-GPU machine share a key
+    and their speedup is meaningful. CPU runs are named by the cores the process
+    could use and the CPU model. Only ``[a-z0-9-]`` (and ``_`` between GPU
+    kinds), stable for a given machine.
+    """
+    if _used_cuda(env):
+        names = [str(n) for n in env.get("gpus") or []] or [str(n) for n in (env.get("device_names") or {}).values()]
+        if names:
+            counts: Dict[str, int] = {}
+            for name in names:
+                counts[name] = counts.get(name, 0) + 1
+            parts = []
+            for name, n in counts.items():
+                slug = _slug(name)
+                if env.get("hip") is None and not slug.startswith("nvidia"):
+                    slug = f"nvidia-{slug}"
+                parts.append(f"{n}x-{slug}")
+            return "_".join(parts)
+        return "gpu-unknown"
+    cores = env.get("usable_cores") or env.get("cpu_count") or 0
+    return f"cpu-{int(cores)}-{_slug(str(env.get('cpu_model') or 'unknown'))}"
+
+
+# -- storage -------------------------------------------------------------------------------------------------------
+
+
+def results_dir() -> Path:
+    """Where results live: ``<repo>/results``, or ``$GPIPE_BENCH_RESULTS``."""
+    override = os.environ.get("GPIPE_BENCH_RESULTS")
+    if override:
+        return Path(override).expanduser()
+    return Path(__file__).resolve().parent.parent / "results"
+
+
+def path_for(result: Result, root: Path) -> Path:
+    """``root/<table>/<profile>/<hardware_key>/<experiment>[--<engine>].json``."""
+    name = result.experiment if result.engine == DEFAULT_ENGINE else f"{result.experiment}--{result.engine}"
+    parts = [result.table, result.profile, result.hardware_key(), name]
+    for part in parts:
+        # Names come from configs; one that could escape root or collide is a bug, not a user error.
+        if not _SAFE_COMPONENT.match(part) or ".." in part:
+            raise ValueError(f"unsafe path component {part!r} in result {result.table}/{result.experiment}")
+    return Path(root).joinpath(*parts[:-1], f"{name}.json")
+
+
+def _unwritable(directory: Path, error: OSError) -> click.UsageError:
+    reason = error.strerror or type(error).__name__
+    where = error.filename if isinstance(error.filename, str) and error.filename else str(directory)
+    return click.UsageError(
+        f"--output DIR: cannot write to {where} ({reason}); choose a writable directory "
+        "(--output DIR or GPIPE_BENCH_RESULTS)"
+    )
+
+
+def save(result: Result, root: Optional[Path] = None) -> Path:
+    """Write ``result`` atomically under ``root`` (default :func:`results_dir`); return its path.
+
+    Raises :class:`click.UsageError` (one line, naming the directory) when the
+    directory cannot be created or written. Whatever fails, the target is either
+    the complete new record or untouched, and no temporary file is left.
+    """
+    path = path_for(result, results_dir() if root is None else Path(root))
+    # Serialise first: a record that cannot be encoded is a bug and must not touch the disk.
+    text = json.dumps(result.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(directory, error) from None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.stem}.", suffix=".tmp")
+    except OSError as error:
+        raise _unwritable(directory, error) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make committed results private
+        os.replace(tmp, path)
+    except BaseException as error:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(error, OSError):
+            raise _unwritable(directory, error) from None
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; best effort (not every platform can open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_all(
+    root: Optional[Path] = None,
+    *,
+    table: Optional[str] = None,
+    profile: Optional[str] = None,
+    hardware: Optional[str] = None,
+) -> List[Result]:
+    """Every record under ``root`` (recursively), filtered; files that are not records are skipped with a warning."""
+    base = results_dir() if root is None else Path(root)
+    if not base.is_dir():
+        return []
+    found: List[Result] = []
+    for path in sorted(base.rglob("*.json")):
+        if not path.is_file():
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                result = Result.from_json(json.load(f))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            reason = " ".join(str(error).split())[:200]
+            click.echo(f"warning: skipping {path}: not a gpipe-bench result ({reason})", err=True)
+            continue
+        if table is not None and result.table != table:
+            continue
+        if profile is not None and result.profile != profile:
+            continue
+        if hardware is not None and result.hardware_key() != hardware:
+            continue
+        found.append(result)
+    return found

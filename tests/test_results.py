@@ -1,0 +1,266 @@
+"""Result records: JSON round trip, atomic writes, the path layout, hardware keys, loading."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Union
+
+import click
+import pytest
+
+import gpipe_bench
+from gpipe_bench import results
+from gpipe_bench.results import Result
+
+P40: Dict[str, Any] = {"devices": ["cuda:0"], "device_names": {"cuda:0": "Tesla P40"}, "gpus": ["Tesla P40"] * 8,
+       "hip": None, "usable_cores": 48, "cpu_model": "Intel(R) Xeon(R) CPU E5-2650 v4 @ 2.20GHz", "torch": "1.3.0"}
+EPYC: Dict[str, Any] = {"devices": ["cpu:0", "cpu:1"], "device_names": {}, "gpus": [], "hip": None, "usable_cores": 2,
+        "cpu_count": 2, "cpu_model": "AMD EPYC 7B13", "torch": "2.14.1"}
+SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def make(experiment: str = "pipeline-2", *, table: str = "resnet101-speed", profile: str = "published",
+         engine: str = "gpipe-bench", env: Dict[str, Any] = EPYC, value: float = 137.788,
+         **kwargs: Any) -> Result:
+    samples = kwargs.pop("samples", [value - 1.0, value, value + 1.0])
+    return Result(table=table, experiment=experiment, profile=profile, engine=engine, kind="speed",
+                  metric="throughput", unit="samples/sec", value=value, status="ok", samples=samples,
+                  spread=results.summarize(samples), settings={"batch": 4096, "chunks": 256, "balance": [140, 230]},
+                  environment=dict(env), extra=kwargs.pop("extra", {}), created="2025-11-28T03:00:00+00:00", **kwargs)
+
+
+def leftovers(directory: Path) -> List[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# -- the record ----------------------------------------------------------------------------------------------------
+
+
+def test_json_round_trip_through_disk(tmp_path: Path) -> None:
+    result = make(extra={"note": "ünïcode", "nested": {"a": [1, 2.5, None]}})
+    path = results.save(result, tmp_path)
+    assert results.load_all(tmp_path) == [result]
+    assert Result.from_json(result.to_json()) == result
+
+
+def test_file_is_pretty_sorted_json_with_trailing_newline(tmp_path: Path) -> None:
+    path = results.save(make(), tmp_path)
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("}\n") and not text.endswith("\n\n")
+    data = json.loads(text)
+    assert text == json.dumps(data, indent=2, sort_keys=True) + "\n"
+    assert data["schema"] == results.SCHEMA
+
+
+def test_path_layout(tmp_path: Path) -> None:
+    ours = make("pipeline-8")
+    theirs = make("pipeline-8", engine="torchgpipe")
+    key = ours.hardware_key()
+    assert results.path_for(ours, tmp_path) == tmp_path / "resnet101-speed" / "published" / key / "pipeline-8.json"
+    assert results.path_for(theirs, tmp_path).name == "pipeline-8--torchgpipe.json"
+    assert results.save(ours, tmp_path) == results.path_for(ours, tmp_path)
+
+
+def test_path_refuses_components_that_escape_the_root(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unsafe path component"):
+        results.path_for(make("../../etc/x"), tmp_path)
+
+
+def test_summarize() -> None:
+    assert results.summarize([]) == {}
+    assert results.summarize([3.0]) == {"min": 3.0, "max": 3.0, "median": 3.0, "std": 0.0}
+    spread = results.summarize([1.0, 2.0, 6.0])
+    assert (spread["min"], spread["max"], spread["median"]) == (1.0, 6.0, 2.0)
+    assert spread["std"] == pytest.approx(2.6457513)
+
+
+# -- atomic writes -------------------------------------------------------------------------------------------------
+
+
+def test_unserialisable_record_leaves_nothing_behind(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        results.save(make(extra={"bad": object()}), tmp_path)
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_failed_rewrite_keeps_the_old_record_whole(tmp_path: Path) -> None:
+    path = results.save(make(value=1.0), tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError):
+        results.save(make(value=float("nan")), tmp_path)  # NaN is not JSON
+    assert path.read_bytes() == before
+    assert leftovers(path.parent) == [path.name]
+
+
+def test_failure_mid_write_removes_the_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = results.save(make(value=1.0), tmp_path)
+    before = path.read_bytes()
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(click.UsageError, match="No space left on device"):
+        results.save(make(value=2.0), tmp_path)
+    assert path.read_bytes() == before
+    assert leftovers(path.parent) == [path.name]
+
+
+def test_interrupt_mid_write_removes_the_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(src: str, dst: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        results.save(make(), tmp_path)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_unwritable_directory_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the results directory should be\n")
+    with pytest.raises(click.UsageError) as caught:
+        results.save(make(), blocker)
+    message = caught.value.format_message()
+    assert "\n" not in message
+    assert str(blocker) in message
+    assert "choose a writable directory" in message
+
+
+def test_read_only_directory_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Simulated: these tests may run as root, whom chmod does not stop.
+    def denied(**kwargs: Any) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(kwargs["dir"]))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(click.UsageError) as caught:
+        results.save(make(), tmp_path)
+    message = caught.value.format_message()
+    assert "Permission denied" in message and str(tmp_path) in message and "\n" not in message
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_results_dir_default_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GPIPE_BENCH_RESULTS", raising=False)
+    assert results.results_dir() == Path(gpipe_bench.__file__).resolve().parent.parent / "results"
+    monkeypatch.setenv("GPIPE_BENCH_RESULTS", str(tmp_path / "elsewhere"))
+    assert results.results_dir() == tmp_path / "elsewhere"
+    path = results.save(make())
+    assert path.is_relative_to(tmp_path / "elsewhere")
+
+
+# -- hardware keys -------------------------------------------------------------------------------------------------
+
+
+def test_hardware_keys() -> None:
+    assert results.hardware_key(P40) == "8x-nvidia-tesla-p40"
+    assert results.hardware_key(EPYC) == "cpu-2-amd-epyc-7b13"
+    h100 = {"devices": ["cuda:0"], "gpus": ["NVIDIA H100 80GB HBM3"], "hip": None}
+    assert results.hardware_key(h100) == "1x-nvidia-h100-80gb-hbm3"
+
+
+def test_hardware_keys_are_distinct_and_safe() -> None:
+    envs = [
+        P40,
+        {**P40, "gpus": ["Tesla P40"] * 4},
+        {**P40, "gpus": ["Tesla V100-SXM2-16GB"] * 8},
+        {**P40, "gpus": ["NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-80GB"]},
+        {**P40, "devices": ["cpu"], "device_names": {}},  # a CPU run on a GPU machine names the CPU
+        EPYC,
+        {**EPYC, "usable_cores": 16},
+        {**EPYC, "cpu_model": "Intel(R) Xeon(R) Platinum 8480+"},
+        {**EPYC, "cpu_model": "../../we?ird/ \\ name\u2122"},
+        {},
+    ]
+    keys = [results.hardware_key(env) for env in envs]
+    assert len(set(keys)) == len(keys), keys
+    for key in keys:
+        assert SLUG.match(key), key
+        assert len(key) <= 100
+
+
+def test_hardware_key_ignores_which_gpus_a_row_used() -> None:
+    """naive-1 on one GPU and pipeline-8 on eight, same machine: one key, so their speedup is meaningful."""
+    one = {**P40, "devices": ["cuda:0"], "device_names": {"cuda:0": "Tesla P40"}}
+    eight = {**P40, "devices": [f"cuda:{i}" for i in range(8)],
+             "device_names": {f"cuda:{i}": "Tesla P40" for i in range(8)}}
+    assert results.hardware_key(one) == results.hardware_key(eight)
+
+
+def test_hardware_key_of_this_machine_is_stable() -> None:
+    first = make(env=results.environment(["cpu"])).hardware_key()
+    second = make(env=results.environment(["cpu:0", "cpu:1"])).hardware_key()
+    assert first == second and first.startswith("cpu-") and SLUG.match(first)
+
+
+# -- environment ---------------------------------------------------------------------------------------------------
+
+
+def test_environment_keys() -> None:
+    env = results.environment(["cpu:0", "cpu:1"])
+    expected = {"torch", "cuda", "cudnn", "python", "platform", "hostname", "cpu_model", "cpu_count",
+                "usable_cores", "threads", "devices", "device_names", "gpus", "gpipe_bench", "git_commit", "date"}
+    assert expected <= set(env)
+    assert env["devices"] == ["cpu:0", "cpu:1"] and env["device_names"] == {}
+    assert env["gpipe_bench"] == gpipe_bench.__version__
+    assert isinstance(env["cpu_model"], str) and env["cpu_model"]
+    assert 1 <= env["usable_cores"] <= env["cpu_count"]
+    assert env["threads"] >= 1
+    assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40,64}", env["git_commit"])
+    json.dumps(env)  # goes into every record
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+
+
+def test_load_all_filters(tmp_path: Path) -> None:
+    records = [
+        make("naive-1"), make("pipeline-2"), make("pipeline-2", engine="torchgpipe"),
+        make("pipeline-2", profile="quick"), make("pipeline-2", env=P40),
+        make("pipeline-2", table="amoebanetd-speed"),
+    ]
+    for record in records:
+        results.save(record, tmp_path)
+    assert len(results.load_all(tmp_path)) == len(records)
+    assert {r.table for r in results.load_all(tmp_path, table="amoebanetd-speed")} == {"amoebanetd-speed"}
+    assert len(results.load_all(tmp_path, table="resnet101-speed", profile="published")) == 4
+    on_p40 = results.load_all(tmp_path, hardware="8x-nvidia-tesla-p40")
+    assert [r.environment["gpus"] for r in on_p40] == [["Tesla P40"] * 8]
+    assert len(results.load_all(tmp_path, table="resnet101-speed", profile="quick",
+                                hardware="cpu-2-amd-epyc-7b13")) == 1
+    assert results.load_all(tmp_path, table="no-such-table") == []
+
+
+def test_load_all_skips_junk_with_one_warning_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = make()
+    results.save(good, tmp_path)
+    junk: Dict[str, Union[str, bytes]] = {
+        "broken.json": "{not json",
+        "list.json": "[1, 2, 3]",
+        "other/package.json": json.dumps({"name": "x", "version": "1.0"}),
+        "typed.json": json.dumps({**good.to_json(), "value": "fast"}),
+        "status.json": json.dumps({**good.to_json(), "status": "great"}),
+        "future.json": json.dumps({**good.to_json(), "schema": results.SCHEMA + 1}),
+        "binary.json": b"\xff\xfe\x00",
+    }
+    for name, content in junk.items():
+        path = tmp_path / "deep" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    (tmp_path / "notes.txt").write_text("ignored: not *.json\n")
+    assert results.load_all(tmp_path) == [good]
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == len(junk)
+    assert all(line.startswith("warning: skipping ") for line in warnings)
+    assert any("newer" in line for line in warnings)
+
+
+def test_load_all_of_a_missing_root_is_empty(tmp_path: Path) -> None:
+    assert results.load_all(tmp_path / "nothing-here") == []
