@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test typecheck bench-engine gpu-check clean
+.PHONY: install demo resnet101-speed amoebanetd-speed tables compare test typecheck bench-engine gpu-check clean
 
 install: $(STAMP)
 
@@ -17,10 +17,25 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check -e '.[test,peers]'
 	@touch $(STAMP)
 
-# The main job on the embedded default. Until the harness lands, that is the engine
-# benchmark: plain model vs GPipe vs torchgpipe, and the pipeline over virtual CPU devices.
+# The main job on the embedded default: the ResNet-101 speed table, quick profile, on
+# virtual CPU devices, printed beside the published table (a few minutes on 2 cores).
+CPU8 := cpu:0,cpu:1,cpu:2,cpu:3,cpu:4,cpu:5,cpu:6,cpu:7
 demo: $(STAMP)
-	$(PY) -m gpipe_bench.bench.engine --quiet
+	$(VENV)/bin/gpipe-bench speed resnet101 --profile quick --devices $(CPU8)
+
+# The published tables at their published sizes: made for a machine with 8 GPUs.
+resnet101-speed: $(STAMP)
+	$(VENV)/bin/gpipe-bench speed resnet101 --profile published
+
+amoebanetd-speed: $(STAMP)
+	$(VENV)/bin/gpipe-bench speed amoebanetd --profile published
+
+# Saved results as tables, and against the published numbers.
+tables: $(STAMP)
+	@for t in resnet101-speed amoebanetd-speed; do $(VENV)/bin/gpipe-bench table $$t; echo; done
+
+compare: $(STAMP)
+	$(VENV)/bin/gpipe-bench compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q

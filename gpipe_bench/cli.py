@@ -163,6 +163,7 @@ def speed_command(
         plan = devices.resolve(devices_spec, len(row.balance) if row.balance else 1)
         jobs.append((speed.SpeedJob(table, row, settings, profile_name, plan.devices, engine), plan))
     root = output if output is not None else results.results_dir()
+    results.check_writable(root)
 
     done: List[results.Result] = []
     for job, plan in jobs:

@@ -291,6 +291,16 @@ def _unwritable(directory: Path, error: OSError) -> click.UsageError:
     )
 
 
+def check_writable(root: Path) -> None:
+    """Fail before a long measurement, not after it, when ``root`` cannot take results."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise _unwritable(root, error) from None
+
+
 def save(result: Result, root: Optional[Path] = None) -> Path:
     """Write ``result`` atomically under ``root`` (default :func:`results_dir`); return its path.
 

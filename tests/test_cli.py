@@ -1,0 +1,93 @@
+"""The command line as a user runs it: help, listing, and every kind of bad input.
+
+Bad input ends as one line naming the bad value and the fix, exit code 2, no
+traceback, and no results file. A tiny end-to-end run checks the happy path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import pytest
+from click.testing import CliRunner, Result
+
+from gpipe_bench.cli import main
+
+
+def _run(args: List[str], **env: str) -> Result:
+    return CliRunner().invoke(main, args, env=env or None)
+
+
+def _one_line_error(result: Result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_help_reads_like_a_man_page() -> None:
+    out = _run(["--help"]).output
+    assert "gpipe-bench speed resnet101 --pipeline 8" in out
+    for command in ("speed", "table", "compare", "list"):
+        assert command in out
+    speed_help = _run(["speed", "--help"]).output
+    assert "Example:" in speed_help and "--devices" in speed_help and "--balance" in speed_help
+
+
+def test_list() -> None:
+    result = _run(["list"])
+    assert result.exit_code == 0
+    assert "resnet101-speed" in result.output and "370 layers, 42,520,650 parameters" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["speed", "vgg16"], ["vgg16", "resnet101"]),
+        (["speed", "resnet101", "--pipeline", "3"], ["pipeline"]),
+        (["speed", "resnet101", "--experiment", "pipeline-16"], ["pipeline-16"]),
+        (["speed", "resnet101", "--pipeline", "2", "--balance", "1,2"], ["balance", "370"]),
+        (["speed", "resnet101", "--pipeline", "2", "--balance", "a,b"], ["--balance", "a,b"]),
+        (["speed", "resnet101", "--pipeline", "2", "--batch-size", "x"], ["--batch-size", "x"]),
+        (["speed", "resnet101", "--pipeline", "2", "--chunks", "-1"], ["--chunks", "-1"]),
+        (["speed", "resnet101", "--pipeline", "2", "--batch-size", "8", "--chunks", "16"], ["chunks", "16"]),
+        (["speed", "resnet101", "--pipeline", "2", "--devices", "cpu:0"], ["--devices", "2 partitions"]),
+        (["speed", "resnet101", "--pipeline", "2", "--devices", "gpu:0,gpu:1"], ["--devices", "gpu:0"]),
+        (["speed", "resnet101", "--pipeline", "2", "--naive", "1"], ["--pipeline", "--naive"]),
+        (["table", "resnet101-sped"], ["resnet101-sped"]),
+        (["compare", "nope"], ["nope"]),
+    ],
+)
+def test_bad_input(args: List[str], needles: List[str], tmp_path: Path) -> None:
+    result = _run([*args[:1], *args[1:], *(["--output", str(tmp_path / "out")] if args[0] == "speed" else [])])
+    _one_line_error(result, *needles)
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_malformed_yaml(tmp_path: Path) -> None:
+    (tmp_path / "resnet101-speed.yaml").write_text("name: resnet101-speed\nrows: [\n")
+    result = _run(["table", "resnet101-speed"], GPIPE_BENCH_CONFIGS=str(tmp_path))
+    _one_line_error(result, "resnet101-speed.yaml")
+
+
+def test_unwritable_output_fails_before_measuring(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = _run(["speed", "resnet101", "--pipeline", "2", "--profile", "quick", "--devices", "cpu:0,cpu:1",
+                   "--output", str(blocker / "results")])
+    _one_line_error(result, "cannot write")
+
+
+def test_a_row_end_to_end(tmp_path: Path) -> None:
+    """One tiny row: measured, saved whole, and printed beside the published table."""
+    result = _run(["speed", "resnet101", "--experiment", "pipeline-2", "--profile", "quick", "--devices", "cpu:0,cpu:1",
+                   "--epochs", "2", "--skip-epochs", "1", "--batch-size", "8", "--chunks", "2", "--quiet",
+                   "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    files = list(tmp_path.rglob("*.json"))
+    assert len(files) == 1 and files[0].name == "pipeline-2.json"
+    assert "137.788" in result.output  # the published figure beside ours
+    table = _run(["table", "resnet101-speed", "--results", str(tmp_path), "--format", "md"])
+    assert table.exit_code == 0 and "pipeline-2" in table.output
