@@ -338,6 +338,17 @@ def test_compare_flags_by_tolerance() -> None:
     assert any("pipeline-8 [better]" in line for line in flag_lines)
 
 
+def test_compare_quick_profile_differs_but_never_regresses() -> None:
+    """Scaled-down rows on other hardware are reported, not failed by `compare --check`."""
+    table = resnet()
+    results = [result(table, "naive-1", 100.0, profile="quick"),
+               result(table, "pipeline-4", 100.0 * 2.629 * 0.5, profile="quick")]
+    comparison = report.compare(table, results)
+    assert row_of(comparison, "pipeline-4")["flag"] == "differs"
+    assert comparison.regressions == []
+    assert "not comparable with the published hardware" in comparison.text
+
+
 def test_compare_lower_is_better_and_failed_runs() -> None:
     table = memory()  # peak activation memory: lower is better
     results = [
