@@ -248,12 +248,7 @@ def speed_table(table: "Table", results: Sequence[Result], *, fmt: str = "rst", 
     With ``published``, the published figures stand beside ours, and
     multi-device pipeline rows show measured / ideal speedup.
     """
-    blocks: List[str] = []
-    for group in _groups(table, results):
-        profile = _profile(table, group.profile)
-        if profile is None:
-            blocks.append(_unknown_profile(table, group))
-            continue
+    def grid(profile: "Profile", group: _Group) -> _Grid:
         headers = ["Experiment", "Throughput", "Speedup"]
         if published:
             headers += ["Published", "Published speedup", "Measured / ideal"]
@@ -270,7 +265,25 @@ def speed_table(table: "Table", results: Sequence[Result], *, fmt: str = "rst", 
                 cells += [_num(values.get("throughput"), 3), _num(values.get("speedup"), 3, "x"),
                           _of_ideal(row, speedup)]
             rows.append(cells)
-        block = [_heading(table, group), _grid(headers, rows, ["left"] + ["right"] * (len(headers) - 1), fmt)]
+        return headers, rows, ["left"] + ["right"] * (len(headers) - 1)
+
+    return _render_groups(table, results, fmt, grid)
+
+
+_Grid = Tuple[List[str], List[List[str]], List[str]]
+
+
+def _render_groups(table: "Table", results: Sequence[Result], fmt: str,
+                   grid: Callable[["Profile", _Group], _Grid]) -> str:
+    """One table per (hardware, profile) group: heading, grid, and rows the config does not know."""
+    blocks: List[str] = []
+    for group in _groups(table, results):
+        profile = _profile(table, group.profile)
+        if profile is None:
+            blocks.append(_unknown_profile(table, group))
+            continue
+        headers, rows, aligns = grid(profile, group)
+        block = [_heading(table, group), _grid(headers, rows, aligns, fmt)]
         strays = _strays(profile, group)
         if strays:
             block.append(f"Results for rows not in the config (not shown): {', '.join(strays)}")
@@ -295,12 +308,7 @@ def _lf(table: "Table", row: "Row") -> str:
 
 
 def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published: bool) -> str:
-    blocks: List[str] = []
-    for group in _groups(table, results):
-        profile = _profile(table, group.profile)
-        if profile is None:
-            blocks.append(_unknown_profile(table, group))
-            continue
+    def grid(profile: "Profile", group: _Group) -> _Grid:
         headers = ["Experiment", "(L, F)", "Parameters", "Total Model Parameter Memory", "Total Peak Activation Memory"]
         if published:
             headers += ["Published model memory", "Published peak activation"]
@@ -316,9 +324,9 @@ def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published
                 cells += [_num(values.get("model_memory_gb"), 2, "GB"),
                           _num(peak, 2, "GB") if peak is not None else str(values.get("status") or "--")]
             rows.append(cells)
-        aligns = ["left", "left"] + ["right"] * (len(headers) - 2)
-        blocks.append(f"{_heading(table, group)}\n\n{_grid(headers, rows, aligns, fmt)}")
-    return _join(blocks)
+        return headers, rows, ["left", "left"] + ["right"] * (len(headers) - 2)
+
+    return _render_groups(table, results, fmt, grid)
 
 
 def _mean_std(result: Result) -> str:
@@ -329,12 +337,7 @@ def _mean_std(result: Result) -> str:
 
 
 def _accuracy_table(table: "Table", results: Sequence[Result], fmt: str, published: bool) -> str:
-    blocks: List[str] = []
-    for group in _groups(table, results):
-        profile = _profile(table, group.profile)
-        if profile is None:
-            blocks.append(_unknown_profile(table, group))
-            continue
+    def grid(profile: "Profile", group: _Group) -> _Grid:
         headers = ["Experiment", "Top-1 error (%)"] + (["Published"] if published else [])
         rows = []
         for row, engine, result in _row_slots(profile, group):
@@ -348,9 +351,9 @@ def _accuracy_table(table: "Table", results: Sequence[Result], fmt: str, publish
                 err, std = values.get("top1_error"), values.get("top1_error_std")
                 cells.append(_num(err, 2) + ("±" + _num(std, 2) if std is not None and err is not None else ""))
             rows.append(cells)
-        aligns = ["left"] + ["right"] * (len(headers) - 1)
-        blocks.append(f"{_heading(table, group)}\n\n{_grid(headers, rows, aligns, fmt)}")
-    return _join(blocks)
+        return headers, rows, ["left"] + ["right"] * (len(headers) - 1)
+
+    return _render_groups(table, results, fmt, grid)
 
 
 def render(table: "Table", results: Sequence[Result], *, fmt: str = "rst", published: bool = True) -> str:
