@@ -91,3 +91,28 @@ def test_a_row_end_to_end(tmp_path: Path) -> None:
     assert "137.788" in result.output  # the published figure beside ours
     table = _run(["table", "resnet101-speed", "--results", str(tmp_path), "--format", "md"])
     assert table.exit_code == 0 and "pipeline-2" in table.output
+
+
+def test_torchgpipe_engine_on_the_same_settings(tmp_path: Path) -> None:
+    pytest.importorskip("torchgpipe")
+    result = _run(["speed", "resnet101", "--experiment", "pipeline-2", "--profile", "quick", "--devices", "cpu:0,cpu:1",
+                   "--epochs", "2", "--skip-epochs", "1", "--batch-size", "4", "--chunks", "2", "--quiet",
+                   "--engine", "torchgpipe", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert [f.name for f in tmp_path.rglob("*.json")] == ["pipeline-2--torchgpipe.json"]
+
+
+def test_interrupt_writes_nothing_and_says_how_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpipe_bench.bench import speed
+
+    def interrupted(job: object, progress: object = None) -> None:
+        error = KeyboardInterrupt()
+        error.completed_epochs = 2  # type: ignore[attr-defined]
+        raise error
+
+    monkeypatch.setattr(speed, "run", interrupted)
+    result = _run(["speed", "resnet101", "--experiment", "pipeline-2", "--profile", "quick", "--devices", "cpu:0,cpu:1",
+                   "--output", str(tmp_path)])
+    assert result.exit_code == 130
+    assert "Interrupted in pipeline-2 after 2 of 3 epochs; nothing written" in result.output
+    assert not list(tmp_path.rglob("*.json"))

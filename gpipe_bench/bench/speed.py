@@ -9,6 +9,7 @@ spread is reported, not only the mean.
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 from dataclasses import dataclass
@@ -53,18 +54,22 @@ def _place(device: str) -> torch.device:
 
 def build(job: SpeedJob) -> nn.Module:
     """The plain model on one device, or the model split by the row's balance under the chosen engine."""
-    model = models.build(job.table.model, **model_args(job))
+    if job.engine == "torchgpipe" and importlib.util.find_spec("torchgpipe") is None:
+        raise click.UsageError(
+            "--engine torchgpipe: torchgpipe is not installed; install it with: pip install -e '.[peers]'"
+        )
+    extra: Dict[str, Any] = {}
+    skip_arg = models.spec(job.table.model).skip_api_arg
+    if job.engine == "torchgpipe" and skip_arg is not None:
+        extra[skip_arg] = "torchgpipe.skip"
+    model = models.build(job.table.model, **model_args(job), **extra)
     row = job.row
     if row.balance is None:
         return model.to(_place(job.devices[0]))
     kwargs: Dict[str, Any] = dict(devices=list(job.devices), chunks=row.chunks, checkpoint=row.checkpoint)
     if job.engine == "torchgpipe":
-        try:
-            import torchgpipe
-        except ImportError:
-            raise click.UsageError(
-                "--engine torchgpipe: torchgpipe is not installed; install it with: pip install -e '.[peers]'"
-            ) from None
+        import torchgpipe
+
         return torchgpipe.GPipe(model, list(row.balance), **kwargs)  # type: ignore[no-any-return]
     return GPipe(model, list(row.balance), **kwargs)
 

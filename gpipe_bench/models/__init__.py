@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ class ModelSpec:
     target: str  # "module:function"
     summary: str
     defaults: Dict[str, Any] = field(default_factory=dict)
+    # Keyword naming the skip API the model's skip connections use (None: it uses none),
+    # so a run of another engine can build the same layers against that engine's API.
+    skip_api_arg: Optional[str] = None
 
     def builder(self) -> Callable[..., nn.Sequential]:
         module, function = self.target.split(":")
@@ -39,6 +42,7 @@ _MODELS: Dict[str, ModelSpec] = {
             "gpipe_bench.models.resnet:resnet101",
             "ResNet-101 flattened to 370 layers (torchvision modules; skip API for the residuals)",
             {"num_classes": 10},
+            skip_api_arg="skip_api",
         ),
         ModelSpec(
             "amoebanetd",

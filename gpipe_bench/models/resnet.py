@@ -18,47 +18,63 @@ tensor or a recompute's saved input).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Optional
+import importlib
+from typing import Any, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
-from gpipe_bench.pipe.skip import Namespace, pop, skippable, stash
 
 __all__ = ["resnet101", "LAYERS_PER_BOTTLENECK"]
 
 LAYERS_PER_BOTTLENECK = 11
 
 
-@skippable(stash=["identity"])
-class Fork(nn.Module):
-    """Keeps the block's input for the residual addition."""
+def _skip_layers(api: str) -> Tuple[type, type]:
+    """Fork and Residual written against a skip API: ours, or torchgpipe's for the peer engine.
 
-    def forward(self, x: Tensor) -> Any:
-        yield stash("identity", x)
-        return x
+    Each engine routes only the skippable layers of its own API, so a run of the
+    archived torchgpipe needs the same layers decorated by torchgpipe.skip.
+    """
+    skip = importlib.import_module(api)
+
+    @skip.skippable(stash=["identity"])
+    class Fork(nn.Module):
+        """Keeps the block's input for the residual addition."""
+
+        def forward(self, x: Tensor) -> Any:
+            yield skip.stash("identity", x)
+            return x
+
+    @skip.skippable(pop=["identity"])
+    class Residual(nn.Module):
+        """Adds the (downsampled) block input to the block output."""
+
+        def __init__(self, downsample: Optional[nn.Module] = None) -> None:
+            super().__init__()
+            self.downsample = downsample
+
+        def forward(self, x: Tensor) -> Any:
+            identity = yield skip.pop("identity")
+            if self.downsample is not None:
+                identity = self.downsample(identity)
+            return x + identity
+
+    return Fork, Residual
 
 
-@skippable(pop=["identity"])
-class Residual(nn.Module):
-    """Adds the (downsampled) block input to the block output."""
-
-    def __init__(self, downsample: Optional[nn.Module] = None) -> None:
-        super().__init__()
-        self.downsample = downsample
-
-    def forward(self, x: Tensor) -> Any:
-        identity = yield pop("identity")
-        if self.downsample is not None:
-            identity = self.downsample(identity)
-        return x + identity
+Fork, Residual = _skip_layers("gpipe_bench.pipe.skip")
+_PEER_LAYERS: Dict[str, Tuple[type, type]] = {"gpipe_bench.pipe.skip": (Fork, Residual)}
 
 
-def _bottleneck(block: tv_resnet.Bottleneck, prefix: str, inplace: bool) -> "OrderedDict[str, nn.Module]":
-    ns = Namespace()
+def _bottleneck(block: tv_resnet.Bottleneck, prefix: str, inplace: bool, api: str) -> "OrderedDict[str, nn.Module]":
+    if api not in _PEER_LAYERS:
+        _PEER_LAYERS[api] = _skip_layers(api)
+    fork, residual = _PEER_LAYERS[api]
+    ns = importlib.import_module(api).Namespace()
     return OrderedDict(
         [
-            (f"{prefix}_fork", Fork().isolate(ns)),
+            (f"{prefix}_fork", fork().isolate(ns)),
             (f"{prefix}_conv1", block.conv1),
             (f"{prefix}_bn1", block.bn1),
             (f"{prefix}_relu1", nn.ReLU(inplace=inplace)),
@@ -67,17 +83,19 @@ def _bottleneck(block: tv_resnet.Bottleneck, prefix: str, inplace: bool) -> "Ord
             (f"{prefix}_relu2", nn.ReLU(inplace=inplace)),
             (f"{prefix}_conv3", block.conv3),
             (f"{prefix}_bn3", block.bn3),
-            (f"{prefix}_residual", Residual(block.downsample).isolate(ns)),
+            (f"{prefix}_residual", residual(block.downsample).isolate(ns)),
             (f"{prefix}_relu3", nn.ReLU(inplace=inplace)),
         ]
     )
 
 
-def resnet101(num_classes: int = 1000, inplace: bool = False) -> nn.Sequential:
+def resnet101(num_classes: int = 1000, inplace: bool = False, skip_api: str = "gpipe_bench.pipe.skip") -> nn.Sequential:
     """ResNet-101 as 370 layers: stem 4, 33 bottlenecks × 11, then avgpool, flatten, fc.
 
     44,549,160 parameters at 1000 classes (torchvision's count), 42,520,650 at
     10. The head pools adaptively, so any input of at least 32×32 works.
+    ``skip_api`` names the module whose skip API carries the residuals
+    (``"torchgpipe.skip"`` to run the same model on the archived engine).
     """
     base = tv_resnet.resnet101(num_classes=num_classes)
     layers: "OrderedDict[str, nn.Module]" = OrderedDict(
@@ -85,7 +103,7 @@ def resnet101(num_classes: int = 1000, inplace: bool = False) -> nn.Sequential:
     )
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         for k, block in enumerate(getattr(base, stage)):
-            layers.update(_bottleneck(block, f"{stage}_{k}", inplace))
+            layers.update(_bottleneck(block, f"{stage}_{k}", inplace, skip_api))
     layers["avgpool"] = base.avgpool
     layers["flatten"] = nn.Flatten(1)
     layers["fc"] = base.fc
