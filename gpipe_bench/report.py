@@ -276,19 +276,24 @@ _Grid = Tuple[List[str], List[List[str]], List[str]]
 def _render_groups(table: "Table", results: Sequence[Result], fmt: str,
                    grid: Callable[["Profile", _Group], _Grid]) -> str:
     """One table per (hardware, profile) group: heading, grid, and rows the config does not know."""
+    def block(profile: "Profile", group: _Group) -> str:
+        headers, rows, aligns = grid(profile, group)
+        parts = [_heading(table, group), _grid(headers, rows, aligns, fmt)]
+        strays = _strays(profile, group)
+        if strays:
+            parts.append(f"Results for rows not in the config (not shown): {', '.join(strays)}")
+        return "\n\n".join(parts)
+
+    return _join(_for_groups(table, results, block))
+
+
+def _for_groups(table: "Table", results: Sequence[Result], block: Callable[["Profile", _Group], str]) -> List[str]:
+    """A text block per (hardware, profile) group of ``results``; a notice for profiles the config lacks."""
     blocks: List[str] = []
     for group in _groups(table, results):
         profile = _profile(table, group.profile)
-        if profile is None:
-            blocks.append(_unknown_profile(table, group))
-            continue
-        headers, rows, aligns = grid(profile, group)
-        block = [_heading(table, group), _grid(headers, rows, aligns, fmt)]
-        strays = _strays(profile, group)
-        if strays:
-            block.append(f"Results for rows not in the config (not shown): {', '.join(strays)}")
-        blocks.append("\n\n".join(block))
-    return _join(blocks)
+        blocks.append(_unknown_profile(table, group) if profile is None else block(profile, group))
+    return blocks
 
 
 # -- memory and accuracy -------------------------------------------------------------------------------------------
@@ -526,16 +531,14 @@ def _describe(table: "Table", entry: Mapping[str, Any]) -> str:
 def compare(table: "Table", results: Sequence[Result], *, fmt: str = "rst") -> Comparison:
     """Row by row against the published figures; see the module docstring."""
     entries: List[Dict[str, Any]] = []
-    blocks: List[str] = []
-    for group in _groups(table, results):
-        profile = _profile(table, group.profile)
-        if profile is None:
-            blocks.append(_unknown_profile(table, group))
-            continue
+
+    def block(profile: "Profile", group: _Group) -> str:
         group_entries = [_compare_row(table, profile, group, row, engine, result)
                          for row, engine, result in _row_slots(profile, group)]
-        entries += group_entries
-        blocks.append(f"{_heading(table, group)}\n\n{_compare_grid(table, group_entries, fmt)}")
+        entries.extend(group_entries)
+        return f"{_heading(table, group)}\n\n{_compare_grid(table, group_entries, fmt)}"
+
+    blocks = _for_groups(table, results, block)
 
     regressions = [_describe(table, e) for e in entries if e["flag"] == "regression"]
     inconsistencies = _published_inconsistencies(table)

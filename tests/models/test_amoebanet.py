@@ -17,6 +17,7 @@ from gpipe_bench.models.amoebanet import (
     num_model_layers,
 )
 from gpipe_bench.pipe import GPipe
+from helpers import run_micro_batches
 
 # (L, F) → parameters at 10 classes, as published for the GPipe tables.
 TABLE_COUNTS = {
@@ -160,15 +161,6 @@ def test_slices_compose() -> None:
         assert torch.equal(model[160:](model[78:160](model[:78](x))), whole)
 
 
-def _plain_per_microbatch(model: nn.Module, x: Tensor, weight: Tensor, chunks: int) -> Tensor:
-    outs = []
-    for piece, w in zip(x.chunk(chunks), weight.chunk(chunks)):
-        out = model(piece)
-        (out * w).sum().backward()
-        outs.append(out.detach())
-    return torch.cat(outs)
-
-
 @pytest.mark.parametrize("balance", BALANCES, ids=lambda b: f"{len(b)}x")
 def test_gpipe_matches_plain_at_published_balances(balance: List[int]) -> None:
     chunks = 2
@@ -179,7 +171,7 @@ def test_gpipe_matches_plain_at_published_balances(balance: List[int]) -> None:
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64, generator=generator)
     weight = torch.randn(4, 10, dtype=torch.float64, generator=generator)
 
-    expected = _plain_per_microbatch(plain, x, weight, chunks)
+    expected = run_micro_batches(plain, x, weight, chunks)
     out = piped(x)
     assert isinstance(out, Tensor)
     (out * weight).sum().backward()
@@ -206,7 +198,7 @@ def test_gpipe_cut_at_every_offset_inside_a_cell(offset: int) -> None:
     generator = torch.Generator().manual_seed(offset)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=generator)
     weight = torch.randn(4, 10, dtype=torch.float64, generator=generator)
-    expected = _plain_per_microbatch(plain, x, weight, 2)
+    expected = run_micro_batches(plain, x, weight, 2)
     out = piped(x)
     assert isinstance(out, Tensor)
     (out * weight).sum().backward()

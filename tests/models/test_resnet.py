@@ -11,6 +11,7 @@ from torch import nn
 from gpipe_bench import models
 from gpipe_bench.models.resnet import LAYERS_PER_BOTTLENECK, Fork, Residual, resnet101
 from gpipe_bench.pipe import GPipe
+from helpers import run_micro_batches
 
 # The balances of the ResNet-101 speed and accuracy tables (configs/resnet101-speed.yaml, configs/resnet101-accuracy.yaml).
 PUBLISHED_BALANCES = [
@@ -58,15 +59,6 @@ def test_published_balances_fit(balance: List[int]) -> None:
     assert sum(balance) == 370
 
 
-def _run_micro_batches(model: nn.Module, x: torch.Tensor, weight: torch.Tensor, chunks: int) -> torch.Tensor:
-    outs = []
-    for piece, w in zip(x.chunk(chunks), weight.chunk(chunks)):
-        out = model(piece)
-        (out * w).sum().backward()
-        outs.append(out.detach())
-    return torch.cat(outs)
-
-
 @pytest.fixture(scope="module")
 def small_resnet() -> nn.Sequential:
     torch.manual_seed(0)
@@ -87,7 +79,7 @@ def test_gpipe_at_published_cuts_equals_plain(small_resnet: nn.Sequential, balan
     torch.manual_seed(1)
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     weight = torch.randn(4, 10, dtype=torch.float64)
-    expected = _run_micro_batches(plain, x, weight, 2)
+    expected = run_micro_batches(plain, x, weight, 2)
     out = gpipe(x)
     (out * weight).sum().backward()
     assert (out.detach() - expected).norm() <= 1e-9 * expected.norm()

@@ -9,23 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from gpipe_bench.pipe import GPipe
-from gpipe_bench.pipe.skip import Namespace, pop, skippable, stash
+from gpipe_bench.pipe.skip import Namespace
+from helpers import Pop, Stash
 
 pytestmark = pytest.mark.cuda
-
-
-@skippable(stash=["skip"])
-class Stash(nn.Module):
-    def forward(self, x: Tensor) -> Any:
-        yield stash("skip", x)
-        return x
-
-
-@skippable(pop=["skip"])
-class Pop(nn.Module):
-    def forward(self, x: Tensor) -> Any:
-        skip = yield pop("skip")
-        return x + skip
 
 
 def _model() -> nn.Sequential:

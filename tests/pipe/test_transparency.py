@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from gpipe_bench.pipe import GPipe
-from gpipe_bench.pipe.skip import Namespace, pop, skippable, stash
+from gpipe_bench.pipe.skip import Namespace
+from helpers import Pop, Stash
 
 D = 6  # feature width of the vector family
 C = 2  # channels of the conv family
@@ -75,20 +76,6 @@ class UseIndex(nn.Module):
         x, idx = xs
         shape = (-1,) + (1,) * (x.dim() - 1)
         return x * (idx.to(x.dtype).view(shape) + 1.0)
-
-
-@skippable(stash=["skip"])
-class Stash(nn.Module):
-    def forward(self, x: Tensor) -> Any:
-        yield stash("skip", x)
-        return x
-
-
-@skippable(pop=["skip"])
-class Pop(nn.Module):
-    def forward(self, x: Tensor) -> Any:
-        skip = yield pop("skip")
-        return x + skip
 
 
 def _vector_block(kind: str) -> List[nn.Module]:

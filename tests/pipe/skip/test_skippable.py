@@ -221,39 +221,28 @@ def test_errors_inside_gpipe() -> None:
         model(torch.zeros(4, 1))
 
 
+@skippable(stash=["skip"])
+class StashNone(nn.Module):
+    def forward(self, x):
+        yield stash("skip", None)
+        return x
+
+
+@skippable(pop=["skip"])
+class PopNone(nn.Module):
+    def forward(self, x):
+        skip = yield pop("skip")
+        assert skip is None
+        return x + 1
+
+
 def test_stash_none_plain() -> None:
-    @skippable(stash=["skip"])
-    class StashNone(nn.Module):
-        def forward(self, x):
-            yield stash("skip", None)
-            return x
-
-    @skippable(pop=["skip"])
-    class PopNone(nn.Module):
-        def forward(self, x):
-            skip = yield pop("skip")
-            assert skip is None
-            return x + 1
-
     model = nn.Sequential(StashNone(), PopNone())
     assert torch.equal(model(torch.zeros(1)), torch.ones(1))
 
 
 @pytest.mark.parametrize("balance", [[2], [1, 1]])
 def test_stash_none_in_gpipe(balance: List[int]) -> None:
-    @skippable(stash=["skip"])
-    class StashNone(nn.Module):
-        def forward(self, x):
-            yield stash("skip", None)
-            return x
-
-    @skippable(pop=["skip"])
-    class PopNone(nn.Module):
-        def forward(self, x):
-            skip = yield pop("skip")
-            assert skip is None
-            return x + 1
-
     devices = ["cpu:0", "cpu:1"][: len(balance)]
     model = GPipe(nn.Sequential(StashNone(), PopNone()), balance, devices=devices, chunks=2)
     assert torch.equal(model(torch.zeros(4, 1)), torch.ones(4, 1))
