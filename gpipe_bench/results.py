@@ -47,7 +47,7 @@ __all__ = [
 
 #: Version of the JSON layout; a reader refuses records from a newer writer.
 SCHEMA = 1
-STATUSES = ("ok", "oom", "interrupted", "error")
+STATUSES = ("ok", "oom", "interrupted", "error", "predicted")
 DEFAULT_ENGINE = "gpipe-bench"
 
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

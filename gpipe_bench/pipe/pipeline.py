@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_mode_stack
 
 from .batchnorm import DeferredBatchNorm
 from .checkpoint import CPU_RNG_LOCK, RNGState, checkpointing, recomputing
@@ -100,9 +101,17 @@ def _check_output(value: Any, j: int) -> Tuple[Tensors, bool]:
 
 
 class _ThreadState:
-    """Thread-local settings of the caller that worker threads must share (autocast)."""
+    """Thread-local settings of the caller that worker threads must share.
+
+    Autocast, and the caller's ``TorchDispatchMode`` stack: PyTorch hands both
+    to its own autograd threads, so a mode that observes a plain model (a
+    memory meter, a tracer) observes the pipeline's cells the same way.
+    """
 
     def __init__(self) -> None:
+        self.modes: List[Any] = [
+            mode for mode in _dispatch_mode_stack() if getattr(mode, "_dispatch_key", None) is None
+        ]
         self.autocast: List[Tuple[str, bool, torch.dtype]] = []
         for device_type in ("cpu", "cuda"):
             if device_type == "cuda" and not torch.cuda.is_available():
@@ -113,6 +122,18 @@ class _ThreadState:
     def enter(self, stack: ExitStack) -> None:
         for device_type, enabled, dtype in self.autocast:
             stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+        # A thread that already has the modes (the caller, an autograd thread) keeps them as they are.
+        active = {id(mode) for mode in _dispatch_mode_stack()}
+        missing = [mode for mode in self.modes if id(mode) not in active]
+        for mode in missing:
+            torch._C._push_on_torch_dispatch_stack(mode)
+        if missing:
+            stack.callback(_pop_modes, len(missing))
+
+
+def _pop_modes(count: int) -> None:
+    for _ in range(count):
+        torch._C._pop_torch_dispatch_stack(None)
 
 
 class _Run:
@@ -325,14 +346,16 @@ class Pipeline:
             )
         run.done = True
         m, n = run.m, len(self.partitions)
-        last = [run.cells[(i, n - 1)].outputs for i in range(m)]
+        # Only the sizes: holding the last partition's outputs here would keep every cell's graph
+        # (and, through its leaves, the previous partition's outputs) alive until the end of the backward.
+        sizes_of = [[t.size(0) for t in run.cells[(i, n - 1)].outputs] for i in range(m)]
         slices: List[List[Optional[Tensor]]] = [[] for _ in range(m)]
         for k, g in enumerate(grad_outputs):
             if g is None:
                 for i in range(m):
                     slices[i].append(None)
                 continue
-            sizes = [out[k].size(0) for out in last]
+            sizes = [s[k] for s in sizes_of]
             for i, piece in enumerate(torch.split(g, sizes)):
                 slices[i].append(piece)
         first_grad = next((g for g in grad_outputs if g is not None), None)

@@ -1,0 +1,280 @@
+"""Predict peak activation memory per device without running the model: meta profiles + the schedule.
+
+Why: the published table's last row needs eight 24 GB cards. A user sizing
+such a model, or checking a balance, should get the per-device figure on a
+laptop. Two steps, both cheap:
+
+1. **Profile each partition on ``meta``** (shapes only, no memory), once per
+   micro-batch size, with the same meter the CPU measurement uses
+   (:class:`~gpipe_bench.memory.tracker.TensorMemory`): what a checkpointed
+   (no-grad) forward allocates at its peak and leaves behind (the output), what
+   a full forward keeps for the backward (saved activations and output), and
+   what the backward adds at its peak (gradients of activations, of the input,
+   of the parameters).
+2. **Replay the engine's schedule** (:mod:`gpipe_bench.pipe.schedule`, the same
+   functions the engine runs) on those numbers, clock by clock, with the
+   engine's lifetimes: a checkpointed micro-batch keeps only its boundary
+   tensors until its backward; one micro-batch at a time is recomputed, one
+   clock before its gradient arrives; an input gradient lives until the
+   previous partition has used it; the first micro-batch's parameter
+   gradients are kept aside until the second is added to them (the sum
+   becomes ``.grad``, which is model memory, not activation memory).
+
+Cross-device releases inside a clock (partition ``j + 1`` dropping the input
+it shares with ``j``) are applied at the end of the clock: concurrent devices
+may release in either order, so the prediction takes the later one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from gpipe_bench.pipe.microbatch import Tensors, as_tuple, unpack
+from gpipe_bench.pipe.schedule import backward_steps, forward_steps
+
+from .tracker import TensorMemory, storage_key
+
+__all__ = ["CellCost", "Prediction", "profile_partition", "profile", "simulate", "simulate_plain", "nbytes",
+           "checkpoint_stop", "micro_batch_sizes", "predict_pipeline", "predict_plain"]
+
+
+@dataclass(frozen=True)
+class CellCost:
+    """What one micro-batch costs on one partition, in bytes (activations only)."""
+
+    out: int  # the partition's output
+    nograd_peak: int  # peak of a no-grad (checkpointed) forward, above what was held before it
+    held: int  # left by a full forward: saved activations and the output
+    grad_peak: int  # peak of a full forward (or a recompute), above what was held before it
+    bwd_peak: int  # peak of the backward above the held activations, parameter gradients included
+    bwd_peak_no_param_grads: int  # the same with parameter gradients left out (they become .grad)
+    grad_in: int  # the input's gradient, kept until the previous partition has used it
+    param_grads: int  # one set of this partition's parameter gradients
+
+
+@dataclass
+class Prediction:
+    """Peak activation bytes per device, and where in the step each peak falls."""
+
+    per_device: List[int]
+    when: List[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_device)
+
+
+def nbytes(tensors: Sequence[Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    seen: Dict[int, int] = {}
+    for t in tensors:
+        seen[storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _leaves(inputs: Tensors, requires_grad: bool) -> Tensors:
+    return tuple(t.detach().requires_grad_(requires_grad and t.is_floating_point()) for t in inputs)
+
+
+def profile_partition(partition: nn.Module, inputs: Tensors, atomic: bool, *, first: bool) -> Tuple[CellCost, Tensors, bool]:
+    """Profile one cell of ``partition`` on ``inputs`` (meta tensors); also return its output for the next one.
+
+    ``first``: the partition takes the model's input, which needs no gradient.
+    """
+    params = [p for p in partition.parameters() if p.requires_grad]
+    meter = TensorMemory()
+    with meter:
+        with torch.no_grad():
+            out = partition(unpack(_leaves(inputs, False), atomic))
+        outputs, out_atomic = as_tuple(out)
+        nograd = meter.curves().get(0)
+        out_bytes = nbytes(outputs)
+        del out, outputs
+
+        start = meter.mark()
+        leaves = _leaves(inputs, not first)
+        with torch.enable_grad():
+            out = partition(unpack(leaves, atomic))
+        outputs, out_atomic = as_tuple(out)
+        forward = meter.curves(since=start).get(0)
+        held = forward.final if forward else 0
+        with meter.charge(1):  # the gradient arriving from the next partition is not this one's
+            grad_outputs = [torch.ones_like(t) if t.requires_grad else None for t in outputs]
+        start = meter.mark()
+        pairs = [(t, g) for t, g in zip(outputs, grad_outputs) if g is not None]
+        wrt = [t for t in leaves if t.requires_grad] + params
+        grads: Sequence[Optional[Tensor]] = ()
+        if pairs and wrt:
+            grads = torch.autograd.grad([t for t, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+        n_in = sum(1 for t in leaves if t.requires_grad)
+        grad_in = nbytes([g for g in grads[:n_in] if g is not None])
+        param_grads = [g for g in grads[n_in:] if g is not None]
+        backward = meter.curves(since=start).get(0)
+        meter.exclude(param_grads)
+        backward_np = meter.curves(since=start).get(0)
+        pgrad_bytes = nbytes(param_grads)
+        next_inputs = tuple(t.detach() for t in outputs)
+        del out, outputs, grads, param_grads, pairs, grad_outputs, leaves
+
+    def above(curve_peak: int) -> int:
+        return max(0, curve_peak - held)
+
+    return CellCost(
+        out=out_bytes,
+        nograd_peak=nograd.peak if nograd else 0,
+        held=held,
+        grad_peak=forward.peak if forward else 0,
+        bwd_peak=above(backward.peak) if backward else 0,
+        bwd_peak_no_param_grads=above(backward_np.peak) if backward_np else 0,
+        grad_in=grad_in,
+        param_grads=pgrad_bytes,
+    ), next_inputs, out_atomic
+
+
+def profile(partitions: Sequence[nn.Module], sample: Tensors, atomic: bool) -> List[CellCost]:
+    """:func:`profile_partition` along the pipeline for one micro-batch ``sample`` (on ``meta``)."""
+    costs: List[CellCost] = []
+    inputs, in_atomic = sample, atomic
+    for j, partition in enumerate(partitions):
+        cost, inputs, in_atomic = profile_partition(partition, inputs, in_atomic, first=j == 0)
+        costs.append(cost)
+    return costs
+
+
+class _Slots:
+    """Live bytes and peaks per device, addressed by partition, with releases deferred to the end of a clock."""
+
+    def __init__(self, devices: int, slot: Sequence[int]) -> None:
+        self.slot = list(slot)
+        self.live_ = [0] * devices
+        self.peak = [0] * devices
+        self.when = [""] * devices
+        self.later: List[Tuple[int, int]] = []
+
+    def at(self, j: int, transient: int, what: str) -> None:
+        d = self.slot[j]
+        if self.live_[d] + transient > self.peak[d]:
+            self.peak[d], self.when[d] = self.live_[d] + transient, f"{what} on partition {j}"
+
+    def add(self, j: int, nbytes: int, what: str) -> None:
+        self.live_[self.slot[j]] += nbytes
+        self.at(j, 0, what)
+
+    def free(self, j: int, nbytes: int) -> None:
+        self.live_[self.slot[j]] -= nbytes
+
+    def end_of_clock(self) -> None:
+        for j, nbytes in self.later:
+            self.free(j, nbytes)
+        self.later.clear()
+
+
+def simulate(costs: Sequence[Sequence[CellCost]], checkpoint_stop: int, *, input_bytes: int = 0,
+             head_bytes: int = 0, optimizer_temp: Optional[Sequence[int]] = None,
+             slots: Optional[Sequence[int]] = None) -> Prediction:
+    """Replay the fill-drain schedule over ``costs[i][j]`` (micro-batch ``i``, partition ``j``).
+
+    ``input_bytes`` (the mini-batch) is held on the first device throughout;
+    ``head_bytes`` (the joined output and its gradient, the labels) on the
+    last; ``optimizer_temp[j]`` is the optimizer step's scratch of partition
+    ``j``. ``slots[j]`` is the device partition ``j`` runs on, when partitions
+    share devices (default: one device each); the result has one entry per device.
+    """
+    m, n = len(costs), len(costs[0])
+    slot = list(slots) if slots is not None else list(range(n))
+    dev = _Slots(max(slot) + 1, slot)
+    dev.add(0, input_bytes, "input")
+    for clock in forward_steps(m, n):
+        for step in clock:
+            i, j = step.i, step.j
+            c = costs[i][j]
+            if i < checkpoint_stop:
+                dev.at(j, c.nograd_peak, f"forward {i} (checkpointed)")
+                dev.add(j, c.out, f"forward {i} (checkpointed)")
+            else:
+                dev.at(j, c.grad_peak, f"forward {i}")
+                dev.add(j, c.held, f"forward {i}")
+    dev.add(n - 1, head_bytes, "loss")
+
+    done = [0] * n
+    for clock in backward_steps(m, n, lambda i: i < checkpoint_stop):
+        for step in clock:
+            i, j = step.i, step.j
+            c = costs[i][j]
+            if step.kind == "recompute":
+                dev.at(j, c.grad_peak, f"recompute {i}")
+                dev.add(j, c.held, f"recompute {i}")
+                if j == n - 1:
+                    dev.free(j, c.out)  # the recomputed output replaces the checkpointed one
+                continue
+            bwd = c.bwd_peak if m > 1 else c.bwd_peak_no_param_grads
+            dev.at(j, bwd, f"backward {i}")
+            dev.free(j, c.held)
+            if j > 0:
+                dev.free(j, -c.grad_in)
+            if m > 1 and done[j] == 0:
+                dev.free(j, -c.param_grads)  # the first gradients, until the second is added
+            elif m > 1 and done[j] == 1:
+                dev.free(j, costs[m - 1][j].param_grads)
+            done[j] += 1
+            if j < n - 1:
+                dev.later.append((j + 1, costs[i][j + 1].grad_in))
+            if j > 0 and i < checkpoint_stop:
+                dev.later.append((j - 1, costs[i][j - 1].out))  # the checkpointed output it took as input
+        dev.end_of_clock()
+    for j in range(n):
+        dev.at(j, (optimizer_temp or [0] * n)[j], "optimizer step")
+    return Prediction(per_device=dev.peak, when=dev.when)
+
+
+def simulate_plain(cost: CellCost, *, input_bytes: int = 0, head_bytes: int = 0, optimizer_temp: int = 0) -> Prediction:
+    """The plain model on one device: one full forward, the backward, the optimizer step."""
+    dev = _Slots(1, [0])
+    dev.add(0, input_bytes, "input")
+    dev.at(0, cost.grad_peak, "forward")
+    dev.add(0, cost.held + head_bytes, "forward")
+    dev.at(0, cost.bwd_peak_no_param_grads, "backward")
+    dev.free(0, cost.held)
+    dev.at(0, optimizer_temp, "optimizer step")
+    return Prediction(per_device=dev.peak, when=dev.when)
+
+
+def checkpoint_stop(checkpoint: str, chunks: int) -> int:
+    """Micro-batches ``i < stop`` are checkpointed; counted from the requested chunks, as the engine does."""
+    return {"always": chunks, "except_last": chunks - 1, "never": 0}[checkpoint]
+
+
+def micro_batch_sizes(batch: int, chunks: int) -> List[int]:
+    """The sizes ``torch.chunk`` gives: 10 in 4 chunks is 3, 3, 3, 1."""
+    return [t.size(0) for t in torch.empty(batch, 0, device="meta").chunk(chunks)]
+
+
+def _split(model: nn.Sequential, balance: Sequence[int]) -> List[nn.Sequential]:
+    parts, start = [], 0
+    for size in balance:
+        parts.append(model[start:start + size])
+        start += size
+    return parts
+
+
+def predict_pipeline(model: nn.Sequential, balance: Sequence[int], sample: Tensor, *, chunks: int, checkpoint: str,
+                     slots: Optional[Sequence[int]] = None, head_bytes: int = 0,
+                     optimizer_temp: Optional[Sequence[int]] = None) -> Prediction:
+    """Peak activation bytes per device of a GPipe training step of ``model`` (on ``meta``) on ``sample``.
+
+    ``sample`` is the whole mini-batch (a ``meta`` tensor); it counts on the first device.
+    """
+    parts = _split(model, balance)
+    sizes = micro_batch_sizes(sample.size(0), chunks)
+    by_size = {size: profile(parts, (sample[:size],), True) for size in set(sizes)}
+    return simulate([by_size[size] for size in sizes], checkpoint_stop(checkpoint, chunks),
+                    input_bytes=nbytes([sample]), head_bytes=head_bytes, optimizer_temp=optimizer_temp, slots=slots)
+
+
+def predict_plain(model: nn.Module, sample: Tensor, *, head_bytes: int = 0, optimizer_temp: int = 0) -> Prediction:
+    """Peak activation bytes of a training step of the plain ``model`` (on ``meta``) on ``sample``."""
+    cost = profile([model], (sample,), True)[0]
+    return simulate_plain(cost, input_bytes=nbytes([sample]), head_bytes=head_bytes, optimizer_temp=optimizer_temp)
