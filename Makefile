@@ -7,14 +7,14 @@ PIP    := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo resnet101-speed amoebanetd-speed tables compare test typecheck bench-engine gpu-check clean
+.PHONY: install demo resnet101-speed amoebanetd-speed amoebanetd-memory tables compare test typecheck bench-engine gpu-check clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH_PINS)
-	$(PIP) install -q --disable-pip-version-check -e '.[test,peers]'
+	$(PIP) install -q --disable-pip-version-check -e '.[test,peers,plot]'
 	@touch $(STAMP)
 
 # The main job on the embedded default: the ResNet-101 speed table, quick profile, on
@@ -30,9 +30,18 @@ resnet101-speed: $(STAMP)
 amoebanetd-speed: $(STAMP)
 	$(VENV)/bin/gpipe-bench speed amoebanetd --profile published
 
+# The AmoebaNet-D memory table: every row measured and predicted at this machine's profile
+# (quick without CUDA), per device too, and a PNG beside the results. Without CUDA, the
+# published rows are also sized from the meta device alone (--predict-only).
+amoebanetd-memory: $(STAMP)
+	$(VENV)/bin/gpipe-bench memory amoebanetd --per-device
+	@if ! $(PY) -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then \
+	  echo "No CUDA device: sizing the published rows from the meta device (nothing is run)"; \
+	  $(VENV)/bin/gpipe-bench memory amoebanetd --profile published --predict-only --per-device --quiet; fi
+
 # Saved results as tables, and against the published numbers.
 tables: $(STAMP)
-	@for t in resnet101-speed amoebanetd-speed; do $(VENV)/bin/gpipe-bench table $$t; echo; done
+	@for t in resnet101-speed amoebanetd-speed amoebanetd-memory; do $(VENV)/bin/gpipe-bench table $$t; echo; done
 
 compare: $(STAMP)
 	$(VENV)/bin/gpipe-bench compare
@@ -52,6 +61,9 @@ gpu-check: $(STAMP)
 	$(PY) -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__, torch.version.cuda)"
 	$(PY) -m pytest -q -m cuda
 	$(PY) -m gpipe_bench.bench.engine --device cuda
+	$(VENV)/bin/gpipe-bench memory amoebanetd --profile quick --devices 'cuda:0*8' --per-device --quiet
+	$(VENV)/bin/gpipe-bench memory amoebanetd --profile published --devices 'cuda:0*8' --experiment pipeline-1 --quiet
+	$(VENV)/bin/gpipe-bench memory amoebanetd --profile published --devices 'cuda:0*8' --experiment pipeline-2 --per-device --quiet
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis

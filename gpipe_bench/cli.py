@@ -28,6 +28,7 @@ def main() -> None:
     gpipe-bench list                              tables, rows and models
     gpipe-bench speed resnet101 --pipeline 8      one row of the ResNet-101 speed table
     gpipe-bench speed resnet101                   the whole table
+    gpipe-bench memory amoebanetd --per-device    the memory table: measured and predicted
     gpipe-bench table resnet101-speed             saved results in the published layout
     gpipe-bench compare --check                   ours vs published; exit 1 on a regression
 
@@ -190,6 +191,121 @@ def speed_command(
         click.echo(report.render(table, saved, fmt="rst", published=True))
 
 
+# -- memory --------------------------------------------------------------------
+
+
+def _memory_table_for(model: str) -> str:
+    name = f"{model}-memory"
+    if name not in config.table_names():
+        memory_models = [t[: -len("-memory")] for t in config.table_names() if t.endswith("-memory")]
+        raise click.BadParameter(f"no memory table for {model!r}; choose one of: {', '.join(memory_models)}", param_hint="MODEL")
+    return name
+
+
+@main.command("memory", context_settings=_CONTEXT)
+@click.argument("model")
+@click.option("--pipeline", type=click.IntRange(min=1), help="Run the row pipeline-N.")
+@click.option("--naive", type=click.IntRange(min=1), help="Run the row naive-N.")
+@click.option("--experiment", help="Run the row with this exact name (e.g. pipeline-8).")
+@click.option("--devices", "devices_spec", metavar="LIST", help="Devices, e.g. 0,1,2,3 or cuda:0*8 or cpu:0,cpu:1 [default: every CUDA device; virtual CPU devices without CUDA].")
+@click.option("--profile", type=click.Choice(["published", "quick"]), help="Row sizes [default: published with CUDA, quick without].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Mini-batch size [default: the row's].")
+@click.option("--chunks", type=click.IntRange(min=1), help="Micro-batches per mini-batch [default: the row's].")
+@click.option("--balance", help="Layers per partition [default: the row's, or found by balance_by_size].")
+@click.option("--checkpoint", type=click.Choice(["always", "except_last", "never"]), help="Checkpoint mode [default: the row's].")
+@click.option("--predict-only", is_flag=True, help="Predict from the meta device only; run nothing (sizes rows this machine cannot hold).")
+@click.option("--per-device", is_flag=True, help="Also print each device's model memory, measured and predicted peak.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def memory_command(
+    model: str, pipeline: Optional[int], naive: Optional[int], experiment: Optional[str], devices_spec: Optional[str],
+    profile: Optional[str], batch_size: Optional[int], chunks: Optional[int], balance: Optional[str],
+    checkpoint: Optional[str], predict_only: bool, per_device: bool, output: Optional[Path], quiet: bool,
+) -> None:
+    """Measure and predict the memory of a row of MODEL's memory table, or of the whole table.
+
+    Per row: parameters (counted on the meta device), model memory (parameters ×
+    4 bytes × 3: weights, gradients, one optimizer buffer, in GiB), and peak
+    activation memory summed over devices: measured over two training steps (CUDA:
+    the allocator's peak reserved memory minus the model; CPU: the bytes tensors
+    held, model state left out) and predicted from the meta device alone. Rows
+    with a null balance get one from balance_by_size. Each row is saved to the
+    results directory; then the table prints beside the published one, and a PNG
+    of the per-device memory is written next to the results.
+
+    Example: gpipe-bench memory amoebanetd --profile published --predict-only --per-device
+    """
+    from .bench import memory  # torch-heavy; imported when used
+
+    named = [flag for flag, value in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment)) if value is not None]
+    if len(named) > 1:
+        raise click.UsageError(f"{' and '.join(named)} both name a row; give one")
+    table = config.load(_memory_table_for(model))
+    profile_name = _default_profile(profile, quiet)
+    chosen = table.profile(profile_name)
+    if named:
+        rows = [config.find_row(table, pipeline=pipeline, naive=naive, experiment=experiment, profile=profile_name)]
+    else:
+        rows = list(chosen.rows)
+    overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint)
+    jobs = []
+    for row in rows:  # resolve and validate everything before the first measurement
+        row, settings = config.apply(table, row, chosen.settings, overrides)
+        partitions = row.devices if row.mode == "pipeline" else 1
+        if predict_only:
+            plan_devices = devices.parse(devices_spec)[:partitions] if devices_spec else None
+            if plan_devices is not None and len(plan_devices) < partitions:
+                raise click.BadParameter(f"{len(plan_devices)} device(s) given for {partitions} partitions; give {partitions}",
+                                         param_hint="--devices")
+            chosen_devices = plan_devices or ([f"cuda:{j}" for j in range(partitions)] if profile_name == "published"
+                                              else [f"cpu:{j}" for j in range(partitions)])
+        else:
+            chosen_devices = devices.resolve(devices_spec, partitions).devices
+        jobs.append(memory.MemoryJob(table, row, settings, profile_name, chosen_devices))
+    root = output if output is not None else results.results_dir()
+    results.check_writable(root)
+
+    done: List[results.Result] = []
+    for job in jobs:
+        if not quiet:
+            what = "predicting" if predict_only else "predicting and measuring"
+            click.echo(f"{job.row.name}: {what} on {', '.join(job.devices)}...", err=True)
+        try:
+            result = memory.run(job, predict_only=predict_only)
+        except KeyboardInterrupt:
+            click.echo(f"\nInterrupted in {job.row.name}; nothing written for it ({len(done)} earlier row(s) saved).", err=True)
+            sys.exit(130)
+        path = results.save(result, root)
+        extra = result.extra
+        if result.status == "oom":
+            figure = "Out of memory" + (f" ({extra['note']})" if extra.get("note") else "")
+        elif result.value is None:
+            figure = "not measured"
+        else:
+            figure = f"{report.format_gib(result.value)} measured"
+        click.echo(f"{job.row.name}: {figure}, {report.format_gib(extra['predicted_gib'])} predicted  -> {path}", err=True)
+        done.append(result)
+
+    if done:
+        key = done[0].hardware_key()
+        saved = results.load_all(root, table=table.name, profile=profile_name, hardware=key)
+        click.echo(report.render(table, saved, fmt="rst", published=True))
+        if per_device:
+            click.echo(report.memory_per_device(table, saved, fmt="rst"))
+        _write_plot(table, saved, root / table.name / profile_name / key / "memory-per-device.png")
+
+
+def _write_plot(table: config.Table, saved: List[results.Result], path: Path) -> None:
+    try:
+        from . import plot
+
+        written = plot.memory_plot(table, saved, path)
+    except ImportError as missing:
+        click.echo(f"No plot: {missing}", err=True)
+        return
+    click.echo(f"Plot: {written}", err=True)
+
+
 # -- table / compare -----------------------------------------------------------
 
 
@@ -203,16 +319,22 @@ def _table_arg(name: str) -> config.Table:
 @click.option("--profile", type=click.Choice(["published", "quick"]), help="Only results of this profile [default: all].")
 @click.option("--published/--no-published", default=True, show_default=True, help="Show the published columns beside ours.")
 @click.option("--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
-def table_command(table_name: str, fmt: str, profile: Optional[str], published: bool, root: Optional[Path]) -> None:
+@click.option("--per-device", is_flag=True, help="Memory tables: also each device's model memory and peaks.")
+def table_command(table_name: str, fmt: str, profile: Optional[str], published: bool, root: Optional[Path],
+                  per_device: bool) -> None:
     """Render saved results of TABLE in the published layout (one table per hardware and profile).
 
     Example: gpipe-bench table resnet101-speed --format md
     """
     table = _table_arg(table_name)
+    if per_device and table.kind != "memory":
+        raise click.BadParameter(f"{table.name} is a {table.kind} table; --per-device is for memory tables", param_hint="--per-device")
     saved = results.load_all(root or results.results_dir(), table=table.name, profile=profile)
     if not saved:
         click.echo(f"No results for {table.name} yet; measure some with: gpipe-bench {table.kind} {table.model}", err=True)
     click.echo(report.render(table, saved, fmt=fmt, published=published))
+    if per_device and saved:
+        click.echo(report.memory_per_device(table, saved, fmt=fmt))
 
 
 @main.command("compare", context_settings=_CONTEXT)

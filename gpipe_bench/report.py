@@ -37,6 +37,8 @@ __all__ = [
     "effective_microbatches",
     "checkpointed_microbatches",
     "ideal_speedup",
+    "format_gib",
+    "memory_per_device",
 ]
 
 # tabulate ships no type information; one typed handle keeps mypy --strict meaningful here.
@@ -312,17 +314,32 @@ def _lf(table: "Table", row: "Row") -> str:
     return _DASH
 
 
+def format_gib(gib: Any) -> str:
+    """A memory figure in GiB, or in MiB below 1 GiB (the quick profile's figures are small): units always shown."""
+    value = _float(gib)
+    if value is None or not math.isfinite(value):
+        return _DASH
+    return f"{value:.2f} GiB" if abs(value) >= 1 else f"{value * 1024:.1f} MiB"
+
+
+def _memory_cell(result: Optional[Result]) -> str:
+    if result is not None and result.status == "predicted":
+        return "not measured"
+    return _status_cell(result, format_gib)
+
+
 def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published: bool) -> str:
     def grid(profile: "Profile", group: _Group) -> _Grid:
-        headers = ["Experiment", "(L, F)", "Parameters", "Total Model Parameter Memory", "Total Peak Activation Memory"]
+        headers = ["Experiment", "(L, F)", "Parameters", "Total Model Parameter Memory",
+                   "Total Peak Activation Memory", "Predicted"]
         if published:
             headers += ["Published model memory", "Published peak activation"]
         rows = []
         for row, engine, result in _row_slots(profile, group):
             extra = result.extra if result is not None else {}
             cells = [_label(row.name, engine), _lf(table, row), _abbrev(extra.get("parameters")),
-                     _num(extra.get("model_memory_gib"), 2, " GiB"),
-                     _status_cell(result, lambda v: f"{v:.2f} GiB")]
+                     _num(extra.get("model_memory_gib"), 2, " GiB"), _memory_cell(result),
+                     format_gib(extra.get("predicted_gib"))]
             if published:
                 values = row.published.values
                 peak = values.get("peak_activation_gb")
@@ -330,6 +347,41 @@ def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published
                           _num(peak, 2, "GB") if peak is not None else str(values.get("status") or "--")]
             rows.append(cells)
         return headers, rows, ["left", "left"] + ["right"] * (len(headers) - 2)
+
+    text = _render_groups(table, results, fmt, grid)
+    methods = sorted({str(r.extra["method"]) for r in results
+                      if r.table == table.name and r.status == "ok" and r.extra.get("method")})
+    if methods:
+        text += ("\nPeak activation memory: the sum over devices of each device's peak during the training steps, "
+                 "model memory excluded; measured as " + "; ".join(methods) + ". Predicted from the meta device "
+                 "(gpipe_bench.memory.predict). Published columns are labelled GB but are GiB.\n")
+    return text
+
+
+def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "rst") -> str:
+    """Each device of each row: model memory, measured and predicted peak activation, and when the peak falls."""
+    def grid(profile: "Profile", group: _Group) -> _Grid:
+        headers = ["Experiment", "Device", "Model memory", "Peak activation", "Predicted", "Predicted peak at"]
+        rows: List[List[str]] = []
+        for row, engine, result in _row_slots(profile, group):
+            if result is None:
+                continue
+            extra = result.extra
+            names = list(extra.get("devices") or [])
+            model = list(extra.get("model_memory_per_device_gib") or [])
+            measured = list(extra.get("measured_per_device_gib") or [])
+            predicted = list(extra.get("predicted_per_device_gib") or [])
+            when = list(extra.get("predicted_peak_at") or [])
+            for k, name in enumerate(names):
+                if measured:
+                    ours = format_gib(measured[k]) if k < len(measured) else _DASH
+                else:
+                    ours = "Out of memory" if result.status == "oom" else "not measured"
+                rows.append([_label(row.name, engine) if k == 0 else "", str(name),
+                             format_gib(model[k]) if k < len(model) else _DASH, ours,
+                             format_gib(predicted[k]) if k < len(predicted) else _DASH,
+                             str(when[k]) if k < len(when) else _DASH])
+        return headers, rows, ["left", "left", "right", "right", "right", "left"]
 
     return _render_groups(table, results, fmt, grid)
 
@@ -485,6 +537,18 @@ def _compare_row(table: "Table", profile: "Profile", group: _Group, row: "Row", 
         nothing_published = entry["published"] is None or str(values.get("status", "")).lower() == "out of memory"
         entry.update(flag="ok" if nothing_published else "regression",
                      note="out of memory, as published" if nothing_published else "out of memory")
+    elif result.status == "predicted" and _float(result.extra.get("predicted_gib")) is not None:
+        # A prediction is not a measurement: it is shown against the published figure, never a regression.
+        predicted = float(result.extra["predicted_gib"])
+        theirs = entry["published"]
+        entry["ours"] = predicted
+        if theirs:
+            entry["ratio"] = predicted / theirs
+            entry["flag"] = "ok" if _flag(table, entry["ratio"]) == "ok" else "differs"
+            entry["note"] = (f"predicted (not measured) {predicted:.2f} {table.unit} vs published {theirs:.2f} "
+                             f"{table.unit} (ratio {entry['ratio']:.3f})")
+        else:
+            entry["note"] = f"predicted (not measured) {predicted:.2f} {table.unit}; nothing published to compare"
     elif result.status != "ok" or result.value is None:
         entry.update(flag="missing", note=f"run {result.status}")
     else:
@@ -512,13 +576,17 @@ def _compare_row(table: "Table", profile: "Profile", group: _Group, row: "Row", 
 
 
 def _parameter_note(table: "Table", row: "Row", result: Optional[Result]) -> str:
-    """Our parameter count against the published one (memory tables): a different model is worth a line."""
+    """Our parameter count and model memory against the published ones (memory tables)."""
     if table.kind != "memory" or result is None:
         return ""
+    notes = []
     ours, interval = result.extra.get("parameters"), _count_interval(row.published.values.get("parameters"))
-    if not isinstance(ours, int) or interval is None or interval[0] <= ours <= interval[2]:
-        return ""
-    return f"our model has {ours:,} parameters, published {row.published.values.get('parameters')}"
+    if isinstance(ours, int) and interval is not None and not interval[0] <= ours <= interval[2]:
+        notes.append(f"our model has {ours:,} parameters, published {row.published.values.get('parameters')}")
+    memory, published = _float(result.extra.get("model_memory_gib")), _float(row.published.values.get("model_memory_gb"))
+    if memory is not None and published is not None and abs(memory - published) > 0.005 + 1e-9:
+        notes.append(f"model memory {memory:.2f} GiB by the column's rule, published {published:.2f}GB")
+    return "; ".join(notes)
 
 
 def _describe(table: "Table", entry: Mapping[str, Any]) -> str:
@@ -562,7 +630,8 @@ def _compare_grid(table: "Table", entries: Sequence[Mapping[str, Any]], fmt: str
     rows = []
     for e in entries:
         cells = [_label(e["experiment"], e["engine"]),
-                 _num(e["ours"], digits) if e["status"] in (None, "ok") else str(e["status"]),
+                 _num(e["ours"], digits) if e["status"] in (None, "ok") else
+                 f"{_num(e['ours'], digits)} (predicted)" if e["status"] == "predicted" else str(e["status"]),
                  _num(e["published"], digits)]
         if speed:
             ideal = e["ideal"]

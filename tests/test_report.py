@@ -254,6 +254,34 @@ def test_memory_table() -> None:
     assert lines[6].startswith("pipeline-4  (12, 544)")
 
 
+def test_memory_table_shows_predictions_and_units() -> None:
+    table = memory()
+    measured = {"parameters": 358_456_186, "model_memory_gib": 4.006, "predicted_gib": 3.1, "devices": ["cuda:0"],
+                "model_memory_per_device_gib": [4.006], "predicted_per_device_gib": [3.1],
+                "measured_per_device_gib": [3.0], "predicted_peak_at": ["backward 126 on partition 0"],
+                "method": "CUDA max_memory_reserved minus model memory"}
+    sized = {"parameters": 2_005_905_418, "model_memory_gib": 22.42, "predicted_gib": 18.96,
+             "devices": ["cuda:0", "cuda:1"], "model_memory_per_device_gib": [11.0, 11.42],
+             "predicted_per_device_gib": [9.0, 9.96], "predicted_peak_at": ["backward 126 on partition 0"] * 2}
+    results = [result(table, "pipeline-1", 3.0, extra=measured),
+               result(table, "pipeline-8", None, status="predicted", extra=sized)]
+    text = report.render(table, results)
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("pipeline-")}
+    assert "3.00 GiB" in lines["pipeline-1"] and "3.10 GiB" in lines["pipeline-1"]
+    assert "not measured" in lines["pipeline-8"] and "18.96 GiB" in lines["pipeline-8"]
+    assert "CUDA max_memory_reserved minus model memory" in text  # the method of the measured rows, said once
+    per_device = report.memory_per_device(table, results)
+    assert "cuda:1" in per_device and "9.96 GiB" in per_device and "backward 126 on partition 0" in per_device
+    entry = row_of(report.compare(table, results), "pipeline-8")
+    assert entry["flag"] == "differs" and "predicted (not measured)" in entry["note"]  # never a regression
+
+
+def test_format_gib_switches_to_mib_below_one_gib() -> None:
+    assert report.format_gib(6.85) == "6.85 GiB"
+    assert report.format_gib(0.0248) == "25.4 MiB"
+    assert report.format_gib(None) == "–"
+
+
 def test_accuracy_table() -> None:
     rows = [Row(name=name, mode=mode, devices=devices, batch=batch, chunks=chunks, balance=None,
                 checkpoint="except_last", model_args={},
