@@ -304,7 +304,11 @@ def _for_groups(table: "Table", results: Sequence[Result], block: Callable[["Pro
 def _abbrev(count: Any) -> str:
     if not isinstance(count, int) or isinstance(count, bool):
         return _DASH
-    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
+    if count >= 1e9:
+        return f"{count / 1e9:.2f}B"
+    if count >= 1e7:
+        return f"{count / 1e6:.0f}M"  # the published rounding: 90M, 358M
+    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.0f}K"
 
 
 def _lf(table: "Table", row: "Row") -> str:
@@ -338,7 +342,7 @@ def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published
         for row, engine, result in _row_slots(profile, group):
             extra = result.extra if result is not None else {}
             cells = [_label(row.name, engine), _lf(table, row), _abbrev(extra.get("parameters")),
-                     _num(extra.get("model_memory_gib"), 2, " GiB"), _memory_cell(result),
+                     format_gib(extra.get("model_memory_gib")), _memory_cell(result),
                      format_gib(extra.get("predicted_gib"))]
             if published:
                 values = row.published.values
