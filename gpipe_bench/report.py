@@ -175,7 +175,8 @@ def _heading(table: "Table", group: _Group) -> str:
     dates = sorted({r.created[:10] for r in group.results.values()})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     software = f"; torch {', '.join(torches)}" if torches else ""
-    return f"{table.title} on {group.hardware} ({group.profile} profile): {devices}{software}; measured {when}"
+    verb = "predicted" if all(r.status == "predicted" for r in group.results.values()) else "measured"
+    return f"{table.title} on {group.hardware} ({group.profile} profile): {devices}{software}; {verb} {when}"
 
 
 def _unknown_profile(table: "Table", group: _Group) -> str:

@@ -1,0 +1,122 @@
+"""Per-device memory of a memory table as a PNG: one group of bars per row, one bar per device.
+
+Why a picture: balancing is about the largest device, and eight numbers per
+row are easier to compare by eye. Each bar stacks the device's model memory
+(hatched) under its peak activation memory (measured: solid; predicted only:
+outlined), and a black tick marks model + predicted activation on every
+device, so prediction and measurement can be told apart at a glance.
+
+matplotlib is optional (``pip install 'gpipe-bench[plot]'``); it is imported
+here only, and drawn with the Agg canvas (no display, no global pyplot state).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Sequence
+
+from .results import Result
+
+if TYPE_CHECKING:
+    from .config import Table
+
+__all__ = ["memory_plot"]
+
+_MODEL, _MEASURED, _PREDICTED = "#c9d6e8", "#3b6ea8", "#f2b36b"
+
+
+def _figure_tools() -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+    except ImportError:
+        raise ModuleNotFoundError("matplotlib is needed for plots: pip install 'gpipe-bench[plot]'") from None
+    return Figure, FigureCanvasAgg, Patch
+
+
+def _ordered(table: "Table", results: Sequence[Result]) -> List[Result]:
+    mine = [r for r in results if r.table == table.name]
+    profile = table.profiles.get(mine[0].profile) if mine else None
+    if profile is None:
+        return mine
+    order = {row.name: k for k, row in enumerate(profile.rows)}
+    return sorted(mine, key=lambda r: (order.get(r.experiment, len(order)), r.engine))
+
+
+def _values(result: Result, key: str, count: int) -> List[float]:
+    values = [float(v) for v in (result.extra.get(key) or [])]
+    return values + [0.0] * (count - len(values)) if values else []
+
+
+def memory_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
+    """Write a PNG of per-device memory, one group of bars per row, and return its path."""
+    rows = _ordered(table, results)
+    if not rows:
+        raise ValueError(f"no {table.name} results to plot")
+    Figure, FigureCanvasAgg, Patch = _figure_tools()
+
+    peak = 0.0
+    for r in rows:
+        model = _values(r, "model_memory_per_device_gib", len(r.extra.get("devices") or []))
+        for key in ("measured_per_device_gib", "predicted_per_device_gib"):
+            for m, v in zip(model or [0.0] * 64, _values(r, key, len(model))):
+                peak = max(peak, m + v)
+    scale, unit = (1.0, "GiB") if peak >= 1 else (1024.0, "MiB")
+
+    bars = sum(max(1, len(r.extra.get("devices") or [])) for r in rows)
+    figure = Figure(figsize=(max(7.0, 1.2 + 0.45 * (bars + len(rows))), 4.8))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot(1, 1, 1)
+    x, ticks, labels = 0.0, [], []
+    for r in rows:
+        devices = list(r.extra.get("devices") or [])
+        n = max(1, len(devices))
+        model = _values(r, "model_memory_per_device_gib", n) or [0.0] * n
+        measured = _values(r, "measured_per_device_gib", n)
+        predicted = _values(r, "predicted_per_device_gib", n)
+        xs = [x + k for k in range(n)]
+        ax.bar(xs, [m * scale for m in model], width=0.8, color=_MODEL, hatch="//", edgecolor="#7f8fa6", linewidth=0.5)
+        if measured:
+            ax.bar(xs, [v * scale for v in measured], width=0.8, bottom=[m * scale for m in model], color=_MEASURED)
+        elif predicted:
+            ax.bar(xs, [v * scale for v in predicted], width=0.8, bottom=[m * scale for m in model],
+                   color=_PREDICTED, alpha=0.45, edgecolor=_PREDICTED, linestyle="--", linewidth=1.2)
+        if predicted:
+            tops = [(m + v) * scale for m, v in zip(model, predicted)]
+            ax.hlines(tops, [p - 0.4 for p in xs], [p + 0.4 for p in xs], colors="black", linewidth=1.6)
+        if r.status == "oom":
+            top = max((m + v) * scale for m, v in zip(model, predicted or [0.0] * n))
+            ax.annotate("Out of memory", (x + (n - 1) / 2, top), xytext=(0, 6), textcoords="offset points",
+                        ha="center", color="#b03030", fontsize=8)
+        ticks.append(x + (n - 1) / 2)
+        engine = "" if r.engine == "gpipe-bench" else f" ({r.engine})"
+        labels.append(f"{r.experiment}{engine}\n{n} device{'s' if n > 1 else ''}")
+        x += n + 1
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel(f"{unit} per device")
+    ax.set_ylim(0, peak * scale * 1.15 if peak > 0 else 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(handles=[
+        Patch(facecolor=_MODEL, hatch="//", edgecolor="#7f8fa6", label="model memory (weights, grads, optimizer)"),
+        Patch(facecolor=_MEASURED, label="peak activation, measured"),
+        Patch(facecolor=_PREDICTED, alpha=0.45, edgecolor=_PREDICTED, linestyle="--", label="peak activation, predicted only"),
+        Patch(facecolor="black", label="model + predicted activation"),
+    ], fontsize=7, loc="upper right")
+    ax.set_title(f"{table.title}: per-device memory ({rows[0].profile} profile, {rows[0].hardware_key()})", fontsize=10)
+    figure.tight_layout()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            figure.savefig(out, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,49 @@
+"""The per-device memory plot: a PNG for measured, predicted-only and out-of-memory rows."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+from gpipe_bench import config
+from gpipe_bench.results import Result
+
+pytest.importorskip("matplotlib")
+from gpipe_bench.plot import memory_plot  # noqa: E402
+
+TABLE = config.load("amoebanetd-memory")
+ENV = {"cpu_model": "Test CPU", "usable_cores": 2, "cpu_count": 2, "gpus": [], "torch": "2.14.1"}
+
+
+def _result(name: str, devices: int, status: str = "ok", scale: float = 0.01) -> Result:
+    extra: Dict[str, Any] = {
+        "devices": [f"cpu:{k}" for k in range(devices)],
+        "model_memory_per_device_gib": [scale] * devices,
+        "predicted_per_device_gib": [2 * scale] * devices,
+        "parameters": 1000, "model_memory_gib": scale * devices, "predicted_gib": 2 * scale * devices,
+    }
+    value: Optional[float] = None
+    if status == "ok":
+        extra["measured_per_device_gib"] = [1.9 * scale] * devices
+        value = 1.9 * scale * devices
+    return Result(table=TABLE.name, experiment=name, profile="quick", engine="gpipe-bench", kind="memory",
+                  metric=TABLE.metric, unit=TABLE.unit, value=value, status=status, environment=dict(ENV), extra=extra)
+
+
+def _rows(scale: float) -> List[Result]:
+    return [_result("pipeline-8", 8, scale=scale), _result("naive-1", 1, "oom", scale), _result("pipeline-1", 1, scale=scale),
+            _result("pipeline-2", 2, "predicted", scale), _result("pipeline-4", 4, scale=scale)]
+
+
+@pytest.mark.parametrize("scale", [0.01, 3.0])  # MiB and GiB axes
+def test_writes_a_png(tmp_path: Path, scale: float) -> None:
+    path = memory_plot(TABLE, _rows(scale), tmp_path / "deep" / "memory.png")
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_no_results_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no amoebanetd-memory results"):
+        memory_plot(TABLE, [], tmp_path / "x.png")
