@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo resnet101-speed amoebanetd-speed amoebanetd-memory tables compare test typecheck bench-engine gpu-check clean
+.PHONY: install data demo resnet101-speed resnet101-accuracy amoebanetd-speed amoebanetd-memory tables compare test typecheck bench-engine gpu-check clean
 
 install: $(STAMP)
 
@@ -15,7 +15,21 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH_PINS)
 	$(PIP) install -q --disable-pip-version-check -e '.[test,peers,plot]'
+	@if [ ! -d $(FASHION) ] && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  echo "note: could not install dataset-fashion-mnist; the accuracy table needs it (make data)"; fi
 	@touch $(STAMP)
+
+# Fashion-MNIST for the accuracy table: Debian's package (root), or say how to get it.
+FASHION := /usr/share/datasets/fashion-mnist
+data:
+	@if [ -d $(FASHION) ]; then echo "Fashion-MNIST: $(FASHION)"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y dataset-fashion-mnist; \
+	else echo "Fashion-MNIST is missing: sudo apt-get install dataset-fashion-mnist, or pass --data DIR (the four IDX files)"; exit 2; fi
+
+# The accuracy table, quick profile: Fashion-MNIST, data-parallel processes vs pipeline rows.
+resnet101-accuracy: $(STAMP) data
+	$(VENV)/bin/gpipe-bench accuracy resnet101
 
 # The main job on the embedded default: the ResNet-101 speed table, quick profile, on
 # virtual CPU devices, printed beside the published table (a few minutes on 2 cores).
@@ -41,7 +55,7 @@ amoebanetd-memory: $(STAMP)
 
 # Saved results as tables, and against the published numbers.
 tables: $(STAMP)
-	@for t in resnet101-speed amoebanetd-speed amoebanetd-memory; do $(VENV)/bin/gpipe-bench table $$t; echo; done
+	@for t in resnet101-speed amoebanetd-speed amoebanetd-memory resnet101-accuracy; do $(VENV)/bin/gpipe-bench table $$t; echo; done
 
 compare: $(STAMP)
 	$(VENV)/bin/gpipe-bench compare

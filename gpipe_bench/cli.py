@@ -29,6 +29,7 @@ def main() -> None:
     gpipe-bench speed resnet101 --pipeline 8      one row of the ResNet-101 speed table
     gpipe-bench speed resnet101                   the whole table
     gpipe-bench memory amoebanetd --per-device    the memory table: measured and predicted
+    gpipe-bench accuracy resnet101                the accuracy table (quick: Fashion-MNIST)
     gpipe-bench table resnet101-speed             saved results in the published layout
     gpipe-bench compare --check                   ours vs published; exit 1 on a regression
 
@@ -304,6 +305,97 @@ def _write_plot(table: config.Table, saved: List[results.Result], path: Path) ->
         click.echo(f"No plot: {missing}", err=True)
         return
     click.echo(f"Plot: {written}", err=True)
+
+
+# -- accuracy ------------------------------------------------------------------
+
+
+def _accuracy_table_for(model: str) -> str:
+    name = f"{model}-accuracy"
+    if name not in config.table_names():
+        known = [t[: -len("-accuracy")] for t in config.table_names() if t.endswith("-accuracy")]
+        raise click.BadParameter(f"no accuracy table for {model!r}; choose one of: {', '.join(known)}", param_hint="MODEL")
+    return name
+
+
+@main.command("accuracy", context_settings=_CONTEXT)
+@click.argument("model")
+@click.option("--experiment", help="Train the row with this exact name (e.g. pipeline-256) [default: every row].")
+@click.option("--profile", type=click.Choice(["published", "quick"]), default="quick", show_default=True,
+              help="Row sizes: quick (Fashion-MNIST, a small ResNet of the same family, a 2-core CPU) or published (ImageNet).")
+@click.option("--seeds", type=click.IntRange(min=1), help="Seeds a row (runs) [default: the config's].")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs [default: the config's].")
+@click.option("--data", type=click.Path(path_type=Path), help="Fashion-MNIST directory (the four IDX files) [default: Debian's /usr/share/datasets/fashion-mnist].")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
+@click.option("--quiet", is_flag=True, help="No per-epoch lines.")
+def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds: Optional[int], epochs: Optional[int],
+                     data: Optional[Path], output: Optional[Path], quiet: bool) -> None:
+    """Train rows of MODEL's accuracy table with the same recipe, seeds and data order; top-1 error.
+
+    Data-parallel rows run one process per replica (DistributedDataParallel, gloo on
+    CPU); pipeline rows run GPipe with the row's balance and chunks. Each row's record
+    is saved after every seed; then the table (mean ± std over seeds) prints beside the
+    published one, with whether the pipeline rows sit within the data-parallel spread,
+    and a PNG of validation error per epoch is written next to the results.
+
+    Example: gpipe-bench accuracy resnet101 --experiment pipeline-256 --seeds 3
+    """
+    from .bench import accuracy  # torch-heavy; imported when used
+    from .data import fashion_mnist
+
+    table = config.load(_accuracy_table_for(model))
+    chosen = table.profile(profile)
+    rows = [table.row(experiment, profile)] if experiment else list(chosen.rows)
+    overrides = Overrides(epochs=epochs)
+    if str(chosen.settings.extra.get("dataset", "")) != "fashion-mnist":
+        raise click.UsageError(f"--profile {profile} trains on {chosen.settings.extra.get('dataset')}; this version trains "
+                               "the quick profile (Fashion-MNIST) only: use --profile quick")
+    fashion_mnist.locate(data)  # a missing dataset is one line, before anything runs
+    count = seeds if seeds is not None else int(chosen.settings.extra.get("runs", 3))
+    jobs = []
+    for row in rows:
+        row, settings = config.apply(table, row, chosen.settings, overrides)
+        if row.mode == "dataparallel":
+            chosen_devices = (devices.resolve(None, row.devices).devices if torch.cuda.is_available()
+                              else ["cpu"] * row.devices)
+        else:
+            chosen_devices = devices.resolve(None, len(row.balance or (1,))).devices
+        jobs.append(accuracy.AccuracyJob(table, row, settings, profile, chosen_devices, list(range(count)), data))
+    root = output if output is not None else results.results_dir()
+    results.check_writable(root)
+
+    def progress_for(name: str) -> Any:
+        def progress(seed: int, epoch: int, total: int, error: float, seconds: float) -> None:
+            if not quiet:
+                click.echo(f"{name} seed {seed + 1}/{count} epoch {epoch}/{total}: validation error {error:.2f}% "
+                           f"({seconds:.0f} s)", err=True)
+        return progress
+
+    done: List[results.Result] = []
+    for job in jobs:
+        where = "processes" if job.row.mode == "dataparallel" else "virtual devices" if not torch.cuda.is_available() else "devices"
+        if not quiet:
+            click.echo(f"{job.row.name}: {count} seed(s) on {len(job.devices)} {where}", err=True)
+        try:
+            result = accuracy.run(job, progress_for(job.row.name), save=lambda r: results.save(r, root))
+        except KeyboardInterrupt:
+            click.echo(f"\nInterrupted in {job.row.name}; finished seeds are saved (status interrupted).", err=True)
+            sys.exit(130)
+        click.echo(f"{job.row.name}: {report.mean_std(result)} % top-1 error over {len(result.samples)} seed(s)", err=True)
+        done.append(result)
+
+    if done:
+        key = done[0].hardware_key()
+        saved = results.load_all(root, table=table.name, profile=profile, hardware=key)
+        click.echo(report.render(table, saved, fmt="rst", published=True))
+        for line in report.transparency(table, saved):
+            click.echo(f"- {line}")
+        try:
+            from . import plot
+
+            click.echo(f"Plot: {plot.accuracy_plot(table, saved, root / table.name / profile / key / 'error-per-epoch.png')}", err=True)
+        except ImportError as missing:
+            click.echo(f"No plot: {missing}", err=True)
 
 
 # -- table / compare -----------------------------------------------------------

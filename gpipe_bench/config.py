@@ -8,8 +8,8 @@ the key, the bad value and the fix (exit code 2). The schemas below (``_TABLE``,
 ``_ROW``, ...) are the list of allowed keys; the YAML files explain each one.
 
 Profiles: ``published`` is the table as printed; ``quick`` (or any other) may
-override settings, model args and, per row, batch, chunks, balance, model_args
-and note; rows keep their names, modes, devices and checkpoint modes. Model
+override settings, the model (a smaller one of the same family), model args
+and, per row, batch, chunks, balance, model_args and note; rows keep their names, modes, devices and checkpoint modes. Model
 args merge table -> row -> profile -> profile row into :attr:`Row.model_args`;
 the class count is ``settings.classes``, never a model arg. Only a memory table
 may leave a multi-device row's balance null (found by ``balance_by_size``).
@@ -83,6 +83,7 @@ class Profile:
     settings: Settings
     rows: Tuple[Row, ...]
     model_args: Mapping[str, Any]
+    model: str = ""  # the registered model this profile trains (the table's unless the profile names a smaller one)
 
 
 @dataclass(frozen=True)
@@ -437,8 +438,12 @@ def _profile(src: _Src, top: Mapping[str, Any], rows: Mapping[str, Dict[str, Any
     key = f"profiles.{name}"
     schema: Dict[str, Tuple[Checker, Any]] = {"description": (_text, _MISSING)}
     if name != "published":  # the published profile is the table itself
-        schema.update(settings=(_mapping, {}), model_args=(_model_args, {}), rows=(_mapping, {}))
+        schema.update(settings=(_mapping, {}), model_args=(_model_args, {}), rows=(_mapping, {}), model=(_text, _ABSENT))
     given = _fields(src, key, raw, schema)
+    model = given.get("model", top["model"])
+    if model not in models.names():
+        src.fail(f"{key}.model", model, "unknown model", f"use one of: {', '.join(models.names())}")
+    top = {**top, "model": model}
     settings = Settings(**_fields(src, f"{key}.settings", _merge(top["settings"], given.get("settings", {})), _SETTINGS))
     _check_settings(src, f"{key}.settings" if given.get("settings") else "settings", settings)
     model_args = _merge(top["model_args"], given.get("model_args", {}))
@@ -456,7 +461,8 @@ def _profile(src: _Src, top: Mapping[str, Any], rows: Mapping[str, Dict[str, Any
         row = Row(**merged)
         _check_row(src, f"{key}.rows.{row_name}" if name != "published" else f"rows.{row_name}", top, row, settings)
         built.append(row)
-    return Profile(name=name, description=given["description"], settings=settings, rows=tuple(built), model_args=model_args)
+    return Profile(name=name, description=given["description"], settings=settings, rows=tuple(built), model_args=model_args,
+                   model=model)
 
 
 # -- choosing a row, overriding it ------------------------------------------------------------------
@@ -489,9 +495,10 @@ def apply(table: Table, row: Row, settings: Settings, overrides: Overrides) -> T
     """``row`` and ``settings`` with the overrides given; validated as at load time (ConfigError)."""
     src = _Src(table.path, " (after overrides)")
     key = f"rows.{row.name}"
+    model = next((p.model for p in table.profiles.values() if row in p.rows and p.model), table.model)
     given = {f: v for f, v in vars(overrides).items() if v is not None}
     row = replace(row, **{f: _ROW[f][0](src, f"{key}.{f}", v) for f, v in given.items() if f in _ROW})
     settings = replace(settings, **{f: _SETTINGS[f][0](src, f"settings.{f}", v) for f, v in given.items() if f in _SETTINGS})
     _check_settings(src, "settings", settings)
-    _check_row(src, key, {"model": table.model, "kind": table.kind}, row, settings)
+    _check_row(src, key, {"model": model, "kind": table.kind}, row, settings)
     return row, settings

@@ -1,4 +1,4 @@
-"""Per-device memory of a memory table as a PNG: one group of bars per row, one bar per device.
+"""Plots of saved results as PNGs: per-device memory (memory tables), error per epoch (accuracy tables).
 
 Why a picture: balancing is about the largest device, and eight numbers per
 row are easier to compare by eye. Each bar stacks the device's model memory
@@ -21,7 +21,7 @@ from .results import Result
 if TYPE_CHECKING:
     from .config import Table
 
-__all__ = ["memory_plot"]
+__all__ = ["memory_plot", "accuracy_plot"]
 
 _MODEL, _MEASURED, _PREDICTED = "#c9d6e8", "#3b6ea8", "#f2b36b"
 
@@ -108,7 +108,10 @@ def memory_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
     ], fontsize=7, loc="upper right")
     ax.set_title(f"{table.title}: per-device memory ({rows[0].profile} profile, {rows[0].hardware_key()})", fontsize=10)
     figure.tight_layout()
+    return _save(figure, path)
 
+
+def _save(figure: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -120,3 +123,38 @@ def memory_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def accuracy_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
+    """Validation error per epoch, one line per row (mean over seeds, a band of ± one std), as a PNG.
+
+    Data-parallel rows are solid, pipeline rows dashed in the same colour family,
+    so "pipelining learns what data parallelism learns" is a matter of lines overlapping.
+    """
+    rows = [r for r in _ordered(table, results) if r.extra.get("curves")]
+    if not rows:
+        raise ValueError(f"no {table.name} results with per-epoch curves to plot")
+    Figure, FigureCanvasAgg, _ = _figure_tools()
+    figure = Figure(figsize=(7.5, 4.8))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot(1, 1, 1)
+    palette = ["#3b6ea8", "#d0743c", "#5a9e5a", "#8c5fa8", "#b8a03c", "#c44e52"]
+    for k, r in enumerate(rows):
+        curves = [list(map(float, c)) for c in r.extra["curves"].values() if c]
+        epochs = min(len(c) for c in curves)
+        xs = list(range(1, epochs + 1))
+        means = [sum(c[e] for c in curves) / len(curves) for e in range(epochs)]
+        stds = [(sum((c[e] - means[e]) ** 2 for c in curves) / max(1, len(curves) - 1)) ** 0.5 for e in range(epochs)]
+        colour = palette[k % len(palette)]
+        style = "--" if r.settings.get("mode") == "pipeline" else "-"
+        ax.plot(xs, means, style, color=colour, marker="o", markersize=3, label=f"{r.experiment} (n={len(curves)})")
+        ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                        color=colour, alpha=0.15, linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 error (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{table.title}: validation error per epoch ({rows[0].profile} profile, {rows[0].hardware_key()})",
+                 fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)

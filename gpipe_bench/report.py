@@ -39,6 +39,8 @@ __all__ = [
     "ideal_speedup",
     "format_gib",
     "memory_per_device",
+    "transparency",
+    "mean_std",
 ]
 
 # tabulate ships no type information; one typed handle keeps mypy --strict meaningful here.
@@ -391,6 +393,11 @@ def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "
     return _render_groups(table, results, fmt, grid)
 
 
+def mean_std(result: Result) -> str:
+    """``mean±std`` of a result's samples (seeds), two decimals."""
+    return _mean_std(result)
+
+
 def _mean_std(result: Result) -> str:
     if result.samples:
         std = statistics.stdev(result.samples) if len(result.samples) > 1 else 0.0
@@ -416,6 +423,49 @@ def _accuracy_table(table: "Table", results: Sequence[Result], fmt: str, publish
         return headers, rows, ["left"] + ["right"] * (len(headers) - 1)
 
     return _render_groups(table, results, fmt, grid)
+
+
+def _stats(result: Result) -> Tuple[float, float, int]:
+    samples = [float(v) for v in result.samples]
+    std = statistics.stdev(samples) if len(samples) > 1 else 0.0
+    return statistics.fmean(samples), std, len(samples)
+
+
+def transparency(table: "Table", results: Sequence[Result]) -> List[str]:
+    """Whether each pipeline row's mean error sits within the data-parallel rows' spread (accuracy tables).
+
+    A pipeline row is compared with the data-parallel row of the same batch
+    when there is one, else with every data-parallel row (the published
+    table compares all rows with one another). "Within" means the means
+    differ by less than two standard deviations of either row.
+    """
+    lines: List[str] = []
+    for group in _groups(table, results):
+        profile = _profile(table, group.profile)
+        if profile is None or group.hardware is None:
+            continue
+        done = {row.name: group.get(row.name, DEFAULT_ENGINE) for row in profile.rows}
+        ok = {name: r for name, r in done.items() if r is not None and r.status == "ok" and r.samples}
+        dp = [row for row in profile.rows if row.mode == "dataparallel" and row.name in ok]
+        for row in profile.rows:
+            if row.mode != "pipeline" or row.name not in ok:
+                continue
+            peers = [d for d in dp if d.batch == row.batch] or dp
+            if not peers:
+                lines.append(f"{row.name} ({group.profile}, {group.hardware}): no data-parallel row measured to compare with")
+                continue
+            mean, std, n = _stats(ok[row.name])
+            for peer in peers:
+                pmean, pstd, pn = _stats(ok[peer.name])
+                bound = 2 * max(std, pstd)
+                within = abs(mean - pmean) < bound
+                note = "" if peer.batch == row.batch else f" (no data-parallel row at batch {row.batch}: compared across batches)"
+                lines.append(
+                    f"{row.name} {mean:.2f}±{std:.2f} (n={n}) vs {peer.name} {pmean:.2f}±{pstd:.2f} (n={pn}) "
+                    f"({group.profile}, {group.hardware}): difference {abs(mean - pmean):.2f} "
+                    f"{'<' if within else '>='} 2 std {bound:.2f}: "
+                    f"{'within' if within else 'OUTSIDE'} the data-parallel spread{note}")
+    return lines
 
 
 def render(table: "Table", results: Sequence[Result], *, fmt: str = "rst", published: bool = True) -> str:
@@ -618,6 +668,10 @@ def compare(table: "Table", results: Sequence[Result], *, fmt: str = "rst") -> C
     flagged = [_describe(table, e) for e in entries if e["flag"] != "ok"]
     blocks.append("Flags:\n" + ("\n".join(f"- {line}" for line in flagged) if flagged else "- none: every row within "
                                 f"±{table.tolerance:.0%} of the published figure"))
+    if table.kind == "accuracy":
+        spread = transparency(table, results)
+        blocks.append("Transparency (pipeline vs data-parallel):\n" + ("\n".join(f"- {line}" for line in spread)
+                                                                     if spread else "- nothing measured to compare"))
     blocks.append("Published data:\n" + ("\n".join(f"- {line}" for line in inconsistencies) if inconsistencies
                                          else "- consistent"))
     return Comparison(rows=entries, regressions=regressions, inconsistencies=inconsistencies, text=_join(blocks))

@@ -35,7 +35,7 @@ from gpipe_bench.pipe.balance import balance_by_size
 from gpipe_bench.pipe.microbatch import as_tuple
 from gpipe_bench.results import Result, environment
 
-from .speed import SpeedJob, model_args, settings_record
+from .speed import SpeedJob, model_args, model_name, settings_record
 
 __all__ = ["MemoryJob", "GIB", "find_balance", "predict", "measure", "run"]
 
@@ -54,7 +54,7 @@ def _extra(job: MemoryJob, key: str, default: Any) -> Any:
 
 def _meta_model(job: MemoryJob) -> nn.Sequential:
     with torch.device("meta"):
-        return models.build(job.table.model, **model_args(job))
+        return models.build(model_name(job), **model_args(job))
 
 
 def _pipelined(row: Row) -> bool:
@@ -130,7 +130,7 @@ def predict(job: MemoryJob, balance: Sequence[int]) -> Prediction:
 
 def _build(job: MemoryJob, balance: Sequence[int]) -> nn.Module:
     torch.manual_seed(0)
-    model = models.build(job.table.model, **model_args(job))
+    model = models.build(model_name(job), **model_args(job))
     if not _pipelined(job.row):
         return model.to(_place(job.devices[0]))
     return GPipe(model, list(balance), devices=list(job.devices), chunks=job.row.chunks, checkpoint=job.row.checkpoint)
@@ -236,7 +236,7 @@ def run(job: MemoryJob, *, predict_only: bool = False) -> Result:
     memory, with the figures that say why.
     """
     row = job.row
-    layers, params = models.count(job.table.model, **model_args(job))
+    layers, params = models.count(model_name(job), **model_args(job))
     width = int(_extra(job, "bytes_per_parameter", 4))
     copies = int(_extra(job, "parameter_copies", 3))
     balance = find_balance(job)

@@ -25,7 +25,7 @@ from gpipe_bench.config import Row, Settings, Table
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.results import Result, environment
 
-__all__ = ["SpeedJob", "Progress", "model_args", "build", "run"]
+__all__ = ["SpeedJob", "Progress", "model_name", "model_args", "build", "run"]
 
 # Called after every step: (epoch, step, steps per epoch, samples/s so far this epoch).
 Progress = Callable[[int, int, int, float], None]
@@ -41,6 +41,11 @@ class SpeedJob:
     profile: str
     devices: Sequence[str]
     engine: str = "gpipe-bench"  # or "torchgpipe", the archived peer on the same settings
+
+
+def model_name(job: SpeedJob) -> str:
+    """The registered model the job's profile trains (a profile may name a smaller one of the family)."""
+    return job.table.profile(job.profile).model or job.table.model
 
 
 def model_args(job: SpeedJob) -> Dict[str, Any]:
@@ -59,10 +64,10 @@ def build(job: SpeedJob) -> nn.Module:
             "--engine torchgpipe: torchgpipe is not installed; install it with: pip install -e '.[peers]'"
         )
     extra: Dict[str, Any] = {}
-    skip_arg = models.spec(job.table.model).skip_api_arg
+    skip_arg = models.spec(model_name(job)).skip_api_arg
     if job.engine == "torchgpipe" and skip_arg is not None:
         extra[skip_arg] = "torchgpipe.skip"
-    model = models.build(job.table.model, **model_args(job), **extra)
+    model = models.build(model_name(job), **model_args(job), **extra)
     row = job.row
     if row.balance is None:
         return model.to(_place(job.devices[0]))
@@ -82,7 +87,7 @@ def _synchronize(devices: Sequence[str]) -> None:
 def settings_record(job: SpeedJob) -> Dict[str, Any]:
     row, s = job.row, job.settings
     return {
-        "model": job.table.model, "model_args": model_args(job), "mode": row.mode, "devices": list(job.devices),
+        "model": model_name(job), "model_args": model_args(job), "mode": row.mode, "devices": list(job.devices),
         "batch": row.batch, "chunks": row.chunks, "balance": list(row.balance) if row.balance else None,
         "checkpoint": row.checkpoint, "input_size": s.input_size, "dataset_size": s.dataset_size,
         "epochs": s.epochs, "skip_epochs": s.skip_epochs, "optimizer": dict(s.optimizer), "classes": s.classes,

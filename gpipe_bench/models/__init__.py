@@ -45,6 +45,13 @@ _MODELS: Dict[str, ModelSpec] = {
             skip_api_arg="skip_api",
         ),
         ModelSpec(
+            "resnet14",
+            "gpipe_bench.models.resnet:resnet14",
+            "ResNet-101's family with one bottleneck per stage, 51 layers flattened the same way (quick accuracy rows)",
+            {"num_classes": 10},
+            skip_api_arg="skip_api",
+        ),
+        ModelSpec(
             "amoebanetd",
             "gpipe_bench.models.amoebanet:amoebanetd",
             "AmoebaNet-D (L, F) of the GPipe tables, 60·L + 85 layers (table-era operations)",

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
 
-__all__ = ["resnet101", "LAYERS_PER_BOTTLENECK"]
+__all__ = ["resnet101", "resnet14", "flatten_resnet", "LAYERS_PER_BOTTLENECK"]
 
 LAYERS_PER_BOTTLENECK = 11
 
@@ -89,15 +89,8 @@ def _bottleneck(block: tv_resnet.Bottleneck, prefix: str, inplace: bool, api: st
     )
 
 
-def resnet101(num_classes: int = 1000, inplace: bool = False, skip_api: str = "gpipe_bench.pipe.skip") -> nn.Sequential:
-    """ResNet-101 as 370 layers: stem 4, 33 bottlenecks × 11, then avgpool, flatten, fc.
-
-    44,549,160 parameters at 1000 classes (torchvision's count), 42,520,650 at
-    10. The head pools adaptively, so any input of at least 32×32 works.
-    ``skip_api`` names the module whose skip API carries the residuals
-    (``"torchgpipe.skip"`` to run the same model on the archived engine).
-    """
-    base = tv_resnet.resnet101(num_classes=num_classes)
+def flatten_resnet(base: tv_resnet.ResNet, inplace: bool = False, skip_api: str = "gpipe_bench.pipe.skip") -> nn.Sequential:
+    """Any torchvision bottleneck ResNet as the flat sequence: stem 4, 11 per bottleneck, avgpool, flatten, fc."""
     layers: "OrderedDict[str, nn.Module]" = OrderedDict(
         [("conv1", base.conv1), ("bn1", base.bn1), ("relu", nn.ReLU(inplace=inplace)), ("maxpool", base.maxpool)]
     )
@@ -108,3 +101,26 @@ def resnet101(num_classes: int = 1000, inplace: bool = False, skip_api: str = "g
     layers["flatten"] = nn.Flatten(1)
     layers["fc"] = base.fc
     return nn.Sequential(layers)
+
+
+def resnet14(num_classes: int = 10, inplace: bool = False, skip_api: str = "gpipe_bench.pipe.skip") -> nn.Sequential:
+    """ResNet-101's family shrunk for a CPU: one bottleneck per stage (depth 14), 51 layers, flattened the same way.
+
+    The accuracy table's quick profile trains it: the same blocks, widths,
+    initialisation and skip layers as ResNet-101, so what pipelining does to
+    BatchNorm, residuals and recompute is what it does to the big model.
+    """
+    base = tv_resnet.ResNet(tv_resnet.Bottleneck, [1, 1, 1, 1], num_classes=num_classes)
+    return flatten_resnet(base, inplace, skip_api)
+
+
+def resnet101(num_classes: int = 1000, inplace: bool = False, skip_api: str = "gpipe_bench.pipe.skip") -> nn.Sequential:
+    """ResNet-101 as 370 layers: stem 4, 33 bottlenecks × 11, then avgpool, flatten, fc.
+
+    44,549,160 parameters at 1000 classes (torchvision's count), 42,520,650 at
+    10. The head pools adaptively, so any input of at least 32×32 works.
+    ``skip_api`` names the module whose skip API carries the residuals
+    (``"torchgpipe.skip"`` to run the same model on the archived engine).
+    """
+    base = tv_resnet.resnet101(num_classes=num_classes)
+    return flatten_resnet(base, inplace, skip_api)

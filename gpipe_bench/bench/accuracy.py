@@ -1,0 +1,312 @@
+"""Accuracy: train a row of the transparency table with its recipe, over seeds; validation error per epoch.
+
+The table's claim is that pipelining does not change what a model learns. So
+both kinds of row train from the same initial weights (the seed), on the same
+mini-batches in the same order with the same augmentation draws, under the
+same learning-rate schedule; only the execution differs:
+
+- data-parallel rows: one process per replica (``DistributedDataParallel``
+  over gloo on CPU, NCCL on CUDA); replica ``r`` takes the ``r``-th slice of
+  every mini-batch, so each replica normalises its own samples (per-replica
+  BatchNorm statistics, as the published runs had);
+- pipeline rows: :class:`~gpipe_bench.pipe.GPipe` with the row's balance,
+  chunks and checkpoint mode; BatchNorm sees micro-batches (not deferred,
+  as published, unless ``settings.extra.deferred_batch_norm``).
+
+Error = 100 × (1 − accuracy) on the validation set after every epoch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpipe_bench import models
+from gpipe_bench.config import Row, Settings, Table
+from gpipe_bench.data import fashion_mnist
+from gpipe_bench.pipe import GPipe
+from gpipe_bench.results import Result, environment
+
+from .speed import model_name
+
+__all__ = ["AccuracyJob", "Dataset", "load_dataset", "batches", "lr_at", "train", "run"]
+
+# Called after every epoch: (seed, epoch, epochs, validation error %, seconds so far for this seed).
+Progress = Callable[[int, int, int, float, float], None]
+
+
+@dataclass(frozen=True)
+class AccuracyJob:
+    """One row to train, resolved: table, row, settings, devices, seeds and where the data is."""
+
+    table: Table
+    row: Row
+    settings: Settings
+    profile: str
+    devices: Sequence[str]
+    seeds: Sequence[int]
+    data: Optional[Path] = None
+    timeout_s: float = 3600.0  # a data-parallel process that hangs is stopped after this
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Training and validation tensors, already shaped ``[N, C, S, S]`` float (normalised) and ``[N]`` labels."""
+
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+
+
+def _extra(job: AccuracyJob, key: str, default: Any) -> Any:
+    return job.settings.extra.get(key, default)
+
+
+def load_dataset(job: AccuracyJob) -> Dataset:
+    """The row's dataset: Fashion-MNIST (first ``dataset_size`` training, ``val_size`` test images)."""
+    name = str(_extra(job, "dataset", "fashion-mnist"))
+    if name != "fashion-mnist":
+        raise fashion_mnist.DataError(
+            f"dataset {name!r} of profile {job.profile!r} needs ImageNet folders, which this harness does not train "
+            "on yet; use --profile quick (Fashion-MNIST)")
+    train_x, train_y = fashion_mnist.load("train", job.data)
+    val_x, val_y = fashion_mnist.load("test", job.data)
+    n, v = job.settings.dataset_size, int(_extra(job, "val_size", 1000))
+    norm = _extra(job, "normalize", {"mean": [0.2860], "std": [0.3530]})
+    mean, std = float(norm["mean"][0]), float(norm["std"][0])
+    size = job.settings.input_size
+
+    def prepare(x: Tensor) -> Tensor:
+        x = (x.float() / 255 - mean) / std
+        pad = (size - x.size(-1)) // 2
+        x = F.pad(x, (pad, size - x.size(-1) - pad, pad, size - x.size(-2) - pad), value=-mean / std)
+        return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # grey to the model's three channels
+
+    return Dataset(prepare(train_x[:n]), train_y[:n].clone(), prepare(val_x[:v]), val_y[:v].clone())
+
+
+def batches(data: Dataset, batch: int, seed: int, epoch: int) -> Iterator[Tuple[Tensor, Tensor]]:
+    """The epoch's mini-batches: a seeded order and seeded augmentation (random crop with padding 4, flip).
+
+    Every row with the same seed gets exactly these tensors, whatever executes it.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    n = data.train_x.size(0)
+    order = torch.randperm(n, generator=generator)
+    size = data.train_x.size(-1)
+    for start in range(0, n - batch + 1, batch):
+        index = order[start:start + batch]
+        x = F.pad(data.train_x[index], (4, 4, 4, 4), value=float(data.train_x.min()))
+        shifts = torch.randint(0, 9, (batch, 2), generator=generator)
+        flips = torch.rand(batch, generator=generator) < 0.5
+        crops = [x[k, :, int(dy):int(dy) + size, int(dx):int(dx) + size] for k, (dy, dx) in enumerate(shifts.tolist())]
+        out = torch.stack(crops)
+        out[flips] = out[flips].flip(-1)
+        yield out, data.train_y[index]
+
+
+def lr_at(job: AccuracyJob, batch: int, iteration: int, steps_per_epoch: int) -> float:
+    """lr × B / lr_scale_batch, linear warm-up stepped per iteration, ×gamma at each milestone epoch."""
+    base = float(job.settings.optimizer.get("lr", 0.1)) * batch / float(_extra(job, "lr_scale_batch", 256))
+    warmup = int(_extra(job, "warmup_epochs", 0)) * steps_per_epoch
+    if iteration < warmup:
+        return base * (iteration + 1) / warmup
+    epoch = iteration // steps_per_epoch
+    drops = sum(1 for m in _extra(job, "lr_milestones", []) if epoch >= int(m))
+    return base * float(_extra(job, "lr_gamma", 0.1)) ** drops
+
+
+def _optimizer(job: AccuracyJob, model: nn.Module) -> torch.optim.Optimizer:
+    o = job.settings.optimizer
+    return torch.optim.SGD(model.parameters(), lr=float(o.get("lr", 0.1)), momentum=float(o.get("momentum", 0.0)),
+                           nesterov=bool(o.get("nesterov", False)), weight_decay=float(o.get("weight_decay", 0.0)))
+
+
+def _build(job: AccuracyJob, seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    args = {**job.table.model_args, **job.table.profile(job.profile).model_args, **job.row.model_args}
+    return models.build(model_name(job), **args, num_classes=job.settings.classes)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def _error(model: nn.Module, data: Dataset, device: torch.device) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, data.val_x.size(0), 250):
+        x = data.val_x[start:start + 250].to(device)
+        correct += int((model(x).argmax(1).cpu() == data.val_y[start:start + 250]).sum())
+    model.train()
+    return 100.0 * (1 - correct / data.val_x.size(0))
+
+
+def _train_loop(job: AccuracyJob, model: nn.Module, data: Dataset, seed: int, *, replica: int = 0, replicas: int = 1,
+                first: torch.device, last: torch.device, evaluate: Optional[Callable[[], float]],
+                progress: Optional[Progress]) -> List[float]:
+    batch = job.row.batch
+    steps = data.train_x.size(0) // batch
+    optimizer = _optimizer(job, model)
+    errors: List[float] = []
+    start = time.perf_counter()
+    share = batch // replicas
+    for epoch in range(job.settings.epochs):
+        for step, (x, y) in enumerate(batches(data, batch, seed, epoch)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(job, batch, epoch * steps + step, steps)
+            x, y = x[replica * share:(replica + 1) * share], y[replica * share:(replica + 1) * share]
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x.to(first)), y.to(last))
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"{job.row.name} seed {seed}: loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1}")
+            loss.backward()
+            optimizer.step()
+        if evaluate is not None:
+            errors.append(evaluate())
+            if progress is not None:
+                progress(seed, epoch + 1, job.settings.epochs, errors[-1], time.perf_counter() - start)
+    return errors
+
+
+def _place(device: str) -> torch.device:
+    return torch.device("cpu") if device.startswith("cpu") else torch.device(device)
+
+
+def train_pipeline(job: AccuracyJob, data: Dataset, seed: int, progress: Optional[Progress] = None) -> List[float]:
+    """Validation error per epoch of the pipeline row trained with ``seed``."""
+    model = _build(job, seed)
+    balance = list(job.row.balance or [len(model)])
+    pipe = GPipe(model, balance, devices=list(job.devices)[:len(balance)], chunks=job.row.chunks,
+                 checkpoint=job.row.checkpoint, deferred_batch_norm=bool(_extra(job, "deferred_batch_norm", False)))
+    first, last = pipe.devices[0], pipe.devices[-1]
+    return _train_loop(job, pipe, data, seed, first=_place(str(first)), last=_place(str(last)),
+                       evaluate=lambda: _error(pipe, data, _place(str(first))), progress=progress)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _replica(rank: int, world: int, port: int, job: AccuracyJob, data: Dataset, seed: int, queue: Any) -> None:
+    """One data-parallel process: its slice of every mini-batch; rank 0 reports the validation errors."""
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        device = torch.device(job.devices[rank]) if job.devices[rank].startswith("cuda") else torch.device("cpu")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=300))
+        model = _build(job, seed).to(device)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        errors = _train_loop(job, ddp, data, seed, replica=rank, replicas=world, first=device, last=device,
+                             evaluate=(lambda: _error(model, data, device)) if rank == 0 else None,
+                             progress=(lambda *a: queue.put(("progress", a))) if rank == 0 else None)
+        if rank == 0:
+            queue.put(("done", errors))
+        dist.destroy_process_group()
+    except BaseException as error:  # noqa: BLE001 - reported once by the parent
+        queue.put(("error", f"replica {rank}: {type(error).__name__}: {error}"))
+        raise SystemExit(1) from None
+
+
+def train_dataparallel(job: AccuracyJob, data: Dataset, seed: int, progress: Optional[Progress] = None) -> List[float]:
+    """Validation error per epoch of the data-parallel row trained with ``seed``, one process per replica."""
+    world = job.row.devices
+    if job.row.batch % world:
+        raise ValueError(f"{job.row.name}: batch {job.row.batch} does not split over {world} replicas")
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    procs = [context.Process(target=_replica, args=(r, world, port, job, data, seed, queue), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + job.timeout_s
+    errors: Optional[List[float]] = None
+    failure: Optional[str] = None
+    try:
+        while errors is None and failure is None:
+            try:
+                kind, payload = queue.get(timeout=1.0)
+            except Exception:  # queue.Empty: check the processes are alive
+                if time.monotonic() > deadline:
+                    failure = f"{job.row.name}: no result after {job.timeout_s:.0f} s"
+                elif any(p.exitcode not in (None, 0) for p in procs):
+                    failure = f"{job.row.name}: a replica process exited with code " + \
+                        ", ".join(str(p.exitcode) for p in procs if p.exitcode not in (None, 0))
+                continue
+            if kind == "progress" and progress is not None:
+                progress(*payload)
+            elif kind == "done":
+                errors = list(payload)
+            elif kind == "error":
+                failure = str(payload)
+    finally:
+        for p in procs:
+            p.join(timeout=30 if failure is None else 1)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    if failure is not None:
+        raise RuntimeError(failure)
+    assert errors is not None
+    return errors
+
+
+def train(job: AccuracyJob, data: Dataset, seed: int, progress: Optional[Progress] = None) -> List[float]:
+    """Validation error (%) after every epoch of the row trained with ``seed``."""
+    if job.row.mode == "dataparallel":
+        return train_dataparallel(job, data, seed, progress)
+    return train_pipeline(job, data, seed, progress)
+
+
+def _settings(job: AccuracyJob) -> Dict[str, Any]:
+    row, s = job.row, job.settings
+    return {
+        "model": model_name(job), "mode": row.mode, "devices": list(job.devices), "batch": row.batch,
+        "chunks": row.chunks, "balance": list(row.balance) if row.balance else None, "checkpoint": row.checkpoint,
+        "input_size": s.input_size, "dataset_size": s.dataset_size, "epochs": s.epochs,
+        "optimizer": dict(s.optimizer), "classes": s.classes, "extra": dict(s.extra), "seeds": list(job.seeds),
+    }
+
+
+def record(job: AccuracyJob, curves: Dict[int, List[float]], seconds: Dict[int, float]) -> Result:
+    """The row's Result from the seeds finished so far (status "interrupted" until all are)."""
+    finals = [curves[s][-1] for s in job.seeds if s in curves]
+    complete = len(finals) == len(job.seeds)
+    return Result(
+        table=job.table.name, experiment=job.row.name, profile=job.profile, engine="gpipe-bench", kind="accuracy",
+        metric=job.table.metric, unit=job.table.unit, value=sum(finals) / len(finals) if finals else None,
+        status="ok" if complete else "interrupted", samples=finals, spread={}, settings=_settings(job),
+        environment=environment(list(job.devices)),
+        extra={"curves": {str(s): c for s, c in curves.items()}, "seconds": {str(s): t for s, t in seconds.items()},
+               "seeds_done": [s for s in job.seeds if s in curves]},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+
+
+def run(job: AccuracyJob, progress: Optional[Progress] = None,
+        save: Optional[Callable[[Result], None]] = None) -> Result:
+    """Train every seed of the row; ``save`` is called with the record after each seed."""
+    data = load_dataset(job)
+    curves: Dict[int, List[float]] = {}
+    seconds: Dict[int, float] = {}
+    for seed in job.seeds:
+        start = time.perf_counter()
+        curves[seed] = train(job, data, seed, progress)
+        seconds[seed] = time.perf_counter() - start
+        if save is not None:
+            save(record(job, curves, seconds))
+    return record(job, curves, seconds)
