@@ -358,8 +358,13 @@ def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds:
         if row.mode == "dataparallel":
             chosen_devices = (devices.resolve(None, row.devices).devices if torch.cuda.is_available()
                               else ["cpu"] * row.devices)
-        else:
+        elif torch.cuda.is_available():
             chosen_devices = devices.resolve(None, len(row.balance or (1,))).devices
+        else:
+            # What a pipeline row learns does not depend on where its partitions run: on a CPU they share one
+            # worker (the same micro-batches, checkpoints and BatchNorm), which trains 1.5-2x faster than
+            # virtual devices competing for the same cores.
+            chosen_devices = ["cpu"] * len(row.balance or (1,))
         jobs.append(accuracy.AccuracyJob(table, row, settings, profile, chosen_devices, list(range(count)), data))
     root = output if output is not None else results.results_dir()
     results.check_writable(root)
@@ -373,7 +378,8 @@ def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds:
 
     done: List[results.Result] = []
     for job in jobs:
-        where = "processes" if job.row.mode == "dataparallel" else "virtual devices" if not torch.cuda.is_available() else "devices"
+        where = ("processes" if job.row.mode == "dataparallel" else
+                 "partitions on one CPU worker" if not torch.cuda.is_available() else "devices")
         if not quiet:
             click.echo(f"{job.row.name}: {count} seed(s) on {len(job.devices)} {where}", err=True)
         try:

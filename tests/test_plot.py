@@ -47,3 +47,18 @@ def test_writes_a_png(tmp_path: Path, scale: float) -> None:
 def test_no_results_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no amoebanetd-memory results"):
         memory_plot(TABLE, [], tmp_path / "x.png")
+
+
+def test_accuracy_plot(tmp_path: Path) -> None:
+    from gpipe_bench.plot import accuracy_plot
+
+    table = config.load("resnet101-accuracy")
+    results = [Result(table=table.name, experiment=name, profile="quick", engine="gpipe-bench", kind="accuracy",
+                      metric=table.metric, unit=table.unit, value=40.0, status="ok", samples=[40.0, 41.0],
+                      settings={"mode": mode}, environment=dict(ENV),
+                      extra={"curves": {"0": [70.0, 50.0, 40.0], "1": [72.0, 52.0, 41.0]}})
+               for name, mode in (("pipeline-256", "pipeline"), ("dataparallel-256", "dataparallel"))]
+    path = accuracy_plot(table, results, tmp_path / "error.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="per-epoch curves"):
+        accuracy_plot(table, [], tmp_path / "none.png")

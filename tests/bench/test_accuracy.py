@@ -132,3 +132,31 @@ def test_a_data_parallel_and_a_pipeline_row_train_end_to_end() -> None:
         job = accuracy.AccuracyJob(TABLE, row, settings, "quick", devices, [0], timeout_s=300)
         errors = accuracy.train(job, data, seed=0)
         assert len(errors) == 1 and 0.0 <= errors[0] <= 100.0
+
+
+def test_published_profile_is_refused_in_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["accuracy", "resnet101", "--profile", "published", "--output", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--profile quick" in result.output
+
+
+def test_transparency_pairs_rows_of_the_same_batch() -> None:
+    from gpipe_bench import report
+    from gpipe_bench.results import Result
+
+    env = {"cpu_model": "Test CPU", "usable_cores": 2, "cpu_count": 2, "gpus": [], "torch": "2.14.1"}
+
+    def res(name: str, samples: List[float], mode: str) -> Result:
+        return Result(table=TABLE.name, experiment=name, profile="quick", engine="gpipe-bench", kind="accuracy",
+                      metric=TABLE.metric, unit=TABLE.unit, value=sum(samples) / len(samples), status="ok",
+                      samples=samples, settings={"mode": mode}, environment=env)
+
+    lines = report.transparency(TABLE, [
+        res("dataparallel-256", [40.0, 42.0, 41.0], "dataparallel"), res("pipeline-256", [41.5, 40.5, 42.5], "pipeline"),
+        res("dataparallel-1k", [50.0, 50.2, 49.8], "dataparallel"), res("pipeline-1k", [60.0, 61.0, 59.0], "pipeline"),
+        res("pipeline-4k", [80.0, 81.0], "pipeline"),
+    ])
+    by_row = {line.split()[0]: line for line in lines}
+    assert "within the data-parallel spread" in by_row["pipeline-256"]
+    assert "OUTSIDE" in by_row["pipeline-1k"]
+    assert "not judged" in by_row["pipeline-4k"]
