@@ -139,18 +139,20 @@ def accuracy_plot(table: "Table", results: Sequence[Result], path: Path) -> Path
     FigureCanvasAgg(figure)
     ax = figure.add_subplot(1, 1, 1)
     palette = ["#3b6ea8", "#d0743c", "#5a9e5a", "#8c5fa8", "#b8a03c", "#c44e52"]
-    for k, r in enumerate(rows):
+    batches = sorted({int(r.settings.get("batch", 0)) for r in rows})  # one colour per batch: DP and pipeline pair up
+    for r in rows:
         curves = [list(map(float, c)) for c in r.extra["curves"].values() if c]
         epochs = min(len(c) for c in curves)
         xs = list(range(1, epochs + 1))
         means = [sum(c[e] for c in curves) / len(curves) for e in range(epochs)]
         stds = [(sum((c[e] - means[e]) ** 2 for c in curves) / max(1, len(curves) - 1)) ** 0.5 for e in range(epochs)]
-        colour = palette[k % len(palette)]
+        colour = palette[batches.index(int(r.settings.get("batch", 0))) % len(palette)]
         style = "--" if r.settings.get("mode") == "pipeline" else "-"
         ax.plot(xs, means, style, color=colour, marker="o", markersize=3, label=f"{r.experiment} (n={len(curves)})")
         ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                         color=colour, alpha=0.15, linewidth=0)
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("validation top-1 error (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
