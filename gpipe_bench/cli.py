@@ -325,7 +325,7 @@ def _accuracy_table_for(model: str) -> str:
               help="Row sizes: quick (Fashion-MNIST, a small ResNet of the same family, a 2-core CPU) or published (ImageNet).")
 @click.option("--seeds", type=click.IntRange(min=1), help="Seeds a row (runs) [default: the config's].")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs [default: the config's].")
-@click.option("--data", type=click.Path(path_type=Path), help="Fashion-MNIST directory (the four IDX files) [default: Debian's /usr/share/datasets/fashion-mnist].")
+@click.option("--data", type=click.Path(path_type=Path), help="quick: Fashion-MNIST directory (the four IDX files) [default: Debian's /usr/share/datasets/fashion-mnist]; published: ImageNet with train/ and val/ class folders.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
 def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds: Optional[int], epochs: Optional[int],
@@ -341,16 +341,20 @@ def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds:
     Example: gpipe-bench accuracy resnet101 --experiment pipeline-256 --seeds 3
     """
     from .bench import accuracy  # torch-heavy; imported when used
-    from .data import fashion_mnist
+    from .data import fashion_mnist, imagenet
 
     table = config.load(_accuracy_table_for(model))
     chosen = table.profile(profile)
     rows = [table.row(experiment, profile)] if experiment else list(chosen.rows)
     overrides = Overrides(epochs=epochs)
-    if str(chosen.settings.extra.get("dataset", "")) != "fashion-mnist":
-        raise click.UsageError(f"--profile {profile} trains on {chosen.settings.extra.get('dataset')}; this version trains "
-                               "the quick profile (Fashion-MNIST) only: use --profile quick")
-    fashion_mnist.locate(data)  # a missing dataset is one line, before anything runs
+    # A missing or malformed dataset is one line, before anything runs.
+    if str(chosen.settings.extra.get("dataset", "")) == "imagenet":
+        if data is None:
+            raise click.BadParameter(f"the {profile} profile trains on ImageNet: give PATH with train/ and val/ class "
+                                     "folders (or use --profile quick, Fashion-MNIST)", param_hint="--data")
+        imagenet.check_layout(data)
+    else:
+        fashion_mnist.locate(data)
     count = seeds if seeds is not None else int(chosen.settings.extra.get("runs", 3))
     jobs = []
     for row in rows:

@@ -24,23 +24,24 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from gpipe_bench import models
 from gpipe_bench.config import Row, Settings, Table
-from gpipe_bench.data import fashion_mnist
+from gpipe_bench.data import fashion_mnist, imagenet
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.results import Result, environment
 
 from .speed import model_name
 
-__all__ = ["AccuracyJob", "Dataset", "load_dataset", "batches", "lr_at", "train", "run"]
+__all__ = ["AccuracyJob", "Dataset", "Folders", "load_dataset", "batches", "lr_at", "train", "run"]
 
 # Called after every epoch: (seed, epoch, epochs, validation error %, seconds so far for this seed).
 Progress = Callable[[int, int, int, float, float], None]
@@ -70,17 +71,36 @@ class Dataset:
     val_y: Tensor
 
 
+@dataclass(frozen=True)
+class Folders:
+    """ImageNet-style image folders (``train``, ``val`` torchvision datasets), read by DataLoader workers."""
+
+    train: Any
+    val: Any
+    workers: int
+
+
+Data = Union[Dataset, Folders]
+
+
 def _extra(job: AccuracyJob, key: str, default: Any) -> Any:
     return job.settings.extra.get(key, default)
 
 
-def load_dataset(job: AccuracyJob) -> Dataset:
-    """The row's dataset: Fashion-MNIST (first ``dataset_size`` training, ``val_size`` test images)."""
+def load_dataset(job: AccuracyJob) -> Data:
+    """The row's dataset: Fashion-MNIST (first ``dataset_size`` training, ``val_size`` test images), or
+    ImageNet folders at ``job.data`` (``settings.extra.dataset: imagenet``)."""
     name = str(_extra(job, "dataset", "fashion-mnist"))
+    if name == "imagenet":
+        if job.data is None:
+            raise fashion_mnist.DataError(
+                f"profile {job.profile!r} trains on ImageNet: pass --data PATH with train/ and val/ class folders "
+                "(or use --profile quick, Fashion-MNIST)")
+        norm = _extra(job, "normalize", {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+        train, val = imagenet.folders(job.data, job.settings.input_size, int(_extra(job, "val_resize", 256)), norm)
+        return Folders(train, val, workers=min(8, os.cpu_count() or 1))
     if name != "fashion-mnist":
-        raise fashion_mnist.DataError(
-            f"dataset {name!r} of profile {job.profile!r} needs ImageNet folders, which this harness does not train "
-            "on yet; use --profile quick (Fashion-MNIST)")
+        raise fashion_mnist.DataError(f"settings.extra.dataset {name!r} is not known; use fashion-mnist or imagenet")
     train_x, train_y = fashion_mnist.load("train", job.data)
     val_x, val_y = fashion_mnist.load("test", job.data)
     n, v = job.settings.dataset_size, int(_extra(job, "val_size", 1000))
@@ -97,12 +117,24 @@ def load_dataset(job: AccuracyJob) -> Dataset:
     return Dataset(prepare(train_x[:n]), train_y[:n].clone(), prepare(val_x[:v]), val_y[:v].clone())
 
 
-def batches(data: Dataset, batch: int, seed: int, epoch: int) -> Iterator[Tuple[Tensor, Tensor]]:
+def _train_size(data: Data) -> int:
+    return len(data.train) if isinstance(data, Folders) else int(data.train_x.size(0))
+
+
+def batches(data: Data, batch: int, seed: int, epoch: int) -> Iterator[Tuple[Tensor, Tensor]]:
     """The epoch's mini-batches: a seeded order and seeded augmentation (random crop with padding 4, flip).
 
     Every row with the same seed gets exactly these tensors, whatever executes it.
+    For image folders the order is seeded the same way and the loader's workers
+    are seeded from it; their augmentation draws depend on the worker count.
     """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if isinstance(data, Folders):
+        order = torch.randperm(len(data.train), generator=generator).tolist()
+        plan = [order[k:k + batch] for k in range(0, len(order) - batch + 1, batch)]
+        loader = DataLoader(data.train, batch_sampler=plan, num_workers=data.workers, generator=generator)
+        yield from loader
+        return
     n = data.train_x.size(0)
     order = torch.randperm(n, generator=generator)
     size = data.train_x.size(-1)
@@ -141,21 +173,25 @@ def _build(job: AccuracyJob, seed: int) -> nn.Sequential:
 
 
 @torch.no_grad()
-def _error(model: nn.Module, data: Dataset, device: torch.device) -> float:
+def _error(model: nn.Module, data: Data, device: torch.device) -> float:
     model.eval()
-    correct = 0
-    for start in range(0, data.val_x.size(0), 250):
-        x = data.val_x[start:start + 250].to(device)
-        correct += int((model(x).argmax(1).cpu() == data.val_y[start:start + 250]).sum())
+    correct, total = 0, 0
+    if isinstance(data, Folders):
+        pairs: Any = DataLoader(data.val, batch_size=250, num_workers=data.workers)
+    else:
+        pairs = ((data.val_x[k:k + 250], data.val_y[k:k + 250]) for k in range(0, data.val_x.size(0), 250))
+    for x, y in pairs:
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+        total += int(y.numel())
     model.train()
-    return 100.0 * (1 - correct / data.val_x.size(0))
+    return 100.0 * (1 - correct / total)
 
 
-def _train_loop(job: AccuracyJob, model: nn.Module, data: Dataset, seed: int, *, replica: int = 0, replicas: int = 1,
+def _train_loop(job: AccuracyJob, model: nn.Module, data: Data, seed: int, *, replica: int = 0, replicas: int = 1,
                 first: torch.device, last: torch.device, evaluate: Optional[Callable[[], float]],
                 progress: Optional[Progress]) -> List[float]:
     batch = job.row.batch
-    steps = data.train_x.size(0) // batch
+    steps = _train_size(data) // batch
     optimizer = _optimizer(job, model)
     errors: List[float] = []
     start = time.perf_counter()
@@ -182,7 +218,7 @@ def _place(device: str) -> torch.device:
     return torch.device("cpu") if device.startswith("cpu") else torch.device(device)
 
 
-def train_pipeline(job: AccuracyJob, data: Dataset, seed: int, progress: Optional[Progress] = None) -> List[float]:
+def train_pipeline(job: AccuracyJob, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
     """Validation error per epoch of the pipeline row trained with ``seed``."""
     model = _build(job, seed)
     balance = list(job.row.balance or [len(model)])
@@ -199,7 +235,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _replica(rank: int, world: int, port: int, job: AccuracyJob, data: Dataset, seed: int, queue: Any) -> None:
+def _replica(rank: int, world: int, port: int, job: AccuracyJob, data: Data, seed: int, queue: Any) -> None:
     """One data-parallel process: its slice of every mini-batch; rank 0 reports the validation errors."""
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -220,7 +256,7 @@ def _replica(rank: int, world: int, port: int, job: AccuracyJob, data: Dataset, 
         raise SystemExit(1) from None
 
 
-def train_dataparallel(job: AccuracyJob, data: Dataset, seed: int, progress: Optional[Progress] = None) -> List[float]:
+def train_dataparallel(job: AccuracyJob, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
     """Validation error per epoch of the data-parallel row trained with ``seed``, one process per replica."""
     world = job.row.devices
     if job.row.batch % world:
@@ -265,7 +301,7 @@ def train_dataparallel(job: AccuracyJob, data: Dataset, seed: int, progress: Opt
     return errors
 
 
-def train(job: AccuracyJob, data: Dataset, seed: int, progress: Optional[Progress] = None) -> List[float]:
+def train(job: AccuracyJob, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
     """Validation error (%) after every epoch of the row trained with ``seed``."""
     if job.row.mode == "dataparallel":
         return train_dataparallel(job, data, seed, progress)

@@ -134,10 +134,44 @@ def test_a_data_parallel_and_a_pipeline_row_train_end_to_end() -> None:
         assert len(errors) == 1 and 0.0 <= errors[0] <= 100.0
 
 
-def test_published_profile_is_refused_in_one_line(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["accuracy", "resnet101", "--profile", "published", "--output", str(tmp_path)])
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "--profile quick" in result.output
+def test_published_profile_needs_imagenet_folders(tmp_path: Path) -> None:
+    for args, needle in ((["--profile", "published"], "--data"),
+                         (["--profile", "published", "--data", str(tmp_path)], "no train/ directory")):
+        result = CliRunner().invoke(main, ["accuracy", "resnet101", *args, "--output", str(tmp_path / "out")])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert len(errors) == 1 and needle in errors[0], result.output
+
+
+def test_imagenet_folders_train_end_to_end(tmp_path: Path) -> None:
+    """The published recipe's data path on a tiny ImageFolder tree (2 classes, 40×40 PNGs)."""
+    from PIL import Image
+
+    from gpipe_bench.data import imagenet
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for k in range(n):
+                pixels = torch.randint(0, 256, (40, 40, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / label / f"{k}.png")
+    imagenet.check_layout(tmp_path)
+    published = TABLE.profile("published")
+    settings = replace(published.settings, input_size=32, epochs=1, classes=2,
+                       extra={**published.settings.extra, "val_resize": 36, "warmup_epochs": 0})
+    row = replace(TABLE.row("pipeline-256"), batch=8, chunks=2, balance=(19, 32))
+    quick = replace(TABLE, profiles={**TABLE.profiles, "published": replace(published, model="resnet14")})
+    job = accuracy.AccuracyJob(quick, row, settings, "published", ["cpu", "cpu"], [0], data=tmp_path)
+    data = accuracy.load_dataset(job)
+    assert isinstance(data, accuracy.Folders)
+    errors = accuracy.train(job, replace(data, workers=0), seed=0)
+    assert len(errors) == 1 and 0.0 <= errors[0] <= 100.0
+    (tmp_path / "val" / "a" / "0.png").unlink()
+    for f in (tmp_path / "val" / "a").iterdir():
+        f.unlink()
+    with pytest.raises(imagenet.DataError, match="holds no images"):
+        imagenet.check_layout(tmp_path)
 
 
 def test_transparency_pairs_rows_of_the_same_batch() -> None:
