@@ -194,3 +194,16 @@ def test_transparency_pairs_rows_of_the_same_batch() -> None:
     assert "within the data-parallel spread" in by_row["pipeline-256"]
     assert "OUTSIDE" in by_row["pipeline-1k"]
     assert "not judged" in by_row["pipeline-4k"]
+
+
+def test_a_failing_replica_stops_the_row_with_its_error() -> None:
+    import multiprocessing
+    import time
+
+    row = replace(TABLE.row("dataparallel-256", "quick"), batch=16, model_args={"no_such_argument": 1})
+    job = accuracy.AccuracyJob(TABLE, row, replace(QUICK.settings, epochs=1), "quick", ["cpu", "cpu"], [0], timeout_s=120)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="replica .*no_such_argument"):
+        accuracy.train(job, _data(32), seed=0)
+    assert time.monotonic() - start < 120
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
