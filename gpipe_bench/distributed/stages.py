@@ -1,0 +1,121 @@
+"""Each rank builds only its own stage: the model on ``meta``, then its layers materialised and initialised.
+
+Why per-layer seeds: a rank that holds layers 300..445 cannot replay the
+random draws of layers 0..299 without building them. So layer ``k`` is
+initialised from its own generator state, ``seed`` and ``k`` alone, with each
+module's ``reset_parameters`` (and BatchNorm's running statistics reset). The
+whole model built the same way (:func:`build_full`) is the plain reference a
+distributed step must reproduce. The initial values differ from the model's
+constructor's (torchvision's ResNet draws Kaiming-normal convolutions; here the
+modules' own defaults), which matters for accuracy runs, not for speed or memory.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from gpipe_bench import models
+
+__all__ = ["stage_range", "materialize", "build_stage", "build_full", "CarrySkips", "carried_keys"]
+
+
+def stage_range(balance: Sequence[int], rank: int) -> Tuple[int, int]:
+    """Layers ``[start, end)`` of stage ``rank`` under ``balance``."""
+    if not 0 <= rank < len(balance):
+        raise ValueError(f"rank {rank} has no stage: the balance {list(balance)} has {len(balance)} stages")
+    start = sum(balance[:rank])
+    return start, start + balance[rank]
+
+
+def _reset(module: nn.Module) -> None:
+    for sub in module.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        elif isinstance(sub, nn.modules.batchnorm._NormBase):
+            sub.reset_running_stats()
+
+
+def materialize(layers: nn.Sequential, device: torch.device, seed: int, first_index: int) -> nn.Sequential:
+    """Allocate ``layers`` (built on ``meta``) on ``device``; layer ``i`` initialised from ``(seed, first_index + i)``."""
+    layers = layers.to_empty(device=device)
+    state = torch.random.get_rng_state()
+    try:
+        for i, layer in enumerate(layers):
+            torch.manual_seed(seed * 1_000_003 + first_index + i)
+            _reset(layer)
+    finally:
+        torch.random.set_rng_state(state)
+    return layers
+
+
+def _meta_model(name: str, **kwargs: Any) -> nn.Sequential:
+    with torch.device("meta"):
+        return models.build(name, **kwargs)
+
+
+def build_stage(name: str, balance: Sequence[int], rank: int, device: torch.device, seed: int = 0,
+                **kwargs: Any) -> nn.Module:
+    """Stage ``rank`` of model ``name`` split by ``balance``, on ``device``; the rest stays on ``meta``.
+
+    A stage that skip connections enter or leave is wrapped in :class:`CarrySkips`.
+    """
+    model = _meta_model(name, **kwargs)
+    if sum(balance) != len(model):
+        raise ValueError(f"balance {list(balance)} sums to {sum(balance)} but {name} has {len(model)} layers")
+    start, end = stage_range(balance, rank)
+    incoming, outgoing = carried_keys(model, balance, rank)
+    layers = materialize(model[start:end], device, seed, start)
+    return CarrySkips(layers, incoming, outgoing) if incoming or outgoing else layers
+
+
+def build_full(name: str, device: torch.device, seed: int = 0, **kwargs: Any) -> nn.Sequential:
+    """The whole model initialised exactly as its stages are: the plain reference of a distributed run."""
+    return materialize(_meta_model(name, **kwargs), device, seed, 0)
+
+
+class CarrySkips(nn.Module):
+    """A stage whose skip connections cross stage boundaries: the skip tensors travel as extra outputs.
+
+    torch's pipelining sends a stage's outputs, and only those, to the next
+    stage. A layer that stashes a tensor for a layer of a later stage (ResNet's
+    residuals, cut inside a bottleneck) therefore has its tensor appended to
+    the stage's outputs, carried through the stages in between, and handed to
+    the popping layer through the same skip tracker the plain model uses.
+    Gradients flow back the same way. ``incoming`` and ``outgoing`` are the
+    skip keys in one order that every rank computes alike.
+    """
+
+    def __init__(self, layers: nn.Sequential, incoming: Sequence[Any], outgoing: Sequence[Any]) -> None:
+        super().__init__()
+        self.layers = layers
+        self.incoming = list(incoming)
+        self.outgoing = list(outgoing)
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        from gpipe_bench.pipe.skip.tracker import SkipTracker, use_skip_tracker
+
+        count = len(inputs) - len(self.incoming)
+        value: Any = inputs[0] if count == 1 else tuple(inputs[:count])
+        tracker = SkipTracker()
+        tracker.tensors.update(zip(self.incoming, inputs[count:]))
+        with use_skip_tracker(tracker):
+            out = self.layers(value)
+        if not self.outgoing:
+            return out
+        carried = tuple(tracker.tensors[key] for key in self.outgoing)
+        return (*(out if isinstance(out, tuple) else (out,)), *carried)
+
+
+def carried_keys(model: nn.Sequential, balance: Sequence[int], rank: int) -> Tuple[list, list]:
+    """Skip keys entering and leaving stage ``rank``: stashed before it and popped in or after it; and
+    stashed in or before it and popped after it. The order is the model's, the same on every rank."""
+    from gpipe_bench.pipe.skip.layout import inspect_skip_layout
+
+    parts = [model[sum(balance[:j]):sum(balance[:j + 1])] for j in range(len(balance))]
+    routes = inspect_skip_layout(parts).routes
+    incoming = [key for key, (stash, pop) in routes.items() if stash < rank <= pop]
+    outgoing = [key for key, (stash, pop) in routes.items() if stash <= rank < pop]
+    return incoming, outgoing

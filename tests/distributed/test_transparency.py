@@ -1,0 +1,146 @@
+"""torch.distributed.pipelining across processes (CPU, gloo) equals the plain model, BatchNorm included.
+
+Each test launches its own processes (spawn), bounded in time: after one
+optimizer step every rank's stage must equal the plain model's layers after
+gradient accumulation over the same micro-batches, parameters and BatchNorm
+statistics, and the plain full-batch step when the model has no BatchNorm.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import socket
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from gpipe_bench.distributed import schedule as sched
+from gpipe_bench.distributed.stages import CarrySkips, carried_keys, materialize, stage_range
+from gpipe_bench.pipe.skip import Namespace, pop, skippable, stash
+
+BATCH, CHUNKS = 8, 4
+
+
+@skippable(stash=["identity"])
+class _Fork(nn.Module):
+    def forward(self, x: torch.Tensor) -> Any:
+        yield stash("identity", x)
+        return x
+
+
+@skippable(pop=["identity"])
+class _Add(nn.Module):
+    def forward(self, x: torch.Tensor) -> Any:
+        identity = yield pop("identity")
+        return x + identity
+
+
+def _model(batch_norm: bool, skips: bool = False) -> nn.Sequential:
+    if skips:  # a residual block whose fork and addition land on different stages
+        ns = Namespace()
+        return nn.Sequential(nn.Linear(6, 16), _Fork().isolate(ns), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Tanh(),
+                             nn.Linear(16, 16), _Add().isolate(ns), nn.Tanh(), nn.Linear(16, 5)).double()
+    layers: List[nn.Module] = [nn.Linear(6, 16)]
+    for _ in range(3):
+        layers += [nn.BatchNorm1d(16) if batch_norm else nn.Identity(), nn.Tanh(), nn.Linear(16, 16)]
+    layers += [nn.Tanh(), nn.Linear(16, 5)]
+    return nn.Sequential(*layers).double()
+
+
+def _balance(world: int, length: int) -> List[int]:
+    base = [length // world] * world
+    base[-1] += length - sum(base)
+    return base
+
+
+def _batch() -> Any:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(BATCH, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (BATCH,), generator=g)
+
+
+def _rank(rank: int, world: int, port: int, schedule: str, batch_norm: bool, out: str, skips: bool = False) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with torch.device("meta"):
+            model = _model(batch_norm, skips)
+        balance = _balance(world, len(model))
+        start, end = stage_range(balance, rank)
+        layers = materialize(model[start:end], torch.device("cpu"), seed=3, first_index=start).double()
+        incoming, outgoing = carried_keys(model, balance, rank)
+        stage = CarrySkips(layers, incoming, outgoing) if skips else layers
+        optimizer = torch.optim.SGD(stage.parameters(), lr=0.5)
+        pipe = sched.make_schedule(stage, rank, world, torch.device("cpu"), CHUNKS, schedule, F.cross_entropy)
+        x, y = _batch()
+        optimizer.zero_grad()
+        sched.step(pipe, rank, world, x if rank == 0 else None, y if rank == world - 1 else None)
+        optimizer.step()
+        torch.save(layers.state_dict(), f"{out}/rank{rank}.pt")  # a slice keeps the layers' global names
+    finally:
+        dist.destroy_process_group()
+
+
+def _reference(batch_norm: bool, accumulate: bool, skips: bool = False) -> Dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        model = _model(batch_norm, skips)
+    plain = materialize(model, torch.device("cpu"), seed=3, first_index=0).double()
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.5)
+    x, y = _batch()
+    optimizer.zero_grad()
+    if accumulate:
+        for xi, yi in zip(x.chunk(CHUNKS), y.chunk(CHUNKS)):
+            (F.cross_entropy(plain(xi), yi) / CHUNKS).backward()
+    else:
+        F.cross_entropy(plain(x), y).backward()
+    optimizer.step()
+    return plain.state_dict()
+
+
+def _launch(world: int, schedule: str, batch_norm: bool, tmp_path: Path, skips: bool = False) -> Dict[str, torch.Tensor]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_rank, args=(r, world, port, schedule, batch_norm, str(tmp_path), skips), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    assert not alive, "a rank did not finish within 120 s"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    merged: Dict[str, torch.Tensor] = {}
+    for r in range(world):
+        merged.update(torch.load(tmp_path / f"rank{r}.pt"))
+    return merged
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_a_distributed_step_equals_the_plain_model(world: int, schedule: str, batch_norm: bool, tmp_path: Path) -> None:
+    ours = _launch(world, schedule, batch_norm, tmp_path)
+    references = [_reference(batch_norm, accumulate=True)] + ([] if batch_norm else [_reference(False, accumulate=False)])
+    for reference in references:
+        assert set(ours) == set(reference)
+        for key, value in reference.items():
+            if value.is_floating_point():
+                assert torch.allclose(ours[key], value, rtol=0, atol=1e-12), key
+            else:
+                assert torch.equal(ours[key], value), key
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_skip_connections_cut_between_stages_travel_with_the_outputs(schedule: str, tmp_path: Path) -> None:
+    ours = _launch(2, schedule, True, tmp_path, skips=True)  # stages [4, 5]: the fork on stage 0, the addition on 1
+    reference = _reference(True, accumulate=True, skips=True)
+    assert set(ours) == set(reference)
+    for key, value in reference.items():
+        if value.is_floating_point():
+            assert torch.allclose(ours[key], value, rtol=0, atol=1e-12), key
