@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Sequence
+from typing import TYPE_CHECKING, Any, List, Sequence, Set
 
 from .results import Result
 
@@ -70,6 +70,7 @@ def memory_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
     FigureCanvasAgg(figure)
     ax = figure.add_subplot(1, 1, 1)
     x, ticks, labels = 0.0, [], []
+    drawn: Set[str] = set()  # legend entries for what the figure actually shows
     for r in rows:
         devices = list(r.extra.get("devices") or [])
         n = max(1, len(devices))
@@ -78,14 +79,18 @@ def memory_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
         predicted = _values(r, "predicted_per_device_gib", n)
         xs = [x + k for k in range(n)]
         ax.bar(xs, [m * scale for m in model], width=0.8, color=_MODEL, hatch="//", edgecolor="#7f8fa6", linewidth=0.5)
+        drawn.add("model")
         if measured:
             ax.bar(xs, [v * scale for v in measured], width=0.8, bottom=[m * scale for m in model], color=_MEASURED)
+            drawn.add("measured")
         elif predicted:
+            drawn.add("predicted")
             ax.bar(xs, [v * scale for v in predicted], width=0.8, bottom=[m * scale for m in model],
                    color=_PREDICTED, alpha=0.45, edgecolor=_PREDICTED, linestyle="--", linewidth=1.2)
         if predicted:
             tops = [(m + v) * scale for m, v in zip(model, predicted)]
             ax.hlines(tops, [p - 0.4 for p in xs], [p + 0.4 for p in xs], colors="black", linewidth=1.6)
+            drawn.add("tick")
         if r.status == "oom":
             top = max((m + v) * scale for m, v in zip(model, predicted or [0.0] * n))
             ax.annotate("Out of memory", (x + (n - 1) / 2, top), xytext=(0, 6), textcoords="offset points",
@@ -100,12 +105,16 @@ def memory_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
     ax.set_ylim(0, peak * scale * 1.15 if peak > 0 else 1)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(handles=[
-        Patch(facecolor=_MODEL, hatch="//", edgecolor="#7f8fa6", label="model memory (weights, grads, optimizer)"),
-        Patch(facecolor=_MEASURED, label="peak activation, measured"),
-        Patch(facecolor=_PREDICTED, alpha=0.45, edgecolor=_PREDICTED, linestyle="--", label="peak activation, predicted only"),
-        Patch(facecolor="black", label="model + predicted activation"),
-    ], fontsize=7, loc="upper right")
+    entries = {
+        "model": Patch(facecolor=_MODEL, hatch="//", edgecolor="#7f8fa6", label="model memory (weights, grads, optimizer)"),
+        "measured": Patch(facecolor=_MEASURED, label="peak activation, measured"),
+        "predicted": Patch(facecolor=_PREDICTED, alpha=0.45, edgecolor=_PREDICTED, linestyle="--",
+                           label="peak activation, predicted only"),
+        "tick": Patch(facecolor="black", label="model + predicted activation"),
+    }
+    # Below the axes: inside, it would hide the bars whenever the rows are of similar height.
+    ax.legend(handles=[patch for name, patch in entries.items() if name in drawn], fontsize=7, loc="upper center",
+              bbox_to_anchor=(0.5, -0.16), ncol=len(drawn), frameon=False)
     ax.set_title(f"{table.title}: per-device memory ({rows[0].profile} profile, {rows[0].hardware_key()})", fontsize=10)
     figure.tight_layout()
     return _save(figure, path)
@@ -117,6 +126,7 @@ def _save(figure: Any, path: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as out:
             figure.savefig(out, format="png", dpi=120)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make committed plots private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -42,6 +42,7 @@ def test_writes_a_png(tmp_path: Path, scale: float) -> None:
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by others, like the JSON records beside it
 
 
 def test_no_results_is_an_error(tmp_path: Path) -> None:
