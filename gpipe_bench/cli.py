@@ -6,6 +6,7 @@ value and the fix, exit code 2, and no results file.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -32,6 +33,8 @@ def main() -> None:
     gpipe-bench accuracy resnet101                the accuracy table (quick: Fashion-MNIST)
     gpipe-bench table resnet101-speed             saved results in the published layout
     gpipe-bench compare --check                   ours vs published; exit 1 on a regression
+    gpipe-bench launch --nproc 2 -- speed resnet101 --pipeline 2 --engine distributed
+                                                  the same row on torch's pipelining, 2 processes
 
     The engine is importable as gpipe_bench.pipe (torchgpipe 0.0.7's API).
     """
@@ -129,13 +132,14 @@ class _Bar:
 @click.option("--balance", help="Layers per partition, e.g. 26,22,33,44,44,66,66,69 [default: the row's].")
 @click.option("--checkpoint", type=click.Choice(["always", "except_last", "never"]), help="Checkpoint mode [default: the row's].")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
-@click.option("--engine", type=click.Choice(["gpipe-bench", "torchgpipe"]), default="gpipe-bench", show_default=True, help="The engine to time; torchgpipe is the archived peer on the same settings.")
+@click.option("--engine", type=click.Choice(["gpipe-bench", "torchgpipe", "distributed"]), default="gpipe-bench", show_default=True, help="The engine to time: ours; torchgpipe, the archived peer; distributed, torch.distributed.pipelining with one process per stage (run under torchrun or gpipe-bench launch).")
+@click.option("--schedule", type=click.Choice(["gpipe", "1f1b"]), default="gpipe", show_default=True, help="--engine distributed: fill-drain (as published) or one-forward-one-backward.")
 @click.option("--quiet", is_flag=True, help="Log lines instead of a progress bar.")
 def speed_command(
     model: str, pipeline: Optional[int], naive: Optional[int], experiment: Optional[str], devices_spec: Optional[str],
     profile: Optional[str], epochs: Optional[int], skip_epochs: Optional[int], batch_size: Optional[int],
     chunks: Optional[int], balance: Optional[str], checkpoint: Optional[str], output: Optional[Path],
-    engine: str, quiet: bool,
+    engine: str, schedule: str, quiet: bool,
 ) -> None:
     """Measure training throughput of a row of MODEL's speed table, or of the whole table.
 
@@ -159,6 +163,9 @@ def speed_command(
     else:
         rows = list(chosen.rows)
     overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint, epochs=epochs, skip_epochs=skip_epochs)
+    if engine == "distributed":
+        _speed_distributed(table, profile_name, rows, overrides, named != [], schedule, output, quiet)
+        return
     jobs = []
     for row in rows:  # resolve and validate everything before the first measurement
         row, settings = config.apply(table, row, chosen.settings, overrides)
@@ -190,6 +197,83 @@ def speed_command(
         key = done[0].hardware_key()
         saved = [r for r in results.load_all(root, table=table.name, profile=profile_name, hardware=key)]
         click.echo(report.render(table, saved, fmt="rst", published=True))
+
+
+def _speed_distributed(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
+                       schedule: str, output: Optional[Path], quiet: bool) -> None:
+    """``speed --engine distributed`` on this rank: the rows whose stage count is the number of processes."""
+    from .bench import speed
+    from .distributed import speed as dspeed
+
+    if not dspeed.in_torchrun():
+        raise click.UsageError(
+            "--engine distributed runs one process per stage: start it with "
+            "`gpipe-bench launch --nproc N -- speed ...` or `torchrun --nproc-per-node N -m gpipe_bench.cli speed ...`")
+    size = dspeed.world()
+    chosen = table.profile(profile)
+    jobs = []
+    for row in rows:
+        row, settings = config.apply(table, row, chosen.settings, overrides)
+        stages = len(row.balance) if row.balance else 1
+        if stages != size:
+            if named:
+                raise click.UsageError(f"{row.name} has {stages} stage(s) but {size} process(es) were launched; "
+                                       f"launch with --nproc {stages}")
+            continue
+        if row.batch % row.chunks:
+            raise click.BadParameter(f"{row.name}: batch {row.batch} is not divisible by chunks {row.chunks} (torch's "
+                                     "pipelining needs equal micro-batches); give --batch-size or --chunks that divide", param_hint="--chunks")
+        if schedule == "1f1b" and row.chunks < stages:
+            raise click.BadParameter(f"{row.name}: 1f1b needs chunks >= stages ({row.chunks} < {stages})", param_hint="--schedule")
+        jobs.append(speed.SpeedJob(table, row, settings, profile, [f"rank{r}" for r in range(size)], f"distributed-{schedule}"))
+    if not jobs:
+        raise click.UsageError(f"no row of {table.name} ({profile}) has {size} stage(s); rows: "
+                               + ", ".join(f"{r.name} ({len(r.balance) if r.balance else 1})" for r in chosen.rows))
+    rank = int(os.environ.get("RANK", "0"))
+    root = output if output is not None else results.results_dir()
+    if rank == 0:
+        results.check_writable(root)
+    done: List[results.Result] = []
+    for job in jobs:
+        bar = _Bar(f"{job.row.name} ({schedule})", job.settings.epochs, quiet or rank != 0)
+        result = dspeed.run_rank(job, schedule, bar if rank == 0 else None)
+        bar.close()
+        if result is not None:
+            path = results.save(result, root)
+            click.echo(f"{job.row.name} ({result.engine}, {size} processes): {result.value:.3f} {result.unit}  -> {path}", err=True)
+            done.append(result)
+    if done:
+        saved = results.load_all(root, table=table.name, profile=profile, hardware=done[0].hardware_key())
+        click.echo(report.render(table, saved, fmt="rst", published=True))
+
+
+@main.command("launch", context_settings={**_CONTEXT, "ignore_unknown_options": True})
+@click.option("--nproc", type=click.IntRange(min=1), required=True, help="Processes on this host (one per stage).")
+@click.option("--nnodes", default="1", show_default=True, help="Hosts, as torchrun takes it (e.g. 2 or 1:4).")
+@click.option("--rdzv-endpoint", help="host:port of the rendezvous, for several hosts (torchrun's --rdzv-endpoint).")
+@click.option("--rdzv-id", default="gpipe-bench", show_default=True, help="Rendezvous id shared by all hosts.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def launch_command(nproc: int, nnodes: str, rdzv_endpoint: Optional[str], rdzv_id: str, command: Tuple[str, ...]) -> None:
+    """Run a gpipe-bench COMMAND under torchrun, one process per stage.
+
+    \b
+    One host:   gpipe-bench launch --nproc 2 -- speed resnet101 --pipeline 2 --engine distributed
+    Two hosts:  gpipe-bench launch --nnodes 2 --nproc 4 --rdzv-endpoint HOST:29500 -- speed amoebanetd --pipeline 8 --engine distributed
+                (the same line on both hosts)
+    """
+    import subprocess
+
+    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
+    if rdzv_endpoint:
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+    else:
+        args += ["--standalone"]
+    args += ["-m", "gpipe_bench.cli", *command]
+    try:
+        code = subprocess.call(args)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
 
 
 # -- memory --------------------------------------------------------------------
@@ -462,3 +546,7 @@ def compare_command(table_name: Optional[str], check: bool, fmt: str, root: Opti
         for line in regressions:
             click.echo(f"  {line}", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":  # torchrun -m gpipe_bench.cli ...
+    main()

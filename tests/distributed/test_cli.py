@@ -1,0 +1,40 @@
+"""``--engine distributed`` as a user runs it: under gpipe-bench launch, and the errors outside it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from gpipe_bench.cli import main
+
+
+def test_outside_torchrun_says_how_to_launch(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["speed", "resnet101", "--pipeline", "2", "--engine", "distributed",
+                                       "--output", str(tmp_path)], env={"RANK": None, "WORLD_SIZE": None})
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "gpipe-bench launch --nproc N" in result.output and "torchrun" in result.output
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_a_row_on_two_processes_writes_one_record(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "speed", "resnet101",
+           "--pipeline", "2", "--engine", "distributed", "--schedule", "1f1b", "--profile", "quick",
+           "--epochs", "1", "--skip-epochs", "0", "--output", str(tmp_path), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = list(tmp_path.rglob("*.json"))
+    assert [r.name for r in records] == ["pipeline-2--distributed-1f1b.json"]
+    record = json.loads(records[0].read_text())
+    assert record["status"] == "ok" and record["value"] > 0 and record["settings"]["processes"] == 2
+
+
+def test_a_row_of_another_stage_count_is_refused(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "speed", "resnet101",
+           "--pipeline", "4", "--engine", "distributed", "--profile", "quick", "--output", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "pipeline-4 has 4 stage(s) but 2 process(es) were launched" in done.stderr
+    assert not list(tmp_path.rglob("*.json"))
