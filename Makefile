@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check $(TORCH_PINS)
 	$(PIP) install -q --disable-pip-version-check -e '.[test,peers,plot]'
 	@if [ ! -d $(FASHION) ] && [ "$$(id -u)" = 0 ]; then \
-	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } >/dev/null 2>&1 || \
 	  echo "note: could not install dataset-fashion-mnist; the accuracy table needs it (make data)"; fi
 	@touch $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 FASHION := /usr/share/datasets/fashion-mnist
 data:
 	@if [ -d $(FASHION) ]; then echo "Fashion-MNIST: $(FASHION)"; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get install -y dataset-fashion-mnist; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y dataset-fashion-mnist || { apt-get update && apt-get install -y dataset-fashion-mnist; }; \
 	else echo "Fashion-MNIST is missing: sudo apt-get install dataset-fashion-mnist, or pass --data DIR (the four IDX files)"; exit 2; fi
 
 # The accuracy table, quick profile: Fashion-MNIST, data-parallel processes vs pipeline rows.
