@@ -202,33 +202,9 @@ def speed_command(
 def _speed_distributed(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
                        schedule: str, output: Optional[Path], quiet: bool) -> None:
     """``speed --engine distributed`` on this rank: the rows whose stage count is the number of processes."""
-    from .bench import speed
     from .distributed import speed as dspeed
 
-    if not dspeed.in_torchrun():
-        raise click.UsageError(
-            "--engine distributed runs one process per stage: start it with "
-            "`gpipe-bench launch --nproc N -- speed ...` or `torchrun --nproc-per-node N -m gpipe_bench.cli speed ...`")
-    size = dspeed.world()
-    chosen = table.profile(profile)
-    jobs = []
-    for row in rows:
-        row, settings = config.apply(table, row, chosen.settings, overrides)
-        stages = len(row.balance) if row.balance else 1
-        if stages != size:
-            if named:
-                raise click.UsageError(f"{row.name} has {stages} stage(s) but {size} process(es) were launched; "
-                                       f"launch with --nproc {stages}")
-            continue
-        if row.batch % row.chunks:
-            raise click.BadParameter(f"{row.name}: batch {row.batch} is not divisible by chunks {row.chunks} (torch's "
-                                     "pipelining needs equal micro-batches); give --batch-size or --chunks that divide", param_hint="--chunks")
-        if schedule == "1f1b" and row.chunks < stages:
-            raise click.BadParameter(f"{row.name}: 1f1b needs chunks >= stages ({row.chunks} < {stages})", param_hint="--schedule")
-        jobs.append(speed.SpeedJob(table, row, settings, profile, [f"rank{r}" for r in range(size)], f"distributed-{schedule}"))
-    if not jobs:
-        raise click.UsageError(f"no row of {table.name} ({profile}) has {size} stage(s); rows: "
-                               + ", ".join(f"{r.name} ({len(r.balance) if r.balance else 1})" for r in chosen.rows))
+    jobs, size = _distributed_jobs(table, profile, rows, overrides, named, schedule, f"distributed-{schedule}")
     rank = int(os.environ.get("RANK", "0"))
     root = output if output is not None else results.results_dir()
     if rank == 0:
@@ -301,11 +277,14 @@ def _memory_table_for(model: str) -> str:
 @click.option("--predict-only", is_flag=True, help="Predict from the meta device only; run nothing (sizes rows this machine cannot hold).")
 @click.option("--per-device", is_flag=True, help="Also print each device's model memory, measured and predicted peak.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
+@click.option("--engine", type=click.Choice(["gpipe-bench", "distributed"]), default="gpipe-bench", show_default=True, help="Ours, or torch.distributed.pipelining with one process per stage (under gpipe-bench launch or torchrun).")
+@click.option("--schedule", type=click.Choice(["gpipe", "1f1b"]), default="gpipe", show_default=True, help="--engine distributed: the schedule.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def memory_command(
     model: str, pipeline: Optional[int], naive: Optional[int], experiment: Optional[str], devices_spec: Optional[str],
     profile: Optional[str], batch_size: Optional[int], chunks: Optional[int], balance: Optional[str],
-    checkpoint: Optional[str], predict_only: bool, per_device: bool, output: Optional[Path], quiet: bool,
+    checkpoint: Optional[str], predict_only: bool, per_device: bool, output: Optional[Path], engine: str,
+    schedule: str, quiet: bool,
 ) -> None:
     """Measure and predict the memory of a row of MODEL's memory table, or of the whole table.
 
@@ -333,6 +312,9 @@ def memory_command(
     else:
         rows = list(chosen.rows)
     overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint)
+    if engine == "distributed":
+        _memory_distributed(table, profile_name, rows, overrides, bool(named), schedule, output, per_device)
+        return
     jobs = []
     for row in rows:  # resolve and validate everything before the first measurement
         row, settings = config.apply(table, row, chosen.settings, overrides)
@@ -378,6 +360,64 @@ def memory_command(
         if per_device:
             click.echo(report.memory_per_device(table, saved, fmt="rst"))
         _write_plot(table, saved, root / table.name / profile_name / key / "memory-per-device.png")
+
+
+def _distributed_jobs(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
+                      schedule: str, engine_label: str) -> Tuple[List[Any], int]:
+    """The rows this torchrun launch can run (stage count = processes), validated; and the process count."""
+    from .bench import speed
+    from .distributed import speed as dspeed
+
+    if not dspeed.in_torchrun():
+        raise click.UsageError(
+            "--engine distributed runs one process per stage: start it with "
+            "`gpipe-bench launch --nproc N -- ...` or `torchrun --nproc-per-node N -m gpipe_bench.cli ...`")
+    size = dspeed.world()
+    chosen = table.profile(profile)
+    jobs = []
+    for row in rows:
+        row, settings = config.apply(table, row, chosen.settings, overrides)
+        stages = len(row.balance) if row.balance else 1
+        if stages != size:
+            if named:
+                raise click.UsageError(f"{row.name} has {stages} stage(s) but {size} process(es) were launched; "
+                                       f"launch with --nproc {stages}")
+            continue
+        if row.batch % row.chunks:
+            raise click.BadParameter(f"{row.name}: batch {row.batch} is not divisible by chunks {row.chunks} (torch's "
+                                     "pipelining needs equal micro-batches); give --batch-size or --chunks that divide", param_hint="--chunks")
+        if schedule == "1f1b" and row.chunks < stages:
+            raise click.BadParameter(f"{row.name}: 1f1b needs chunks >= stages ({row.chunks} < {stages})", param_hint="--schedule")
+        jobs.append(speed.SpeedJob(table, row, settings, profile, [f"rank{r}" for r in range(size)], engine_label))
+    if not jobs:
+        raise click.UsageError(f"no row of {table.name} ({profile}) has {size} stage(s); rows: "
+                               + ", ".join(f"{r.name} ({len(r.balance) if r.balance else 1})" for r in chosen.rows))
+    return jobs, size
+
+
+def _memory_distributed(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
+                        schedule: str, output: Optional[Path], per_device: bool) -> None:
+    from .distributed import memory as dmemory
+
+    jobs, size = _distributed_jobs(table, profile, rows, overrides, named, schedule, f"distributed-{schedule}")
+    rank = int(os.environ.get("RANK", "0"))
+    root = output if output is not None else results.results_dir()
+    if rank == 0:
+        results.check_writable(root)
+    done: List[results.Result] = []
+    for job in jobs:
+        result = dmemory.run_rank(job, schedule)
+        if result is not None:
+            path = results.save(result, root)
+            per_rank = ", ".join(report.format_gib(v) for v in result.extra["measured_per_device_gib"])
+            click.echo(f"{job.row.name} ({result.engine}, {size} processes): {report.format_gib(result.value)} "
+                       f"(per rank: {per_rank})  -> {path}", err=True)
+            done.append(result)
+    if done:
+        saved = results.load_all(root, table=table.name, profile=profile, hardware=done[0].hardware_key())
+        click.echo(report.render(table, saved, fmt="rst", published=True))
+        if per_device:
+            click.echo(report.memory_per_device(table, saved, fmt="rst"))
 
 
 def _write_plot(table: config.Table, saved: List[results.Result], path: Path) -> None:

@@ -60,7 +60,9 @@ def build_stage(name: str, balance: Sequence[int], rank: int, device: torch.devi
                 **kwargs: Any) -> nn.Module:
     """Stage ``rank`` of model ``name`` split by ``balance``, on ``device``; the rest stays on ``meta``.
 
-    A stage that skip connections enter or leave is wrapped in :class:`CarrySkips`.
+    The stage is a :class:`CarrySkips`: it carries skip connections that cross
+    stages, and packs the arguments torch's pipelining unpacks from a tuple
+    output (AmoebaNet passes its cell states as a tuple).
     """
     model = _meta_model(name, **kwargs)
     if sum(balance) != len(model):
@@ -68,7 +70,8 @@ def build_stage(name: str, balance: Sequence[int], rank: int, device: torch.devi
     start, end = stage_range(balance, rank)
     incoming, outgoing = carried_keys(model, balance, rank)
     layers = materialize(model[start:end], device, seed, start)
-    return CarrySkips(layers, incoming, outgoing) if incoming or outgoing else layers
+    # Always wrapped: torch passes a tuple output on as separate arguments, which the wrapper packs again.
+    return CarrySkips(layers, incoming, outgoing)
 
 
 def build_full(name: str, device: torch.device, seed: int = 0, **kwargs: Any) -> nn.Sequential:
@@ -103,10 +106,12 @@ class CarrySkips(nn.Module):
         tracker.tensors.update(zip(self.incoming, inputs[count:]))
         with use_skip_tracker(tracker):
             out = self.layers(value)
-        if not self.outgoing:
-            return out
-        carried = tuple(tracker.tensors[key] for key in self.outgoing)
-        return (*(out if isinstance(out, tuple) else (out,)), *carried)
+        # gloo sends only contiguous tensors; a stage may end on a view.
+        values = tuple(t.contiguous() for t in (out if isinstance(out, tuple) else (out,)))
+        carried = tuple(tracker.tensors[key].contiguous() for key in self.outgoing)  # type: ignore[union-attr]
+        if not carried:
+            return values if isinstance(out, tuple) else values[0]
+        return (*values, *carried)
 
 
 def carried_keys(model: nn.Sequential, balance: Sequence[int], rank: int) -> Tuple[list, list]:

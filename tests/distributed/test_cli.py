@@ -38,3 +38,16 @@ def test_a_row_of_another_stage_count_is_refused(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "pipeline-4 has 4 stage(s) but 2 process(es) were launched" in done.stderr
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_one_f_one_b_holds_less_activation_memory_than_gpipe(tmp_path: Path) -> None:
+    peaks = {}
+    for schedule in ("gpipe", "1f1b"):
+        cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "memory", "amoebanetd",
+               "--pipeline", "2", "--engine", "distributed", "--schedule", schedule, "--profile", "quick",
+               "--output", str(tmp_path)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        record = json.loads(next(tmp_path.rglob(f"pipeline-2--distributed-{schedule}.json")).read_text())
+        peaks[schedule] = record["extra"]["measured_per_device_gib"]
+    assert max(peaks["1f1b"]) < max(peaks["gpipe"]) and sum(peaks["1f1b"]) < sum(peaks["gpipe"])
