@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import click
 import torch
@@ -72,11 +72,12 @@ def _parse_balance(value: Optional[str]) -> Optional[Tuple[int, ...]]:
     return balance
 
 
-def _speed_table_for(model: str) -> str:
-    name = f"{model}-speed"
+def _table_for(model: str, kind: str) -> str:
+    """The table ``<model>-<kind>``; a one-line error naming the models that have such a table."""
+    name = f"{model}-{kind}"
     if name not in config.table_names():
-        speed_models = [t[: -len("-speed")] for t in config.table_names() if t.endswith("-speed")]
-        raise click.BadParameter(f"no speed table for {model!r}; choose one of: {', '.join(speed_models)}", param_hint="MODEL")
+        known = [t[: -len(f"-{kind}")] for t in config.table_names() if t.endswith(f"-{kind}")]
+        raise click.BadParameter(f"no {kind} table for {model!r}; choose one of: {', '.join(known)}", param_hint="MODEL")
     return name
 
 
@@ -155,7 +156,7 @@ def speed_command(
     named = [flag for flag, value in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment)) if value is not None]
     if len(named) > 1:
         raise click.UsageError(f"{' and '.join(named)} both name a row; give one")
-    table = config.load(_speed_table_for(model))
+    table = config.load(_table_for(model, "speed"))
     profile_name = _default_profile(profile, quiet)
     chosen = table.profile(profile_name)
     if named:
@@ -204,6 +205,20 @@ def _speed_distributed(table: config.Table, profile: str, rows: List[config.Row]
     """``speed --engine distributed`` on this rank: the rows whose stage count is the number of processes."""
     from .distributed import speed as dspeed
 
+    def run(job: Any, rank: int) -> Optional[results.Result]:
+        bar = _Bar(f"{job.row.name} ({schedule})", job.settings.epochs, quiet or rank != 0)
+        result = dspeed.run_rank(job, schedule, bar if rank == 0 else None)
+        bar.close()
+        return result
+
+    _run_distributed(table, profile, rows, overrides, named, schedule, output, run,
+                     lambda r: f"{r.value:.3f} {r.unit}", per_device=False)
+
+
+def _run_distributed(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
+                     schedule: str, output: Optional[Path], run: Callable[[Any, int], Optional[results.Result]],
+                     figure: Callable[[results.Result], str], per_device: bool) -> None:
+    """Run the rows this launch can run on this rank; rank 0 saves each record and prints the table."""
     jobs, size = _distributed_jobs(table, profile, rows, overrides, named, schedule, f"distributed-{schedule}")
     rank = int(os.environ.get("RANK", "0"))
     root = output if output is not None else results.results_dir()
@@ -211,16 +226,16 @@ def _speed_distributed(table: config.Table, profile: str, rows: List[config.Row]
         results.check_writable(root)
     done: List[results.Result] = []
     for job in jobs:
-        bar = _Bar(f"{job.row.name} ({schedule})", job.settings.epochs, quiet or rank != 0)
-        result = dspeed.run_rank(job, schedule, bar if rank == 0 else None)
-        bar.close()
+        result = run(job, rank)
         if result is not None:
             path = results.save(result, root)
-            click.echo(f"{job.row.name} ({result.engine}, {size} processes): {result.value:.3f} {result.unit}  -> {path}", err=True)
+            click.echo(f"{job.row.name} ({result.engine}, {size} processes): {figure(result)}  -> {path}", err=True)
             done.append(result)
     if done:
         saved = results.load_all(root, table=table.name, profile=profile, hardware=done[0].hardware_key())
         click.echo(report.render(table, saved, fmt="rst", published=True))
+        if per_device:
+            click.echo(report.memory_per_device(table, saved, fmt="rst"))
 
 
 @main.command("launch", context_settings={**_CONTEXT, "ignore_unknown_options": True})
@@ -253,14 +268,6 @@ def launch_command(nproc: int, nnodes: str, rdzv_endpoint: Optional[str], rdzv_i
 
 
 # -- memory --------------------------------------------------------------------
-
-
-def _memory_table_for(model: str) -> str:
-    name = f"{model}-memory"
-    if name not in config.table_names():
-        memory_models = [t[: -len("-memory")] for t in config.table_names() if t.endswith("-memory")]
-        raise click.BadParameter(f"no memory table for {model!r}; choose one of: {', '.join(memory_models)}", param_hint="MODEL")
-    return name
 
 
 @main.command("memory", context_settings=_CONTEXT)
@@ -304,7 +311,7 @@ def memory_command(
     named = [flag for flag, value in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment)) if value is not None]
     if len(named) > 1:
         raise click.UsageError(f"{' and '.join(named)} both name a row; give one")
-    table = config.load(_memory_table_for(model))
+    table = config.load(_table_for(model, "memory"))
     profile_name = _default_profile(profile, quiet)
     chosen = table.profile(profile_name)
     if named:
@@ -399,25 +406,12 @@ def _memory_distributed(table: config.Table, profile: str, rows: List[config.Row
                         schedule: str, output: Optional[Path], per_device: bool) -> None:
     from .distributed import memory as dmemory
 
-    jobs, size = _distributed_jobs(table, profile, rows, overrides, named, schedule, f"distributed-{schedule}")
-    rank = int(os.environ.get("RANK", "0"))
-    root = output if output is not None else results.results_dir()
-    if rank == 0:
-        results.check_writable(root)
-    done: List[results.Result] = []
-    for job in jobs:
-        result = dmemory.run_rank(job, schedule)
-        if result is not None:
-            path = results.save(result, root)
-            per_rank = ", ".join(report.format_gib(v) for v in result.extra["measured_per_device_gib"])
-            click.echo(f"{job.row.name} ({result.engine}, {size} processes): {report.format_gib(result.value)} "
-                       f"(per rank: {per_rank})  -> {path}", err=True)
-            done.append(result)
-    if done:
-        saved = results.load_all(root, table=table.name, profile=profile, hardware=done[0].hardware_key())
-        click.echo(report.render(table, saved, fmt="rst", published=True))
-        if per_device:
-            click.echo(report.memory_per_device(table, saved, fmt="rst"))
+    def figure(result: results.Result) -> str:
+        per_rank = ", ".join(report.format_gib(v) for v in result.extra["measured_per_device_gib"])
+        return f"{report.format_gib(result.value)} (per rank: {per_rank})"
+
+    _run_distributed(table, profile, rows, overrides, named, schedule, output,
+                     lambda job, rank: dmemory.run_rank(job, schedule), figure, per_device)
 
 
 def _write_plot(table: config.Table, saved: List[results.Result], path: Path) -> None:
@@ -432,14 +426,6 @@ def _write_plot(table: config.Table, saved: List[results.Result], path: Path) ->
 
 
 # -- accuracy ------------------------------------------------------------------
-
-
-def _accuracy_table_for(model: str) -> str:
-    name = f"{model}-accuracy"
-    if name not in config.table_names():
-        known = [t[: -len("-accuracy")] for t in config.table_names() if t.endswith("-accuracy")]
-        raise click.BadParameter(f"no accuracy table for {model!r}; choose one of: {', '.join(known)}", param_hint="MODEL")
-    return name
 
 
 @main.command("accuracy", context_settings=_CONTEXT)
@@ -467,7 +453,7 @@ def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds:
     from .bench import accuracy  # torch-heavy; imported when used
     from .data import fashion_mnist, imagenet
 
-    table = config.load(_accuracy_table_for(model))
+    table = config.load(_table_for(model, "accuracy"))
     chosen = table.profile(profile)
     rows = [table.row(experiment, profile)] if experiment else list(chosen.rows)
     overrides = Overrides(epochs=epochs)

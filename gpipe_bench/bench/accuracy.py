@@ -39,7 +39,7 @@ from gpipe_bench.data import fashion_mnist, imagenet
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.results import Result, environment
 
-from .speed import model_name
+from .speed import _place, model_name
 
 __all__ = ["AccuracyJob", "Dataset", "Folders", "load_dataset", "batches", "lr_at", "train", "run"]
 
@@ -212,10 +212,6 @@ def _train_loop(job: AccuracyJob, model: nn.Module, data: Data, seed: int, *, re
             if progress is not None:
                 progress(seed, epoch + 1, job.settings.epochs, errors[-1], time.perf_counter() - start)
     return errors
-
-
-def _place(device: str) -> torch.device:
-    return torch.device("cpu") if device.startswith("cpu") else torch.device(device)
 
 
 def train_pipeline(job: AccuracyJob, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:

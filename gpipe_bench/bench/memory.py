@@ -28,24 +28,20 @@ from torch import Tensor, nn
 
 from gpipe_bench import models
 from gpipe_bench.config import Row, Settings, Table
-from gpipe_bench.memory.predict import Prediction, nbytes, predict_pipeline, predict_plain
+from gpipe_bench.memory.predict import Prediction, nbytes, predict_pipeline, predict_plain, split
 from gpipe_bench.memory.tracker import TensorMemory
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.pipe.balance import balance_by_size
 from gpipe_bench.pipe.microbatch import as_tuple
 from gpipe_bench.results import Result, environment
 
-from .speed import SpeedJob, model_args, model_name, settings_record
+from .speed import SpeedJob, _is_oom, _place, model_args, model_name, settings_record
 
 __all__ = ["MemoryJob", "GIB", "find_balance", "predict", "measure", "run"]
 
 GIB = float(2**30)
 
 MemoryJob = SpeedJob  # the same resolved row, settings, profile and devices
-
-
-def _place(device: str) -> torch.device:
-    return torch.device("cpu") if device.startswith("cpu") else torch.device(device)
 
 
 def _extra(job: MemoryJob, key: str, default: Any) -> Any:
@@ -61,25 +57,20 @@ def _pipelined(row: Row) -> bool:
     return row.mode == "pipeline"
 
 
-def find_balance(job: MemoryJob) -> Tuple[int, ...]:
-    """The row's balance, or one found by ``balance_by_size`` on ``meta`` when the config leaves it null."""
+def find_balance(job: MemoryJob, model: Optional[nn.Sequential] = None) -> Tuple[int, ...]:
+    """The row's balance, or one found by ``balance_by_size`` on ``meta`` when the config leaves it null.
+
+    ``model``: the row's model on ``meta``, when the caller has built it already.
+    """
     if job.row.balance is not None:
         return tuple(job.row.balance)
-    model = _meta_model(job)
+    model = model if model is not None else _meta_model(job)
     if not _pipelined(job.row) or job.row.devices == 1:
         return (len(model),)
     s = job.settings
     sample = torch.empty(job.row.batch, 3, s.input_size, s.input_size, device="meta")
     copies = float(_extra(job, "parameter_copies", 3))
     return tuple(balance_by_size(job.row.devices, model, sample, chunks=job.row.chunks, param_scale=copies, device="meta"))
-
-
-def _partitions(model: nn.Sequential, balance: Sequence[int]) -> List[nn.Sequential]:
-    parts, start = [], 0
-    for size in balance:
-        parts.append(model[start:start + size])
-        start += size
-    return parts
 
 
 def device_slots(devices: Sequence[str]) -> Tuple[List[str], List[int]]:
@@ -109,10 +100,10 @@ def _optimizer_temp(part: nn.Module, device: str) -> int:
     return sum(sizes) if device.startswith("cuda") else max(sizes)
 
 
-def predict(job: MemoryJob, balance: Sequence[int]) -> Prediction:
+def predict(job: MemoryJob, balance: Sequence[int], model: Optional[nn.Sequential] = None) -> Prediction:
     """Peak activation bytes per device for the row, from ``meta`` (see :mod:`gpipe_bench.memory.predict`)."""
     row, s = job.row, job.settings
-    model = _meta_model(job)
+    model = model if model is not None else _meta_model(job)
     model.train()
     sample = torch.empty(row.batch, 3, s.input_size, s.input_size, device="meta")
     with torch.device("meta"):
@@ -120,7 +111,7 @@ def predict(job: MemoryJob, balance: Sequence[int]) -> Prediction:
     head = 2 * nbytes(as_tuple(out)[0]) * row.batch + row.batch * 8  # joined output, its gradient, the labels
     if not _pipelined(row):
         return predict_plain(model, sample, head_bytes=head, optimizer_temp=_optimizer_temp(model, job.devices[0]))
-    parts = _partitions(model, balance)
+    parts = split(model, balance)
     devices = list(job.devices)
     _, slots = device_slots(devices)
     temps = [_optimizer_temp(p, d) for p, d in zip(parts, devices)]
@@ -201,10 +192,6 @@ def measure(job: MemoryJob, balance: Sequence[int]) -> List[int]:
     return [curves[k].peak if k in curves else 0 for k in range(len(distinct))]
 
 
-def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 def _available_host_bytes() -> Optional[int]:
     """MemAvailable from /proc/meminfo (Linux); None where unknown."""
     try:
@@ -217,11 +204,11 @@ def _available_host_bytes() -> Optional[int]:
     return None
 
 
-def _model_bytes_per_device(job: MemoryJob, balance: Sequence[int], slots: Sequence[int], count: int) -> List[int]:
+def _model_bytes_per_device(job: MemoryJob, model: nn.Sequential, balance: Sequence[int], slots: Sequence[int],
+                            count: int) -> List[int]:
     width = int(_extra(job, "bytes_per_parameter", 4))
     copies = int(_extra(job, "parameter_copies", 3))
-    model = _meta_model(job)
-    parts = _partitions(model, balance) if _pipelined(job.row) else [model]
+    parts = split(model, balance) if _pipelined(job.row) else [model]
     out = [0] * count
     for part, slot in zip(parts, slots):
         out[slot] += sum(p.numel() for p in part.parameters()) * width * copies
@@ -236,14 +223,15 @@ def run(job: MemoryJob, *, predict_only: bool = False) -> Result:
     memory, with the figures that say why.
     """
     row = job.row
-    layers, params = models.count(model_name(job), **model_args(job))
+    meta = _meta_model(job)  # built once: counted, balanced, predicted and sized from the same modules
+    layers, params = len(meta), sum(p.numel() for p in meta.parameters())
     width = int(_extra(job, "bytes_per_parameter", 4))
     copies = int(_extra(job, "parameter_copies", 3))
-    balance = find_balance(job)
-    prediction = predict(job, balance)
+    balance = find_balance(job, meta)
+    prediction = predict(job, balance, meta)
     devices = list(job.devices) if _pipelined(row) else [job.devices[0]]
     distinct, slots = device_slots(devices)
-    model_bytes = _model_bytes_per_device(job, balance, slots, len(distinct))
+    model_bytes = _model_bytes_per_device(job, meta, balance, slots, len(distinct))
     status, measured, note = "predicted", None, ""
     if not predict_only:
         status = "ok"

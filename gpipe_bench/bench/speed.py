@@ -95,7 +95,7 @@ def settings_record(job: SpeedJob) -> Dict[str, Any]:
 
 
 def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def run(job: SpeedJob, progress: Optional[Progress] = None) -> Result:

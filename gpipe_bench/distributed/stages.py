@@ -119,8 +119,9 @@ def carried_keys(model: nn.Sequential, balance: Sequence[int], rank: int) -> Tup
     stashed in or before it and popped after it. The order is the model's, the same on every rank."""
     from gpipe_bench.pipe.skip.layout import inspect_skip_layout
 
-    parts = [model[sum(balance[:j]):sum(balance[:j + 1])] for j in range(len(balance))]
-    routes = inspect_skip_layout(parts).routes
+    from gpipe_bench.memory.predict import split
+
+    routes = inspect_skip_layout(split(model, balance)).routes
     incoming = [key for key, (stash, pop) in routes.items() if stash < rank <= pop]
     outgoing = [key for key, (stash, pop) in routes.items() if stash <= rank < pop]
     return incoming, outgoing

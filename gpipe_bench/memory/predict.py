@@ -38,7 +38,7 @@ from gpipe_bench.pipe.schedule import backward_steps, forward_steps
 from .tracker import TensorMemory, storage_key
 
 __all__ = ["CellCost", "Prediction", "profile_partition", "profile", "simulate", "simulate_plain", "nbytes",
-           "checkpoint_stop", "micro_batch_sizes", "predict_pipeline", "predict_plain"]
+           "checkpoint_stop", "micro_batch_sizes", "predict_pipeline", "predict_plain", "split"]
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,8 @@ def micro_batch_sizes(batch: int, chunks: int) -> List[int]:
     return [t.size(0) for t in torch.empty(batch, 0, device="meta").chunk(chunks)]
 
 
-def _split(model: nn.Sequential, balance: Sequence[int]) -> List[nn.Sequential]:
+def split(model: nn.Sequential, balance: Sequence[int]) -> List[nn.Sequential]:
+    """``model`` cut into consecutive slices of ``balance[j]`` layers (the slices share its modules)."""
     parts, start = [], 0
     for size in balance:
         parts.append(model[start:start + size])
@@ -267,7 +268,7 @@ def predict_pipeline(model: nn.Sequential, balance: Sequence[int], sample: Tenso
 
     ``sample`` is the whole mini-batch (a ``meta`` tensor); it counts on the first device.
     """
-    parts = _split(model, balance)
+    parts = split(model, balance)
     sizes = micro_batch_sizes(sample.size(0), chunks)
     by_size = {size: profile(parts, (sample[:size],), True) for size in set(sizes)}
     return simulate([by_size[size] for size in sizes], checkpoint_stop(checkpoint, chunks),
