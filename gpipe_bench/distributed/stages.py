@@ -100,6 +100,9 @@ class CarrySkips(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> Any:
         from gpipe_bench.pipe.skip.tracker import SkipTracker, use_skip_tracker
 
+        # gloo receives only into contiguous buffers, and torch sizes the previous stage's gradient buffers
+        # from the strides of this stage's input gradients (a concatenation's backward gives views).
+        inputs = tuple(_ContiguousGrad.apply(t) if t.requires_grad else t for t in inputs)
         count = len(inputs) - len(self.incoming)
         value: Any = inputs[0] if count == 1 else tuple(inputs[:count])
         tracker = SkipTracker()
@@ -112,6 +115,18 @@ class CarrySkips(nn.Module):
         if not carried:
             return values if isinstance(out, tuple) else values[0]
         return (*values, *carried)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
 
 
 def carried_keys(model: nn.Sequential, balance: Sequence[int], rank: int) -> Tuple[list, list]:

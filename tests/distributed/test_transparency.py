@@ -39,7 +39,20 @@ class _Add(nn.Module):
         return x + identity
 
 
-def _model(batch_norm: bool, skips: bool = False) -> nn.Sequential:
+class _Split(nn.Module):
+    def forward(self, x: torch.Tensor) -> Any:
+        return x[:, :10], x[:, 10:]
+
+
+class _Cat(nn.Module):
+    def forward(self, halves: Any) -> torch.Tensor:
+        return torch.cat(halves, dim=1)  # its backward hands each half a strided view of the gradient
+
+
+def _model(batch_norm: bool, skips: bool = False, halves: bool = False) -> nn.Sequential:
+    if halves:  # a tuple output cut from a concatenation: AmoebaNet's cells between stages
+        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), _Split(), _Cat(), nn.Linear(16, 16), nn.BatchNorm1d(16),
+                             nn.Tanh(), nn.Linear(16, 5)).double()
     if skips:  # a residual block whose fork and addition land on different stages
         ns = Namespace()
         return nn.Sequential(nn.Linear(6, 16), _Fork().isolate(ns), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Tanh(),
@@ -62,16 +75,17 @@ def _batch() -> Any:
     return torch.randn(BATCH, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (BATCH,), generator=g)
 
 
-def _rank(rank: int, world: int, port: int, schedule: str, batch_norm: bool, out: str, skips: bool = False) -> None:
+def _rank(rank: int, world: int, port: int, schedule: str, batch_norm: bool, out: str, skips: bool = False,
+          halves: bool = False) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         with torch.device("meta"):
-            model = _model(batch_norm, skips)
-        balance = _balance(world, len(model))
+            model = _model(batch_norm, skips, halves)
+        balance = [3, 5] if halves else _balance(world, len(model))
         start, end = stage_range(balance, rank)
         layers = materialize(model[start:end], torch.device("cpu"), seed=3, first_index=start).double()
         incoming, outgoing = carried_keys(model, balance, rank)
-        stage = CarrySkips(layers, incoming, outgoing) if skips else layers
+        stage = CarrySkips(layers, incoming, outgoing) if skips or halves else layers
         optimizer = torch.optim.SGD(stage.parameters(), lr=0.5)
         pipe = sched.make_schedule(stage, rank, world, torch.device("cpu"), CHUNKS, schedule, F.cross_entropy)
         x, y = _batch()
@@ -83,9 +97,9 @@ def _rank(rank: int, world: int, port: int, schedule: str, batch_norm: bool, out
         dist.destroy_process_group()
 
 
-def _reference(batch_norm: bool, accumulate: bool, skips: bool = False) -> Dict[str, torch.Tensor]:
+def _reference(batch_norm: bool, accumulate: bool, skips: bool = False, halves: bool = False) -> Dict[str, torch.Tensor]:
     with torch.device("meta"):
-        model = _model(batch_norm, skips)
+        model = _model(batch_norm, skips, halves)
     plain = materialize(model, torch.device("cpu"), seed=3, first_index=0).double()
     optimizer = torch.optim.SGD(plain.parameters(), lr=0.5)
     x, y = _batch()
@@ -99,12 +113,13 @@ def _reference(batch_norm: bool, accumulate: bool, skips: bool = False) -> Dict[
     return plain.state_dict()
 
 
-def _launch(world: int, schedule: str, batch_norm: bool, tmp_path: Path, skips: bool = False) -> Dict[str, torch.Tensor]:
+def _launch(world: int, schedule: str, batch_norm: bool, tmp_path: Path, skips: bool = False,
+            halves: bool = False) -> Dict[str, torch.Tensor]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_rank, args=(r, world, port, schedule, batch_norm, str(tmp_path), skips), daemon=True)
+    procs = [context.Process(target=_rank, args=(r, world, port, schedule, batch_norm, str(tmp_path), skips, halves), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -140,6 +155,16 @@ def test_a_distributed_step_equals_the_plain_model(world: int, schedule: str, ba
 def test_skip_connections_cut_between_stages_travel_with_the_outputs(schedule: str, tmp_path: Path) -> None:
     ours = _launch(2, schedule, True, tmp_path, skips=True)  # stages [4, 5]: the fork on stage 0, the addition on 1
     reference = _reference(True, accumulate=True, skips=True)
+    assert set(ours) == set(reference)
+    for key, value in reference.items():
+        if value.is_floating_point():
+            assert torch.allclose(ours[key], value, rtol=0, atol=1e-12), key
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_tuple_cut_before_a_concatenation_sends_contiguous_gradients(schedule: str, tmp_path: Path) -> None:
+    ours = _launch(2, schedule, True, tmp_path, halves=True)  # stage 0 ends on the split, stage 1 starts on the cat
+    reference = _reference(True, accumulate=True, halves=True)
     assert set(ours) == set(reference)
     for key, value in reference.items():
         if value.is_floating_point():
