@@ -135,12 +135,13 @@ class _Bar:
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
 @click.option("--engine", type=click.Choice(["gpipe-bench", "torchgpipe", "distributed"]), default="gpipe-bench", show_default=True, help="The engine to time: ours; torchgpipe, the archived peer; distributed, torch.distributed.pipelining with one process per stage (run under torchrun or gpipe-bench launch).")
 @click.option("--schedule", type=click.Choice(["gpipe", "1f1b"]), default="gpipe", show_default=True, help="--engine distributed: fill-drain (as published) or one-forward-one-backward.")
+@click.option("--timeout", "timeout_s", type=click.IntRange(min=1), default=300, show_default=True, help="--engine distributed: seconds a rank waits for a peer before it fails (the process group's timeout).")
 @click.option("--quiet", is_flag=True, help="Log lines instead of a progress bar.")
 def speed_command(
     model: str, pipeline: Optional[int], naive: Optional[int], experiment: Optional[str], devices_spec: Optional[str],
     profile: Optional[str], epochs: Optional[int], skip_epochs: Optional[int], batch_size: Optional[int],
     chunks: Optional[int], balance: Optional[str], checkpoint: Optional[str], output: Optional[Path],
-    engine: str, schedule: str, quiet: bool,
+    engine: str, schedule: str, timeout_s: int, quiet: bool,
 ) -> None:
     """Measure training throughput of a row of MODEL's speed table, or of the whole table.
 
@@ -165,7 +166,7 @@ def speed_command(
         rows = list(chosen.rows)
     overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint, epochs=epochs, skip_epochs=skip_epochs)
     if engine == "distributed":
-        _speed_distributed(table, profile_name, rows, overrides, named != [], schedule, output, quiet)
+        _speed_distributed(table, profile_name, rows, overrides, named != [], schedule, output, quiet, timeout_s)
         return
     jobs = []
     for row in rows:  # resolve and validate everything before the first measurement
@@ -201,13 +202,13 @@ def speed_command(
 
 
 def _speed_distributed(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
-                       schedule: str, output: Optional[Path], quiet: bool) -> None:
+                       schedule: str, output: Optional[Path], quiet: bool, timeout_s: int) -> None:
     """``speed --engine distributed`` on this rank: the rows whose stage count is the number of processes."""
     from .distributed import speed as dspeed
 
     def run(job: Any, rank: int) -> Optional[results.Result]:
         bar = _Bar(f"{job.row.name} ({schedule})", job.settings.epochs, quiet or rank != 0)
-        result = dspeed.run_rank(job, schedule, bar if rank == 0 else None)
+        result = dspeed.run_rank(job, schedule, bar if rank == 0 else None, timeout_s=timeout_s)
         bar.close()
         return result
 
@@ -252,19 +253,17 @@ def launch_command(nproc: int, nnodes: str, rdzv_endpoint: Optional[str], rdzv_i
     Two hosts:  gpipe-bench launch --nnodes 2 --nproc 4 --rdzv-endpoint HOST:29500 -- speed amoebanetd --pipeline 8 --engine distributed
                 (the same line on both hosts)
     """
-    import subprocess
+    from .distributed.launch import launch, thread_count
 
-    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
+    args = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
     if rdzv_endpoint:
         args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
     else:
         args += ["--standalone"]
+    # torchrun would set one thread per rank (and say so); share this host's cores out instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(thread_count(nproc)))
     args += ["-m", "gpipe_bench.cli", *command]
-    try:
-        code = subprocess.call(args)
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    sys.exit(launch(args, world=None if rdzv_endpoint else nproc))
 
 
 # -- memory --------------------------------------------------------------------
@@ -286,12 +285,13 @@ def launch_command(nproc: int, nnodes: str, rdzv_endpoint: Optional[str], rdzv_i
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
 @click.option("--engine", type=click.Choice(["gpipe-bench", "distributed"]), default="gpipe-bench", show_default=True, help="Ours, or torch.distributed.pipelining with one process per stage (under gpipe-bench launch or torchrun).")
 @click.option("--schedule", type=click.Choice(["gpipe", "1f1b"]), default="gpipe", show_default=True, help="--engine distributed: the schedule.")
+@click.option("--timeout", "timeout_s", type=click.IntRange(min=1), default=300, show_default=True, help="--engine distributed: seconds a rank waits for a peer before it fails (the process group's timeout).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def memory_command(
     model: str, pipeline: Optional[int], naive: Optional[int], experiment: Optional[str], devices_spec: Optional[str],
     profile: Optional[str], batch_size: Optional[int], chunks: Optional[int], balance: Optional[str],
     checkpoint: Optional[str], predict_only: bool, per_device: bool, output: Optional[Path], engine: str,
-    schedule: str, quiet: bool,
+    schedule: str, timeout_s: int, quiet: bool,
 ) -> None:
     """Measure and predict the memory of a row of MODEL's memory table, or of the whole table.
 
@@ -320,7 +320,7 @@ def memory_command(
         rows = list(chosen.rows)
     overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint)
     if engine == "distributed":
-        _memory_distributed(table, profile_name, rows, overrides, bool(named), schedule, output, per_device)
+        _memory_distributed(table, profile_name, rows, overrides, bool(named), schedule, output, per_device, timeout_s)
         return
     jobs = []
     for row in rows:  # resolve and validate everything before the first measurement
@@ -393,6 +393,11 @@ def _distributed_jobs(table: config.Table, profile: str, rows: List[config.Row],
         if row.batch % row.chunks:
             raise click.BadParameter(f"{row.name}: batch {row.batch} is not divisible by chunks {row.chunks} (torch's "
                                      "pipelining needs equal micro-batches); give --batch-size or --chunks that divide", param_hint="--chunks")
+        if schedule == "1f1b" and row.chunks < stages and not named:
+            if int(os.environ.get("RANK", "0")) == 0:
+                click.echo(f"{row.name}: skipped: {row.chunks} micro-batch(es) for {stages} stages, fewer than 1f1b "
+                           "needs (with one micro-batch every schedule is fill-drain: --schedule gpipe runs it)", err=True)
+            continue
         if schedule == "1f1b" and row.chunks < stages:
             raise click.BadParameter(f"{row.name}: 1f1b needs chunks >= stages ({row.chunks} < {stages})", param_hint="--schedule")
         jobs.append(speed.SpeedJob(table, row, settings, profile, [f"rank{r}" for r in range(size)], engine_label))
@@ -403,7 +408,7 @@ def _distributed_jobs(table: config.Table, profile: str, rows: List[config.Row],
 
 
 def _memory_distributed(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
-                        schedule: str, output: Optional[Path], per_device: bool) -> None:
+                        schedule: str, output: Optional[Path], per_device: bool, timeout_s: int) -> None:
     from .distributed import memory as dmemory
 
     def figure(result: results.Result) -> str:
@@ -411,7 +416,7 @@ def _memory_distributed(table: config.Table, profile: str, rows: List[config.Row
         return f"{report.format_gib(result.value)} (per rank: {per_rank})"
 
     _run_distributed(table, profile, rows, overrides, named, schedule, output,
-                     lambda job, rank: dmemory.run_rank(job, schedule), figure, per_device)
+                     lambda job, rank: dmemory.run_rank(job, schedule, timeout_s=timeout_s), figure, per_device)
 
 
 def _write_plot(table: config.Table, saved: List[results.Result], path: Path) -> None:
@@ -575,4 +580,6 @@ def compare_command(table_name: Optional[str], check: bool, fmt: str, root: Opti
 
 
 if __name__ == "__main__":  # torchrun -m gpipe_bench.cli ...
-    main()
+    from .distributed.launch import worker_main
+
+    worker_main(main)

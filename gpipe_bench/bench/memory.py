@@ -138,7 +138,7 @@ def _train(job: MemoryJob, model: nn.Module, x: Tensor, y: Tensor, optimizer: to
            meter: Optional[TensorMemory]) -> None:
     for _ in range(int(_extra(job, "steps", 2))):
         optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        torch.autograd.backward(F.cross_entropy(model(x), y))
         optimizer.step()
         if meter is not None:
             meter.exclude(_model_state(model, optimizer))

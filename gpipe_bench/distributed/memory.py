@@ -76,7 +76,8 @@ def run_rank(job: MemoryJob, schedule: str, timeout_s: float = 300.0) -> Optiona
             x = torch.rand(row.batch, 3, s.input_size, s.input_size, device=device) if rank == 0 else None
             y = torch.randint(0, s.classes, (row.batch,), device=device) if rank == size - 1 else None
             train(meter)
-        peak = meter.curves().get(0).peak if meter.curves().get(0) else 0
+        curve = meter.curves().get(0)
+        peak = curve.peak if curve is not None else 0
     peaks: List[Any] = [None] * size
     dist.all_gather_object(peaks, (int(peak), int(model_bytes)))
     if rank != 0:

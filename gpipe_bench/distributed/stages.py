@@ -11,7 +11,7 @@ modules' own defaults), which matters for accuracy runs, not for speed or memory
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -121,15 +121,15 @@ class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward hands on a contiguous gradient."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.view_as(tensor)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
 
 
-def carried_keys(model: nn.Sequential, balance: Sequence[int], rank: int) -> Tuple[list, list]:
+def carried_keys(model: nn.Sequential, balance: Sequence[int], rank: int) -> Tuple[List[Any], List[Any]]:
     """Skip keys entering and leaving stage ``rank``: stashed before it and popped in or after it; and
     stashed in or before it and popped after it. The order is the model's, the same on every rank."""
     from gpipe_bench.pipe.skip.layout import inspect_skip_layout
