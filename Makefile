@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install data demo resnet101-speed resnet101-accuracy amoebanetd-speed amoebanetd-memory tables compare test typecheck bench-engine gpu-check clean
+.PHONY: install data demo demo-distributed resnet101-speed resnet101-accuracy amoebanetd-speed amoebanetd-memory tables compare test typecheck bench-engine gpu-check clean
 
 install: $(STAMP)
 
@@ -36,6 +36,13 @@ resnet101-accuracy: $(STAMP) data
 CPU8 := cpu:0,cpu:1,cpu:2,cpu:3,cpu:4,cpu:5,cpu:6,cpu:7
 demo: $(STAMP)
 	$(VENV)/bin/gpipe-bench speed resnet101 --profile quick --devices $(CPU8)
+
+# The quick ResNet-101 speed rows on torch.distributed.pipelining, one CPU process per stage
+# (naive-2 and pipeline-2 on the same two processes), then the plain model in one process on
+# all cores beside them; under 5 minutes on 2 cores.
+demo-distributed: $(STAMP)
+	$(VENV)/bin/gpipe-bench launch --nproc 2 -- speed resnet101 --engine distributed --profile quick
+	$(VENV)/bin/gpipe-bench speed resnet101 --naive 1 --profile quick --devices cpu
 
 # The published tables at their published sizes: made for a machine with 8 GPUs.
 resnet101-speed: $(STAMP)

@@ -272,18 +272,47 @@ def speed_table(table: "Table", results: Sequence[Result], *, fmt: str = "rst", 
             rows.append(cells)
         return headers, rows, ["left"] + ["right"] * (len(headers) - 1)
 
-    return _render_groups(table, results, fmt, grid)
+    return _render_groups(table, results, fmt, grid, lambda profile, group: _same_devices(table, profile, group))
+
+
+def _same_devices(table: "Table", profile: "Profile", group: _Group) -> List[str]:
+    """pipeline-N over naive-N measured by the same engine: what pipelining buys on the same N devices or processes.
+
+    The Speedup column compares with the baseline row (one device, all its
+    cores); this line compares like with like, the model split the same way
+    with and without micro-batches. Pairs the Speedup column already shows
+    (naive-N is the baseline) are left out.
+    """
+    found = []
+    for row in profile.rows:
+        if row.mode != "pipeline":
+            continue
+        naive = next((r for r in profile.rows if r.mode == "naive" and r.devices == row.devices), None)
+        if naive is None:
+            continue
+        for engine in group.engines():
+            ours, base = group.get(row.name, engine), group.get(naive.name, engine)
+            if (ours is None or base is None or ours.status != "ok" or base.status != "ok"
+                    or not ours.value or not base.value or _baseline(table, profile, group, engine) is base):
+                continue
+            count = ours.extra.get("processes")
+            where = f"{count} processes" if count else f"{row.devices} devices"
+            found.append(f"{row.name} / {naive.name} on the same {where} ({engine}): {ours.value / base.value:.3f}x")
+    return [f"Pipelining over the same devices: {'; '.join(found)}."] if found else []
 
 
 _Grid = Tuple[List[str], List[List[str]], List[str]]
 
 
 def _render_groups(table: "Table", results: Sequence[Result], fmt: str,
-                   grid: Callable[["Profile", _Group], _Grid]) -> str:
-    """One table per (hardware, profile) group: heading, grid, and rows the config does not know."""
+                   grid: Callable[["Profile", _Group], _Grid],
+                   notes: Optional[Callable[["Profile", _Group], List[str]]] = None) -> str:
+    """One table per (hardware, profile) group: heading, grid, notes, and rows the config does not know."""
     def block(profile: "Profile", group: _Group) -> str:
         headers, rows, aligns = grid(profile, group)
         parts = [_heading(table, group), _grid(headers, rows, aligns, fmt)]
+        if notes is not None:
+            parts += notes(profile, group)
         strays = _strays(profile, group)
         if strays:
             parts.append(f"Results for rows not in the config (not shown): {', '.join(strays)}")

@@ -214,7 +214,7 @@ BAD = {
     "top key typo": (_set("baseilne", value="naive-1"), ["baseilne", "did you mean 'baseline'", "allowed keys"]),
     "settings typo": (_set("settings", "epoch", value=3), ["settings.epoch", "did you mean 'epochs'"]),
     "missing key": (lambda d: d.pop("metric"), ["metric = (missing)", "add `metric:`"]),
-    "baseline": (_set("baseline", value="naive-9"), ["baseline", "'naive-9'", "naive-1, pipeline-1"]),
+    "baseline": (_set("baseline", value="naive-9"), ["baseline", "'naive-9'", "naive-1, naive-2, pipeline-1"]),
     "skip_epochs": (_set("settings", "skip_epochs", value=10), ["settings.skip_epochs", "= 10", "epochs (10)"]),
     "quick skip_epochs": (_set("profiles", "quick", "settings", "skip_epochs", value=3),
                           ["profiles.quick.settings.skip_epochs", "= 3", "epochs (3)"]),
@@ -306,7 +306,7 @@ def test_config_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_unknown_row_and_profile() -> None:
     table = config.load("resnet101-speed")
     message = _error(lambda: table.row("pipeline-16"))
-    assert "resnet101-speed.yaml" in message and "rows = 'pipeline-16'" in message and "naive-1, pipeline-1" in message
+    assert "resnet101-speed.yaml" in message and "rows = 'pipeline-16'" in message and "naive-1, naive-2, pipeline-1" in message
     message = _error(lambda: table.profile("slow"))
     assert "profiles = 'slow'" in message and "published, quick" in message
 
@@ -324,9 +324,9 @@ def test_find_row_errors_name_the_available_rows() -> None:
     table = config.load("resnet101-speed")
     message = _error(lambda: config.find_row(table, pipeline=16))
     assert "--pipeline = 16" in message and "no pipeline row over 16 device(s)" in message
-    assert "use one of --naive 1, --pipeline 1/2/4/8, --experiment NAME" in message
-    assert "(rows: naive-1, pipeline-1, pipeline-2, pipeline-4, pipeline-8)" in message
-    assert "--naive 1" in _error(lambda: config.find_row(table, naive=2))
+    assert "use one of --naive 1/2, --pipeline 1/2/4/8, --experiment NAME" in message
+    assert "(rows: naive-1, naive-2, pipeline-1, pipeline-2, pipeline-4, pipeline-8)" in message
+    assert "--naive 1/2" in _error(lambda: config.find_row(table, naive=4))
     assert "'pipeline-3'" in _error(lambda: config.find_row(table, experiment="pipeline-3"))
     assert "exactly one" in _error(lambda: config.find_row(table))
     assert "exactly one" in _error(lambda: config.find_row(table, pipeline=8, naive=1))

@@ -228,6 +228,21 @@ def test_plain_model_baseline_is_shared_by_engines() -> None:
     assert "pipeline-2 (torchgpipe)  150.000 samples/sec   1.500x" in grid
 
 
+def test_pipeline_over_naive_on_the_same_devices_per_engine() -> None:
+    rows = speed_rows(RESNET[:1] + [("naive-2", "naive", 2, 96, 1, (140, 230), "never", None, None)] + RESNET[1:])
+    table = make_table("resnet101-speed", rows)
+    results = [result(table, "naive-1", 100.0), result(table, "naive-2", 60.0), result(table, "pipeline-2", 90.0),
+               result(table, "naive-2", 50.0, engine="distributed-gpipe", extra={"processes": 2}),
+               result(table, "pipeline-2", 70.0, engine="distributed-gpipe", extra={"processes": 2})]
+    note = blocks(report.speed_table(table, results))[-1]
+    assert note == ("Pipelining over the same devices: pipeline-2 / naive-2 on the same 2 devices (gpipe-bench): 1.500x; "
+                    "pipeline-2 / naive-2 on the same 2 processes (distributed-gpipe): 1.400x.")
+    # where naive-N is the baseline, the Speedup column already says it: no note
+    amoeba_table = amoeba()
+    text = report.speed_table(amoeba_table, [result(amoeba_table, "naive-2", 10.0), result(amoeba_table, "pipeline-2", 15.0)])
+    assert "Pipelining over the same devices" not in text
+
+
 def test_render_dispatches_and_rejects_unknown_formats() -> None:
     table = resnet()
     assert report.render(table, as_published(table)) == report.speed_table(table, as_published(table))
