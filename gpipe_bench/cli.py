@@ -134,7 +134,7 @@ class _Bar:
 @click.option("--checkpoint", type=click.Choice(["always", "except_last", "never"]), help="Checkpoint mode [default: the row's].")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
 @click.option("--engine", type=click.Choice(["gpipe-bench", "torchgpipe", "distributed"]), default="gpipe-bench", show_default=True, help="The engine to time: ours; torchgpipe, the archived peer; distributed, torch.distributed.pipelining with one process per stage (run under torchrun or gpipe-bench launch).")
-@click.option("--schedule", type=click.Choice(["gpipe", "1f1b"]), default="gpipe", show_default=True, help="--engine distributed: fill-drain (as published) or one-forward-one-backward.")
+@click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved"]), default="gpipe", show_default=True, help="--engine distributed: fill-drain (as published), one-forward-one-backward, or interleaved 1F1B (several stages per process, dealt round-robin).")
 @click.option("--timeout", "timeout_s", type=click.IntRange(min=1), default=300, show_default=True, help="--engine distributed: seconds a rank waits for a peer before it fails (the process group's timeout).")
 @click.option("--quiet", is_flag=True, help="Log lines instead of a progress bar.")
 def speed_command(
@@ -284,7 +284,7 @@ def launch_command(nproc: int, nnodes: str, rdzv_endpoint: Optional[str], rdzv_i
 @click.option("--per-device", is_flag=True, help="Also print each device's model memory, measured and predicted peak.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
 @click.option("--engine", type=click.Choice(["gpipe-bench", "distributed"]), default="gpipe-bench", show_default=True, help="Ours, or torch.distributed.pipelining with one process per stage (under gpipe-bench launch or torchrun).")
-@click.option("--schedule", type=click.Choice(["gpipe", "1f1b"]), default="gpipe", show_default=True, help="--engine distributed: the schedule.")
+@click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved"]), default="gpipe", show_default=True, help="--engine distributed: the schedule (interleaved: several stages per process).")
 @click.option("--timeout", "timeout_s", type=click.IntRange(min=1), default=300, show_default=True, help="--engine distributed: seconds a rank waits for a peer before it fails (the process group's timeout).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def memory_command(
@@ -373,11 +373,12 @@ def _distributed_jobs(table: config.Table, profile: str, rows: List[config.Row],
                       schedule: str, engine_label: str) -> Tuple[List[Any], int]:
     """The rows this torchrun launch can run (stage count = processes), validated; and the process count."""
     from .bench import speed
+    from .distributed import schedule as dschedule
     from .distributed import speed as dspeed
 
     if not dspeed.in_torchrun():
         raise click.UsageError(
-            "--engine distributed runs one process per stage: start it with "
+            "--engine distributed runs one process per stage (several with --schedule interleaved): start it with "
             "`gpipe-bench launch --nproc N -- ...` or `torchrun --nproc-per-node N -m gpipe_bench.cli ...`")
     size = dspeed.world()
     chosen = table.profile(profile)
@@ -385,24 +386,21 @@ def _distributed_jobs(table: config.Table, profile: str, rows: List[config.Row],
     for row in rows:
         row, settings = config.apply(table, row, chosen.settings, overrides)
         stages = len(row.balance) if row.balance else 1
-        if stages != size:
-            if named:
-                raise click.UsageError(f"{row.name} has {stages} stage(s) but {size} process(es) were launched; "
-                                       f"launch with --nproc {stages}")
-            continue
         if row.batch % row.chunks:
             raise click.BadParameter(f"{row.name}: batch {row.batch} is not divisible by chunks {row.chunks} (torch's "
                                      "pipelining needs equal micro-batches); give --batch-size or --chunks that divide", param_hint="--chunks")
-        if schedule == "1f1b" and row.chunks < stages and not named:
-            if int(os.environ.get("RANK", "0")) == 0:
+        problem = dschedule.check(schedule, stages, size, row.chunks)
+        if problem is not None:
+            if named:
+                raise click.UsageError(f"{row.name}: {problem}")
+            if schedule == "1f1b" and stages == size and int(os.environ.get("RANK", "0")) == 0:
                 click.echo(f"{row.name}: skipped: {row.chunks} micro-batch(es) for {stages} stages, fewer than 1f1b "
                            "needs (with one micro-batch every schedule is fill-drain: --schedule gpipe runs it)", err=True)
             continue
-        if schedule == "1f1b" and row.chunks < stages:
-            raise click.BadParameter(f"{row.name}: 1f1b needs chunks >= stages ({row.chunks} < {stages})", param_hint="--schedule")
         jobs.append(speed.SpeedJob(table, row, settings, profile, [f"rank{r}" for r in range(size)], engine_label))
     if not jobs:
-        raise click.UsageError(f"no row of {table.name} ({profile}) has {size} stage(s); rows: "
+        wanted = f"{size} stage(s)" if schedule != "interleaved" else f"a multiple of {size} stages, at least {2 * size}"
+        raise click.UsageError(f"no row of {table.name} ({profile}) has {wanted}; rows: "
                                + ", ".join(f"{r.name} ({len(r.balance) if r.balance else 1})" for r in chosen.rows))
     return jobs, size
 

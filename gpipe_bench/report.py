@@ -233,6 +233,12 @@ def _published_value(table: "Table", row: "Row") -> Optional[float]:
     return _float(values.get(table.metric, values.get(_PUBLISHED_KEY.get(table.metric, table.metric))))
 
 
+def _on_row_devices(row: "Row", result: Optional[Result]) -> bool:
+    """Whether ``result`` ran on the row's device count (an interleaved run puts several stages per process)."""
+    processes = result.extra.get("processes") if result is not None else None
+    return processes is None or processes == row.devices
+
+
 def _of_ideal(row: "Row", speedup: Optional[float]) -> str:
     ideal = ideal_speedup(row)
     if ideal is None or speedup is None:
@@ -268,7 +274,7 @@ def speed_table(table: "Table", results: Sequence[Result], *, fmt: str = "rst", 
             if published:
                 values = row.published.values
                 cells += [_num(values.get("throughput"), 3), _num(values.get("speedup"), 3, "x"),
-                          _of_ideal(row, speedup)]
+                          _of_ideal(row, speedup) if _on_row_devices(row, result) else _DASH]
             rows.append(cells)
         return headers, rows, ["left"] + ["right"] * (len(headers) - 1)
 
@@ -595,7 +601,7 @@ def _compare_row(table: "Table", profile: "Profile", group: _Group, row: "Row", 
                  result: Optional[Result]) -> Dict[str, Any]:
     values = row.published.values
     speed = table.kind == "speed"
-    ideal = ideal_speedup(row)
+    ideal = ideal_speedup(row) if _on_row_devices(row, result) else None
     entry: Dict[str, Any] = {
         "experiment": row.name, "engine": engine, "profile": group.profile, "hardware": group.hardware,
         "status": result.status if result is not None else None,

@@ -26,7 +26,7 @@ from gpipe_bench.results import Result, environment
 
 from .schedule import make_schedule, step
 from .speed import _device
-from .stages import build_stage
+from .stages import build_local
 
 __all__ = ["run_rank"]
 
@@ -47,9 +47,11 @@ def run_rank(job: MemoryJob, schedule: str, timeout_s: float = 300.0) -> Optiona
     row, s = job.row, job.settings
     name, args = model_name(job), model_args(job)
     balance = list(row.balance) if row.balance else [models.count(name, **args)[0]]
-    stage = build_stage(name, balance, rank, device, seed=0, **args)
-    stage.train()
-    pipe = make_schedule(stage, rank, size, device, row.chunks, schedule, F.cross_entropy)
+    stages = build_local(name, balance, rank, size, schedule, device, seed=0, **args)
+    for module in stages.values():
+        module.train()
+    pipe = make_schedule(stages, rank, size, device, row.chunks, schedule, F.cross_entropy, stages=len(balance))
+    stage = torch.nn.ModuleList(stages.values())  # this rank's parameters, for the optimizer and the meter
     optimizer = _optimizer(job, stage)
     width, copies = int(_extra(job, "bytes_per_parameter", 4)), int(_extra(job, "parameter_copies", 3))
     model_bytes = sum(p.numel() for p in stage.parameters()) * width * copies
@@ -85,7 +87,7 @@ def run_rank(job: MemoryJob, schedule: str, timeout_s: float = 300.0) -> Optiona
     layers, params = models.count(name, **args)
     settings: Dict[str, Any] = settings_record(job)
     settings.update(devices=[f"{device.type}:rank{r}" for r in range(size)], balance=balance, schedule=schedule,
-                    processes=size, steps=steps)
+                    processes=size, steps=steps, stages_per_process=len(balance) // size)
     extra: Dict[str, Any] = {
         "layers": layers, "parameters": params, "model_memory_gib": params * width * copies / GIB,
         "devices": [f"rank {r}" for r in range(size)],

@@ -22,7 +22,7 @@ from gpipe_bench.bench.speed import Progress, SpeedJob, model_args, model_name, 
 from gpipe_bench.results import Result, environment
 
 from .schedule import make_schedule, step
-from .stages import build_stage
+from .stages import build_local
 
 __all__ = ["in_torchrun", "world", "run_rank"]
 
@@ -57,10 +57,12 @@ def run_rank(job: SpeedJob, schedule: str, progress: Optional[Progress] = None, 
 
         balance = [models.count(model_name(job), **model_args(job))[0]]
     torch.manual_seed(0)
-    stage = build_stage(model_name(job), balance, rank, device, seed=0, **model_args(job))
-    stage.train()
-    pipe = make_schedule(stage, rank, size, device, row.chunks, schedule, F.cross_entropy)
-    optimizer = torch.optim.SGD(stage.parameters(), lr=float(s.optimizer.get("lr", 0.1)))
+    stages = build_local(model_name(job), balance, rank, size, schedule, device, seed=0, **model_args(job))
+    for stage in stages.values():
+        stage.train()
+    pipe = make_schedule(stages, rank, size, device, row.chunks, schedule, F.cross_entropy, stages=len(balance))
+    parameters = [p for stage in stages.values() for p in stage.parameters()]
+    optimizer = torch.optim.SGD(parameters, lr=float(s.optimizer.get("lr", 0.1)))
     x = torch.rand(row.batch, 3, s.input_size, s.input_size, device=device) if rank == 0 else None
     y = torch.randint(0, s.classes, (row.batch,), device=device) if rank == size - 1 else None
 
@@ -94,7 +96,7 @@ def run_rank(job: SpeedJob, schedule: str, progress: Optional[Progress] = None, 
                   "std": statistics.stdev(throughputs) if len(throughputs) > 1 else 0.0}
     settings: Dict[str, Any] = settings_record(job)
     settings.update(devices=[f"{device.type}:rank{r}" for r in range(size)], balance=balance, schedule=schedule,
-                    processes=size)
+                    processes=size, stages_per_process=len(balance) // size)
     return Result(
         table=job.table.name, experiment=row.name, profile=job.profile, engine=f"distributed-{schedule}", kind="speed",
         metric=job.table.metric, unit=job.table.unit, value=statistics.fmean(throughputs) if throughputs else None,

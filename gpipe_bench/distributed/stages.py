@@ -11,14 +11,14 @@ modules' own defaults), which matters for accuracy runs, not for speed or memory
 """
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from gpipe_bench import models
 
-__all__ = ["stage_range", "materialize", "build_stage", "build_full", "CarrySkips", "carried_keys"]
+__all__ = ["stage_range", "materialize", "build_stage", "build_local", "build_full", "CarrySkips", "carried_keys"]
 
 
 def stage_range(balance: Sequence[int], rank: int) -> Tuple[int, int]:
@@ -72,6 +72,15 @@ def build_stage(name: str, balance: Sequence[int], rank: int, device: torch.devi
     layers = materialize(model[start:end], device, seed, start)
     # Always wrapped: torch passes a tuple output on as separate arguments, which the wrapper packs again.
     return CarrySkips(layers, incoming, outgoing)
+
+
+def build_local(name: str, balance: Sequence[int], rank: int, world: int, schedule: str, device: torch.device,
+                seed: int = 0, **kwargs: Any) -> Dict[int, nn.Module]:
+    """The stages rank ``rank`` holds under ``schedule`` (one; several when interleaved), by stage index."""
+    from .schedule import local_stages
+
+    return {s: build_stage(name, balance, s, device, seed=seed, **kwargs)
+            for s in local_stages(len(balance), rank, world, schedule)}
 
 
 def build_full(name: str, device: torch.device, seed: int = 0, **kwargs: Any) -> nn.Sequential:

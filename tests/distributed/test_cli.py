@@ -36,7 +36,7 @@ def test_a_row_of_another_stage_count_is_refused(tmp_path: Path) -> None:
            "--pipeline", "4", "--engine", "distributed", "--profile", "quick", "--output", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert "pipeline-4 has 4 stage(s) but 2 process(es) were launched" in done.stderr
+    assert "pipeline-4: 4 stage(s) but 2 process(es) were launched; launch with --nproc 4" in done.stderr
     assert not list(tmp_path.rglob("*.json"))
 
 
@@ -51,3 +51,15 @@ def test_one_f_one_b_holds_less_activation_memory_than_gpipe(tmp_path: Path) -> 
         record = json.loads(next(tmp_path.rglob(f"pipeline-2--distributed-{schedule}.json")).read_text())
         peaks[schedule] = record["extra"]["measured_per_device_gib"]
     assert max(peaks["1f1b"]) < max(peaks["gpipe"]) and sum(peaks["1f1b"]) < sum(peaks["gpipe"])
+
+
+def test_interleaved_needs_two_stages_per_process(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "speed", "resnet101",
+           "--pipeline", "2", "--engine", "distributed", "--schedule", "interleaved", "--profile", "quick",
+           "--output", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "Error: pipeline-2: interleaved needs at least two stages per process and the same number on each "
+        "(2 stage(s) on 2 process(es)); launch with --nproc 1"]
+    assert not list(tmp_path.rglob("*.json"))
