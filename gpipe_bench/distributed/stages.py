@@ -105,13 +105,16 @@ class CarrySkips(nn.Module):
         self.layers = layers
         self.incoming = list(incoming)
         self.outgoing = list(outgoing)
+        # torch hands a stage its received inputs as leaves that require grad; an in-place first layer
+        # (ReLU(inplace=True)) may not write into those, so it gets a copy.
+        self.copy_inputs = _starts_in_place(layers)
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         from gpipe_bench.pipe.skip.tracker import SkipTracker, use_skip_tracker
 
         # gloo receives only into contiguous buffers, and torch sizes the previous stage's gradient buffers
         # from the strides of this stage's input gradients (a concatenation's backward gives views).
-        inputs = tuple(_ContiguousGrad.apply(t) if t.requires_grad else t for t in inputs)
+        inputs = tuple(_ContiguousGrad.apply(t, self.copy_inputs) if t.requires_grad else t for t in inputs)
         count = len(inputs) - len(self.incoming)
         value: Any = inputs[0] if count == 1 else tuple(inputs[:count])
         tracker = SkipTracker()
@@ -127,15 +130,22 @@ class CarrySkips(nn.Module):
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient."""
+    """Identity (a view, or a copy for in-place first layers) whose backward hands on a contiguous gradient."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.view_as(tensor)
+    def forward(ctx: Any, tensor: torch.Tensor, copy: bool) -> torch.Tensor:
+        return tensor.clone() if copy else tensor.view_as(tensor)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return grad.contiguous(), None
+
+
+def _starts_in_place(module: nn.Module) -> bool:
+    """Whether the first layer that ``module`` runs writes into its input (``inplace=True``)."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[0]
+    return bool(getattr(module, "inplace", False))
 
 
 def carried_keys(model: nn.Sequential, balance: Sequence[int], rank: int) -> Tuple[List[Any], List[Any]]:

@@ -176,3 +176,16 @@ def test_a_tuple_cut_before_a_concatenation_sends_contiguous_gradients(schedule:
     for key, value in reference.items():
         if value.is_floating_point():
             assert torch.allclose(ours[key], value, rtol=0, atol=1e-12), key
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_stage_may_start_with_an_in_place_layer(inplace: bool) -> None:
+    """The received input is a leaf that requires grad: an in-place first layer works on a copy of it."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3).double()
+    received = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    CarrySkips(nn.Sequential(nn.ReLU(inplace=inplace), linear), [], []).forward(received).sum().backward()
+    plain = received.detach().requires_grad_()
+    linear(torch.relu(plain)).sum().backward()
+    assert received.grad is not None and plain.grad is not None and received.grad.is_contiguous()
+    assert torch.equal(received.grad, plain.grad)
