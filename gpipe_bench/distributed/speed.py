@@ -37,8 +37,15 @@ def world() -> int:
 
 
 def _device() -> torch.device:
+    """This rank's device: GPU LOCAL_RANK where CUDA is present (NCCL), else the CPU (gloo)."""
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        count = torch.cuda.device_count()
+        if local >= count:
+            import click
+
+            raise click.UsageError(f"local rank {local} has no GPU: this host has {count}; launch at most --nproc "
+                                   f"{count} per host, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPU processes")
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
