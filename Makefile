@@ -79,7 +79,8 @@ typecheck: $(STAMP)
 bench-engine: $(STAMP)
 	$(PY) -m gpipe_bench.bench.engine
 
-# Everything a lent GPU machine should check, in one call: CUDA tests and a short timing.
+# Everything a lent GPU machine should check, in one call: CUDA tests and a short timing; the
+# distributed engine on CUDA (NCCL, one process holding both stages: one GPU cannot host two NCCL ranks).
 gpu-check: $(STAMP)
 	$(PY) -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__, torch.version.cuda)"
 	$(PY) -m pytest -q -m cuda
@@ -87,6 +88,7 @@ gpu-check: $(STAMP)
 	$(VENV)/bin/gpipe-bench memory amoebanetd --profile quick --devices 'cuda:0*8' --per-device --quiet
 	$(VENV)/bin/gpipe-bench memory amoebanetd --profile published --devices 'cuda:0*8' --experiment pipeline-1 --quiet
 	$(VENV)/bin/gpipe-bench memory amoebanetd --profile published --devices 'cuda:0*8' --experiment pipeline-2 --per-device --quiet
+	$(VENV)/bin/gpipe-bench launch --nproc 1 -- speed resnet101 --pipeline 2 --engine distributed --schedule interleaved --profile quick --quiet
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis

@@ -230,7 +230,8 @@ def _run_distributed(table: config.Table, profile: str, rows: List[config.Row], 
         result = run(job, rank)
         if result is not None:
             path = results.save(result, root)
-            click.echo(f"{job.row.name} ({result.engine}, {size} processes): {figure(result)}  -> {path}", err=True)
+            processes = f"{size} process" + ("es" if size != 1 else "")
+            click.echo(f"{job.row.name} ({result.engine}, {processes}): {figure(result)}  -> {path}", err=True)
             done.append(result)
     if done:
         saved = results.load_all(root, table=table.name, profile=profile, hardware=done[0].hardware_key())
