@@ -249,6 +249,11 @@ def _run_distributed(table: config.Table, profile: str, rows: List[config.Row], 
 def launch_command(nproc: int, nnodes: str, rdzv_endpoint: Optional[str], rdzv_id: str, command: Tuple[str, ...]) -> None:
     """Run a gpipe-bench COMMAND under torchrun, one process per stage.
 
+    When a rank raises, dies or waits on a peer past --timeout, every rank is
+    stopped and the error of the rank that failed first is printed once; a
+    row that did not finish writes no result. Ranks share this host's cores
+    (OMP_NUM_THREADS, unless set).
+
     \b
     One host:   gpipe-bench launch --nproc 2 -- speed resnet101 --pipeline 2 --engine distributed
     Two hosts:  gpipe-bench launch --nnodes 2 --nproc 4 --rdzv-endpoint HOST:29500 -- speed amoebanetd --pipeline 8 --engine distributed

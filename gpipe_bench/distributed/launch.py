@@ -37,6 +37,8 @@ __all__ = ["ERROR_DIR_ENV", "Failure", "worker_main", "first_failure", "launch",
 #: Set by :func:`launch` for its workers: the folder where a failing rank leaves its error.
 ERROR_DIR_ENV = "GPIPE_BENCH_ERROR_DIR"
 
+_INTERRUPTED = "gpipe-bench launch: interrupted; the ranks were stopped and nothing was written for the row in progress."
+
 #: Seconds torchrun's agent waits between checks of its workers.
 _MONITOR_INTERVAL_S = 0.1
 
@@ -88,6 +90,8 @@ def worker_main(main: Callable[..., Any]) -> None:
         main()
         return
     rank = int(os.environ.get("RANK", "0"))
+    # The agent passes Ctrl-C on to every rank; the launch says it once (click would print a line per rank).
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
     try:
         main(standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -146,14 +150,19 @@ def first_failure(folder: str, exitcodes: Dict[int, int]) -> Optional[Failure]:
 
 
 def _quiet_agent() -> None:
-    for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    """torch's elastic loggers each set their own level (LOGLEVEL, WARNING): quieten every one created so far."""
+    prefixes = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(prefixes):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def launch(torchrun_args: Sequence[str], world: Optional[int] = None) -> int:
     """Run torchrun's agent with ``torchrun_args``; the exit code, after printing the first failure if any."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from torch.distributed.elastic.agent.server import api  # noqa: F401 - its logger, to quieten
 
     folder = tempfile.mkdtemp(prefix="gpipe-bench-launch-")
     os.environ[ERROR_DIR_ENV] = folder
@@ -172,9 +181,11 @@ def launch(torchrun_args: Sequence[str], world: Optional[int] = None) -> int:
             print(failure.report(world), file=sys.stderr)
             return 2 if failure.kind == "usage" else 1
         except KeyboardInterrupt:
+            print(_INTERRUPTED, file=sys.stderr)
             return 130
         except Exception as error:  # the agent's own failure: rendezvous, a busy port
             if type(error).__name__ == "SignalException":
+                print(_INTERRUPTED, file=sys.stderr)
                 return 130
             print(f"gpipe-bench launch: torchrun failed before the ranks ran: {type(error).__name__}: {error}",
                   file=sys.stderr)

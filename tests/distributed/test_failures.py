@@ -7,6 +7,7 @@ PYTHONPATH replaces the pipeline step of one rank, from its second step on
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -32,7 +33,9 @@ _INJECT = textwrap.dedent("""
                 if os.environ["FAULT"] == "raise":
                     raise RuntimeError("injected fault on rank " + os.environ["RANK"])
                 if os.environ["FAULT"] == "hang":
-                    import time
+                    import pathlib, time
+                    if os.environ.get("FAULT_MARK"):
+                        pathlib.Path(os.environ["FAULT_MARK"]).touch()
                     time.sleep(3600)
                 os.kill(os.getpid(), signal.SIGKILL)
             return _step(*args, **kwargs)
@@ -57,13 +60,17 @@ def _processes_naming(marker: str) -> List[int]:
     return found
 
 
-def _launch_with_fault(tmp_path: Path, fault: str, rank: int, *options: str) -> subprocess.CompletedProcess:
+def _fault_env(tmp_path: Path, fault: str, rank: int) -> Dict[str, str]:
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(_INJECT)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+            "FAULT": fault, "FAULT_RANK": str(rank), "FAULT_MARK": str(tmp_path / "hanging")}
+
+
+def _launch_with_fault(tmp_path: Path, fault: str, rank: int, *options: str) -> subprocess.CompletedProcess:
+    env = _fault_env(tmp_path, fault, rank)
     out = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-           "FAULT": fault, "FAULT_RANK": str(rank)}
     cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "speed", "resnet101",
            "--pipeline", "2", "--engine", "distributed", "--profile", "quick", "--epochs", "1", "--skip-epochs", "0",
            "--output", str(out), "--quiet", *options]
@@ -97,6 +104,27 @@ def test_a_rank_that_hangs_fails_its_peer_after_the_timeout(tmp_path: Path) -> N
     assert done.returncode == 1 and time.monotonic() - start < 120
     assert "rank 0 of 2 failed first" in done.stderr and "Timed out waiting 10000ms" in done.stderr
     assert "process group's timeout (--timeout)" in done.stderr
+
+
+def test_ctrl_c_stops_every_rank_and_says_so_once(tmp_path: Path) -> None:
+    env, out = _fault_env(tmp_path, "hang", 1), tmp_path / "results"
+    cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "speed", "resnet101",
+           "--pipeline", "2", "--engine", "distributed", "--profile", "quick", "--output", str(out), "--quiet"]
+    launch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "hanging").exists():  # the row is under way
+            assert time.monotonic() < deadline and launch.poll() is None, "the row did not start"
+            time.sleep(0.2)
+        launch.send_signal(signal.SIGINT)
+        _, stderr = launch.communicate(timeout=60)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    assert launch.returncode == 130
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "gpipe-bench launch: interrupted; the ranks were stopped and nothing was written for the row in progress."]
+    assert not list(out.rglob("*.json")) and not _processes_naming(str(out))
 
 
 def test_a_usage_error_is_one_line_once(tmp_path: Path) -> None:
