@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,28 @@ def test_interleaved_needs_two_stages_per_process(tmp_path: Path) -> None:
         "Error: pipeline-2: interleaved needs at least two stages per process and the same number on each "
         "(2 stage(s) on 2 process(es)); launch with --nproc 1"]
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_two_hosts_meet_at_a_rendezvous_and_write_one_record(tmp_path: Path) -> None:
+    """Two launches with --nnodes 2 (two "hosts" on this one), one process each, c10d rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nnodes", "2", "--nproc", "1",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test-two-hosts", "--", "speed", "resnet101",
+           "--pipeline", "2", "--engine", "distributed", "--profile", "quick", "--epochs", "1", "--skip-epochs", "0",
+           "--output", str(tmp_path), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    hosts = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    try:
+        outputs = [host.communicate(timeout=300) for host in hosts]
+    finally:
+        for host in hosts:
+            if host.poll() is None:
+                host.kill()
+    assert [host.returncode for host in hosts] == [0, 0], [err[-2000:] for _, err in outputs]
+    records = list(tmp_path.rglob("*.json"))
+    assert [r.name for r in records] == ["pipeline-2--distributed-gpipe.json"]
+    assert json.loads(records[0].read_text())["settings"]["processes"] == 2
