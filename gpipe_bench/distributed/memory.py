@@ -93,8 +93,9 @@ def run_rank(job: MemoryJob, schedule: str, timeout_s: float = 300.0) -> Optiona
         "devices": [f"rank {r}" for r in range(size)],
         "model_memory_per_device_gib": [m / GIB for _, m in peaks],
         "measured_per_device_gib": [p / GIB for p, _ in peaks],
-        "method": ("CUDA max_memory_reserved minus model memory, per rank" if device.type == "cuda"
-                   else "bytes held by tensors (TensorMemory) per rank, model state excluded"),
+        # The same words as our engine's rows: the table's footnote lists each method once.
+        "method": ("CUDA max_memory_reserved minus model memory" if device.type == "cuda"
+                   else "bytes held by tensors (TensorMemory), model state excluded"),
         "schedule": schedule, "processes": size,
     }
     return Result(
