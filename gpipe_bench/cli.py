@@ -170,7 +170,7 @@ def speed_command(
         return
     jobs = []
     for row in rows:  # resolve and validate everything before the first measurement
-        row, settings = config.apply(table, row, chosen.settings, overrides)
+        row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
         plan = devices.resolve(devices_spec, len(row.balance) if row.balance else 1)
         jobs.append((speed.SpeedJob(table, row, settings, profile_name, plan.devices, engine), plan))
     root = output if output is not None else results.results_dir()
@@ -195,10 +195,16 @@ def speed_command(
         click.echo(f"{job.row.name}: {figure}  -> {path}", err=True)
         done.append(result)
 
-    if done:
-        key = done[0].hardware_key()
-        saved = [r for r in results.load_all(root, table=table.name, profile=profile_name, hardware=key)]
-        click.echo(report.render(table, saved, fmt="rst", published=True))
+    _show_saved(table, root, profile_name, done)
+
+
+def _show_saved(table: config.Table, root: Path, profile: str, done: List[results.Result]) -> List[results.Result]:
+    """Print the table of every saved result on the hardware of the rows just run; those results (none if none ran)."""
+    if not done:
+        return []
+    saved = results.load_all(root, table=table.name, profile=profile, hardware=done[0].hardware_key())
+    click.echo(report.render(table, saved, fmt="rst", published=True))
+    return saved
 
 
 def _speed_distributed(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
@@ -220,8 +226,10 @@ def _run_distributed(table: config.Table, profile: str, rows: List[config.Row], 
                      schedule: str, output: Optional[Path], run: Callable[[Any, int], Optional[results.Result]],
                      figure: Callable[[results.Result], str], per_device: bool) -> None:
     """Run the rows this launch can run on this rank; rank 0 saves each record and prints the table."""
-    jobs, size = _distributed_jobs(table, profile, rows, overrides, named, schedule, f"distributed-{schedule}")
-    rank = int(os.environ.get("RANK", "0"))
+    from .distributed import speed as dspeed
+
+    jobs, size = _distributed_jobs(table, profile, rows, overrides, named, schedule)
+    rank = dspeed.rank()
     root = output if output is not None else results.results_dir()
     if rank == 0:
         results.check_writable(root)
@@ -233,11 +241,9 @@ def _run_distributed(table: config.Table, profile: str, rows: List[config.Row], 
             processes = f"{size} process" + ("es" if size != 1 else "")
             click.echo(f"{job.row.name} ({result.engine}, {processes}): {figure(result)}  -> {path}", err=True)
             done.append(result)
-    if done:
-        saved = results.load_all(root, table=table.name, profile=profile, hardware=done[0].hardware_key())
-        click.echo(report.render(table, saved, fmt="rst", published=True))
-        if per_device:
-            click.echo(report.memory_per_device(table, saved, fmt="rst"))
+    saved = _show_saved(table, root, profile, done)
+    if saved and per_device:
+        click.echo(report.memory_per_device(table, saved, fmt="rst"))
 
 
 @main.command("launch", context_settings={**_CONTEXT, "ignore_unknown_options": True})
@@ -330,7 +336,7 @@ def memory_command(
         return
     jobs = []
     for row in rows:  # resolve and validate everything before the first measurement
-        row, settings = config.apply(table, row, chosen.settings, overrides)
+        row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
         partitions = row.devices if row.mode == "pipeline" else 1
         if predict_only:
             plan_devices = devices.parse(devices_spec)[:partitions] if devices_spec else None
@@ -366,17 +372,15 @@ def memory_command(
         click.echo(f"{job.row.name}: {figure}, {report.format_gib(extra['predicted_gib'])} predicted  -> {path}", err=True)
         done.append(result)
 
-    if done:
-        key = done[0].hardware_key()
-        saved = results.load_all(root, table=table.name, profile=profile_name, hardware=key)
-        click.echo(report.render(table, saved, fmt="rst", published=True))
+    saved = _show_saved(table, root, profile_name, done)
+    if saved:
         if per_device:
             click.echo(report.memory_per_device(table, saved, fmt="rst"))
-        _write_plot(table, saved, root / table.name / profile_name / key / "memory-per-device.png")
+        _write_plot("memory", table, saved, root / table.name / profile_name / done[0].hardware_key() / "memory-per-device.png")
 
 
 def _distributed_jobs(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
-                      schedule: str, engine_label: str) -> Tuple[List[Any], int]:
+                      schedule: str) -> Tuple[List[Any], int]:
     """The rows this torchrun launch can run (stage count = processes), validated; and the process count."""
     from .bench import speed
     from .distributed import schedule as dschedule
@@ -390,7 +394,7 @@ def _distributed_jobs(table: config.Table, profile: str, rows: List[config.Row],
     chosen = table.profile(profile)
     jobs = []
     for row in rows:
-        row, settings = config.apply(table, row, chosen.settings, overrides)
+        row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
         stages = len(row.balance) if row.balance else 1
         if row.batch % row.chunks:
             raise click.BadParameter(f"{row.name}: batch {row.batch} is not divisible by chunks {row.chunks} (torch's "
@@ -399,11 +403,12 @@ def _distributed_jobs(table: config.Table, profile: str, rows: List[config.Row],
         if problem is not None:
             if named:
                 raise click.UsageError(f"{row.name}: {problem}")
-            if schedule == "1f1b" and stages == size and int(os.environ.get("RANK", "0")) == 0:
+            if schedule == "1f1b" and stages == size and dspeed.rank() == 0:
                 click.echo(f"{row.name}: skipped: {row.chunks} micro-batch(es) for {stages} stages, fewer than 1f1b "
                            "needs (with one micro-batch every schedule is fill-drain: --schedule gpipe runs it)", err=True)
             continue
-        jobs.append(speed.SpeedJob(table, row, settings, profile, [f"rank{r}" for r in range(size)], engine_label))
+        jobs.append(speed.SpeedJob(table, row, settings, profile, [f"rank{r}" for r in range(size)],
+                                    f"distributed-{schedule}"))
     if not jobs:
         wanted = f"{size} stage(s)" if schedule != "interleaved" else f"a multiple of {size} stages, at least {2 * size}"
         raise click.UsageError(f"no row of {table.name} ({profile}) has {wanted}; rows: "
@@ -423,11 +428,13 @@ def _memory_distributed(table: config.Table, profile: str, rows: List[config.Row
                      lambda job, rank: dmemory.run_rank(job, schedule, timeout_s=timeout_s), figure, per_device)
 
 
-def _write_plot(table: config.Table, saved: List[results.Result], path: Path) -> None:
+def _write_plot(kind: str, table: config.Table, saved: List[results.Result], path: Path) -> None:
+    """``plot.<kind>_plot`` of ``saved`` at ``path``; a line saying why not when matplotlib is missing."""
     try:
         from . import plot
 
-        written = plot.memory_plot(table, saved, path)
+        draw: Callable[[config.Table, List[results.Result], Path], Path] = getattr(plot, f"{kind}_plot")
+        written = draw(table, saved, path)
     except ImportError as missing:
         click.echo(f"No plot: {missing}", err=True)
         return
@@ -477,7 +484,7 @@ def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds:
     count = seeds if seeds is not None else int(chosen.settings.extra.get("runs", 3))
     jobs = []
     for row in rows:
-        row, settings = config.apply(table, row, chosen.settings, overrides)
+        row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
         if row.mode == "dataparallel":
             chosen_devices = (devices.resolve(None, row.devices).devices if torch.cuda.is_available()
                               else ["cpu"] * row.devices)
@@ -513,18 +520,11 @@ def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds:
         click.echo(f"{job.row.name}: {report.mean_std(result)} % top-1 error over {len(result.samples)} seed(s)", err=True)
         done.append(result)
 
-    if done:
-        key = done[0].hardware_key()
-        saved = results.load_all(root, table=table.name, profile=profile, hardware=key)
-        click.echo(report.render(table, saved, fmt="rst", published=True))
+    saved = _show_saved(table, root, profile, done)
+    if saved:
         for line in report.transparency(table, saved):
             click.echo(f"- {line}")
-        try:
-            from . import plot
-
-            click.echo(f"Plot: {plot.accuracy_plot(table, saved, root / table.name / profile / key / 'error-per-epoch.png')}", err=True)
-        except ImportError as missing:
-            click.echo(f"No plot: {missing}", err=True)
+        _write_plot("accuracy", table, saved, root / table.name / profile / done[0].hardware_key() / "error-per-epoch.png")
 
 
 # -- table / compare -----------------------------------------------------------

@@ -491,11 +491,14 @@ def find_row(table: Table, *, pipeline: Optional[int] = None, naive: Optional[in
     return found[0]
 
 
-def apply(table: Table, row: Row, settings: Settings, overrides: Overrides) -> Tuple[Row, Settings]:
-    """``row`` and ``settings`` with the overrides given; validated as at load time (ConfigError)."""
+def apply(table: Table, row: Row, settings: Settings, overrides: Overrides, model: str = "") -> Tuple[Row, Settings]:
+    """``row`` and ``settings`` with the overrides given; validated as at load time (ConfigError).
+
+    ``model``: the row's profile's model (:attr:`Profile.model`), where a profile trains a smaller one.
+    """
     src = _Src(table.path, " (after overrides)")
     key = f"rows.{row.name}"
-    model = next((p.model for p in table.profiles.values() if row in p.rows and p.model), table.model)
+    model = model or table.model
     given = {f: v for f, v in vars(overrides).items() if v is not None}
     row = replace(row, **{f: _ROW[f][0](src, f"{key}.{f}", v) for f, v in given.items() if f in _ROW})
     settings = replace(settings, **{f: _SETTINGS[f][0](src, f"settings.{f}", v) for f, v in given.items() if f in _SETTINGS})

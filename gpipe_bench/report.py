@@ -430,13 +430,9 @@ def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "
 
 def mean_std(result: Result) -> str:
     """``mean±std`` of a result's samples (seeds), two decimals."""
-    return _mean_std(result)
-
-
-def _mean_std(result: Result) -> str:
     if result.samples:
-        std = statistics.stdev(result.samples) if len(result.samples) > 1 else 0.0
-        return f"{statistics.fmean(result.samples):.2f}±{std:.2f}"
+        mean, std, _ = _stats(result)
+        return f"{mean:.2f}±{std:.2f}"
     return f"{result.value:.2f}" if result.value is not None else "--"
 
 
@@ -448,7 +444,7 @@ def _accuracy_table(table: "Table", results: Sequence[Result], fmt: str, publish
             if result is None or result.status != "ok":
                 ours = _status_cell(result, str)
             else:
-                ours = _mean_std(result)
+                ours = mean_std(result)
             cells = [_label(row.name, engine), ours]
             if published:
                 values = row.published.values
@@ -497,12 +493,11 @@ def transparency(table: "Table", results: Sequence[Result]) -> List[str]:
                 pmean, pstd, pn = _stats(ok[peer.name])
                 bound = 2 * max(std, pstd)
                 within = abs(mean - pmean) < bound
-                note = ""
                 lines.append(
                     f"{row.name} {mean:.2f}±{std:.2f} (n={n}) vs {peer.name} {pmean:.2f}±{pstd:.2f} (n={pn}) "
                     f"({group.profile}, {group.hardware}): difference {abs(mean - pmean):.2f} "
                     f"{'<' if within else '>='} 2 std {bound:.2f}: "
-                    f"{'within' if within else 'OUTSIDE'} the data-parallel spread{note}")
+                    f"{'within' if within else 'OUTSIDE'} the data-parallel spread")
     return lines
 
 

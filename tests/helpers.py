@@ -1,7 +1,8 @@
-"""Pieces several test modules share: a stash/pop pair and the micro-batch reference run."""
+"""Pieces several test modules share: a stash/pop pair, the micro-batch reference run, a launch command line."""
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, List
 
 import torch
 from torch import Tensor, nn
@@ -31,3 +32,8 @@ def run_micro_batches(model: nn.Module, x: Tensor, weight: Tensor, chunks: int) 
         (out * w).sum().backward()
         outs.append(out.detach())
     return torch.cat(outs)
+
+
+def launch_command(*args: str, nproc: int = 2) -> List[str]:
+    """``gpipe-bench launch --nproc N -- ARGS`` as this interpreter runs it."""
+    return [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", str(nproc), "--", *args]

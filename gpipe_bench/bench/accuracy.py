@@ -39,7 +39,7 @@ from gpipe_bench.data import fashion_mnist, imagenet
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.results import Result, environment
 
-from .speed import _place, model_name
+from .speed import _place, model_args, model_name
 
 __all__ = ["AccuracyJob", "Dataset", "Folders", "load_dataset", "batches", "lr_at", "train", "run"]
 
@@ -96,7 +96,7 @@ def load_dataset(job: AccuracyJob) -> Data:
             raise fashion_mnist.DataError(
                 f"profile {job.profile!r} trains on ImageNet: pass --data PATH with train/ and val/ class folders "
                 "(or use --profile quick, Fashion-MNIST)")
-        norm = _extra(job, "normalize", {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+        norm = _extra(job, "normalize", {"mean": imagenet.MEAN, "std": imagenet.STD})
         train, val = imagenet.folders(job.data, job.settings.input_size, int(_extra(job, "val_resize", 256)), norm)
         return Folders(train, val, workers=min(8, os.cpu_count() or 1))
     if name != "fashion-mnist":
@@ -168,8 +168,7 @@ def _optimizer(job: AccuracyJob, model: nn.Module) -> torch.optim.Optimizer:
 
 def _build(job: AccuracyJob, seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    args = {**job.table.model_args, **job.table.profile(job.profile).model_args, **job.row.model_args}
-    return models.build(model_name(job), **args, num_classes=job.settings.classes)  # type: ignore[arg-type]
+    return models.build(model_name(job), **model_args(job))  # type: ignore[arg-type]
 
 
 @torch.no_grad()

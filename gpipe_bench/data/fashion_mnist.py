@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import zlib
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
@@ -80,9 +81,7 @@ def parse_idx(raw: bytes, where: str) -> torch.Tensor:
     if len(raw) < header:
         raise DataError(f"{where}: truncated header; re-install the package or pass --data with the original files")
     dims = [int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim)]
-    size = 1
-    for d in dims:
-        size *= d
+    size = math.prod(dims)
     if len(raw) - header != size:
         raise DataError(f"{where}: {len(raw) - header} data bytes for dimensions {dims} ({size} expected); "
                         "the file is truncated or corrupt: re-install the package or pass --data with the original files")

@@ -66,12 +66,8 @@ class Failure:
                 "the other ranks were stopped.")
 
 
-def _error_path(folder: str, rank: int) -> Path:
-    return Path(folder) / f"rank{rank}.json"
-
-
 def _record(folder: str, failure: Failure) -> None:
-    path = _error_path(folder, failure.rank)
+    path = Path(folder) / f"rank{failure.rank}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(failure.__dict__))
     os.replace(tmp, path)
@@ -160,6 +156,7 @@ def _quiet_agent() -> None:
 def launch(torchrun_args: Sequence[str], world: Optional[int] = None) -> int:
     """Run torchrun's agent with ``torchrun_args``; the exit code, after printing the first failure if any."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from torch.distributed.elastic.agent.server import api  # noqa: F401 - its logger, to quieten
@@ -180,13 +177,10 @@ def launch(torchrun_args: Sequence[str], world: Optional[int] = None) -> int:
                 return 1
             print(failure.report(world), file=sys.stderr)
             return 2 if failure.kind == "usage" else 1
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SignalException):  # Ctrl-C, or SIGTERM to the launch
             print(_INTERRUPTED, file=sys.stderr)
             return 130
         except Exception as error:  # the agent's own failure: rendezvous, a busy port
-            if type(error).__name__ == "SignalException":
-                print(_INTERRUPTED, file=sys.stderr)
-                return 130
             print(f"gpipe-bench launch: torchrun failed before the ranks ran: {type(error).__name__}: {error}",
                   file=sys.stderr)
             return 1

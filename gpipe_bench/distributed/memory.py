@@ -10,81 +10,57 @@ backward passes before all forwards are done.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor
 
 from gpipe_bench import models
-from gpipe_bench.bench.memory import GIB, MemoryJob, _extra, _optimizer
+from gpipe_bench.bench.memory import GIB, MemoryJob, _extra, _model_state, _optimizer
 from gpipe_bench.bench.speed import model_args, model_name, settings_record
 from gpipe_bench.memory.tracker import TensorMemory
 from gpipe_bench.results import Result, environment
 
-from .schedule import make_schedule, step
-from .speed import _device
-from .stages import build_local
+from .speed import prepare
 
 __all__ = ["run_rank"]
 
 
-def _state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> List[Optional[Tensor]]:
-    out: List[Optional[Tensor]] = [p.grad for p in stage.parameters()]
-    for per_param in optimizer.state.values():
-        out += [v for v in per_param.values() if isinstance(v, Tensor)]
-    return out
-
-
 def run_rank(job: MemoryJob, schedule: str, timeout_s: float = 300.0) -> Optional[Result]:
     """This rank's part of the memory row; the Result (per-rank peaks) on rank 0, None elsewhere."""
-    device = _device()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-    rank, size = dist.get_rank(), dist.get_world_size()
-    row, s = job.row, job.settings
-    name, args = model_name(job), model_args(job)
-    balance = list(row.balance) if row.balance else [models.count(name, **args)[0]]
-    stages = build_local(name, balance, rank, size, schedule, device, seed=0, **args)
-    for module in stages.values():
-        module.train()
-    pipe = make_schedule(stages, rank, size, device, row.chunks, schedule, F.cross_entropy, stages=len(balance))
-    stage = torch.nn.ModuleList(stages.values())  # this rank's parameters, for the optimizer and the meter
+    run = prepare(job, schedule, timeout_s)
+    device, size, balance = run.device, run.size, run.balance
+    stage = torch.nn.ModuleList(run.stages.values())  # this rank's parameters, for the optimizer and the meter
     optimizer = _optimizer(job, stage)
     width, copies = int(_extra(job, "bytes_per_parameter", 4)), int(_extra(job, "parameter_copies", 3))
     model_bytes = sum(p.numel() for p in stage.parameters()) * width * copies
     steps = int(_extra(job, "steps", 2))
 
     def train(meter: Optional[TensorMemory]) -> None:
+        x, y = run.batch(job)  # made here, so that on CPU the meter counts the input too
         for _ in range(steps):
             optimizer.zero_grad()
-            step(pipe, rank, size, x, y)
+            run.step(x, y)
             optimizer.step()
             if meter is not None:
-                meter.exclude(_state(stage, optimizer))
+                meter.exclude(_model_state(stage, optimizer))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        x = torch.rand(row.batch, 3, s.input_size, s.input_size, device=device) if rank == 0 else None
-        y = torch.randint(0, s.classes, (row.batch,), device=device) if rank == size - 1 else None
         train(None)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_reserved(device) - model_bytes
     else:
         meter = TensorMemory()
         with meter:
-            x = torch.rand(row.batch, 3, s.input_size, s.input_size, device=device) if rank == 0 else None
-            y = torch.randint(0, s.classes, (row.batch,), device=device) if rank == size - 1 else None
             train(meter)
         curve = meter.curves().get(0)
         peak = curve.peak if curve is not None else 0
     peaks: List[Any] = [None] * size
     dist.all_gather_object(peaks, (int(peak), int(model_bytes)))
-    if rank != 0:
+    if run.rank != 0:
         return None
-    layers, params = models.count(name, **args)
+    layers, params = models.count(model_name(job), **model_args(job))
     settings: Dict[str, Any] = settings_record(job)
     settings.update(devices=[f"{device.type}:rank{r}" for r in range(size)], balance=balance, schedule=schedule,
                     processes=size, steps=steps, stages_per_process=len(balance) // size)
@@ -99,7 +75,7 @@ def run_rank(job: MemoryJob, schedule: str, timeout_s: float = 300.0) -> Optiona
         "schedule": schedule, "processes": size,
     }
     return Result(
-        table=job.table.name, experiment=row.name, profile=job.profile, engine=f"distributed-{schedule}",
+        table=job.table.name, experiment=job.row.name, profile=job.profile, engine=f"distributed-{schedule}",
         kind="memory", metric=job.table.metric, unit=job.table.unit, value=sum(p for p, _ in peaks) / GIB,
         status="ok", settings=settings, environment=environment([str(device)] if device.type == "cuda" else []),
         extra=extra, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -12,11 +12,15 @@ import os
 import statistics
 import time
 from datetime import timedelta
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpipe_bench import models
 
 from gpipe_bench.bench.speed import Progress, SpeedJob, model_args, model_name, settings_record
 from gpipe_bench.results import Result, environment
@@ -24,7 +28,7 @@ from gpipe_bench.results import Result, environment
 from .schedule import make_schedule, step
 from .stages import build_local
 
-__all__ = ["in_torchrun", "world", "run_rank"]
+__all__ = ["in_torchrun", "world", "rank", "RankRun", "prepare", "run_rank"]
 
 
 def in_torchrun() -> bool:
@@ -34,6 +38,10 @@ def in_torchrun() -> bool:
 
 def world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _device() -> torch.device:
@@ -51,31 +59,58 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def run_rank(job: SpeedJob, schedule: str, progress: Optional[Progress] = None, timeout_s: float = 300.0) -> Optional[Result]:
-    """This rank's part of the row; the Result on rank 0, None elsewhere."""
+@dataclass(frozen=True)
+class RankRun:
+    """This rank's part of a row under a schedule: where it runs, its stages and the schedule driving them."""
+
+    device: torch.device
+    rank: int
+    size: int
+    balance: List[int]
+    stages: Dict[int, nn.Module]
+    pipe: Any
+
+    def parameters(self) -> List[nn.Parameter]:
+        return [p for stage in self.stages.values() for p in stage.parameters()]
+
+    def batch(self, job: SpeedJob) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The row's fixed synthetic mini-batch: the input on the first rank, the labels on the last."""
+        s = job.settings
+        torch.manual_seed(0)
+        x = torch.rand(job.row.batch, 3, s.input_size, s.input_size, device=self.device) if self.rank == 0 else None
+        y = (torch.randint(0, s.classes, (job.row.batch,), device=self.device)
+             if self.rank == self.size - 1 else None)
+        return x, y
+
+    def step(self, x: Optional[Tensor], y: Optional[Tensor]) -> None:
+        step(self.pipe, self.rank, self.size, x, y)
+
+
+def prepare(job: SpeedJob, schedule: str, timeout_s: float = 300.0) -> RankRun:
+    """Join the process group (once), build this rank's stages of the row and their schedule."""
     device = _device()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-    rank, size = dist.get_rank(), dist.get_world_size()
-    row, s = job.row, job.settings
-    balance = list(row.balance) if row.balance else None
-    if balance is None:
-        from gpipe_bench import models
-
-        balance = [models.count(model_name(job), **model_args(job))[0]]
-    torch.manual_seed(0)
-    stages = build_local(model_name(job), balance, rank, size, schedule, device, seed=0, **model_args(job))
+    me, size = dist.get_rank(), dist.get_world_size()
+    name, args = model_name(job), model_args(job)
+    balance = list(job.row.balance) if job.row.balance else [models.count(name, **args)[0]]
+    stages = build_local(name, balance, me, size, schedule, device, seed=0, **args)
     for stage in stages.values():
         stage.train()
-    pipe = make_schedule(stages, rank, size, device, row.chunks, schedule, F.cross_entropy, stages=len(balance))
-    parameters = [p for stage in stages.values() for p in stage.parameters()]
-    optimizer = torch.optim.SGD(parameters, lr=float(s.optimizer.get("lr", 0.1)))
-    x = torch.rand(row.batch, 3, s.input_size, s.input_size, device=device) if rank == 0 else None
-    y = torch.randint(0, s.classes, (row.batch,), device=device) if rank == size - 1 else None
+    pipe = make_schedule(stages, me, size, device, job.row.chunks, schedule, F.cross_entropy, stages=len(balance))
+    return RankRun(device, me, size, balance, stages, pipe)
+
+
+def run_rank(job: SpeedJob, schedule: str, progress: Optional[Progress] = None, timeout_s: float = 300.0) -> Optional[Result]:
+    """This rank's part of the row; the Result on rank 0, None elsewhere."""
+    run = prepare(job, schedule, timeout_s)
+    device, me, row, s = run.device, run.rank, job.row, job.settings
+    optimizer = torch.optim.SGD(run.parameters(), lr=float(s.optimizer.get("lr", 0.1)))
+    x, y = run.batch(job)
 
     def one_step() -> None:
         optimizer.zero_grad()
-        step(pipe, rank, size, x, y)
+        run.step(x, y)
         optimizer.step()
 
     one_step()  # shape inference happens here: kept out of the figures
@@ -86,7 +121,7 @@ def run_rank(job: SpeedJob, schedule: str, progress: Optional[Progress] = None, 
         start = time.perf_counter()
         for k in range(steps):
             one_step()
-            if progress is not None and rank == 0:
+            if progress is not None and me == 0:
                 progress(epoch, k + 1, steps, (k + 1) * row.batch / (time.perf_counter() - start))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -95,20 +130,20 @@ def run_rank(job: SpeedJob, schedule: str, progress: Optional[Progress] = None, 
         if epoch >= s.skip_epochs:
             throughputs.append(steps * row.batch / float(elapsed))
     dist.barrier()
-    if rank != 0:
+    if me != 0:
         return None
     spread: Dict[str, float] = {}
     if throughputs:
         spread = {"min": min(throughputs), "max": max(throughputs), "median": statistics.median(throughputs),
                   "std": statistics.stdev(throughputs) if len(throughputs) > 1 else 0.0}
     settings: Dict[str, Any] = settings_record(job)
-    settings.update(devices=[f"{device.type}:rank{r}" for r in range(size)], balance=balance, schedule=schedule,
-                    processes=size, stages_per_process=len(balance) // size)
+    settings.update(devices=[f"{device.type}:rank{r}" for r in range(run.size)], balance=run.balance,
+                    schedule=schedule, processes=run.size, stages_per_process=len(run.balance) // run.size)
     return Result(
         table=job.table.name, experiment=row.name, profile=job.profile, engine=f"distributed-{schedule}", kind="speed",
         metric=job.table.metric, unit=job.table.unit, value=statistics.fmean(throughputs) if throughputs else None,
         status="ok", samples=throughputs, spread=spread, settings=settings,
         environment=environment([str(device)] if device.type == "cuda" else []),
-        extra={"processes": size, "schedule": schedule, "launcher": "torchrun"},
+        extra={"processes": run.size, "schedule": schedule, "launcher": "torchrun"},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )

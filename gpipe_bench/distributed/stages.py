@@ -64,23 +64,34 @@ def build_stage(name: str, balance: Sequence[int], rank: int, device: torch.devi
     stages, and packs the arguments torch's pipelining unpacks from a tuple
     output (AmoebaNet passes its cell states as a tuple).
     """
-    model = _meta_model(name, **kwargs)
-    if sum(balance) != len(model):
-        raise ValueError(f"balance {list(balance)} sums to {sum(balance)} but {name} has {len(model)} layers")
-    start, end = stage_range(balance, rank)
-    incoming, outgoing = carried_keys(model, balance, rank)
-    layers = materialize(model[start:end], device, seed, start)
-    # Always wrapped: torch passes a tuple output on as separate arguments, which the wrapper packs again.
-    return CarrySkips(layers, incoming, outgoing)
+    return _stage(_balanced_meta(name, balance, **kwargs), balance, rank, device, seed)
 
 
 def build_local(name: str, balance: Sequence[int], rank: int, world: int, schedule: str, device: torch.device,
                 seed: int = 0, **kwargs: Any) -> Dict[int, nn.Module]:
-    """The stages rank ``rank`` holds under ``schedule`` (one; several when interleaved), by stage index."""
+    """The stages rank ``rank`` holds under ``schedule`` (one; several when interleaved), by stage index.
+
+    One model on ``meta`` for all of them: the stages are disjoint slices of it.
+    """
     from .schedule import local_stages
 
-    return {s: build_stage(name, balance, s, device, seed=seed, **kwargs)
-            for s in local_stages(len(balance), rank, world, schedule)}
+    model = _balanced_meta(name, balance, **kwargs)
+    return {s: _stage(model, balance, s, device, seed) for s in local_stages(len(balance), rank, world, schedule)}
+
+
+def _balanced_meta(name: str, balance: Sequence[int], **kwargs: Any) -> nn.Sequential:
+    model = _meta_model(name, **kwargs)
+    if sum(balance) != len(model):
+        raise ValueError(f"balance {list(balance)} sums to {sum(balance)} but {name} has {len(model)} layers")
+    return model
+
+
+def _stage(model: nn.Sequential, balance: Sequence[int], index: int, device: torch.device, seed: int) -> CarrySkips:
+    start, end = stage_range(balance, index)
+    incoming, outgoing = carried_keys(model, balance, index)
+    layers = materialize(model[start:end], device, seed, start)
+    # Always wrapped: torch passes a tuple output on as separate arguments, which the wrapper packs again.
+    return CarrySkips(layers, incoming, outgoing)
 
 
 def build_full(name: str, device: torch.device, seed: int = 0, **kwargs: Any) -> nn.Sequential:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from helpers import launch_command
+
 from gpipe_bench.cli import main
 
 
@@ -21,9 +23,9 @@ def test_outside_torchrun_says_how_to_launch(tmp_path: Path) -> None:
 
 
 def test_a_row_on_two_processes_writes_one_record(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "speed", "resnet101",
-           "--pipeline", "2", "--engine", "distributed", "--schedule", "1f1b", "--profile", "quick",
-           "--epochs", "1", "--skip-epochs", "0", "--output", str(tmp_path), "--quiet"]
+    cmd = launch_command("speed", "resnet101",
+                         "--pipeline", "2", "--engine", "distributed", "--schedule", "1f1b", "--profile", "quick",
+                         "--epochs", "1", "--skip-epochs", "0", "--output", str(tmp_path), "--quiet")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     records = list(tmp_path.rglob("*.json"))
@@ -33,8 +35,8 @@ def test_a_row_on_two_processes_writes_one_record(tmp_path: Path) -> None:
 
 
 def test_a_row_of_another_stage_count_is_refused(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "speed", "resnet101",
-           "--pipeline", "4", "--engine", "distributed", "--profile", "quick", "--output", str(tmp_path)]
+    cmd = launch_command("speed", "resnet101",
+                         "--pipeline", "4", "--engine", "distributed", "--profile", "quick", "--output", str(tmp_path))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "pipeline-4: 4 stage(s) but 2 process(es) were launched; launch with --nproc 4" in done.stderr
@@ -44,9 +46,9 @@ def test_a_row_of_another_stage_count_is_refused(tmp_path: Path) -> None:
 def test_one_f_one_b_holds_less_activation_memory_than_gpipe(tmp_path: Path) -> None:
     peaks = {}
     for schedule in ("gpipe", "1f1b"):
-        cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "memory", "amoebanetd",
-               "--pipeline", "2", "--engine", "distributed", "--schedule", schedule, "--profile", "quick",
-               "--output", str(tmp_path)]
+        cmd = launch_command("memory", "amoebanetd",
+                             "--pipeline", "2", "--engine", "distributed", "--schedule", schedule, "--profile", "quick",
+                             "--output", str(tmp_path))
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         record = json.loads(next(tmp_path.rglob(f"pipeline-2--distributed-{schedule}.json")).read_text())
@@ -55,9 +57,9 @@ def test_one_f_one_b_holds_less_activation_memory_than_gpipe(tmp_path: Path) -> 
 
 
 def test_interleaved_needs_two_stages_per_process(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "speed", "resnet101",
-           "--pipeline", "2", "--engine", "distributed", "--schedule", "interleaved", "--profile", "quick",
-           "--output", str(tmp_path)]
+    cmd = launch_command("speed", "resnet101",
+                         "--pipeline", "2", "--engine", "distributed", "--schedule", "interleaved", "--profile", "quick",
+                         "--output", str(tmp_path))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
+
+from helpers import launch_command
 
 from gpipe_bench.distributed.launch import Failure, first_failure
 
@@ -71,9 +72,8 @@ def _fault_env(tmp_path: Path, fault: str, rank: int) -> Dict[str, str]:
 def _launch_with_fault(tmp_path: Path, fault: str, rank: int, *options: str) -> subprocess.CompletedProcess:
     env = _fault_env(tmp_path, fault, rank)
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "speed", "resnet101",
-           "--pipeline", "2", "--engine", "distributed", "--profile", "quick", "--epochs", "1", "--skip-epochs", "0",
-           "--output", str(out), "--quiet", *options]
+    cmd = launch_command("speed", "resnet101", "--pipeline", "2", "--engine", "distributed", "--profile", "quick",
+                         "--epochs", "1", "--skip-epochs", "0", "--output", str(out), "--quiet", *options)
     start = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert time.monotonic() - start < 180, "the launch took too long to stop"
@@ -108,8 +108,8 @@ def test_a_rank_that_hangs_fails_its_peer_after_the_timeout(tmp_path: Path) -> N
 
 def test_ctrl_c_stops_every_rank_and_says_so_once(tmp_path: Path) -> None:
     env, out = _fault_env(tmp_path, "hang", 1), tmp_path / "results"
-    cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "speed", "resnet101",
-           "--pipeline", "2", "--engine", "distributed", "--profile", "quick", "--output", str(out), "--quiet"]
+    cmd = launch_command("speed", "resnet101", "--pipeline", "2", "--engine", "distributed", "--profile", "quick",
+                         "--output", str(out), "--quiet")
     launch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -128,9 +128,9 @@ def test_ctrl_c_stops_every_rank_and_says_so_once(tmp_path: Path) -> None:
 
 
 def test_a_usage_error_is_one_line_once(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", "2", "--", "speed", "resnet101",
-           "--pipeline", "2", "--engine", "distributed", "--profile", "quick", "--chunks", "5",
-           "--output", str(tmp_path)]
+    cmd = launch_command("speed", "resnet101",
+                         "--pipeline", "2", "--engine", "distributed", "--profile", "quick", "--chunks", "5",
+                         "--output", str(tmp_path))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
