@@ -1,10 +1,17 @@
-"""Shared test set-up: CUDA tests are skipped on machines without a GPU."""
+"""Shared test set-up: CUDA tests are skipped on machines without a GPU; hypothesis keeps no local state."""
 from __future__ import annotations
 
 from typing import List
 
 import pytest
 import torch
+from hypothesis import settings
+
+# No example database: a failure found on one machine must not make the next run on the
+# same machine differ from a clean clone's. Under CI (hypothesis detects it) examples are
+# also derandomised; elsewhere each run draws new ones (`--hypothesis-seed N` replays one).
+settings.register_profile("gpipe-bench", parent=settings.default, database=None)
+settings.load_profile("gpipe-bench")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:

@@ -17,11 +17,19 @@ Dropout draws from a random generator that the plain model and the pipeline
 consume in different orders, so models with dropout are compared against the
 pipeline itself with ``checkpoint='never'`` on one worker (same draw order):
 that checks that recomputation replays the masks exactly.
+
+Bounds: float64 runs must agree to 1e-10. float32 runs are not compared with
+each other at a fixed bound: the two engines sum in different orders (kernels
+and blockings differ with thread counts and machines), so an edge-of-rounding
+bound fails at random. Both are compared with the same step in float64 instead,
+and the pipeline may be at most FACTOR32 times further from it than the plain
+float32 model is (or FLOOR32, whichever is larger).
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, List, Sequence, Tuple
+import os
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -175,6 +183,121 @@ def _train_step(model: nn.Module, x: Tensor, weight: Tensor, chunks: int, accumu
     return output.detach(), x.grad
 
 
+class Observed(NamedTuple):
+    """Everything one training step leaves behind that must agree between the two engines."""
+
+    output: Tensor
+    input_grad: Tensor
+    param_grads: List[Optional[Tensor]]
+    params_after: List[Tensor]
+    buffers: List[Tensor]
+
+
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _bn_buffers(model: nn.Module) -> List[Tensor]:
+    return [b.detach().clone() for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] in _BN_BUFFERS]
+
+
+def _observe(model: nn.Module, x: Tensor, weight: Tensor, chunks: int, accumulate: bool) -> Tuple[Observed, nn.Module]:
+    out, grad = _train_step(model, x, weight, chunks, accumulate)
+    params = list(model.parameters())
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    torch.optim.SGD(params, lr=0.1).step()
+    return Observed(out, grad, grads, [p.detach().clone() for p in params], _bn_buffers(model)), model
+
+
+def _reference(
+    layers: Sequence[nn.Module], balance: List[int], devices: List[str], chunks: int, deferred: bool,
+    dtype: torch.dtype, x: Tensor, weight: Tensor, dropout: bool,
+) -> Observed:
+    """What GPipe must reproduce, computed in ``dtype`` from the same layers, input and weights.
+
+    Without dropout: the plain model over the same micro-batches, gradients
+    accumulated (with deferred BatchNorm, the running statistics of a plain
+    BatchNorm fed each layer's whole mini-batch at once). With dropout: the
+    pipeline with ``checkpoint='never'`` on the same seed (same draw order).
+    """
+    plain = nn.Sequential(*[copy.deepcopy(layer) for layer in layers]).to(dtype)
+    x, weight = x.to(dtype), weight.to(dtype)
+    if dropout:
+        reference = GPipe(plain, balance, devices=devices, chunks=chunks, checkpoint="never", deferred_batch_norm=deferred)
+        torch.manual_seed(1234)
+        return _observe(reference, x, weight, chunks, accumulate=False)[0]
+    bn_inputs: dict = {}
+    for bn in _batchnorms(plain):
+        bn.register_forward_hook(lambda m, inp, out: bn_inputs.setdefault(id(m), []).append(inp[0].detach()))
+    observed, _ = _observe(plain, x, weight, chunks, accumulate=True)
+    if deferred:
+        expected = []
+        for original, seen in zip(_batchnorms(layers), _batchnorms(plain)):
+            fresh = copy.deepcopy(original).to(dtype).train()
+            with torch.no_grad():
+                fresh(torch.cat(bn_inputs[id(seen)]))
+            expected += _bn_buffers(fresh)
+        observed = observed._replace(buffers=expected)
+    return observed
+
+
+# float64: both engines round alike to far below this bound, on any kernel and thread count.
+TOL64 = 1e-10
+# float32 is judged against the float64 truth, relative to the plain float32 model's own error on
+# that truth: summation order (kernels, thread counts, micro-batch accumulation) differs between
+# the two engines, so each may round differently, but neither may be much worse than the other.
+# The floor covers a plain run that happens to round luckily (its error near 0); a real engine
+# fault (a lost or doubled micro-batch, a wrong mask, a stale statistic) is of order 1.
+FACTOR32 = 16.0
+FLOOR32 = 1e-4
+
+
+def _quantities(o: Observed) -> List[Tuple[str, Optional[Tensor], float]]:
+    """(label, tensor, scale) of every compared quantity; scale as in :func:`_rel_err`."""
+
+    def norm(tensors: Sequence[Optional[Tensor]]) -> float:
+        present = [t.flatten().to(torch.float64) for t in tensors if t is not None]
+        return torch.cat(present).norm().item() if present else 0.0
+
+    grads, params = norm(o.param_grads), norm(o.params_after)
+    items: List[Tuple[str, Optional[Tensor], float]] = [("output", o.output, 0.0), ("input gradient", o.input_grad, 0.0)]
+    items += [(f"gradient of parameter {k}", g, grads) for k, g in enumerate(o.param_grads)]
+    items += [(f"parameter {k} after SGD", p, params) for k, p in enumerate(o.params_after)]
+    # Running statistics start at mean 0 and variance 1: measure against that unit scale.
+    items += [(f"BatchNorm buffer {k}", b.to(torch.float64), 1.0) for k, b in enumerate(o.buffers)]
+    return items
+
+
+def _compare(got: Observed, ref: Observed, truth: Optional[Observed]) -> None:
+    """Every quantity of ``got`` against ``ref``, or, given a float64 ``truth``, both against it."""
+    ours, theirs = _quantities(got), _quantities(ref)
+    assert [q[0] for q in ours] == [q[0] for q in theirs]
+    exact = _quantities(truth) if truth is not None else [(what, None, 0.0) for what, _, _ in theirs]
+    for (what, a, _), (_, b, scale), (_, t, true_scale) in zip(ours, theirs, exact):
+        assert (a is None) == (b is None), f"{what}: presence differs"
+        if a is None or b is None:
+            continue
+        assert a.shape == b.shape, what
+        if t is None:
+            err = _rel_err(a, b, scale)
+            assert err <= TOL64, f"{what}: relative error {err:.3g} > {TOL64:g}"
+            continue
+        err, ref_err = _rel_err(a, t, true_scale), _rel_err(b, t, true_scale)
+        bound = max(FACTOR32 * ref_err, FLOOR32)
+        assert err <= bound, (
+            f"{what}: relative error to the float64 truth {err:.3g} > {bound:.3g} "
+            f"(the plain float32 model's own error: {ref_err:.3g})"
+        )
+        _record(err, ref_err)
+
+
+def _record(err: float, ref_err: float) -> None:
+    """With GPIPE_TRANSPARENCY_LOG=path, append each float32 pair of errors (to size FACTOR32 and FLOOR32)."""
+    path = os.environ.get("GPIPE_TRANSPARENCY_LOG")
+    if path:
+        with open(path, "a", encoding="ascii") as log:
+            log.write(f"{err:.6g} {ref_err:.6g}\n")
+
+
 def _check(
     layers: Sequence[nn.Module],
     balance: List[int],
@@ -186,65 +309,23 @@ def _check(
     x: Tensor,
     dropout: bool,
 ) -> None:
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
     plain = nn.Sequential(*[copy.deepcopy(layer) for layer in layers]).to(dtype)
-    model = copy.deepcopy(plain)
-    gpipe = GPipe(model, balance, devices=devices, chunks=chunks, checkpoint=checkpoint, deferred_batch_norm=deferred)
-
-    bn_inputs: dict = {}
+    weight = torch.randn_like(copy.deepcopy(plain)(x.clone()))
+    gpipe = GPipe(copy.deepcopy(plain), balance, devices=devices, chunks=chunks, checkpoint=checkpoint,
+                  deferred_batch_norm=deferred)
     if dropout:
-        reference = GPipe(copy.deepcopy(plain), balance, devices=devices, chunks=chunks, checkpoint="never",
-                          deferred_batch_norm=deferred)
-        weight = torch.randn_like(plain(x.clone()))
         torch.manual_seed(1234)
-        ref_out, ref_grad = _train_step(reference, x, weight, chunks, accumulate=False)
-        torch.manual_seed(1234)
-        out, grad = _train_step(gpipe, x, weight, chunks, accumulate=False)
-        ref_params = list(reference.parameters())
-    else:
-        weight = torch.randn_like(copy.deepcopy(plain)(x.clone()))
-        for bn in _batchnorms(plain):
-            bn.register_forward_hook(lambda m, inp, out: bn_inputs.setdefault(id(m), []).append(inp[0].detach()))
-        ref_out, ref_grad = _train_step(plain, x, weight, chunks, accumulate=True)
-        out, grad = _train_step(gpipe, x, weight, chunks, accumulate=False)
-        ref_params = list(plain.parameters())
-
-    _assert_close(out, ref_out, tol, "output")
-    _assert_close(grad, ref_grad, tol, "input gradient")
-    params = list(gpipe.parameters())
-    assert len(params) == len(ref_params)
-    whole = torch.cat([q.grad.flatten().to(torch.float64) for q in ref_params if q.grad is not None]).norm().item()
-    for k, (p, q) in enumerate(zip(params, ref_params)):
-        assert (p.grad is None) == (q.grad is None), f"parameter {k}: gradient presence differs"
-        if p.grad is not None and q.grad is not None:
-            _assert_close(p.grad, q.grad, tol, f"gradient of parameter {k}", whole)
-
-    # After an optimizer step the parameters still match.
-    for opt_params in (params, ref_params):
-        torch.optim.SGD(opt_params, lr=0.1).step()
-    weights = torch.cat([q.detach().flatten().to(torch.float64) for q in ref_params]).norm().item()
-    for k, (p, q) in enumerate(zip(params, ref_params)):
-        _assert_close(p.detach(), q.detach(), tol, f"parameter {k} after SGD", weights)
-
-    # Running statistics. Plain BatchNorm in the pipeline updates once per micro-batch, like the
-    # reference. A deferred BatchNorm must hold what a plain BatchNorm would after seeing, at once,
-    # everything that reached it in this mini-batch (its micro-batch inputs, concatenated).
-    if not dropout:
-        names = ("running_mean", "running_var", "num_batches_tracked")
-        got = [b for name, b in gpipe.named_buffers() if name.rsplit(".", 1)[-1] in names]
-        if deferred:
-            expected = []
-            for original, seen in zip(_batchnorms(layers), _batchnorms(plain)):
-                fresh = copy.deepcopy(original).to(dtype).train()
-                with torch.no_grad():
-                    fresh(torch.cat(bn_inputs[id(seen)]))
-                expected += [fresh.running_mean, fresh.running_var, fresh.num_batches_tracked]
-        else:
-            expected = [b for name, b in plain.named_buffers() if name.rsplit(".", 1)[-1] in names]
-        assert len(got) == len(expected)
-        for k, (a, b) in enumerate(zip(got, expected)):
-            # Running statistics start at mean 0 and variance 1: measure against that unit scale.
-            _assert_close(a.to(torch.float64), b.to(torch.float64), tol, f"BatchNorm buffer {k}", 1.0)
+    got, _ = _observe(gpipe, x, weight, chunks, accumulate=False)
+    ref = _reference(layers, balance, devices, chunks, deferred, dtype, x, weight, dropout)
+    truth = None
+    if dtype != torch.float64:
+        truth = _reference(layers, balance, devices, chunks, deferred, torch.float64, x, weight, dropout)
+    if dropout:
+        got = got._replace(buffers=[])
+        ref = ref._replace(buffers=[])
+        if truth is not None:
+            truth = truth._replace(buffers=[])
+    _compare(got, ref, truth)
 
 
 def _batchnorms(layers: Any) -> List[nn.modules.batchnorm._BatchNorm]:

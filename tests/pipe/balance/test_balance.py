@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from gpipe_bench.pipe.balance import balance_by_size, balance_by_time
+from gpipe_bench.pipe.balance import profile
 from gpipe_bench.pipe.balance.profile import profile_sizes
 
 CPU = torch.device("cpu")
@@ -216,24 +217,45 @@ def test_skippable_layers() -> None:
     check_balance(balance_by_size(3, model, torch.randn(4, 8), device="cpu"), model, 3)
 
 
-class Sleep(nn.Module):
-    """Deterministically slow, whatever else the host is doing."""
+class FakeClock:
+    """A clock that only the layers move: the profiler reads it instead of the host's.
 
-    def __init__(self, seconds: float) -> None:
+    Each :class:`Slow` layer advances it by its declared cost per call, which
+    dwarfs the real nanoseconds of the other layers; so the measured costs,
+    and the balance they give, do not depend on how busy the host is.
+    """
+
+    def __init__(self) -> None:
+        self.offset_ns = 0
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "FakeClock":
+        return self  # the profiler times copies of the layers: they must move this clock
+
+    def perf_counter_ns(self) -> int:
+        return time.perf_counter_ns() + self.offset_ns
+
+    def perf_counter(self) -> float:
+        return self.perf_counter_ns() / 1e9
+
+
+class Slow(nn.Module):
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
         super().__init__()
-        self.seconds = seconds
+        self.clock, self.ns = clock, int(seconds * 1e9)
         self.linear = nn.Linear(8, 8)
 
     def forward(self, x: Tensor) -> Tensor:
-        time.sleep(self.seconds)
+        self.clock.offset_ns += self.ns
         out: Tensor = self.linear(x)
         return out
 
 
-def test_time_isolates_a_slow_layer() -> None:
-    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), Sleep(0.02), nn.Linear(8, 8), nn.Tanh())
-    # Enough rounds that the sleeping layer outweighs any scheduling hiccup.
+def test_time_isolates_a_slow_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(profile, "time", clock)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), Slow(clock, 1.0), nn.Linear(8, 8), nn.Tanh())
     assert balance_by_time(3, model, torch.randn(4, 8), timeout=0.2, device="cpu") == [2, 1, 2]
+    assert clock.offset_ns > 0
 
 
 class Bulky(nn.Module):
