@@ -235,6 +235,9 @@ def _replica(rank: int, world: int, port: int, job: AccuracyJob, data: Data, see
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         device = torch.device(job.devices[rank]) if job.devices[rank].startswith("cuda") else torch.device("cpu")
+        if device.type == "cuda":
+            # Else every replica opens a context (and NCCL its buffers) on GPU 0 too.
+            torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=300))

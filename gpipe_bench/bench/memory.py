@@ -18,6 +18,7 @@ so rows too big for this machine still get their columns.
 """
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -165,8 +166,11 @@ def measure(job: MemoryJob, balance: Sequence[int]) -> List[int]:
     optimizer = _optimizer(job, model)
     first, last = _place(devices[0]), _place(devices[-1])
     if any(d.startswith("cuda") for d in distinct):
+        # What an earlier row left (an out-of-memory row's tensors, cached blocks) must not count here.
+        gc.collect()
         for d in distinct:
             torch.cuda.synchronize(d)
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(d)
         x = torch.rand(row.batch, 3, s.input_size, s.input_size, device=first)
         y = torch.randint(0, s.classes, (row.batch,), device=last)

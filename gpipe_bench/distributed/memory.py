@@ -9,6 +9,7 @@ backward passes before all forwards are done.
 """
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any, Dict, List, Optional
 
@@ -46,6 +47,9 @@ def run_rank(job: MemoryJob, schedule: str, timeout_s: float = 300.0) -> Optiona
                 meter.exclude(_model_state(stage, optimizer))
 
     if device.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         train(None)
         torch.cuda.synchronize(device)

@@ -90,7 +90,9 @@ def prepare(job: SpeedJob, schedule: str, timeout_s: float = 300.0) -> RankRun:
     """Join the process group (once), build this rank's stages of the row and their schedule."""
     device = _device()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        # NCCL: bind the group to this rank's GPU (collectives on device tensors, no guessing).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
     me, size = dist.get_rank(), dist.get_world_size()
     name, args = model_name(job), model_args(job)
     balance = list(job.row.balance) if job.row.balance else [models.count(name, **args)[0]]
@@ -125,7 +127,8 @@ def run_rank(job: SpeedJob, schedule: str, progress: Optional[Progress] = None, 
                 progress(epoch, k + 1, steps, (k + 1) * row.batch / (time.perf_counter() - start))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        # On the rank's device: an NCCL group has no CPU backend.
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if epoch >= s.skip_epochs:
             throughputs.append(steps * row.batch / float(elapsed))

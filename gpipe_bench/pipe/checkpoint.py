@@ -73,16 +73,24 @@ class RNGState:
         self.cuda: Optional[Tensor] = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
     @contextmanager
-    def replay(self) -> Iterator[None]:
-        """Run the block with the saved generators, then put the current ones back."""
-        cpu_now = torch.get_rng_state()
+    def replay(self, host: bool = True) -> Iterator[None]:
+        """Run the block with the saved generators, then put the current ones back.
+
+        ``host=False`` leaves the process-wide host generator alone (a GPU
+        partition that never draws from it, while other workers may): swapping
+        it there would corrupt their draws. The caller decides, and holds
+        :data:`CPU_RNG_LOCK` when it swaps the host generator next to others.
+        """
+        cpu_now = torch.get_rng_state() if host else None
         cuda_now = torch.cuda.get_rng_state(self.device) if self.cuda is not None else None
-        torch.set_rng_state(self.cpu)
+        if host:
+            torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
         try:
             yield
         finally:
-            torch.set_rng_state(cpu_now)
+            if cpu_now is not None:
+                torch.set_rng_state(cpu_now)
             if cuda_now is not None:
                 torch.cuda.set_rng_state(cuda_now, self.device)

@@ -1,22 +1,31 @@
 """Move a partition's tensors to the next partition's device.
 
-A transfer runs on a copy stream of the receiving device: it waits for the
+A transfer runs on copy streams, never on a compute stream: it waits for the
 producer's event (the producer's kernels may still be queued), then the
-receiver's compute stream waits for the copy. Both sides record the tensors on
-the streams that use them so the allocator never recycles memory in flight.
-Tensors already on the right device (every virtual CPU device shares the host's
-memory) pass through untouched.
+receiver's compute stream waits for an event recorded right after the copy.
+Both sides record the tensors on the streams that use them so the allocator
+never recycles memory in flight. Tensors already on the right device (every
+virtual CPU device shares the host's memory) pass through untouched, but are
+still recorded on the receiver's compute stream: they were made on another.
+
+Each GPU has two copy streams (:class:`CopyStreams`): one for copies arriving
+(used only by that device's worker, which does its own receiving) and one for
+copies leaving. With a single stream per device, a device's compute could
+wait on an unrelated outgoing copy queued by another worker.
+
+Into host memory a copy is blocking: a CPU worker reads the tensor as soon as
+the transfer returns, and a CPU has no stream to wait on.
 """
 from __future__ import annotations
 
-from typing import Mapping, Tuple
+from typing import Dict, Iterable, Tuple
 
 import torch
 from torch import Tensor
 
-from .stream import CPU_STREAM, AbstractStream, Event, record_stream, use_stream, wait_event, wait_stream
+from .stream import CPU_STREAM, AbstractStream, Event, new_stream, record_event, record_stream, use_stream, wait_event
 
-__all__ = ["storage_device", "transfer"]
+__all__ = ["CopyStreams", "storage_device", "transfer"]
 
 
 def storage_device(device: torch.device) -> torch.device:
@@ -32,6 +41,24 @@ def storage_device(device: torch.device) -> torch.device:
     return device
 
 
+class CopyStreams:
+    """An incoming and an outgoing copy stream per GPU; the CPU sentinel for host memory.
+
+    Made on the caller's thread before any worker starts, so workers only read it.
+    """
+
+    def __init__(self, places: Iterable[torch.device] = ()) -> None:
+        gpus = sorted({p for p in places if p.type == "cuda"}, key=str)
+        self._incoming: Dict[torch.device, AbstractStream] = {p: new_stream(p) for p in gpus}
+        self._outgoing: Dict[torch.device, AbstractStream] = {p: new_stream(p) for p in gpus}
+
+    def incoming(self, device: torch.device) -> AbstractStream:
+        return self._incoming.get(device, CPU_STREAM)
+
+    def outgoing(self, device: torch.device) -> AbstractStream:
+        return self._outgoing.get(device, CPU_STREAM)
+
+
 def _same_place(tensor: Tensor, device: torch.device) -> bool:
     if tensor.device.type != device.type:
         return False
@@ -42,31 +69,34 @@ def transfer(
     tensors: Tuple[Tensor, ...],
     device: torch.device,
     ready: Event,
-    copy_streams: Mapping[torch.device, AbstractStream],
+    streams: CopyStreams,
     compute_stream: AbstractStream,
 ) -> Tuple[Tensor, ...]:
     """Copy ``tensors`` to ``device`` once ``ready`` fires, overlapping compute.
 
     A copy between two GPUs is queued on the current streams of both devices,
-    so both are made the devices' copy streams: neither device's compute
-    stream is held up by the transfer.
+    so both are made copy streams (the source's outgoing, the destination's
+    incoming): neither device's compute stream is held up by the transfer.
     """
     if all(_same_place(t, device) for t in tensors):
         wait_event(compute_stream, ready)
+        for t in tensors:
+            record_stream(t, compute_stream)
         return tensors
-    dst_copy = copy_streams.get(device, CPU_STREAM)
+    dst_copy = streams.incoming(device)
     wait_event(dst_copy, ready)
     moved = []
     for t in tensors:
         if _same_place(t, device):
             moved.append(t)
             continue
-        src_copy = copy_streams.get(t.device, CPU_STREAM)
+        src_copy = streams.outgoing(t.device)
         wait_event(src_copy, ready)
         with use_stream(src_copy), use_stream(dst_copy):
             record_stream(t, src_copy)
-            moved.append(t.to(device, non_blocking=True))
-    wait_stream(compute_stream, dst_copy)
+            # Into host memory: blocking (the source's copy stream is synchronised), see above.
+            moved.append(t.to(device, non_blocking=device.type == "cuda"))
+    wait_event(compute_stream, record_event(dst_copy))
     for t in moved:
         record_stream(t, compute_stream)
     return tuple(moved)

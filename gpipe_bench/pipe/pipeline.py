@@ -33,12 +33,12 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _di
 
 from .batchnorm import DeferredBatchNorm
 from .checkpoint import CPU_RNG_LOCK, RNGState, checkpointing, recomputing
-from .copy import storage_device, transfer
+from .copy import CopyStreams, storage_device, transfer
 from .microbatch import Tensors, TensorOrTensors, as_tuple, unpack
 from .schedule import Step, backward_steps, forward_steps
 from .skip.layout import SkipLayout
 from .skip.tracker import SkipKey, SkipTracker, use_skip_tracker
-from .stream import AbstractStream, Event, current_stream, new_stream, record_event, wait_event
+from .stream import Event, current_stream, record_event, record_ready, record_stream, wait_event
 from .worker import execute
 
 __all__ = ["Pipeline"]
@@ -150,6 +150,9 @@ class _Run:
         self.done = False
         # Partitions seen drawing from the host generator (see Pipeline._forward_rng).
         self.draws_random: Set[int] = set()
+        # Per device, the event of the last cell its worker finished in the current phase: one
+        # compute stream per device, so it orders everything the device did before it.
+        self.last_event: Dict[torch.device, Event] = {}
 
 
 class Pipeline:
@@ -175,23 +178,24 @@ class Pipeline:
             if key not in self.worker_devices:
                 self.worker_devices.append(key)
             self.worker_of.append(self.worker_devices.index(key))
-        cpu_workers = sum(1 for d in self.worker_devices if d.type == "cpu")
-        self._cpu_workers = cpu_workers
-        # Partitions whose draws from the host generator could interleave with another's.
-        self._rng_shared = [cpu_workers > 1 and d.type == "cpu" for d in self.devices]
+        self._cpu_workers = sum(1 for d in self.worker_devices if d.type == "cpu")
+        # With more than one worker, partitions' draws from the host's one generator (and a
+        # recompute's swap of it, GPU partitions' too) could interleave with another worker's.
+        self._rng_shared = len(self.worker_devices) > 1
         self._deferred = [[m for m in p.modules() if isinstance(m, DeferredBatchNorm)] for p in partitions]
         self._plain_bn = [
             [m for m in p.modules() if isinstance(m, _BatchNorm) and not isinstance(m, DeferredBatchNorm)]
             for p in partitions
         ]
-        self._copy_streams: Dict[torch.device, AbstractStream] = {}
+        self._copy_streams: Optional[CopyStreams] = None
 
     # -- plumbing -------------------------------------------------------
 
-    def _ensure_copy_streams(self) -> None:
-        # Made on the caller's thread before any worker starts, so workers only read the map.
-        if not self._copy_streams:
-            self._copy_streams = {place: new_stream(place) for place in set(self.places) if place.type == "cuda"}
+    def _streams(self) -> CopyStreams:
+        # Made on the caller's thread before any worker starts, so workers only read them.
+        if self._copy_streams is None:
+            self._copy_streams = CopyStreams(self.places)
+        return self._copy_streams
 
     def _contexts(self, state: _ThreadState) -> List[Callable[[], ExitStack]]:
         threads = max(1, torch.get_num_threads() // max(1, self._cpu_workers))
@@ -200,6 +204,12 @@ class Pipeline:
         def make(device: torch.device) -> Callable[[], ExitStack]:
             def context() -> ExitStack:
                 stack = ExitStack()
+                # Each worker runs its cells' backward itself. Otherwise PyTorch hands the GPU
+                # work of a torch.autograd.grad call to its autograd thread for that device,
+                # which may be the very thread blocked in _Join.backward waiting for this
+                # worker: with two or more GPUs the backward would deadlock. The switch is
+                # per thread (torch >= 2.0); the caller's own setting is untouched.
+                stack.enter_context(torch.autograd.set_multithreading_enabled(False))
                 if device.type == "cuda":
                     stack.enter_context(torch.cuda.device(device))
                 elif parallel:
@@ -222,8 +232,18 @@ class Pipeline:
         return plan
 
     @staticmethod
-    def _join_streams(place: torch.device, events: Sequence[Event]) -> None:
-        if place.type == "cuda":
+    def _join_caller(places: Sequence[torch.device], events: Sequence[Event]) -> None:
+        """Order the calling thread's current streams on ``places`` after ``events``.
+
+        The workers compute on their threads' streams; the caller (or the
+        autograd thread running :class:`_Join`'s backward) may use other ones,
+        e.g. under ``torch.cuda.stream(s)``. Every device's stream waits for
+        every event: autograd takes all of ``_Join``'s gradients as made on one
+        stream (its node's), whichever device holds them.
+        """
+        for place in dict.fromkeys(places):
+            if place.type != "cuda":
+                continue
             stream = current_stream(place)
             for event in events:
                 wait_event(stream, event)
@@ -232,7 +252,8 @@ class Pipeline:
     def _forward_rng(self, i: int, j: int, run: _Run) -> Iterator[None]:
         """Serialise host-generator draws of partitions that will be recomputed.
 
-        Virtual CPU devices share the host's one generator. If two partitions
+        Every worker shares the host's one generator (GPU partitions may draw
+        from it too, and a recompute swaps it in to replay). If two partitions
         drew from it at once, neither recompute could replay its draws. Which
         partitions draw (dropout modules, functional dropout, ``torch.rand`` in
         a custom layer, ...) is found by watching, not by guessing from module
@@ -242,7 +263,7 @@ class Pipeline:
         of partition ``j`` runs alone at clock ``j`` among first micro-batches,
         and earlier partitions are already classified, so the watch is exact.
         """
-        if not (self._rng_shared[j] and run.checkpoint_stop > 0):
+        if not (self._rng_shared and run.checkpoint_stop > 0):
             yield
         elif i == 0:
             with CPU_RNG_LOCK:
@@ -256,8 +277,19 @@ class Pipeline:
         else:
             yield
 
-    def _recompute_rng(self, j: int, run: _Run) -> Any:
-        return CPU_RNG_LOCK if self._rng_shared[j] and j in run.draws_random else nullcontext()
+    def _recompute_rng(self, j: int, run: _Run) -> Tuple[Any, bool]:
+        """(lock to hold, whether to swap the host generator) for recomputing partition ``j``.
+
+        Alone, a worker swaps the host generator freely. Next to other workers
+        it swaps it only for a partition seen drawing from it, under the lock
+        those draws take; a partition that never draws from it (a GPU
+        partition, typically) leaves it alone, so it cannot disturb the others.
+        """
+        if not self._rng_shared:
+            return nullcontext(), True
+        if j in run.draws_random:
+            return CPU_RNG_LOCK, True
+        return nullcontext(), False
 
     # -- forward --------------------------------------------------------
 
@@ -267,10 +299,10 @@ class Pipeline:
         """Run every forward cell; return the last partition's outputs per micro-batch."""
         m, n = len(batches), len(self.partitions)
         run = _Run(m, checkpoint_stop if grad else 0, _ThreadState())
-        self._ensure_copy_streams()
+        streams = self._streams()
         first = batches[0]
         run.input_devices = tuple(t.device for t in first)
-        input_ready = record_event(current_stream(first[0].device)) if first[0].is_cuda else None
+        input_ready = record_ready(first)
 
         def step(s: Step) -> None:
             i, j = s.i, s.j
@@ -284,13 +316,18 @@ class Pipeline:
                 prev = run.cells[(i, j - 1)]
                 source, ready, in_atomic = prev.outputs, prev.event, prev.out_atomic
                 wants = prev.out_grad
-            inputs = transfer(source, place, ready, self._copy_streams, compute)
+            inputs = transfer(source, place, ready, streams, compute)
+            checkpointed = i < run.checkpoint_stop
+            if j > 0 and checkpointed:
+                # A checkpointed cell's outputs are recomputed before its backward: once
+                # handed on, the first copy need not stay on its device until then.
+                run.cells[(i, j - 1)].outputs = ()
             skips: Dict[SkipKey, Optional[Tensor]] = {}
             for key, src in self.skip_layout.incoming(j):
                 origin = run.cells[(i, src)]
-                value = origin.skips_out[key]
+                value = origin.skips_out.pop(key) if checkpointed else origin.skips_out[key]
                 if value is not None:
-                    (value,) = transfer((value,), place, origin.event, self._copy_streams, compute)
+                    (value,) = transfer((value,), place, origin.event, streams, compute)
                     if grad:
                         value = _leaf(value, True)
                 skips[key] = value
@@ -298,7 +335,6 @@ class Pipeline:
                 inputs = tuple(_leaf(t, w) for t, w in zip(inputs, wants))
             cell.inputs, cell.in_atomic, cell.skips_in = inputs, in_atomic, skips
 
-            checkpointed = i < run.checkpoint_stop
             tracker = _CellTracker(skips, list(self.skip_layout.outgoing(j)))
             with self._forward_rng(i, j, run), use_skip_tracker(tracker):
                 if checkpointed:
@@ -326,9 +362,15 @@ class Pipeline:
                 for bn in layers:
                     bn.commit()
 
-        # The caller's stream may differ from the workers': order it after the last partition.
-        self._join_streams(self.places[-1], [run.cells[(i, n - 1)].event for i in range(m)])
+        # The caller's stream may differ from the workers': order it after the last partition,
+        # and tell the allocator that it reads the outputs the last worker made.
+        self._join_caller([self.places[-1]], [run.cells[(i, n - 1)].event for i in range(m)])
         outputs = [run.cells[(i, n - 1)].outputs for i in range(m)]
+        if self.places[-1].type == "cuda":
+            caller = current_stream(self.places[-1])
+            for out in outputs:
+                for t in out:
+                    record_stream(t, caller)
         out_atomic = run.cells[(0, n - 1)].out_atomic
         if not grad:
             run.cells.clear()
@@ -358,8 +400,9 @@ class Pipeline:
             sizes = [s[k] for s in sizes_of]
             for i, piece in enumerate(torch.split(g, sizes)):
                 slices[i].append(piece)
-        first_grad = next((g for g in grad_outputs if g is not None), None)
-        grads_ready = record_event(current_stream(first_grad.device)) if first_grad is not None and first_grad.is_cuda else None
+        grads_ready = record_ready(grad_outputs)
+        streams = self._streams()
+        run.last_event = {}
         param_grads: List[List[Optional[Tensor]]] = [[None] * len(ps) for ps in run.params]
         owned: List[List[bool]] = [[False] * len(ps) for ps in run.params]
 
@@ -367,7 +410,8 @@ class Pipeline:
             cell = run.cells[(i, j)]
             assert cell.rng is not None
             tracker = _CellTracker(cell.skips_in, list(self.skip_layout.outgoing(j)))
-            with self._recompute_rng(j, run), use_skip_tracker(tracker), cell.rng.replay(), torch.enable_grad(), \
+            lock, host = self._recompute_rng(j, run)
+            with lock, use_skip_tracker(tracker), cell.rng.replay(host), torch.enable_grad(), \
                     recomputing(), _frozen_running_stats(self._plain_bn[j]):
                 output = self.partitions[j](unpack(cell.inputs, cell.in_atomic))
             cell.outputs, _ = _check_output(output, j)
@@ -383,7 +427,7 @@ class Pipeline:
                 present = [(t, g) for t, g in zip(tensors, grads) if g is not None and t.requires_grad]
                 if not present:
                     return
-                moved = transfer(tuple(g for _, g in present), place, ready, self._copy_streams, compute)
+                moved = transfer(tuple(g for _, g in present), place, ready, streams, compute)
                 pairs.extend(zip((t for t, _ in present), moved))
 
             if j == n - 1:
@@ -396,7 +440,9 @@ class Pipeline:
                     continue
                 dst = self.skip_layout.routes[key][1]
                 popper = run.cells[(i, dst)]
-                take((tensor,), (popper.skip_grads_in.get(key),), popper.grad_event)
+                # Consumed here, so released here: held to the end of the backward, a skip's
+                # gradient would pile up once per micro-batch on the popping device.
+                take((tensor,), (popper.skip_grads_in.pop(key, None),), popper.grad_event)
 
             leaves = [t for t in cell.inputs if t.requires_grad]
             skip_leaves = [(k, t) for k, t in cell.skips_in.items() if t is not None and t.requires_grad]
@@ -413,23 +459,13 @@ class Pipeline:
             it = iter(grads)
             cell.grads_in = tuple(next(it) if t.requires_grad else None for t in cell.inputs)
             cell.skip_grads_in = {k: next(it) for k, _ in skip_leaves}
-            acc, own = param_grads[j], owned[j]
-            for p, g in enumerate(it):
-                if g is None:
-                    continue
-                if acc[p] is None:
-                    acc[p] = g
-                elif own[p]:
-                    cast(Tensor, acc[p]).add_(g)
-                else:
-                    # The first gradient may alias autograd's buffers; sum into a tensor we own.
-                    acc[p] = cast(Tensor, acc[p]) + g
-                    own[p] = True
+            _accumulate(param_grads[j], owned[j], list(it))
             # Free what this cell held; the successor's gradients are consumed too.
             cell.outputs, cell.skips_out, cell.inputs, cell.skips_in = (), {}, (), {}
             if j < n - 1:
                 run.cells[(i, j + 1)].grads_in = ()
             cell.grad_event = record_event(compute)
+            run.last_event[place] = cell.grad_event
 
         def step(s: Step) -> None:
             (recompute if s.kind == "recompute" else backward)(s.i, s.j)
@@ -437,14 +473,25 @@ class Pipeline:
         clocks = backward_steps(m, n, lambda i: i < run.checkpoint_stop)
         execute(self._plan(clocks, step), self._contexts(run.thread_state), len(clocks))
 
-        self._join_streams(self.places[0], [run.cells[(i, 0)].grad_event for i in range(m)])
+        # Every device's gradients are handed to autograd on this thread's streams: order them
+        # after every worker's last cell, and record what they read from the workers' streams.
+        self._join_caller([*self.places, *run.input_devices], list(run.last_event.values()))
+        for grads, place in zip(param_grads, self.places):
+            if place.type == "cuda":
+                for grad in grads:
+                    if grad is not None:
+                        record_stream(grad, current_stream(grad.device))
         input_grads: List[Optional[Tensor]] = []
         for k, device in enumerate(run.input_devices):
             pieces = [run.cells[(i, 0)].grads_in[k] for i in range(m)]
             if any(p is None for p in pieces):
                 input_grads.append(None)
                 continue
-            joined = torch.cat([cast(Tensor, p) for p in pieces])
+            present = [cast(Tensor, p) for p in pieces]
+            for t in present:
+                if t.is_cuda:
+                    record_stream(t, current_stream(t.device))
+            joined = torch.cat(present)
             input_grads.append(joined.to(device) if joined.device != device else joined)
         run.cells.clear()
         return input_grads, param_grads
@@ -465,6 +512,34 @@ def _frozen_running_stats(layers: Sequence[_BatchNorm]) -> Iterator[None]:
     finally:
         for bn, flag in zip(layers, tracking):
             bn.track_running_stats = flag
+
+
+def _accumulate(acc: List[Optional[Tensor]], owned: List[bool], grads: Sequence[Optional[Tensor]]) -> None:
+    """Add one micro-batch's parameter gradients into ``acc``, in two fused calls.
+
+    One ``add_`` per parameter per micro-batch is ~314 x chunks kernel launches
+    a step for ResNet-101; the multi-tensor ops do the same sums in a few.
+    The first gradient of a parameter is kept as it is; it may alias
+    autograd's buffers, so the second is summed out of place into a tensor we
+    own, and later ones in place.
+    """
+    into: List[int] = []
+    fresh: List[int] = []
+    for p, g in enumerate(grads):
+        if g is None:
+            continue
+        if acc[p] is None:
+            acc[p] = g
+        elif owned[p]:
+            into.append(p)
+        else:
+            fresh.append(p)
+    if into:
+        torch._foreach_add_([cast(Tensor, acc[p]) for p in into], [cast(Tensor, grads[p]) for p in into])
+    if fresh:
+        sums = torch._foreach_add([cast(Tensor, acc[p]) for p in fresh], [cast(Tensor, grads[p]) for p in fresh])
+        for p, total in zip(fresh, sums):
+            acc[p], owned[p] = total, True
 
 
 def _bind(fn: Callable[[Step], None], step: Step) -> Callable[[], None]:

@@ -8,7 +8,7 @@ is the :data:`CPU_STREAM` sentinel and every operation on it is a no-op.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Union
+from typing import Iterable, Iterator, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ __all__ = [
     "current_stream",
     "use_stream",
     "record_event",
+    "record_ready",
     "wait_event",
     "wait_stream",
     "record_stream",
@@ -70,6 +71,27 @@ def record_event(stream: AbstractStream) -> Event:
         return None
     event = torch.cuda.Event()  # type: ignore[no-untyped-call]
     event.record(stream)
+    return event
+
+
+def record_ready(tensors: Iterable[Optional[Tensor]]) -> Event:
+    """One event after the work queued so far on the current stream of *every* CUDA device holding one of ``tensors``.
+
+    The tensors of a tuple may live on different devices (or only a later one
+    on a GPU): an event on the first tensor's stream alone would let a worker
+    read the others before they are written. The streams are chained (each
+    later device's stream waits for the event so far), so one event covers all.
+    ``None`` when no tensor is on a GPU.
+    """
+    event: Event = None
+    seen: List[torch.device] = []
+    for t in tensors:
+        if t is None or not t.is_cuda or t.device in seen:
+            continue
+        seen.append(t.device)
+        stream = current_stream(t.device)
+        wait_event(stream, event)
+        event = record_event(stream)
     return event
 
 

@@ -43,9 +43,15 @@ class _Clocks:
     def aborted(self) -> bool:
         return self.error is not None
 
-    def wait(self, clock: int) -> None:
-        # Every earlier clock, not just the one before: a worker's plan may skip clocks.
-        for event in self._done[:clock]:
+    def wait(self, since: int, clock: int) -> None:
+        """Wait until clocks ``since .. clock - 1`` are done.
+
+        Every earlier clock, not just the one before (a worker's plan may skip
+        clocks), but each worker passes where it stopped last time: waiting
+        from zero at every step costs a quadratic number of waits in the
+        micro-batches (256 micro-batches: ~130,000 per worker per step).
+        """
+        for event in self._done[since:clock]:
             event.wait()
 
     def finish(self, clock: int) -> None:
@@ -88,11 +94,12 @@ def execute(
     clocks = _Clocks(counts)
 
     def work(w: int) -> None:
-        clock = 0
+        clock, passed = 0, 0
         try:
             with contexts[w]():
                 for clock, fn in plan[w]:
-                    clocks.wait(clock)
+                    clocks.wait(passed, clock)
+                    passed = clock
                     if clocks.aborted:
                         return
                     fn()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from gpipe_bench.pipe.copy import storage_device, transfer
+from gpipe_bench.pipe.copy import CopyStreams, storage_device, transfer
 from gpipe_bench.pipe.stream import CPU_STREAM
 
 
@@ -14,11 +14,11 @@ def test_virtual_cpu_devices_share_host_memory() -> None:
 
 def test_transfer_between_virtual_cpu_devices_is_the_same_tensor() -> None:
     x, y = torch.ones(2), torch.zeros(3)
-    moved = transfer((x, y), torch.device("cpu"), None, {}, CPU_STREAM)
+    moved = transfer((x, y), torch.device("cpu"), None, CopyStreams(), CPU_STREAM)
     assert moved[0] is x and moved[1] is y
 
 
 def test_transfer_keeps_autograd_history() -> None:
     x = torch.ones(2, requires_grad=True) * 3
-    (moved,) = transfer((x,), torch.device("cpu"), None, {}, CPU_STREAM)
+    (moved,) = transfer((x,), torch.device("cpu"), None, CopyStreams(), CPU_STREAM)
     assert moved.grad_fn is x.grad_fn

@@ -1,8 +1,13 @@
-"""The engine on CUDA: streams, copies between devices, shared devices. Skipped without a GPU."""
+"""The engine on CUDA: streams, copies between devices, shared devices. Skipped without a GPU.
+
+Every test has a timeout: a pipeline that deadlocks (the backward on two GPUs
+once did) fails its test instead of stalling ``make gpu-check``.
+"""
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, List
+from typing import Any, List, Optional
 
 import pytest
 import torch
@@ -12,7 +17,7 @@ from gpipe_bench.pipe import GPipe
 from gpipe_bench.pipe.skip import Namespace
 from helpers import Pop, Stash
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.timeout(120)]
 
 
 def _model() -> nn.Sequential:
@@ -29,20 +34,30 @@ def _devices(n: int) -> List[str]:
     return [f"cuda:{j % count}" for j in range(n)]
 
 
-def _compare(devices: List[str], checkpoint: str, chunks: int) -> None:
+def _compare(devices: List[str], checkpoint: str, chunks: int, stream: Optional[torch.cuda.Stream] = None) -> None:
+    """Forward and backward (and BatchNorm statistics) equal the plain model's on the same micro-batches."""
     torch.manual_seed(0)
     plain = _model().double().cuda()
     gpipe = GPipe(copy.deepcopy(plain).cpu(), [3, 4, 5], devices=devices, chunks=chunks, checkpoint=checkpoint)
-    x = torch.randn(8, 3, 6, 6, dtype=torch.float64, device=devices[0])
-    out = gpipe(x)
-    out.sum().backward()
-    ref = torch.cat([plain(piece) for piece in x.chunk(chunks)])
-    ref.sum().backward()
+    first = torch.device(devices[0]) if devices[0] != "cpu" else torch.device("cpu")
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64, device=first, requires_grad=True)
+    weight = torch.randn(8, 4, dtype=torch.float64, device=devices[-1])
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        out = gpipe(x)
+        (out * weight).sum().backward()
+    torch.cuda.synchronize()
+    xr = x.detach().cuda().requires_grad_()
+    ref = torch.cat([plain(piece) for piece in xr.chunk(chunks)])
+    (ref * weight.cuda()).sum().backward()
     assert out.device == torch.device(devices[-1])
     assert torch.allclose(out.to(ref.device), ref, rtol=1e-10, atol=1e-12)
+    assert x.grad is not None and x.grad.device == x.device
+    assert torch.allclose(x.grad.cuda(), xr.grad, rtol=1e-9, atol=1e-12)
     for p, q in zip(gpipe.parameters(), plain.parameters()):
         assert p.grad is not None and q.grad is not None
         assert torch.allclose(p.grad.to(q.device), q.grad, rtol=1e-9, atol=1e-12)
+    for a, b in zip(gpipe.buffers(), plain.buffers()):
+        assert torch.allclose(a.to(b.device).double(), b.double(), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("checkpoint", ["always", "except_last", "never"])
@@ -55,6 +70,59 @@ def test_distinct_gpus(checkpoint: str) -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     _compare(_devices(3), checkpoint, chunks=4)
+
+
+@pytest.mark.parametrize("devices", [["cpu", "cuda:0", "cuda:0"], ["cuda:0", "cpu", "cuda:0"], ["cuda:0", "cuda:0", "cpu"]])
+@pytest.mark.parametrize("checkpoint", ["always", "never"])
+def test_mixed_host_and_gpu_partitions(devices: List[str], checkpoint: str) -> None:
+    """Two workers, one on the host: GPU-to-host copies must land before the CPU worker reads them,
+    and each worker must run its own backward (with the GPU's autograd thread it deadlocked)."""
+    _compare(devices, checkpoint, chunks=4)
+
+
+def test_two_gpus_with_a_host_partition() -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    _compare(["cuda:0", "cpu", "cuda:1"], "except_last", chunks=4)
+
+
+@pytest.mark.parametrize("devices", [["cuda:0"] * 3, ["cuda:0", "cpu", "cuda:0"], ["cuda:0", "cuda:1", "cuda:0"]])
+def test_training_under_a_non_default_caller_stream(devices: List[str]) -> None:
+    """The caller's stream must wait for every device's gradients, not only the first device's."""
+    if "cuda:1" in devices and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    _compare(devices, "except_last", chunks=4, stream=torch.cuda.Stream())
+
+
+class _TupleHead(nn.Module):
+    def forward(self, xs: Any) -> Tensor:
+        index, x = xs
+        out: Tensor = x * (index.to(x.device, x.dtype).view(-1, 1) + 1.0)
+        return out
+
+
+def test_tuple_whose_first_tensor_is_on_the_host_waits_for_the_gpu_one() -> None:
+    """The ready event was recorded only when the tuple's *first* tensor was on a GPU.
+
+    Here the first is a host tensor and the second is written by a long kernel on the
+    caller's side stream just before the call: the pipeline must read it finished.
+    """
+    gpipe = GPipe(nn.Sequential(_TupleHead(), nn.Linear(256, 256)), [1, 1], devices=["cpu", "cuda:0"], chunks=2)
+    side = torch.cuda.Stream()
+    base = torch.randn(256, 256, device="cuda:0")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        slow = base
+        for _ in range(50):
+            slow = torch.tanh(slow @ base)  # keeps the side stream busy
+        x = slow[:8].clone()
+        index = torch.arange(8) % 3
+        out = gpipe((index, x))
+    torch.cuda.synchronize()
+    head = x * (index.cuda().float().view(-1, 1) + 1.0)
+    with torch.no_grad():
+        expected = gpipe[1](head)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_input_on_host_is_moved_and_gradient_returns() -> None:
