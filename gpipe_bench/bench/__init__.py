@@ -1,1 +1,1 @@
-"""Benchmarks of the gpipe-bench engine and harness (``python -m gpipe_bench.bench.engine``)."""
+"""The harness's measurements (speed, memory, accuracy); the engine micro-benchmark lives in benchmarks/engine.py."""

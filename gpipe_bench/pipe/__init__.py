@@ -5,5 +5,6 @@ This package depends on torch alone.
 """
 from .checkpoint import is_checkpointing, is_recomputing
 from .gpipe import GPipe
+from .observe import Observer, StepRecord, observing
 
-__all__ = ["GPipe", "is_checkpointing", "is_recomputing"]
+__all__ = ["GPipe", "Observer", "StepRecord", "is_checkpointing", "is_recomputing", "observing"]

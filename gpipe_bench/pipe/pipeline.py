@@ -26,6 +26,8 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, cast
 
+import time
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -35,6 +37,7 @@ from .batchnorm import DeferredBatchNorm
 from .checkpoint import CPU_RNG_LOCK, RNGState, checkpointing, recomputing
 from .copy import CopyStreams, storage_device, transfer
 from .microbatch import Tensors, TensorOrTensors, as_tuple, unpack
+from .observe import Observer, StepRecord, observers
 from .schedule import Step, backward_steps, forward_steps
 from .skip.layout import SkipLayout
 from .skip.tracker import SkipKey, SkipTracker, use_skip_tracker
@@ -197,11 +200,11 @@ class Pipeline:
             self._copy_streams = CopyStreams(self.places)
         return self._copy_streams
 
-    def _contexts(self, state: _ThreadState) -> List[Callable[[], ExitStack]]:
+    def _contexts(self, state: _ThreadState, phase: str, watching: Sequence[Observer]) -> List[Callable[[], ExitStack]]:
         threads = max(1, torch.get_num_threads() // max(1, self._cpu_workers))
         parallel = len(self.worker_devices) > 1
 
-        def make(device: torch.device) -> Callable[[], ExitStack]:
+        def make(w: int, device: torch.device) -> Callable[[], ExitStack]:
             def context() -> ExitStack:
                 stack = ExitStack()
                 # Each worker runs its cells' backward itself. Otherwise PyTorch hands the GPU
@@ -218,17 +221,25 @@ class Pipeline:
                     # setting is per thread: the caller's own count is untouched.
                     torch.set_num_threads(threads)
                 state.enter(stack)
+                for observer in watching:
+                    stack.enter_context(observer.worker(w, device, phase))
                 return stack
 
             return context
 
-        return [make(d) for d in self.worker_devices]
+        return [make(w, d) for w, d in enumerate(self.worker_devices)]
 
-    def _plan(self, clocks: List[List[Step]], run_step: Callable[[Step], None]) -> List[List[Tuple[int, Callable[[], None]]]]:
+    def _plan(
+        self, clocks: List[List[Step]], run_step: Callable[[Step], None], phase: str, watching: Sequence[Observer]
+    ) -> List[List[Tuple[int, Callable[[], None]]]]:
         plan: List[List[Tuple[int, Callable[[], None]]]] = [[] for _ in self.worker_devices]
         for clock, steps in enumerate(clocks):
             for step in steps:
-                plan[self.worker_of[step.j]].append((clock, _bind(run_step, step)))
+                w = self.worker_of[step.j]
+                fn = _bind(run_step, step)
+                if watching:
+                    fn = _reported(fn, phase, step, clock, w, self.devices[step.j], watching)
+                plan[w].append((clock, fn))
         return plan
 
     @staticmethod
@@ -355,7 +366,9 @@ class Pipeline:
             run.cells[(i, j)] = cell
 
         clocks = forward_steps(m, n)
-        execute(self._plan(clocks, step), self._contexts(run.thread_state), len(clocks))
+        watching = observers()
+        execute(self._plan(clocks, step, "forward", watching), self._contexts(run.thread_state, "forward", watching),
+                len(clocks))
 
         if any(p.training for p in self.partitions):
             for layers in self._deferred:
@@ -471,7 +484,9 @@ class Pipeline:
             (recompute if s.kind == "recompute" else backward)(s.i, s.j)
 
         clocks = backward_steps(m, n, lambda i: i < run.checkpoint_stop)
-        execute(self._plan(clocks, step), self._contexts(run.thread_state), len(clocks))
+        watching = observers()
+        execute(self._plan(clocks, step, "backward", watching), self._contexts(run.thread_state, "backward", watching),
+                len(clocks))
 
         # Every device's gradients are handed to autograd on this thread's streams: order them
         # after every worker's last cell, and record what they read from the workers' streams.
@@ -544,6 +559,22 @@ def _accumulate(acc: List[Optional[Tensor]], owned: List[bool], grads: Sequence[
 
 def _bind(fn: Callable[[Step], None], step: Step) -> Callable[[], None]:
     return lambda: fn(step)
+
+
+def _reported(
+    fn: Callable[[], None], phase: str, step: Step, clock: int, worker: int, device: torch.device,
+    watching: Sequence[Observer],
+) -> Callable[[], None]:
+    def run() -> None:
+        start = time.perf_counter_ns()
+        try:
+            fn()
+        finally:
+            record = StepRecord(phase, step.kind, step.i, step.j, clock, worker, device, start, time.perf_counter_ns())
+            for observer in watching:
+                observer.step(record)
+
+    return run
 
 
 class _Join(torch.autograd.Function):

@@ -68,7 +68,7 @@ status is 0 whenever the benchmark ran (a MISS is a finding, not a crash).
 
 Example::
 
-    python -m gpipe_bench.bench.engine --repeats 7 --chunks 8
+    python benchmarks/engine.py --repeats 7 --chunks 8
 """
 from __future__ import annotations
 
@@ -416,7 +416,7 @@ def noise_warning(variants: Sequence[Variant], tolerance: float = NOISY_SPREAD) 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m gpipe_bench.bench.engine",
+        prog="python benchmarks/engine.py",
         description=(
             "Engine micro-benchmark: seconds per training step of the plain model (gradient\n"
             "accumulation), our GPipe, torchgpipe 0.0.7 and our GPipe over two virtual CPU\n"
@@ -425,10 +425,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         ),
         epilog=(
             "examples:\n"
-            "  python -m gpipe_bench.bench.engine                    # CPU, the `make bench-engine` run\n"
-            "  python -m gpipe_bench.bench.engine --repeats 9 --chunks 4\n"
-            "  python -m gpipe_bench.bench.engine --device cuda      # on a GPU machine (make gpu-check)\n"
-            "  python -m gpipe_bench.bench.engine --quick --repeats 1  # seconds-long smoke run"
+            "  python benchmarks/engine.py                    # CPU, the `make bench-engine` run\n"
+            "  python benchmarks/engine.py --repeats 9 --chunks 4\n"
+            "  python benchmarks/engine.py --device cuda      # on a GPU machine (make gpu-check)\n"
+            "  python benchmarks/engine.py --quick --repeats 1  # seconds-long smoke run"
         ),
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30),
     )
