@@ -16,11 +16,32 @@ import torch
 
 from . import __version__, config, devices, models, report, results
 from .config import Overrides
+from .errors import HarnessError
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=_CONTEXT)
+class _Command(click.Command):
+    """A command whose HarnessError is shown as click shows a usage error (one line naming the fix; exit 2)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HarnessError as error:
+            if error.param:
+                raise click.BadParameter(error.message, ctx=ctx, param_hint=error.param) from None
+            raise click.UsageError(error.message, ctx=ctx) from None
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+def _skipped(path: Path, reason: str) -> None:
+    click.echo(f"warning: skipping {path}: not a gpipe-bench result ({reason})", err=True)
+
+
+@click.group(cls=_Group, context_settings=_CONTEXT)
 @click.version_option(__version__, prog_name="gpipe-bench")
 def main() -> None:
     """Reproduce the published GPipe/torchgpipe tables on this machine.
@@ -202,7 +223,7 @@ def _show_saved(table: config.Table, root: Path, profile: str, done: List[result
     """Print the table of every saved result on the hardware of the rows just run; those results (none if none ran)."""
     if not done:
         return []
-    saved = results.load_all(root, table=table.name, profile=profile, hardware=done[0].hardware_key())
+    saved = results.load_all(root, table=table.name, profile=profile, hardware=done[0].hardware_key(), on_skip=_skipped)
     click.echo(report.render(table, saved, fmt="rst", published=True))
     return saved
 
@@ -550,7 +571,7 @@ def table_command(table_name: str, fmt: str, profile: Optional[str], published: 
     table = _table_arg(table_name)
     if per_device and table.kind != "memory":
         raise click.BadParameter(f"{table.name} is a {table.kind} table; --per-device is for memory tables", param_hint="--per-device")
-    saved = results.load_all(root or results.results_dir(), table=table.name, profile=profile)
+    saved = results.load_all(root or results.results_dir(), table=table.name, profile=profile, on_skip=_skipped)
     if not saved:
         click.echo(f"No results for {table.name} yet; measure some with: gpipe-bench {table.kind} {table.model}", err=True)
     click.echo(report.render(table, saved, fmt=fmt, published=published))
@@ -572,7 +593,7 @@ def compare_command(table_name: Optional[str], check: bool, fmt: str, root: Opti
     regressions: List[str] = []
     for name in names:
         table = _table_arg(name)
-        saved = results.load_all(root or results.results_dir(), table=table.name)
+        saved = results.load_all(root or results.results_dir(), table=table.name, on_skip=_skipped)
         comparison = report.compare(table, saved, fmt=fmt)
         click.echo(comparison.text)
         regressions += [f"{table.name}: {r}" for r in comparison.regressions]

@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, NoReturn, Optional, Tuple
 
-import click
 import yaml  # type: ignore[import-untyped, unused-ignore]
 
 from gpipe_bench import models
+from gpipe_bench.errors import HarnessError
 
 __all__ = ["ConfigError", "Published", "Row", "Settings", "Profile", "Table", "Overrides",
            "table_names", "config_dir", "load", "find_row", "apply", "KINDS", "MODES", "CHECKPOINTS"]
@@ -36,10 +36,8 @@ CHECKPOINTS = ("always", "except_last", "never")
 _REQUIRED_PROFILES = ("published", "quick")
 
 
-class ConfigError(click.UsageError):
+class ConfigError(HarnessError):
     """A mistake the user can fix in a config or an option: one line naming file, key, value and the fix. Exit 2."""
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.splitlines()))
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional
 
-import click
 import torch
+
+from .errors import HarnessError
 
 __all__ = ["DevicePlan", "parse", "resolve"]
 
@@ -38,9 +39,9 @@ def parse(spec: str) -> List[str]:
         name, _, times = item.partition("*")
         match = _DEVICE.match(name.strip())
         if not match or (times and not times.strip().isdigit()) or (times and int(times) < 1):
-            raise click.BadParameter(
+            raise HarnessError(
                 f"{item!r} is not a device; use e.g. '0,1', 'cuda:0,cuda:1', 'cuda:0*4' or 'cpu:0,cpu:1'",
-                param_hint="--devices",
+                param="--devices",
             )
         kind, index, bare = match.groups()
         device = f"cuda:{bare}" if bare is not None else (f"{kind}:{index}" if index is not None else kind)
@@ -53,18 +54,18 @@ def _check_available(devices: List[str]) -> None:
     if not cuda:
         return
     if not torch.cuda.is_available():
-        raise click.BadParameter(
+        raise HarnessError(
             f"{cuda[0]} asked for, but this machine has no CUDA device; use virtual CPU devices such as "
             "'cpu:0,cpu:1' (or leave --devices out)",
-            param_hint="--devices",
+            param="--devices",
         )
     count = torch.cuda.device_count()
     for d in cuda:
         index = int(d.split(":")[1]) if ":" in d else 0
         if index >= count:
-            raise click.BadParameter(
+            raise HarnessError(
                 f"{d} asked for, but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})",
-                param_hint="--devices",
+                param="--devices",
             )
 
 
@@ -76,17 +77,17 @@ def resolve(spec: Optional[str], partitions: int) -> DevicePlan:
         given = parse(spec)
         _check_available(given)
         if len(given) < partitions:
-            raise click.BadParameter(
+            raise HarnessError(
                 f"{len(given)} device(s) given for {partitions} partitions; give {partitions} "
                 f"(repeats allowed, e.g. '{given[0]}*{partitions}')",
-                param_hint="--devices",
+                param="--devices",
             )
         devices = given[:partitions]
         virtual = all(d.startswith("cpu") for d in devices)
     elif torch.cuda.is_available():
         count = torch.cuda.device_count()
         if count < partitions:
-            raise click.UsageError(
+            raise HarnessError(
                 f"{partitions} partitions but only {count} CUDA device(s); pass --devices with repeats, e.g. "
                 f"--devices cuda:0*{partitions} (that measures engine overhead, not parallel speedup)"
             )

@@ -26,10 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, cast
 
-import click
 import torch
 
 from . import __version__
+from .errors import HarnessError
 
 __all__ = [
     "SCHEMA",
@@ -282,10 +282,10 @@ def path_for(result: Result, root: Path) -> Path:
     return Path(root).joinpath(*parts[:-1], f"{name}.json")
 
 
-def _unwritable(directory: Path, error: OSError) -> click.UsageError:
+def _unwritable(directory: Path, error: OSError) -> HarnessError:
     reason = error.strerror or type(error).__name__
     where = error.filename if isinstance(error.filename, str) and error.filename else str(directory)
-    return click.UsageError(
+    return HarnessError(
         f"--output DIR: cannot write to {where} ({reason}); choose a writable directory "
         "(--output DIR or GPIPE_BENCH_RESULTS)"
     )
@@ -304,7 +304,7 @@ def check_writable(root: Path) -> None:
 def save(result: Result, root: Optional[Path] = None) -> Path:
     """Write ``result`` atomically under ``root`` (default :func:`results_dir`); return its path.
 
-    Raises :class:`click.UsageError` (one line, naming the directory) when the
+    Raises :class:`~gpipe_bench.errors.HarnessError` (one line, naming the directory) when the
     directory cannot be created or written. Whatever fails, the target is either
     the complete new record or untouched, and no temporary file is left.
     """
@@ -359,8 +359,13 @@ def load_all(
     table: Optional[str] = None,
     profile: Optional[str] = None,
     hardware: Optional[str] = None,
+    on_skip: Optional[Callable[[Path, str], None]] = None,
 ) -> List[Result]:
-    """Every record under ``root`` (recursively), filtered; files that are not records are skipped with a warning."""
+    """Every record under ``root`` (recursively), filtered.
+
+    A file that is not a record is skipped; ``on_skip(path, reason)`` hears of it
+    (the command line prints a warning line).
+    """
     base = results_dir() if root is None else Path(root)
     if not base.is_dir():
         return []
@@ -372,8 +377,8 @@ def load_all(
             with open(path, encoding="utf-8") as f:
                 result = Result.from_json(json.load(f))
         except (OSError, UnicodeDecodeError, ValueError) as error:
-            reason = " ".join(str(error).split())[:200]
-            click.echo(f"warning: skipping {path}: not a gpipe-bench result ({reason})", err=True)
+            if on_skip is not None:
+                on_skip(path, " ".join(str(error).split())[:200])
             continue
         if table is not None and result.table != table:
             continue

@@ -116,3 +116,12 @@ def test_interrupt_writes_nothing_and_says_how_far(tmp_path: Path, monkeypatch: 
     assert result.exit_code == 130
     assert "Interrupted in pipeline-2 after 2 of 3 epochs; nothing written" in result.output
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_a_results_file_that_is_not_a_record_is_one_warning_line(tmp_path: Path) -> None:
+    (tmp_path / "resnet101-speed").mkdir()
+    (tmp_path / "resnet101-speed" / "junk.json").write_text("{not json")
+    result = _run(["table", "resnet101-speed", "--results", str(tmp_path)])
+    assert result.exit_code == 0
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: skipping")]
+    assert len(warnings) == 1 and "junk.json" in warnings[0]

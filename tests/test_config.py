@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List
 import pytest
 import yaml
 
+from gpipe_bench.errors import HarnessError
 from gpipe_bench import config, models
 from gpipe_bench.config import ConfigError, Overrides
 
@@ -182,8 +183,8 @@ def _write(tmp_path: Path, mutate: Mutation, name: str = "resnet101-speed") -> P
 def _error(call: Callable[[], Any]) -> str:
     with pytest.raises(ConfigError) as info:
         call()
-    message = info.value.format_message()
-    assert "\n" not in message and info.value.exit_code == 2
+    message = info.value.message
+    assert "\n" not in message and isinstance(info.value, HarnessError)
     return message
 
 

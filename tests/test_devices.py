@@ -1,10 +1,10 @@
 """Device resolution: parsing --devices, defaults, repeats, and errors that say what to fix."""
 from __future__ import annotations
 
-import click
 import pytest
 import torch
 
+from gpipe_bench.errors import HarnessError
 from gpipe_bench import devices
 
 
@@ -18,12 +18,12 @@ def test_parse_forms() -> None:
 
 @pytest.mark.parametrize("spec", ["gpu:0", "cuda:x", "cpu:0*0", "cpu:0*two", ""])
 def test_parse_rejects(spec: str) -> None:
-    with pytest.raises(click.BadParameter, match="is not a device"):
+    with pytest.raises(HarnessError, match="is not a device"):
         devices.parse(spec)
 
 
 def test_too_few_devices() -> None:
-    with pytest.raises(click.BadParameter, match=r"2 device\(s\) given for 4 partitions; give 4"):
+    with pytest.raises(HarnessError, match=r"2 device\(s\) given for 4 partitions; give 4"):
         devices.resolve("cpu:0,cpu:1", 4)
 
 
@@ -43,5 +43,5 @@ def test_default_without_cuda_is_virtual_cpu() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 def test_cuda_asked_without_cuda() -> None:
-    with pytest.raises(click.BadParameter, match="no CUDA device"):
+    with pytest.raises(HarnessError, match="no CUDA device"):
         devices.resolve("cuda:0", 1)

@@ -7,12 +7,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Tuple, Union
 
-import click
 import pytest
 
 import gpipe_bench
+from gpipe_bench.errors import HarnessError
 from gpipe_bench import results
 from gpipe_bench.results import Result
 
@@ -104,7 +104,7 @@ def test_failure_mid_write_removes_the_temporary_file(tmp_path: Path, monkeypatc
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(click.UsageError, match="No space left on device"):
+    with pytest.raises(HarnessError, match="No space left on device"):
         results.save(make(value=2.0), tmp_path)
     assert path.read_bytes() == before
     assert leftovers(path.parent) == [path.name]
@@ -123,9 +123,9 @@ def test_interrupt_mid_write_removes_the_temporary_file(tmp_path: Path, monkeypa
 def test_unwritable_directory_is_a_one_line_usage_error(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the results directory should be\n")
-    with pytest.raises(click.UsageError) as caught:
+    with pytest.raises(HarnessError) as caught:
         results.save(make(), blocker)
-    message = caught.value.format_message()
+    message = caught.value.message
     assert "\n" not in message
     assert str(blocker) in message
     assert "choose a writable directory" in message
@@ -137,9 +137,9 @@ def test_read_only_directory_is_a_usage_error(tmp_path: Path, monkeypatch: pytes
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(kwargs["dir"]))
 
     monkeypatch.setattr(tempfile, "mkstemp", denied)
-    with pytest.raises(click.UsageError) as caught:
+    with pytest.raises(HarnessError) as caught:
         results.save(make(), tmp_path)
-    message = caught.value.format_message()
+    message = caught.value.message
     assert "Permission denied" in message and str(tmp_path) in message and "\n" not in message
     assert not list(tmp_path.rglob("*.json"))
 
@@ -235,7 +235,7 @@ def test_load_all_filters(tmp_path: Path) -> None:
     assert results.load_all(tmp_path, table="no-such-table") == []
 
 
-def test_load_all_skips_junk_with_one_warning_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_load_all_skips_junk_and_says_so_once_per_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = make()
     results.save(good, tmp_path)
     junk: Dict[str, Union[str, bytes]] = {
@@ -255,11 +255,13 @@ def test_load_all_skips_junk_with_one_warning_line_each(tmp_path: Path, capsys: 
         else:
             path.write_text(content)
     (tmp_path / "notes.txt").write_text("ignored: not *.json\n")
+    skipped: List[Tuple[Path, str]] = []
+    assert results.load_all(tmp_path, on_skip=lambda path, reason: skipped.append((path, reason))) == [good]
+    assert sorted(path.name for path, _ in skipped) == sorted(Path(name).name for name in junk)
+    assert any("newer" in reason for _, reason in skipped)
+    # The library prints nothing: the command line turns each skip into a warning line.
     assert results.load_all(tmp_path) == [good]
-    warnings = capsys.readouterr().err.splitlines()
-    assert len(warnings) == len(junk)
-    assert all(line.startswith("warning: skipping ") for line in warnings)
-    assert any("newer" in line for line in warnings)
+    assert capsys.readouterr().err == ""
 
 
 def test_load_all_of_a_missing_root_is_empty(tmp_path: Path) -> None:

@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import click
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gpipe_bench import models
 from gpipe_bench.config import Row, Settings, Table
+from gpipe_bench.errors import HarnessError
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.results import Result, environment
 
@@ -60,7 +60,7 @@ def _place(device: str) -> torch.device:
 def build(job: SpeedJob) -> nn.Module:
     """The plain model on one device, or the model split by the row's balance under the chosen engine."""
     if job.engine == "torchgpipe" and importlib.util.find_spec("torchgpipe") is None:
-        raise click.UsageError(
+        raise HarnessError(
             "--engine torchgpipe: torchgpipe is not installed; install it with: pip install -e '.[peers]'"
         )
     extra: Dict[str, Any] = {}
@@ -107,7 +107,7 @@ def run(job: SpeedJob, progress: Optional[Progress] = None) -> Result:
     s, row = job.settings, job.row
     steps = s.dataset_size // row.batch
     if steps < 1:
-        raise click.UsageError(
+        raise HarnessError(
             f"dataset_size {s.dataset_size} is smaller than the batch {row.batch}: no full step per epoch; "
             "raise dataset_size or lower --batch-size"
         )

@@ -17,8 +17,9 @@ import zlib
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
-import click
 import torch
+
+from gpipe_bench.errors import HarnessError
 
 __all__ = ["CLASSES", "DEFAULT_DIR", "FILES", "IMAGE_SIZE", "DataError", "locate", "load", "parse_idx"]
 
@@ -41,7 +42,7 @@ _HOW = ("install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fa
         "t10k-labels-idx1-ubyte (.gz or not)")
 
 
-class DataError(click.UsageError):
+class DataError(HarnessError):
     """A dataset problem the user can fix: one line naming the path and the fix (exit code 2)."""
 
 

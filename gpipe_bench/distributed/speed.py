@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from gpipe_bench import models
 
 from gpipe_bench.bench.speed import Progress, SpeedJob, model_args, model_name, settings_record
+from gpipe_bench.errors import HarnessError
 from gpipe_bench.results import Result, environment
 
 from .schedule import make_schedule, step
@@ -50,9 +51,7 @@ def _device() -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         count = torch.cuda.device_count()
         if local >= count:
-            import click
-
-            raise click.UsageError(f"local rank {local} has no GPU: this host has {count}; launch at most --nproc "
+            raise HarnessError(f"local rank {local} has no GPU: this host has {count}; launch at most --nproc "
                                    f"{count} per host, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPU processes")
         torch.cuda.set_device(local)
         return torch.device("cuda", local)

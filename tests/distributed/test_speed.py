@@ -1,10 +1,10 @@
 """The distributed speed row's own checks that need no processes."""
 from __future__ import annotations
 
-import click
 import pytest
 import torch
 
+from gpipe_bench.errors import HarnessError
 from gpipe_bench.distributed import speed
 
 
@@ -12,7 +12,7 @@ def test_more_local_ranks_than_gpus_is_one_clear_error(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "3")
-    with pytest.raises(click.UsageError, match="local rank 3 has no GPU: this host has 2; launch at most --nproc 2"):
+    with pytest.raises(HarnessError, match="local rank 3 has no GPU: this host has 2; launch at most --nproc 2"):
         speed._device()
 
 
