@@ -10,7 +10,7 @@ meaningless without them.
 
 :func:`compare` checks ours against the published figures by the ratio of
 speedups (absolute throughput depends on the card), shows measured / ideal
-pipeline speedup per DESIGN.md's performance model, and also checks the
+pipeline speedup per the performance model (:mod:`gpipe_bench.perf`), and also checks the
 published data for internal consistency: a slip in the source is flagged,
 never silently "reproduced".
 """
@@ -23,20 +23,17 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
+from . import perf
 from .results import DEFAULT_ENGINE, Result
 
 if TYPE_CHECKING:  # config imports models; rendering needs only the attributes
     from .config import Profile, Row, Table
 
 __all__ = [
-    "RECOMPUTE_FACTOR",
     "Comparison",
     "speed_table",
     "render",
     "compare",
-    "effective_microbatches",
-    "checkpointed_microbatches",
-    "ideal_speedup",
     "format_gib",
     "memory_per_device",
     "transparency",
@@ -46,41 +43,14 @@ __all__ = [
 # tabulate ships no type information; one typed handle keeps mypy --strict meaningful here.
 tabulate = cast(Callable[..., str], importlib.import_module("tabulate").tabulate)
 
-#: r = (F + B) / (2F + B) with B ≈ 2F: the cost of one extra forward when recomputing (DESIGN.md).
-RECOMPUTE_FACTOR = 0.75
 _DASH = "–"
 _FORMATS = {"rst": "rst", "md": "github"}
 # Published values are keyed by what the source printed; the table's metric may be spelled differently.
 _PUBLISHED_KEY = {"peak_activation_memory": "peak_activation_gb"}
-_PLAIN_ENGINES = ("plain", DEFAULT_ENGINE)
 
 
-# -- the performance model -----------------------------------------------------------------------------------------
-
-
-def effective_microbatches(batch: int, chunks: int) -> int:
-    """How many micro-batches ``torch.chunk`` really yields: 216 in 32 chunks gives 31 (of 7)."""
-    if batch < 1 or chunks < 1:
-        raise ValueError(f"batch and chunks must be positive (batch: {batch}, chunks: {chunks})")
-    size = -(-batch // chunks)
-    return -(-batch // size)
-
-
-def checkpointed_microbatches(row: "Row") -> int:
-    """How many micro-batches recompute: GPipe's checkpoint stop counts *requested* chunks, as torchgpipe's did."""
-    m = effective_microbatches(row.batch, row.chunks)
-    stop = {"always": row.chunks, "except_last": row.chunks - 1, "never": 0}.get(row.checkpoint, 0)
-    return min(m, stop)
-
-
-def ideal_speedup(row: "Row") -> Optional[float]:
-    """K·M/(M+K−1), times r when any micro-batch is recomputed; None for rows that are not multi-device pipelines."""
-    if row.mode != "pipeline" or row.devices <= 1:
-        return None
-    k = row.devices
-    m = effective_microbatches(row.batch, row.chunks)
-    ideal = k * m / (m + k - 1)
-    return ideal * RECOMPUTE_FACTOR if checkpointed_microbatches(row) > 0 else ideal
+def _ideal(row: "Row") -> Optional[float]:
+    return perf.ideal_speedup(row.mode, row.devices, row.batch, row.chunks, row.checkpoint)
 
 
 # -- grouping ------------------------------------------------------------------------------------------------------
@@ -126,8 +96,9 @@ def _baseline(table: "Table", profile: "Profile", group: _Group, engine: str) ->
     """Our baseline result for ``engine``; the plain-model baseline is the same whichever engine recorded it."""
     candidates = [engine]
     base_rows = [r for r in profile.rows if r.name == table.baseline]
-    if base_rows and base_rows[0].balance is None:
-        candidates += [e for e in _PLAIN_ENGINES if e != engine]
+    if base_rows and base_rows[0].balance is None and engine != DEFAULT_ENGINE:
+        # The plain model is the same whichever engine's run recorded it.
+        candidates.append(DEFAULT_ENGINE)
     for name in candidates:
         result = group.get(table.baseline, name)
         if result is not None and result.status == "ok" and result.value is not None and result.value > 0:
@@ -240,7 +211,7 @@ def _on_row_devices(row: "Row", result: Optional[Result]) -> bool:
 
 
 def _of_ideal(row: "Row", speedup: Optional[float]) -> str:
-    ideal = ideal_speedup(row)
+    ideal = _ideal(row)
     if ideal is None or speedup is None:
         return _DASH
     return f"{speedup / ideal:.2f} of {ideal:.2f}x"
@@ -596,14 +567,14 @@ def _compare_row(table: "Table", profile: "Profile", group: _Group, row: "Row", 
                  result: Optional[Result]) -> Dict[str, Any]:
     values = row.published.values
     speed = table.kind == "speed"
-    ideal = ideal_speedup(row) if _on_row_devices(row, result) else None
+    ideal = _ideal(row) if _on_row_devices(row, result) else None
     entry: Dict[str, Any] = {
         "experiment": row.name, "engine": engine, "profile": group.profile, "hardware": group.hardware,
         "status": result.status if result is not None else None,
         "ours": result.value if result is not None and result.status == "ok" else None,
         "published": _published_value(table, row),
         "speedup": None, "published_speedup": None, "ratio": None,
-        "micro_batches": effective_microbatches(row.batch, row.chunks) if row.mode == "pipeline" else None,
+        "micro_batches": perf.effective_microbatches(row.batch, row.chunks) if row.mode == "pipeline" else None,
         "ideal": ideal, "of_ideal": None, "published_of_ideal": None,
         "spread": None, "flag": "ok", "note": "",
     }

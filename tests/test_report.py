@@ -313,35 +313,6 @@ def test_accuracy_table() -> None:
     assert lines[4].split() == ["pipeline-256", "–", "21.99±0.13"]
 
 
-# -- the performance model -----------------------------------------------------------------------------------------
-
-
-def test_effective_microbatches_follow_torch_chunk() -> None:
-    import torch
-
-    for batch, chunks in [(216, 32), (4096, 256), (803, 48), (378, 32), (47, 1), (5, 8), (10, 4)]:
-        expected = len(torch.arange(batch).chunk(chunks))
-        assert report.effective_microbatches(batch, chunks) == expected, (batch, chunks)
-    assert report.effective_microbatches(216, 32) == 31
-
-
-def test_ideal_speedup() -> None:
-    rows = {r.name: r for r in speed_rows(RESNET)}
-    assert report.ideal_speedup(rows["pipeline-8"]) == pytest.approx(8 * 64 / 71 * 0.75)  # 5.41
-    assert report.ideal_speedup(rows["pipeline-2"]) == pytest.approx(2 * 256 / 257 * 0.75)
-    assert report.ideal_speedup(rows["pipeline-1"]) is None and report.ideal_speedup(rows["naive-1"]) is None
-    amoeba8 = {r.name: r for r in speed_rows(AMOEBA)}["pipeline-8"]
-    assert report.checkpointed_microbatches(amoeba8) == 31  # except_last counts requested chunks: all 31
-    assert report.ideal_speedup(amoeba8) == pytest.approx(8 * 31 / 38 * 0.75)
-
-    def row(checkpoint: str, chunks: int, devices: int = 4, batch: int = 64) -> Row:
-        return speed_rows([("p", "pipeline", devices, batch, chunks, (1,) * devices, checkpoint, 1.0, 1.0)])[0]
-
-    assert report.ideal_speedup(row("never", 8)) == pytest.approx(4 * 8 / 11)
-    assert report.ideal_speedup(row("except_last", 1)) == pytest.approx(1.0)  # one micro-batch, not checkpointed
-    assert report.ideal_speedup(row("always", 1)) == pytest.approx(0.75)  # one micro-batch, recomputed
-
-
 def test_compare_measured_over_ideal_with_31_microbatches() -> None:
     table = amoeba()
     comparison = report.compare(table, as_published(table))

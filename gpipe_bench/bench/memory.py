@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from gpipe_bench import models
 from gpipe_bench.config import Row, Settings, Table
-from gpipe_bench.memory.predict import Prediction, nbytes, predict_pipeline, predict_plain, split
+from gpipe_bench.memory.predict import Prediction, nbytes, predict_pipeline, predict_plain
+from gpipe_bench.perf import split
 from gpipe_bench.memory.tracker import TensorMemory
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.pipe.balance import balance_by_size

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from gpipe_bench import models
+from gpipe_bench.perf import layer_ranges, split
 
 __all__ = ["stage_range", "materialize", "build_stage", "build_local", "build_full", "CarrySkips", "carried_keys"]
 
@@ -25,8 +26,7 @@ def stage_range(balance: Sequence[int], rank: int) -> Tuple[int, int]:
     """Layers ``[start, end)`` of stage ``rank`` under ``balance``."""
     if not 0 <= rank < len(balance):
         raise ValueError(f"rank {rank} has no stage: the balance {list(balance)} has {len(balance)} stages")
-    start = sum(balance[:rank])
-    return start, start + balance[rank]
+    return layer_ranges(balance)[rank]
 
 
 def _reset(module: nn.Module) -> None:
@@ -164,7 +164,6 @@ def carried_keys(model: nn.Sequential, balance: Sequence[int], rank: int) -> Tup
     stashed in or before it and popped after it. The order is the model's, the same on every rank."""
     from gpipe_bench.pipe.skip.layout import inspect_skip_layout
 
-    from gpipe_bench.memory.predict import split
 
     routes = inspect_skip_layout(split(model, balance)).routes
     incoming = [key for key, (stash, pop) in routes.items() if stash < rank <= pop]

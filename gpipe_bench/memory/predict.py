@@ -32,13 +32,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes, split
 from gpipe_bench.pipe.microbatch import Tensors, as_tuple, unpack
 from gpipe_bench.pipe.schedule import backward_steps, forward_steps
 
 from .tracker import TensorMemory, storage_key
 
 __all__ = ["CellCost", "Prediction", "profile_partition", "profile", "simulate", "simulate_plain", "nbytes",
-           "checkpoint_stop", "micro_batch_sizes", "predict_pipeline", "predict_plain", "split"]
+           "predict_pipeline", "predict_plain"]
 
 
 @dataclass(frozen=True)
@@ -240,25 +241,6 @@ def simulate_plain(cost: CellCost, *, input_bytes: int = 0, head_bytes: int = 0,
     dev.free(0, cost.held)
     dev.at(0, optimizer_temp, "optimizer step")
     return Prediction(per_device=dev.peak, when=dev.when)
-
-
-def checkpoint_stop(checkpoint: str, chunks: int) -> int:
-    """Micro-batches ``i < stop`` are checkpointed; counted from the requested chunks, as the engine does."""
-    return {"always": chunks, "except_last": chunks - 1, "never": 0}[checkpoint]
-
-
-def micro_batch_sizes(batch: int, chunks: int) -> List[int]:
-    """The sizes ``torch.chunk`` gives: 10 in 4 chunks is 3, 3, 3, 1."""
-    return [t.size(0) for t in torch.empty(batch, 0, device="meta").chunk(chunks)]
-
-
-def split(model: nn.Sequential, balance: Sequence[int]) -> List[nn.Sequential]:
-    """``model`` cut into consecutive slices of ``balance[j]`` layers (the slices share its modules)."""
-    parts, start = [], 0
-    for size in balance:
-        parts.append(model[start:start + size])
-        start += size
-    return parts
 
 
 def predict_pipeline(model: nn.Sequential, balance: Sequence[int], sample: Tensor, *, chunks: int, checkpoint: str,

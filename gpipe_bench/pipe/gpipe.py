@@ -12,6 +12,8 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
+from gpipe_bench.perf import CHECKPOINT_MODES, checkpoint_stop, layer_ranges
+
 from . import microbatch
 from .batchnorm import DeferredBatchNorm
 from .copy import storage_device
@@ -27,7 +29,6 @@ Devices = Union[Iterable[Device], List[Device]]
 _MOVING_DENIED = TypeError(
     "denied to move parameters and buffers, because GPipe should manage device placement"
 )
-_CHECKPOINT_MODES = ("always", "except_last", "never")
 
 
 def _recommend_auto_balance(message: str) -> str:
@@ -70,17 +71,13 @@ def _split_module(
             f"too few devices to hold given partitions (devices: {len(devices)}, partitions: {len(balance)}); "
             "pass more devices, or repeat one (e.g. devices=['cuda:0'] * n or ['cpu'] * n)"
         )
+    children = list(module.named_children())
     partitions = []
-    layers: "OrderedDict[str, nn.Module]" = OrderedDict()
-    j = 0
-    for name, layer in module.named_children():
-        layers[name] = layer
-        if len(layers) == balance[j]:
-            partition = nn.Sequential(layers)
-            partition.to(storage_device(devices[j]))
-            partitions.append(partition)
-            layers = OrderedDict()
-            j += 1
+    for (start, end), device in zip(layer_ranges(balance), devices):
+        # A plain Sequential of the same named layers (a subclass's constructor may take other arguments).
+        partition = nn.Sequential(OrderedDict(children[start:end]))
+        partition.to(storage_device(device))
+        partitions.append(partition)
     return nn.ModuleList(partitions), balance, list(devices[: len(balance)])
 
 
@@ -139,7 +136,7 @@ class GPipe(nn.Module):
             raise ValueError(_recommend_auto_balance("balance is required"))
         if chunks <= 0:
             raise ValueError(f"number of chunks must be positive integer (chunks: {chunks})")
-        if checkpoint not in _CHECKPOINT_MODES:
+        if checkpoint not in CHECKPOINT_MODES:
             raise ValueError(f"checkpoint is not one of 'always', 'except_last', or 'never' (checkpoint: {checkpoint!r})")
 
         _verify_module(module)
@@ -210,7 +207,7 @@ class GPipe(nn.Module):
             any(t.requires_grad for t in inputs) or any(p.requires_grad for p in self.parameters())
         )
         if self.training:
-            stop = {"always": self.chunks, "except_last": self.chunks - 1, "never": 0}[self.checkpoint]
+            stop = checkpoint_stop(self.checkpoint, self.chunks)
         else:
             stop = 0
         outputs, out_atomic, run = self._pipeline.forward(batches, atomic, stop, grad)

@@ -13,6 +13,8 @@ from typing import Any, List, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from gpipe_bench.perf import micro_batch_sizes
+
 __all__ = ["Tensors", "TensorOrTensors", "check", "as_tuple", "unpack", "scatter", "gather"]
 
 Tensors = Tuple[Tensor, ...]
@@ -52,10 +54,11 @@ def scatter(input: TensorOrTensors, chunks: int) -> Tuple[List[Tensors], bool]:
     tensors, atomic = as_tuple(input)
     if not tensors:
         raise TypeError("expected at least one tensor in the input tuple")
-    sizes = [t.size(0) if t.dim() else None for t in tensors]
-    if None in sizes or len(set(sizes)) != 1:
-        raise ValueError(f"every tensor of the input must have the same batch size (dim 0), got sizes {sizes}")
-    pieces = [t.chunk(chunks) for t in tensors]
+    batch_sizes = [t.size(0) if t.dim() else None for t in tensors]
+    if None in batch_sizes or len(set(batch_sizes)) != 1:
+        raise ValueError(f"every tensor of the input must have the same batch size (dim 0), got sizes {batch_sizes}")
+    sizes = micro_batch_sizes(tensors[0].size(0), chunks)
+    pieces = [torch.split(t, sizes) for t in tensors]
     return [tuple(p[i] for p in pieces) for i in range(len(pieces[0]))], atomic
 
 

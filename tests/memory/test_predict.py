@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpipe_bench.memory.predict import CellCost, checkpoint_stop, micro_batch_sizes, predict_pipeline, predict_plain, simulate
+from gpipe_bench.memory.predict import CellCost, predict_pipeline, predict_plain, simulate
+from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes
 from gpipe_bench.memory.tracker import TensorMemory
 from gpipe_bench.pipe import GPipe
 
@@ -119,6 +120,3 @@ def test_simulate_charges_shared_devices_together() -> None:
     assert shared.total >= max(apart.per_device)
 
 
-def test_micro_batch_sizes_follow_torch_chunk() -> None:
-    assert micro_batch_sizes(10, 4) == [3, 3, 3, 1]
-    assert micro_batch_sizes(128, 128) == [1] * 128
