@@ -77,7 +77,6 @@ import ctypes
 import copy
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -89,6 +88,7 @@ import torch.nn.functional as F
 from tabulate import tabulate  # type: ignore[import-untyped, unused-ignore]
 from torch import nn
 
+from gpipe_bench.environment import cpu_model, usable_cores
 from gpipe_bench.pipe import GPipe
 
 __all__ = ["Workload", "Variant", "build_model", "build_variants", "measure", "main"]
@@ -367,27 +367,9 @@ def steady_host_allocator() -> str:
     return "steady: glibc mmap threshold 32 MiB, trim threshold 1 GiB (--malloc default to measure without)"
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (affinity-aware where the OS tells)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def environment(device: str, workload: Workload, chunks: int, repeats: int) -> List[str]:
     cores, total = usable_cores(), os.cpu_count() or 1
-    name = torch.cuda.get_device_name(0) if device == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(0) if device == "cuda" else cpu_model()
     lines = [
         f"date:     {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"torch:    {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if device == "cuda" else ""),

@@ -70,7 +70,7 @@ def list_command() -> None:
 
     Example: gpipe-bench list
     """
-    click.echo("Tables (configs/*.yaml):")
+    click.echo("Tables (gpipe_bench/configs/*.yaml):")
     for name in config.table_names():
         table = config.load(name)
         rows = ", ".join(r.name for r in table.profile("published").rows)

@@ -1,4 +1,4 @@
-"""Experiment configs: ``configs/*.yaml`` -> frozen, validated dataclasses.
+"""Experiment configs: ``gpipe_bench/configs/*.yaml`` (package data) -> frozen, validated dataclasses.
 
 Why: every number of a published row lives in a YAML file (data) and reaches
 the harness through here only (code). A config is checked whole at load time,
@@ -364,9 +364,9 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_dupl
 
 
 def config_dir() -> Path:
-    """Where the table configs live: $GPIPE_BENCH_CONFIGS, else <repo>/configs."""
+    """Where the table configs live: $GPIPE_BENCH_CONFIGS, else the ones shipped in the package (gpipe_bench/configs)."""
     env = os.environ.get("GPIPE_BENCH_CONFIGS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    return Path(env) if env else Path(__file__).resolve().parent / "configs"
 
 
 def table_names() -> List[str]:

@@ -377,3 +377,12 @@ def test_apply_to_naive_and_memory_rows() -> None:
     row, _ = config.apply(memory, replace(memory.row("pipeline-2", "quick"), balance=None), memory.profile("quick").settings,
                           Overrides(chunks=4))
     assert row.balance is None  # memory rows may leave it to balance_by_size
+
+
+def test_configs_ship_inside_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/ sat beside the package: a wheel or `pip install .` had no tables."""
+    monkeypatch.delenv("GPIPE_BENCH_CONFIGS", raising=False)
+    import gpipe_bench
+
+    assert config.config_dir() == Path(gpipe_bench.__file__).resolve().parent / "configs"
+    assert config.table_names() == ["amoebanetd-memory", "amoebanetd-speed", "resnet101-accuracy", "resnet101-speed"]

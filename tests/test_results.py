@@ -153,67 +153,6 @@ def test_results_dir_default_and_override(tmp_path: Path, monkeypatch: pytest.Mo
     assert path.is_relative_to(tmp_path / "elsewhere")
 
 
-# -- hardware keys -------------------------------------------------------------------------------------------------
-
-
-def test_hardware_keys() -> None:
-    assert results.hardware_key(P40) == "8x-nvidia-tesla-p40"
-    assert results.hardware_key(EPYC) == "cpu-2-amd-epyc-7b13"
-    h100 = {"devices": ["cuda:0"], "gpus": ["NVIDIA H100 80GB HBM3"], "hip": None}
-    assert results.hardware_key(h100) == "1x-nvidia-h100-80gb-hbm3"
-
-
-def test_hardware_keys_are_distinct_and_safe() -> None:
-    envs = [
-        P40,
-        {**P40, "gpus": ["Tesla P40"] * 4},
-        {**P40, "gpus": ["Tesla V100-SXM2-16GB"] * 8},
-        {**P40, "gpus": ["NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-80GB"]},
-        {**P40, "devices": ["cpu"], "device_names": {}},  # a CPU run on a GPU machine names the CPU
-        EPYC,
-        {**EPYC, "usable_cores": 16},
-        {**EPYC, "cpu_model": "Intel(R) Xeon(R) Platinum 8480+"},
-        {**EPYC, "cpu_model": "../../we?ird/ \\ name\u2122"},
-        {},
-    ]
-    keys = [results.hardware_key(env) for env in envs]
-    assert len(set(keys)) == len(keys), keys
-    for key in keys:
-        assert SLUG.match(key), key
-        assert len(key) <= 100
-
-
-def test_hardware_key_ignores_which_gpus_a_row_used() -> None:
-    """naive-1 on one GPU and pipeline-8 on eight, same machine: one key, so their speedup is meaningful."""
-    one = {**P40, "devices": ["cuda:0"], "device_names": {"cuda:0": "Tesla P40"}}
-    eight = {**P40, "devices": [f"cuda:{i}" for i in range(8)],
-             "device_names": {f"cuda:{i}": "Tesla P40" for i in range(8)}}
-    assert results.hardware_key(one) == results.hardware_key(eight)
-
-
-def test_hardware_key_of_this_machine_is_stable() -> None:
-    first = make(env=results.environment(["cpu"])).hardware_key()
-    second = make(env=results.environment(["cpu:0", "cpu:1"])).hardware_key()
-    assert first == second and first.startswith("cpu-") and SLUG.match(first)
-
-
-# -- environment ---------------------------------------------------------------------------------------------------
-
-
-def test_environment_keys() -> None:
-    env = results.environment(["cpu:0", "cpu:1"])
-    expected = {"torch", "cuda", "cudnn", "python", "platform", "hostname", "cpu_model", "cpu_count",
-                "usable_cores", "threads", "devices", "device_names", "gpus", "gpipe_bench", "git_commit", "date"}
-    assert expected <= set(env)
-    assert env["devices"] == ["cpu:0", "cpu:1"] and env["device_names"] == {}
-    assert env["gpipe_bench"] == gpipe_bench.__version__
-    assert isinstance(env["cpu_model"], str) and env["cpu_model"]
-    assert 1 <= env["usable_cores"] <= env["cpu_count"]
-    assert env["threads"] >= 1
-    assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40,64}", env["git_commit"])
-    json.dumps(env)  # goes into every record
-
-
 # -- loading -------------------------------------------------------------------------------------------------------
 
 
@@ -266,3 +205,14 @@ def test_load_all_skips_junk_and_says_so_once_per_file(tmp_path: Path, capsys: p
 
 def test_load_all_of_a_missing_root_is_empty(tmp_path: Path) -> None:
     assert results.load_all(tmp_path / "nothing-here") == []
+
+
+def test_results_go_to_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results were written beside the package, which a non-editable install cannot (or must not) take."""
+    monkeypatch.delenv("GPIPE_BENCH_RESULTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert results.results_dir() == tmp_path / "results"
+    path = results.save(make())
+    assert path.is_relative_to(tmp_path / "results")
+    monkeypatch.setenv("GPIPE_BENCH_RESULTS", str(tmp_path / "elsewhere"))
+    assert results.results_dir() == tmp_path / "elsewhere"

@@ -37,7 +37,8 @@ from gpipe_bench import models
 from gpipe_bench.config import Row, Settings, Table
 from gpipe_bench.data import fashion_mnist, imagenet
 from gpipe_bench.pipe import GPipe
-from gpipe_bench.results import Result, environment
+from gpipe_bench.environment import environment
+from gpipe_bench.results import Result
 
 from .speed import _place, model_args, model_name
 

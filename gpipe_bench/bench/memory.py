@@ -35,7 +35,8 @@ from gpipe_bench.memory.tracker import TensorMemory
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.pipe.balance import balance_by_size
 from gpipe_bench.pipe.microbatch import as_tuple
-from gpipe_bench.results import Result, environment
+from gpipe_bench.environment import environment
+from gpipe_bench.results import Result
 
 from .speed import SpeedJob, _is_oom, _place, model_args, model_name, settings_record
 

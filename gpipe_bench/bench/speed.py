@@ -23,7 +23,8 @@ from gpipe_bench import models
 from gpipe_bench.config import Row, Settings, Table
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.pipe import GPipe
-from gpipe_bench.results import Result, environment
+from gpipe_bench.environment import environment
+from gpipe_bench.results import Result
 
 __all__ = ["SpeedJob", "Progress", "model_name", "model_args", "build", "run"]
 

@@ -20,7 +20,8 @@ from gpipe_bench import models
 from gpipe_bench.bench.memory import GIB, MemoryJob, _extra, _model_state, _optimizer
 from gpipe_bench.bench.speed import model_args, model_name, settings_record
 from gpipe_bench.memory.tracker import TensorMemory
-from gpipe_bench.results import Result, environment
+from gpipe_bench.environment import environment
+from gpipe_bench.results import Result
 
 from .speed import prepare
 

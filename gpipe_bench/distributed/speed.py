@@ -24,7 +24,8 @@ from gpipe_bench import models
 
 from gpipe_bench.bench.speed import Progress, SpeedJob, model_args, model_name, settings_record
 from gpipe_bench.errors import HarnessError
-from gpipe_bench.results import Result, environment
+from gpipe_bench.environment import environment
+from gpipe_bench.results import Result
 
 from .schedule import make_schedule, step
 from .stages import build_local

@@ -13,7 +13,7 @@ from gpipe_bench.models.resnet import LAYERS_PER_BOTTLENECK, Fork, Residual, res
 from gpipe_bench.pipe import GPipe
 from helpers import run_micro_batches
 
-# The balances of the ResNet-101 speed and accuracy tables (configs/resnet101-speed.yaml, configs/resnet101-accuracy.yaml).
+# The balances of the ResNet-101 speed and accuracy tables (gpipe_bench/configs/resnet101-speed.yaml, gpipe_bench/configs/resnet101-accuracy.yaml).
 PUBLISHED_BALANCES = [
     [370],
     [140, 230],
