@@ -87,13 +87,16 @@ def step_mixed() -> int:
         gpipe = GPipe(copy.deepcopy(plain), [3, 2], devices=devices, chunks=4, checkpoint="except_last")
         x = torch.randn(32, 16, dtype=torch.float64, device=devices[0], requires_grad=True)
         out = gpipe(x)
-        out.square().sum().backward()
+        torch.autograd.backward(out.square().sum())
         torch.cuda.synchronize()
         xr = x.detach().cpu().requires_grad_()
         ref = torch.cat([plain(piece) for piece in xr.chunk(4)])
-        ref.square().sum().backward()
+        torch.autograd.backward(ref.square().sum())
+        assert x.grad is not None and xr.grad is not None
         errors = [(out.detach().cpu() - ref.detach()).abs().max().item(), (x.grad.cpu() - xr.grad).abs().max().item()]
-        errors += [(p.grad.cpu() - q.grad).abs().max().item() for p, q in zip(gpipe.parameters(), plain.parameters())]
+        for p, q in zip(gpipe.parameters(), plain.parameters()):
+            assert p.grad is not None and q.grad is not None
+            errors.append((p.grad.cpu() - q.grad).abs().max().item())
         worst = max(errors)
         ok = ok and worst < 1e-9
         _figure(f"{devices}: largest difference to the plain model {worst:.2e} (bound 1e-9)")
@@ -118,7 +121,7 @@ def _count_syncs(chunks: int, devices: Sequence[str]) -> int:
 
     def step() -> None:
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(gpipe(x), y).backward()
+        torch.autograd.backward(torch.nn.functional.cross_entropy(gpipe(x), y))
         optimizer.step()
 
     step()  # warm-up: lazy initialisation is not the engine's per-step cost
@@ -167,7 +170,7 @@ def step_profile() -> int:
 
     def step() -> None:
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(gpipe(x), y).backward()
+        torch.autograd.backward(torch.nn.functional.cross_entropy(gpipe(x), y))
         optimizer.step()
 
     for _ in range(2):
@@ -290,7 +293,7 @@ def environment() -> List[str]:
     return [
         f"card:   {torch.cuda.get_device_name(0)} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), "
         f"{torch.cuda.device_count()} visible",
-        f"torch:  {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}",
+        f"torch:  {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}",  # type: ignore[no-untyped-call]
         f"python: {sys.executable} {sys.version.split()[0]}",
         f"date:   {time.strftime('%Y-%m-%dT%H:%M:%S%z')}",
     ]

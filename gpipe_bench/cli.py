@@ -1,24 +1,28 @@
-"""The ``gpipe-bench`` command line: thin; parse, load, call, print.
+"""The ``gpipe-bench`` command line: click only; parse, call the harness, print.
 
-Every mistake a user can make (unknown model, table or row, a bad option, a
-balance that does not fit, missing devices) ends as one line naming the bad
-value and the fix, exit code 2, and no results file.
+Decisions live in the harness (:mod:`gpipe_bench.jobs` resolves what to run,
+:mod:`gpipe_bench.measure` runs it, :mod:`gpipe_bench.report` renders it);
+this module holds the options (shared ones once, as decorators), the
+progress display and the lines a user reads. Every mistake a user can make
+is a :class:`~gpipe_bench.errors.HarnessError`, shown as one line naming the
+bad value and the fix, exit code 2, and no results file.
 """
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 import click
 import torch
 
-from . import __version__, config, devices, models, report, results
+from . import __version__, config, jobs, models, report, results
 from .config import Overrides
 from .errors import HarnessError
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Command(click.Command):
@@ -61,55 +65,76 @@ def main() -> None:
     """
 
 
-# -- list ----------------------------------------------------------------------
+# -- shared options ----------------------------------------------------------------------------------------------
 
 
-@main.command("list", context_settings=_CONTEXT)
-def list_command() -> None:
-    """Tables with their rows, and models with their layers and parameters.
+def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    def apply(f: F) -> F:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
 
-    Example: gpipe-bench list
-    """
-    click.echo("Tables (gpipe_bench/configs/*.yaml):")
-    for name in config.table_names():
-        table = config.load(name)
-        rows = ", ".join(r.name for r in table.profile("published").rows)
-        click.echo(f"  {name:22s} {table.title}: {rows}")
-    click.echo("\nModels:")
-    for name in models.names():
-        click.echo(f"  {models.describe(name)}")
+    return apply
 
 
-# -- speed ---------------------------------------------------------------------
+_row_options = _options(
+    click.option("--pipeline", type=click.IntRange(min=1), help="Run the row pipeline-N."),
+    click.option("--naive", type=click.IntRange(min=1), help="Run the row naive-N."),
+    click.option("--experiment", help="Run the row with this exact name (e.g. pipeline-8)."),
+    click.option("--devices", "devices_spec", metavar="LIST",
+                 help="Devices, e.g. 0,1,2,3 or cuda:0*8 or cpu:0,cpu:1 [default: every CUDA device; virtual CPU "
+                      "devices without CUDA]."),
+    click.option("--profile", type=click.Choice(["published", "quick"]),
+                 help="Row sizes [default: published with CUDA, quick without]."),
+)
+
+
+def _override_options(balance_default: str) -> Callable[[F], F]:
+    return _options(
+        click.option("--batch-size", type=click.IntRange(min=1), help="Mini-batch size [default: the row's]."),
+        click.option("--chunks", type=click.IntRange(min=1), help="Micro-batches per mini-batch [default: the row's]."),
+        click.option("--balance", help=f"Layers per partition{balance_default}."),
+        click.option("--checkpoint", type=click.Choice(["always", "except_last", "never"]),
+                     help="Checkpoint mode [default: the row's]."),
+    )
+
+
+_output_option = click.option("--output", type=click.Path(file_okay=False, path_type=Path),
+                              help="Results directory [default: results/].")
+
+
+def _distributed_options(schedule_help: str) -> Callable[[F], F]:
+    return _options(
+        click.option("--schedule", type=click.Choice(list(jobs.SCHEDULES)), default="gpipe", show_default=True,
+                     help=schedule_help),
+        click.option("--timeout", "timeout_s", type=click.IntRange(min=1), default=300, show_default=True,
+                     help="--engine distributed: seconds a rank waits for a peer before it fails (the process "
+                          "group's timeout)."),
+    )
 
 
 def _parse_balance(value: Optional[str]) -> Optional[Tuple[int, ...]]:
     if value is None:
         return None
     try:
-        balance = tuple(int(part) for part in value.split(","))
+        return tuple(int(part) for part in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 26,22,33", param_hint="--balance") from None
-    return balance
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 26,22,33",
+                                 param_hint="--balance") from None
 
 
-def _table_for(model: str, kind: str) -> str:
-    """The table ``<model>-<kind>``; a one-line error naming the models that have such a table."""
-    name = f"{model}-{kind}"
-    if name not in config.table_names():
-        known = [t[: -len(f"-{kind}")] for t in config.table_names() if t.endswith(f"-{kind}")]
-        raise click.BadParameter(f"no {kind} table for {model!r}; choose one of: {', '.join(known)}", param_hint="MODEL")
-    return name
+def _rows(kind: str, model: str, profile: Optional[str], quiet: bool, pipeline: Optional[int], naive: Optional[int],
+          experiment: Optional[str]) -> Tuple[config.Table, str, List[config.Row], bool]:
+    """The table, profile and rows a speed or memory command names (the profile's default said once)."""
+    table = jobs.table_for(model, kind)
+    profile_name, note = jobs.default_profile(profile, torch.cuda.is_available())
+    if note and not quiet:
+        click.echo(note, err=True)
+    rows, named = jobs.pick_rows(table, profile_name, pipeline=pipeline, naive=naive, experiment=experiment)
+    return table, profile_name, rows, named
 
 
-def _default_profile(profile: Optional[str], quiet: bool) -> str:
-    if profile is not None:
-        return profile
-    if torch.cuda.is_available():
-        return "published"
-    if not quiet:
-        click.echo("No CUDA device: running the quick profile on virtual CPU devices (--profile published forces the published sizes).", err=True)
-    return "quick"
+# -- progress ------------------------------------------------------------------------------------------------------
 
 
 class _Bar:
@@ -140,23 +165,71 @@ class _Bar:
             self.bar = None
 
 
+def _show_saved(table: config.Table, root: Path, profile: str, done: List[results.Result]) -> List[results.Result]:
+    """Print the table of every saved result on the hardware of the rows just run; those results (none if none ran)."""
+    if not done:
+        return []
+    saved = results.load_all(root, table=table.name, profile=profile, hardware=done[0].hardware_key(), on_skip=_skipped)
+    click.echo(report.render(table, saved, fmt="rst", published=True))
+    return saved
+
+
+def _write_plot(kind: str, table: config.Table, saved: List[results.Result], path: Path) -> None:
+    """``plot.<kind>_plot`` of ``saved`` at ``path``; a line saying why not when matplotlib is missing."""
+    try:
+        from . import plot
+
+        draw: Callable[[config.Table, List[results.Result], Path], Path] = getattr(plot, f"{kind}_plot")
+        written = draw(table, saved, path)
+    except ImportError as missing:
+        click.echo(f"No plot: {missing}", err=True)
+        return
+    click.echo(f"Plot: {written}", err=True)
+
+
+def _interrupted(interrupt: Any, what: str) -> None:
+    click.echo(f"\nInterrupted in {interrupt.job.row.name}{what}", err=True)
+    sys.exit(130)
+
+
+def _processes(size: int) -> str:
+    return f"{size} process" + ("es" if size != 1 else "")
+
+
+# -- list ----------------------------------------------------------------------------------------------------------
+
+
+@main.command("list", context_settings=_CONTEXT)
+def list_command() -> None:
+    """Tables with their rows, and models with their layers and parameters.
+
+    Example: gpipe-bench list
+    """
+    click.echo("Tables (gpipe_bench/configs/*.yaml):")
+    for name in config.table_names():
+        table = config.load(name)
+        rows = ", ".join(r.name for r in table.profile("published").rows)
+        click.echo(f"  {name:22s} {table.title}: {rows}")
+    click.echo("\nModels:")
+    for name in models.names():
+        click.echo(f"  {models.describe(name)}")
+
+
+# -- speed ---------------------------------------------------------------------------------------------------------
+
+
 @main.command("speed", context_settings=_CONTEXT)
 @click.argument("model")
-@click.option("--pipeline", type=click.IntRange(min=1), help="Run the row pipeline-N.")
-@click.option("--naive", type=click.IntRange(min=1), help="Run the row naive-N.")
-@click.option("--experiment", help="Run the row with this exact name (e.g. pipeline-8).")
-@click.option("--devices", "devices_spec", metavar="LIST", help="Devices, e.g. 0,1,2,3 or cuda:0*8 or cpu:0,cpu:1 [default: every CUDA device; virtual CPU devices without CUDA].")
-@click.option("--profile", type=click.Choice(["published", "quick"]), help="Row sizes [default: published with CUDA, quick without].")
+@_row_options
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs, warm-up included [default: the config's].")
 @click.option("--skip-epochs", type=click.IntRange(min=0), help="Warm-up epochs left out of the mean [default: the config's].")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Mini-batch size [default: the row's].")
-@click.option("--chunks", type=click.IntRange(min=1), help="Micro-batches per mini-batch [default: the row's].")
-@click.option("--balance", help="Layers per partition, e.g. 26,22,33,44,44,66,66,69 [default: the row's].")
-@click.option("--checkpoint", type=click.Choice(["always", "except_last", "never"]), help="Checkpoint mode [default: the row's].")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
-@click.option("--engine", type=click.Choice(["gpipe-bench", "torchgpipe", "distributed"]), default="gpipe-bench", show_default=True, help="The engine to time: ours; torchgpipe, the archived peer; distributed, torch.distributed.pipelining with one process per stage (run under torchrun or gpipe-bench launch).")
-@click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved"]), default="gpipe", show_default=True, help="--engine distributed: fill-drain (as published), one-forward-one-backward, or interleaved 1F1B (several stages per process, dealt round-robin).")
-@click.option("--timeout", "timeout_s", type=click.IntRange(min=1), default=300, show_default=True, help="--engine distributed: seconds a rank waits for a peer before it fails (the process group's timeout).")
+@_override_options(", e.g. 26,22,33,44,44,66,66,69 [default: the row's]")
+@_output_option
+@click.option("--engine", type=click.Choice(list(jobs.ENGINES)), default="gpipe-bench", show_default=True,
+              help="The engine to time: ours; torchgpipe, the archived peer; distributed, torch.distributed.pipelining "
+                   "with one process per stage (run under torchrun or gpipe-bench launch).")
+@_distributed_options("--engine distributed: fill-drain (as published), one-forward-one-backward, or interleaved 1F1B "
+                      "(several stages per process, dealt round-robin).")
 @click.option("--quiet", is_flag=True, help="Log lines instead of a progress bar.")
 def speed_command(
     model: str, pipeline: Optional[int], naive: Optional[int], experiment: Optional[str], devices_spec: Optional[str],
@@ -173,98 +246,65 @@ def speed_command(
 
     Example: gpipe-bench speed resnet101 --pipeline 8 --devices 0,1,2,3,4,5,6,7
     """
-    from .bench import speed  # torch-heavy; imported when used
+    from .measure import speed
+    from .measure.runner import RowInterrupted, run_rows
 
-    named = [flag for flag, value in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment)) if value is not None]
-    if len(named) > 1:
-        raise click.UsageError(f"{' and '.join(named)} both name a row; give one")
-    table = config.load(_table_for(model, "speed"))
-    profile_name = _default_profile(profile, quiet)
-    chosen = table.profile(profile_name)
-    if named:
-        rows = [config.find_row(table, pipeline=pipeline, naive=naive, experiment=experiment, profile=profile_name)]
-    else:
-        rows = list(chosen.rows)
-    overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint, epochs=epochs, skip_epochs=skip_epochs)
-    if engine == "distributed":
-        _speed_distributed(table, profile_name, rows, overrides, named != [], schedule, output, quiet, timeout_s)
-        return
-    jobs = []
-    for row in rows:  # resolve and validate everything before the first measurement
-        row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
-        plan = devices.resolve(devices_spec, len(row.balance) if row.balance else 1)
-        jobs.append((speed.SpeedJob(table, row, settings, profile_name, plan.devices, engine), plan))
+    table, profile_name, rows, named = _rows("speed", model, profile, quiet, pipeline, naive, experiment)
+    overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint,
+                          epochs=epochs, skip_epochs=skip_epochs)
     root = output if output is not None else results.results_dir()
-    results.check_writable(root)
 
-    done: List[results.Result] = []
-    for job, plan in jobs:
-        if plan.note and not quiet:
-            click.echo(f"{job.row.name}: {plan.note}", err=True)
-        bar = _Bar(job.row.name, job.settings.epochs, quiet)
+    def measure(job: jobs.Job) -> Optional[results.Result]:
+        rank0 = _rank() == 0
+        label = job.row.name if job.engine != "distributed" else f"{job.row.name} ({job.schedule})"
+        bar = _Bar(label, job.settings.epochs, quiet or not rank0)
         try:
-            result = speed.run(job, bar)
-        except KeyboardInterrupt as interrupt:
+            return speed.run(job, bar if rank0 else None)
+        finally:
             bar.close()
-            finished = getattr(interrupt, "completed_epochs", 0)
-            click.echo(f"\nInterrupted in {job.row.name} after {finished} of {job.settings.epochs} epochs; nothing written for it"
-                       f" ({len(done)} earlier row(s) saved).", err=True)
-            sys.exit(130)
-        bar.close()
-        path = results.save(result, root)
-        figure = "Out of memory" if result.status == "oom" else f"{result.value:.3f} {result.unit}"
-        click.echo(f"{job.row.name}: {figure}  -> {path}", err=True)
-        done.append(result)
 
+    def saved(job: jobs.Job, result: results.Result, path: Path) -> None:
+        figure = "Out of memory" if result.status == "oom" else f"{result.value:.3f} {result.unit}"
+        click.echo(f"{_row_label(job)}: {figure}  -> {path}", err=True)
+
+    if engine == "distributed":
+        planned, notes = jobs.plan_distributed(table, profile_name, rows, overrides, named=named, schedule=schedule,
+                                               timeout_s=timeout_s)
+        before: Optional[Callable[[jobs.Job], None]] = None
+    else:
+        pairs = jobs.plan(table, profile_name, rows, overrides, devices_spec, engine=engine)
+        planned, notes = [job for job, _ in pairs], []
+        row_notes = {id(job): note for job, note in pairs}
+
+        def before(job: jobs.Job) -> None:
+            if row_notes.get(id(job)) and not quiet:
+                click.echo(f"{job.row.name}: {row_notes[id(job)]}", err=True)
+
+    if _rank() == 0:
+        for note in notes:
+            click.echo(note, err=True)
+    try:
+        done = run_rows(planned, measure, root, writer=_rank() == 0, before=before, after=saved)
+    except RowInterrupted as interrupt:
+        finished = interrupt.completed_epochs or 0
+        _interrupted(interrupt, f" after {finished} of {interrupt.job.settings.epochs} epochs; nothing written for it"
+                                f" ({interrupt.saved} earlier row(s) saved).")
+        return
     _show_saved(table, root, profile_name, done)
 
 
-def _show_saved(table: config.Table, root: Path, profile: str, done: List[results.Result]) -> List[results.Result]:
-    """Print the table of every saved result on the hardware of the rows just run; those results (none if none ran)."""
-    if not done:
-        return []
-    saved = results.load_all(root, table=table.name, profile=profile, hardware=done[0].hardware_key(), on_skip=_skipped)
-    click.echo(report.render(table, saved, fmt="rst", published=True))
-    return saved
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0")) if jobs.in_torchrun() else 0
 
 
-def _speed_distributed(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
-                       schedule: str, output: Optional[Path], quiet: bool, timeout_s: int) -> None:
-    """``speed --engine distributed`` on this rank: the rows whose stage count is the number of processes."""
-    from .distributed import speed as dspeed
-
-    def run(job: Any, rank: int) -> Optional[results.Result]:
-        bar = _Bar(f"{job.row.name} ({schedule})", job.settings.epochs, quiet or rank != 0)
-        result = dspeed.run_rank(job, schedule, bar if rank == 0 else None, timeout_s=timeout_s)
-        bar.close()
-        return result
-
-    _run_distributed(table, profile, rows, overrides, named, schedule, output, run,
-                     lambda r: f"{r.value:.3f} {r.unit}", per_device=False)
+def _row_label(job: jobs.Job) -> str:
+    """A row's name in the per-row lines; with torch's pipelining, its engine and process count too."""
+    if job.engine != "distributed":
+        return job.row.name
+    return f"{job.row.name} ({job.record_engine}, {_processes(len(job.devices))})"
 
 
-def _run_distributed(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
-                     schedule: str, output: Optional[Path], run: Callable[[Any, int], Optional[results.Result]],
-                     figure: Callable[[results.Result], str], per_device: bool) -> None:
-    """Run the rows this launch can run on this rank; rank 0 saves each record and prints the table."""
-    from .distributed import speed as dspeed
-
-    jobs, size = _distributed_jobs(table, profile, rows, overrides, named, schedule)
-    rank = dspeed.rank()
-    root = output if output is not None else results.results_dir()
-    if rank == 0:
-        results.check_writable(root)
-    done: List[results.Result] = []
-    for job in jobs:
-        result = run(job, rank)
-        if result is not None:
-            path = results.save(result, root)
-            processes = f"{size} process" + ("es" if size != 1 else "")
-            click.echo(f"{job.row.name} ({result.engine}, {processes}): {figure(result)}  -> {path}", err=True)
-            done.append(result)
-    saved = _show_saved(table, root, profile, done)
-    if saved and per_device:
-        click.echo(report.memory_per_device(table, saved, fmt="rst"))
+# -- launch --------------------------------------------------------------------------------------------------------
 
 
 @main.command("launch", context_settings={**_CONTEXT, "ignore_unknown_options": True})
@@ -299,26 +339,19 @@ def launch_command(nproc: int, nnodes: str, rdzv_endpoint: Optional[str], rdzv_i
     sys.exit(launch(args, world=None if rdzv_endpoint else nproc))
 
 
-# -- memory --------------------------------------------------------------------
+# -- memory --------------------------------------------------------------------------------------------------------
 
 
 @main.command("memory", context_settings=_CONTEXT)
 @click.argument("model")
-@click.option("--pipeline", type=click.IntRange(min=1), help="Run the row pipeline-N.")
-@click.option("--naive", type=click.IntRange(min=1), help="Run the row naive-N.")
-@click.option("--experiment", help="Run the row with this exact name (e.g. pipeline-8).")
-@click.option("--devices", "devices_spec", metavar="LIST", help="Devices, e.g. 0,1,2,3 or cuda:0*8 or cpu:0,cpu:1 [default: every CUDA device; virtual CPU devices without CUDA].")
-@click.option("--profile", type=click.Choice(["published", "quick"]), help="Row sizes [default: published with CUDA, quick without].")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Mini-batch size [default: the row's].")
-@click.option("--chunks", type=click.IntRange(min=1), help="Micro-batches per mini-batch [default: the row's].")
-@click.option("--balance", help="Layers per partition [default: the row's, or found by balance_by_size].")
-@click.option("--checkpoint", type=click.Choice(["always", "except_last", "never"]), help="Checkpoint mode [default: the row's].")
+@_row_options
+@_override_options(" [default: the row's, or found by balance_by_size]")
 @click.option("--predict-only", is_flag=True, help="Predict from the meta device only; run nothing (sizes rows this machine cannot hold).")
 @click.option("--per-device", is_flag=True, help="Also print each device's model memory, measured and predicted peak.")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
-@click.option("--engine", type=click.Choice(["gpipe-bench", "distributed"]), default="gpipe-bench", show_default=True, help="Ours, or torch.distributed.pipelining with one process per stage (under gpipe-bench launch or torchrun).")
-@click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved"]), default="gpipe", show_default=True, help="--engine distributed: the schedule (interleaved: several stages per process).")
-@click.option("--timeout", "timeout_s", type=click.IntRange(min=1), default=300, show_default=True, help="--engine distributed: seconds a rank waits for a peer before it fails (the process group's timeout).")
+@_output_option
+@click.option("--engine", type=click.Choice(["gpipe-bench", "distributed"]), default="gpipe-bench", show_default=True,
+              help="Ours, or torch.distributed.pipelining with one process per stage (under gpipe-bench launch or torchrun).")
+@_distributed_options("--engine distributed: the schedule (interleaved: several stages per process).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def memory_command(
     model: str, pipeline: Optional[int], naive: Optional[int], experiment: Optional[str], devices_spec: Optional[str],
@@ -339,51 +372,35 @@ def memory_command(
 
     Example: gpipe-bench memory amoebanetd --profile published --predict-only --per-device
     """
-    from .bench import memory  # torch-heavy; imported when used
+    from .measure import memory
+    from .measure.runner import RowInterrupted, run_rows
 
-    named = [flag for flag, value in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment)) if value is not None]
-    if len(named) > 1:
-        raise click.UsageError(f"{' and '.join(named)} both name a row; give one")
-    table = config.load(_table_for(model, "memory"))
-    profile_name = _default_profile(profile, quiet)
-    chosen = table.profile(profile_name)
-    if named:
-        rows = [config.find_row(table, pipeline=pipeline, naive=naive, experiment=experiment, profile=profile_name)]
-    else:
-        rows = list(chosen.rows)
+    table, profile_name, rows, named = _rows("memory", model, profile, quiet, pipeline, naive, experiment)
     overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint)
-    if engine == "distributed":
-        _memory_distributed(table, profile_name, rows, overrides, bool(named), schedule, output, per_device, timeout_s)
-        return
-    jobs = []
-    for row in rows:  # resolve and validate everything before the first measurement
-        row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
-        partitions = row.devices if row.mode == "pipeline" else 1
-        if predict_only:
-            plan_devices = devices.parse(devices_spec)[:partitions] if devices_spec else None
-            if plan_devices is not None and len(plan_devices) < partitions:
-                raise click.BadParameter(f"{len(plan_devices)} device(s) given for {partitions} partitions; give {partitions}",
-                                         param_hint="--devices")
-            chosen_devices = plan_devices or ([f"cuda:{j}" for j in range(partitions)] if profile_name == "published"
-                                              else [f"cpu:{j}" for j in range(partitions)])
-        else:
-            chosen_devices = devices.resolve(devices_spec, partitions).devices
-        jobs.append(memory.MemoryJob(table, row, settings, profile_name, chosen_devices))
     root = output if output is not None else results.results_dir()
-    results.check_writable(root)
+    distributed = engine == "distributed"
+    if distributed:
+        planned, notes = jobs.plan_distributed(table, profile_name, rows, overrides, named=named, schedule=schedule,
+                                               timeout_s=timeout_s)
+    else:
+        planned = [job for job, _ in jobs.plan(table, profile_name, rows, overrides, devices_spec, engine=engine,
+                                               predict_only=predict_only)]
+        notes = []
+    if _rank() == 0:
+        for note in notes:
+            click.echo(note, err=True)
 
-    done: List[results.Result] = []
-    for job in jobs:
-        if not quiet:
+    def before(job: jobs.Job) -> None:
+        if not quiet and not distributed:
             what = "predicting" if predict_only else "predicting and measuring"
             click.echo(f"{job.row.name}: {what} on {', '.join(job.devices)}...", err=True)
-        try:
-            result = memory.run(job, predict_only=predict_only)
-        except KeyboardInterrupt:
-            click.echo(f"\nInterrupted in {job.row.name}; nothing written for it ({len(done)} earlier row(s) saved).", err=True)
-            sys.exit(130)
-        path = results.save(result, root)
+
+    def saved(job: jobs.Job, result: results.Result, path: Path) -> None:
         extra = result.extra
+        if distributed:
+            per_rank = ", ".join(report.format_gib(v) for v in extra["measured_per_device_gib"])
+            click.echo(f"{_row_label(job)}: {report.format_gib(result.value)} (per rank: {per_rank})  -> {path}", err=True)
+            return
         if result.status == "oom":
             figure = "Out of memory" + (f" ({extra['note']})" if extra.get("note") else "")
         elif result.value is None:
@@ -391,78 +408,23 @@ def memory_command(
         else:
             figure = f"{report.format_gib(result.value)} measured"
         click.echo(f"{job.row.name}: {figure}, {report.format_gib(extra['predicted_gib'])} predicted  -> {path}", err=True)
-        done.append(result)
 
-    saved = _show_saved(table, root, profile_name, done)
-    if saved:
-        if per_device:
-            click.echo(report.memory_per_device(table, saved, fmt="rst"))
-        _write_plot("memory", table, saved, root / table.name / profile_name / done[0].hardware_key() / "memory-per-device.png")
-
-
-def _distributed_jobs(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
-                      schedule: str) -> Tuple[List[Any], int]:
-    """The rows this torchrun launch can run (stage count = processes), validated; and the process count."""
-    from .bench import speed
-    from .distributed import schedule as dschedule
-    from .distributed import speed as dspeed
-
-    if not dspeed.in_torchrun():
-        raise click.UsageError(
-            "--engine distributed runs one process per stage (several with --schedule interleaved): start it with "
-            "`gpipe-bench launch --nproc N -- ...` or `torchrun --nproc-per-node N -m gpipe_bench.cli ...`")
-    size = dspeed.world()
-    chosen = table.profile(profile)
-    jobs = []
-    for row in rows:
-        row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
-        stages = len(row.balance) if row.balance else 1
-        if row.batch % row.chunks:
-            raise click.BadParameter(f"{row.name}: batch {row.batch} is not divisible by chunks {row.chunks} (torch's "
-                                     "pipelining needs equal micro-batches); give --batch-size or --chunks that divide", param_hint="--chunks")
-        problem = dschedule.check(schedule, stages, size, row.chunks)
-        if problem is not None:
-            if named:
-                raise click.UsageError(f"{row.name}: {problem}")
-            if schedule == "1f1b" and stages == size and dspeed.rank() == 0:
-                click.echo(f"{row.name}: skipped: {row.chunks} micro-batch(es) for {stages} stages, fewer than 1f1b "
-                           "needs (with one micro-batch every schedule is fill-drain: --schedule gpipe runs it)", err=True)
-            continue
-        jobs.append(speed.SpeedJob(table, row, settings, profile, [f"rank{r}" for r in range(size)],
-                                    f"distributed-{schedule}"))
-    if not jobs:
-        wanted = f"{size} stage(s)" if schedule != "interleaved" else f"a multiple of {size} stages, at least {2 * size}"
-        raise click.UsageError(f"no row of {table.name} ({profile}) has {wanted}; rows: "
-                               + ", ".join(f"{r.name} ({len(r.balance) if r.balance else 1})" for r in chosen.rows))
-    return jobs, size
-
-
-def _memory_distributed(table: config.Table, profile: str, rows: List[config.Row], overrides: Overrides, named: bool,
-                        schedule: str, output: Optional[Path], per_device: bool, timeout_s: int) -> None:
-    from .distributed import memory as dmemory
-
-    def figure(result: results.Result) -> str:
-        per_rank = ", ".join(report.format_gib(v) for v in result.extra["measured_per_device_gib"])
-        return f"{report.format_gib(result.value)} (per rank: {per_rank})"
-
-    _run_distributed(table, profile, rows, overrides, named, schedule, output,
-                     lambda job, rank: dmemory.run_rank(job, schedule, timeout_s=timeout_s), figure, per_device)
-
-
-def _write_plot(kind: str, table: config.Table, saved: List[results.Result], path: Path) -> None:
-    """``plot.<kind>_plot`` of ``saved`` at ``path``; a line saying why not when matplotlib is missing."""
     try:
-        from . import plot
-
-        draw: Callable[[config.Table, List[results.Result], Path], Path] = getattr(plot, f"{kind}_plot")
-        written = draw(table, saved, path)
-    except ImportError as missing:
-        click.echo(f"No plot: {missing}", err=True)
+        done = run_rows(planned, lambda job: memory.run(job, predict_only=predict_only), root, writer=_rank() == 0,
+                        before=before, after=saved)
+    except RowInterrupted as interrupt:
+        _interrupted(interrupt, f"; nothing written for it ({interrupt.saved} earlier row(s) saved).")
         return
-    click.echo(f"Plot: {written}", err=True)
+    saved_results = _show_saved(table, root, profile_name, done)
+    if saved_results:
+        if per_device:
+            click.echo(report.memory_per_device(table, saved_results, fmt="rst"))
+        if not distributed:
+            _write_plot("memory", table, saved_results,
+                        root / table.name / profile_name / done[0].hardware_key() / "memory-per-device.png")
 
 
-# -- accuracy ------------------------------------------------------------------
+# -- accuracy ------------------------------------------------------------------------------------------------------
 
 
 @main.command("accuracy", context_settings=_CONTEXT)
@@ -473,7 +435,7 @@ def _write_plot(kind: str, table: config.Table, saved: List[results.Result], pat
 @click.option("--seeds", type=click.IntRange(min=1), help="Seeds a row (runs) [default: the config's].")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs [default: the config's].")
 @click.option("--data", type=click.Path(path_type=Path), help="quick: Fashion-MNIST directory (the four IDX files) [default: Debian's /usr/share/datasets/fashion-mnist]; published: ImageNet with train/ and val/ class folders.")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
+@_output_option
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
 def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds: Optional[int], epochs: Optional[int],
                      data: Optional[Path], output: Optional[Path], quiet: bool) -> None:
@@ -487,72 +449,46 @@ def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds:
 
     Example: gpipe-bench accuracy resnet101 --experiment pipeline-256 --seeds 3
     """
-    from .bench import accuracy  # torch-heavy; imported when used
-    from .data import fashion_mnist, imagenet
+    from .measure import accuracy
+    from .measure.runner import RowInterrupted, run_rows
 
-    table = config.load(_table_for(model, "accuracy"))
-    chosen = table.profile(profile)
-    rows = [table.row(experiment, profile)] if experiment else list(chosen.rows)
-    overrides = Overrides(epochs=epochs)
-    # A missing or malformed dataset is one line, before anything runs.
-    if str(chosen.settings.extra.get("dataset", "")) == "imagenet":
-        if data is None:
-            raise click.BadParameter(f"the {profile} profile trains on ImageNet: give PATH with train/ and val/ class "
-                                     "folders (or use --profile quick, Fashion-MNIST)", param_hint="--data")
-        imagenet.check_layout(data)
-    else:
-        fashion_mnist.locate(data)
-    count = seeds if seeds is not None else int(chosen.settings.extra.get("runs", 3))
-    jobs = []
-    for row in rows:
-        row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
-        if row.mode == "dataparallel":
-            chosen_devices = (devices.resolve(None, row.devices).devices if torch.cuda.is_available()
-                              else ["cpu"] * row.devices)
-        elif torch.cuda.is_available():
-            chosen_devices = devices.resolve(None, len(row.balance or (1,))).devices
-        else:
-            # What a pipeline row learns does not depend on where its partitions run: on a CPU they share one
-            # worker (the same micro-batches, checkpoints and BatchNorm), which trains 1.5-2x faster than
-            # virtual devices competing for the same cores.
-            chosen_devices = ["cpu"] * len(row.balance or (1,))
-        jobs.append(accuracy.AccuracyJob(table, row, settings, profile, chosen_devices, list(range(count)), data))
+    cuda = torch.cuda.is_available()
+    table = jobs.table_for(model, "accuracy")
+    planned = jobs.plan_accuracy(table, profile, experiment=experiment, epochs=epochs, seeds=seeds, data=data, cuda=cuda)
     root = output if output is not None else results.results_dir()
-    results.check_writable(root)
 
-    def progress_for(name: str) -> Any:
+    def progress_for(job: jobs.Job) -> Any:
         def progress(seed: int, epoch: int, total: int, error: float, seconds: float) -> None:
             if not quiet:
-                click.echo(f"{name} seed {seed + 1}/{count} epoch {epoch}/{total}: validation error {error:.2f}% "
-                           f"({seconds:.0f} s)", err=True)
+                click.echo(f"{job.row.name} seed {seed + 1}/{len(job.seeds)} epoch {epoch}/{total}: validation error "
+                           f"{error:.2f}% ({seconds:.0f} s)", err=True)
         return progress
 
-    done: List[results.Result] = []
-    for job in jobs:
-        where = ("processes" if job.row.mode == "dataparallel" else
-                 "partitions on one CPU worker" if not torch.cuda.is_available() else "devices")
+    def before(job: jobs.Job) -> None:
         if not quiet:
-            click.echo(f"{job.row.name}: {count} seed(s) on {len(job.devices)} {where}", err=True)
-        try:
-            result = accuracy.run(job, progress_for(job.row.name), save=lambda r: results.save(r, root))
-        except KeyboardInterrupt:
-            click.echo(f"\nInterrupted in {job.row.name}; finished seeds are saved (status interrupted).", err=True)
-            sys.exit(130)
+            click.echo(f"{job.row.name}: {len(job.seeds)} seed(s) on {len(job.devices)} "
+                       f"{jobs.accuracy_placement(job, cuda)}", err=True)
+
+    def measure(job: jobs.Job) -> results.Result:
+        return accuracy.run(job, progress_for(job), save=lambda r: results.save(r, root))
+
+    def saved(job: jobs.Job, result: results.Result, path: Path) -> None:
         click.echo(f"{job.row.name}: {report.mean_std(result)} % top-1 error over {len(result.samples)} seed(s)", err=True)
-        done.append(result)
 
-    saved = _show_saved(table, root, profile, done)
-    if saved:
-        for line in report.transparency(table, saved):
+    try:
+        done = run_rows(planned, measure, root, before=before, after=saved)
+    except RowInterrupted as interrupt:
+        _interrupted(interrupt, "; finished seeds are saved (status interrupted).")
+        return
+    saved_results = _show_saved(table, root, profile, done)
+    if saved_results:
+        for line in report.transparency(table, saved_results):
             click.echo(f"- {line}")
-        _write_plot("accuracy", table, saved, root / table.name / profile / done[0].hardware_key() / "error-per-epoch.png")
+        _write_plot("accuracy", table, saved_results,
+                    root / table.name / profile / done[0].hardware_key() / "error-per-epoch.png")
 
 
-# -- table / compare -----------------------------------------------------------
-
-
-def _table_arg(name: str) -> config.Table:
-    return config.load(name)
+# -- table / compare -----------------------------------------------------------------------------------------------
 
 
 @main.command("table", context_settings=_CONTEXT)
@@ -568,7 +504,7 @@ def table_command(table_name: str, fmt: str, profile: Optional[str], published: 
 
     Example: gpipe-bench table resnet101-speed --format md
     """
-    table = _table_arg(table_name)
+    table = config.load(table_name)
     if per_device and table.kind != "memory":
         raise click.BadParameter(f"{table.name} is a {table.kind} table; --per-device is for memory tables", param_hint="--per-device")
     saved = results.load_all(root or results.results_dir(), table=table.name, profile=profile, on_skip=_skipped)
@@ -592,7 +528,7 @@ def compare_command(table_name: Optional[str], check: bool, fmt: str, root: Opti
     names = [table_name] if table_name else config.table_names()
     regressions: List[str] = []
     for name in names:
-        table = _table_arg(name)
+        table = config.load(name)
         saved = results.load_all(root or results.results_dir(), table=table.name, on_skip=_skipped)
         comparison = report.compare(table, saved, fmt=fmt)
         click.echo(comparison.text)

@@ -102,22 +102,6 @@ def test_torchgpipe_engine_on_the_same_settings(tmp_path: Path) -> None:
     assert [f.name for f in tmp_path.rglob("*.json")] == ["pipeline-2--torchgpipe.json"]
 
 
-def test_interrupt_writes_nothing_and_says_how_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpipe_bench.bench import speed
-
-    def interrupted(job: object, progress: object = None) -> None:
-        error = KeyboardInterrupt()
-        error.completed_epochs = 2  # type: ignore[attr-defined]
-        raise error
-
-    monkeypatch.setattr(speed, "run", interrupted)
-    result = _run(["speed", "resnet101", "--experiment", "pipeline-2", "--profile", "quick", "--devices", "cpu:0,cpu:1",
-                   "--output", str(tmp_path)])
-    assert result.exit_code == 130
-    assert "Interrupted in pipeline-2 after 2 of 3 epochs; nothing written" in result.output
-    assert not list(tmp_path.rglob("*.json"))
-
-
 def test_a_results_file_that_is_not_a_record_is_one_warning_line(tmp_path: Path) -> None:
     (tmp_path / "resnet101-speed").mkdir()
     (tmp_path / "resnet101-speed" / "junk.json").write_text("{not json")

@@ -66,7 +66,7 @@ def transform(split: str, input_size: int = 224, val_resize: int = 256,
     """
     if split not in SPLITS:
         raise DataError(f"split {split!r} is not an ImageNet folder; use train or val")
-    from torchvision import transforms  # type: ignore[import-untyped]  # imported when used
+    from torchvision import transforms  # imported when used
 
     norm = transforms.Normalize(list(mean), list(std))
     if split == "train":

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from gpipe_bench import config, models, report
-from gpipe_bench.bench import memory
+from gpipe_bench.jobs import Job
+from gpipe_bench.measure import memory
 from gpipe_bench.cli import main
 
 TABLE = config.load("amoebanetd-memory")
@@ -19,18 +20,18 @@ PUBLISHED_COUNTS = {"naive-1": 89_745_302, "pipeline-1": 358_456_186, "pipeline-
                     "pipeline-4": 1_163_292_602, "pipeline-8": 2_005_905_418}
 
 
-def _job(name: str, profile: str = "quick", **row_changes: object) -> memory.MemoryJob:
+def _job(name: str, profile: str = "quick", **row_changes: object) -> Job:
     prof = TABLE.profile(profile)
     row = replace(TABLE.row(name, profile), **row_changes)
     devices = [f"cpu:{k}" for k in range(row.devices)] if row.mode == "pipeline" else ["cpu:0"]
-    return memory.MemoryJob(TABLE, row, prof.settings, profile, devices)
+    return Job(TABLE, row, prof.settings, profile, devices)
 
 
 def test_every_quick_row_is_predicted_within_ten_percent_of_the_measurement() -> None:
     """The acceptance figure: predicted vs measured peak activation memory on the quick profile, on CPU."""
     for row in QUICK.rows:
         result = memory.run(_job(row.name))
-        assert result.status == "ok"
+        assert result is not None and result.status == "ok"
         measured, predicted = result.value, result.extra["predicted_gib"]
         assert measured > 0
         assert predicted == pytest.approx(measured, rel=0.10), row.name
@@ -52,7 +53,7 @@ def test_published_parameters_and_model_memory_follow_the_column_rule(name: str)
 
 def test_a_published_row_is_sized_without_running_it() -> None:
     result = memory.run(_job("pipeline-1", "published"), predict_only=True)
-    assert result.status == "predicted" and result.value is None
+    assert result is not None and result.status == "predicted" and result.value is None
     assert result.extra["parameters"] == PUBLISHED_COUNTS["pipeline-1"]
     assert round(result.extra["model_memory_gib"], 2) == 4.01
     assert 1.0 < result.extra["predicted_gib"] < 24.0
@@ -70,7 +71,7 @@ def test_out_of_memory_is_a_row_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(memory, "measure", oom)
     result = memory.run(_job("naive-1"))
-    assert result.status == "oom" and result.value is None and result.extra["predicted_gib"] > 0
+    assert result is not None and result.status == "oom" and result.value is None and result.extra["predicted_gib"] > 0
     text = report.render(TABLE, [result])
     assert "Out of memory" in text
 
@@ -79,7 +80,7 @@ def test_a_row_that_cannot_fit_the_host_is_not_run(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(memory, "_available_host_bytes", lambda: 1024)
     monkeypatch.setattr(memory, "measure", lambda *_: pytest.fail("must not run"))
     result = memory.run(_job("pipeline-2"))
-    assert result.status == "oom" and "predicted to need" in result.extra["note"]
+    assert result is not None and result.status == "oom" and "predicted to need" in result.extra["note"]
 
 
 def test_cli_row_end_to_end(tmp_path: Path) -> None:

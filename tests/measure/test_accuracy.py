@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from gpipe_bench import config, models
-from gpipe_bench.bench import accuracy
+from gpipe_bench import optim
+from gpipe_bench.jobs import Job
+from gpipe_bench.measure import accuracy
 from gpipe_bench.cli import main
 from gpipe_bench.pipe import GPipe
 
@@ -20,9 +22,9 @@ TABLE = config.load("resnet101-accuracy")
 QUICK = TABLE.profile("quick")
 
 
-def _job(name: str, **changes: object) -> accuracy.AccuracyJob:
+def _job(name: str, **changes: object) -> Job:
     row = replace(TABLE.row(name, "quick"), **changes)
-    return accuracy.AccuracyJob(TABLE, row, QUICK.settings, "quick", ["cpu"] * row.devices, [0])
+    return Job(TABLE, row, QUICK.settings, "quick", ["cpu"] * row.devices, seeds=[0], timeout_s=3600)
 
 
 def _data(n: int = 64) -> accuracy.Dataset:
@@ -66,7 +68,7 @@ def _states(deferred: bool) -> Dict[str, Dict[str, torch.Tensor]]:
     y = torch.randint(0, 10, (16,))
 
     def step(model: torch.nn.Module, losses: Callable[[], List[torch.Tensor]]) -> None:
-        optimizer = accuracy._optimizer(job, model)
+        optimizer = optim.build(job.settings.optimizer, model.parameters())
         for group in optimizer.param_groups:
             group["lr"] = 0.1
         optimizer.zero_grad()
@@ -129,7 +131,7 @@ def test_a_data_parallel_and_a_pipeline_row_train_end_to_end() -> None:
     settings = replace(QUICK.settings, epochs=1, dataset_size=64)
     for name, devices in (("dataparallel-256", ["cpu", "cpu"]), ("pipeline-256", ["cpu:0", "cpu:1"])):
         row = replace(TABLE.row(name, "quick"), batch=16)
-        job = accuracy.AccuracyJob(TABLE, row, settings, "quick", devices, [0], timeout_s=300)
+        job = Job(TABLE, row, settings, "quick", devices, seeds=[0], timeout_s=300)
         errors = accuracy.train(job, data, seed=0)
         assert len(errors) == 1 and 0.0 <= errors[0] <= 100.0
 
@@ -162,7 +164,7 @@ def test_imagenet_folders_train_end_to_end(tmp_path: Path) -> None:
                        extra={**published.settings.extra, "val_resize": 36, "warmup_epochs": 0})
     row = replace(TABLE.row("pipeline-256"), batch=8, chunks=2, balance=(19, 32))
     quick = replace(TABLE, profiles={**TABLE.profiles, "published": replace(published, model="resnet14")})
-    job = accuracy.AccuracyJob(quick, row, settings, "published", ["cpu", "cpu"], [0], data=tmp_path)
+    job = Job(quick, row, settings, "published", ["cpu", "cpu"], seeds=[0], data=tmp_path, timeout_s=3600)
     data = accuracy.load_dataset(job)
     assert isinstance(data, accuracy.Folders)
     errors = accuracy.train(job, replace(data, workers=0), seed=0)
@@ -201,7 +203,7 @@ def test_a_failing_replica_stops_the_row_with_its_error() -> None:
     import time
 
     row = replace(TABLE.row("dataparallel-256", "quick"), batch=16, model_args={"no_such_argument": 1})
-    job = accuracy.AccuracyJob(TABLE, row, replace(QUICK.settings, epochs=1), "quick", ["cpu", "cpu"], [0], timeout_s=120)
+    job = Job(TABLE, row, replace(QUICK.settings, epochs=1), "quick", ["cpu", "cpu"], seeds=[0], timeout_s=120)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="replica .*no_such_argument"):
         accuracy.train(job, _data(32), seed=0)

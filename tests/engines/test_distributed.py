@@ -1,11 +1,11 @@
-"""The distributed speed row's own checks that need no processes."""
+"""engines/distributed.py: the checks that need no processes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from gpipe_bench.errors import HarnessError
-from gpipe_bench.distributed import speed
+from gpipe_bench.engines.distributed import rank_device
 
 
 def test_more_local_ranks_than_gpus_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -13,10 +13,10 @@ def test_more_local_ranks_than_gpus_is_one_clear_error(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "3")
     with pytest.raises(HarnessError, match="local rank 3 has no GPU: this host has 2; launch at most --nproc 2"):
-        speed._device()
+        rank_device()
 
 
 def test_without_cuda_every_rank_is_a_cpu_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("LOCAL_RANK", "5")
-    assert speed._device() == torch.device("cpu")
+    assert rank_device() == torch.device("cpu")

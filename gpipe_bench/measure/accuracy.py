@@ -33,33 +33,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from gpipe_bench import models
+from gpipe_bench import models, optim
 from gpipe_bench.config import Row, Settings, Table
 from gpipe_bench.data import fashion_mnist, imagenet
 from gpipe_bench.pipe import GPipe
-from gpipe_bench.environment import environment
+from gpipe_bench.engines import place
+from gpipe_bench.environment import environment, now
+from gpipe_bench.jobs import Job
 from gpipe_bench.results import Result
 
-from .speed import _place, model_args, model_name
 
-__all__ = ["AccuracyJob", "Dataset", "Folders", "load_dataset", "batches", "lr_at", "train", "run"]
+__all__ = ["Dataset", "Folders", "load_dataset", "batches", "lr_at", "train", "run"]
 
 # Called after every epoch: (seed, epoch, epochs, validation error %, seconds so far for this seed).
 Progress = Callable[[int, int, int, float, float], None]
-
-
-@dataclass(frozen=True)
-class AccuracyJob:
-    """One row to train, resolved: table, row, settings, devices, seeds and where the data is."""
-
-    table: Table
-    row: Row
-    settings: Settings
-    profile: str
-    devices: Sequence[str]
-    seeds: Sequence[int]
-    data: Optional[Path] = None
-    timeout_s: float = 3600.0  # a data-parallel process that hangs is stopped after this
 
 
 @dataclass(frozen=True)
@@ -84,28 +71,24 @@ class Folders:
 Data = Union[Dataset, Folders]
 
 
-def _extra(job: AccuracyJob, key: str, default: Any) -> Any:
-    return job.settings.extra.get(key, default)
-
-
-def load_dataset(job: AccuracyJob) -> Data:
+def load_dataset(job: Job) -> Data:
     """The row's dataset: Fashion-MNIST (first ``dataset_size`` training, ``val_size`` test images), or
     ImageNet folders at ``job.data`` (``settings.extra.dataset: imagenet``)."""
-    name = str(_extra(job, "dataset", "fashion-mnist"))
+    name = str(job.extra("dataset", "fashion-mnist"))
     if name == "imagenet":
         if job.data is None:
             raise fashion_mnist.DataError(
                 f"profile {job.profile!r} trains on ImageNet: pass --data PATH with train/ and val/ class folders "
                 "(or use --profile quick, Fashion-MNIST)")
-        norm = _extra(job, "normalize", {"mean": imagenet.MEAN, "std": imagenet.STD})
-        train, val = imagenet.folders(job.data, job.settings.input_size, int(_extra(job, "val_resize", 256)), norm)
+        norm = job.extra("normalize", {"mean": imagenet.MEAN, "std": imagenet.STD})
+        train, val = imagenet.folders(job.data, job.settings.input_size, int(job.extra("val_resize", 256)), norm)
         return Folders(train, val, workers=min(8, os.cpu_count() or 1))
     if name != "fashion-mnist":
         raise fashion_mnist.DataError(f"settings.extra.dataset {name!r} is not known; use fashion-mnist or imagenet")
     train_x, train_y = fashion_mnist.load("train", job.data)
     val_x, val_y = fashion_mnist.load("test", job.data)
-    n, v = job.settings.dataset_size, int(_extra(job, "val_size", 1000))
-    norm = _extra(job, "normalize", {"mean": [0.2860], "std": [0.3530]})
+    n, v = job.settings.dataset_size, int(job.extra("val_size", 1000))
+    norm = job.extra("normalize", {"mean": [0.2860], "std": [0.3530]})
     mean, std = float(norm["mean"][0]), float(norm["std"][0])
     size = job.settings.input_size
 
@@ -137,10 +120,10 @@ def batches(data: Data, batch: int, seed: int, epoch: int) -> Iterator[Tuple[Ten
         yield from loader
         return
     n = data.train_x.size(0)
-    order = torch.randperm(n, generator=generator)
+    shuffled = torch.randperm(n, generator=generator)
     size = data.train_x.size(-1)
     for start in range(0, n - batch + 1, batch):
-        index = order[start:start + batch]
+        index = shuffled[start:start + batch]
         x = F.pad(data.train_x[index], (4, 4, 4, 4), value=float(data.train_x.min()))
         shifts = torch.randint(0, 9, (batch, 2), generator=generator)
         flips = torch.rand(batch, generator=generator) < 0.5
@@ -150,26 +133,20 @@ def batches(data: Data, batch: int, seed: int, epoch: int) -> Iterator[Tuple[Ten
         yield out, data.train_y[index]
 
 
-def lr_at(job: AccuracyJob, batch: int, iteration: int, steps_per_epoch: int) -> float:
+def lr_at(job: Job, batch: int, iteration: int, steps_per_epoch: int) -> float:
     """lr × B / lr_scale_batch, linear warm-up stepped per iteration, ×gamma at each milestone epoch."""
-    base = float(job.settings.optimizer.get("lr", 0.1)) * batch / float(_extra(job, "lr_scale_batch", 256))
-    warmup = int(_extra(job, "warmup_epochs", 0)) * steps_per_epoch
+    base = float(job.settings.optimizer.get("lr", 0.1)) * batch / float(job.extra("lr_scale_batch", 256))
+    warmup = int(job.extra("warmup_epochs", 0)) * steps_per_epoch
     if iteration < warmup:
         return base * (iteration + 1) / warmup
     epoch = iteration // steps_per_epoch
-    drops = sum(1 for m in _extra(job, "lr_milestones", []) if epoch >= int(m))
-    return base * float(_extra(job, "lr_gamma", 0.1)) ** drops
+    drops = sum(1 for m in job.extra("lr_milestones", []) if epoch >= int(m))
+    return base * float(job.extra("lr_gamma", 0.1)) ** drops
 
 
-def _optimizer(job: AccuracyJob, model: nn.Module) -> torch.optim.Optimizer:
-    o = job.settings.optimizer
-    return torch.optim.SGD(model.parameters(), lr=float(o.get("lr", 0.1)), momentum=float(o.get("momentum", 0.0)),
-                           nesterov=bool(o.get("nesterov", False)), weight_decay=float(o.get("weight_decay", 0.0)))
-
-
-def _build(job: AccuracyJob, seed: int) -> nn.Sequential:
+def _build(job: Job, seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    return models.build(model_name(job), **model_args(job))  # type: ignore[arg-type]
+    return models.build(job.model_name, **job.model_args)
 
 
 @torch.no_grad()
@@ -187,12 +164,12 @@ def _error(model: nn.Module, data: Data, device: torch.device) -> float:
     return 100.0 * (1 - correct / total)
 
 
-def _train_loop(job: AccuracyJob, model: nn.Module, data: Data, seed: int, *, replica: int = 0, replicas: int = 1,
+def _train_loop(job: Job, model: nn.Module, data: Data, seed: int, *, replica: int = 0, replicas: int = 1,
                 first: torch.device, last: torch.device, evaluate: Optional[Callable[[], float]],
                 progress: Optional[Progress]) -> List[float]:
     batch = job.row.batch
     steps = _train_size(data) // batch
-    optimizer = _optimizer(job, model)
+    optimizer = optim.build(job.settings.optimizer, model.parameters())
     errors: List[float] = []
     start = time.perf_counter()
     share = batch // replicas
@@ -205,7 +182,7 @@ def _train_loop(job: AccuracyJob, model: nn.Module, data: Data, seed: int, *, re
             loss = F.cross_entropy(model(x.to(first)), y.to(last))
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"{job.row.name} seed {seed}: loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1}")
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
         if evaluate is not None:
             errors.append(evaluate())
@@ -214,15 +191,15 @@ def _train_loop(job: AccuracyJob, model: nn.Module, data: Data, seed: int, *, re
     return errors
 
 
-def train_pipeline(job: AccuracyJob, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
+def train_pipeline(job: Job, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
     """Validation error per epoch of the pipeline row trained with ``seed``."""
     model = _build(job, seed)
     balance = list(job.row.balance or [len(model)])
     pipe = GPipe(model, balance, devices=list(job.devices)[:len(balance)], chunks=job.row.chunks,
-                 checkpoint=job.row.checkpoint, deferred_batch_norm=bool(_extra(job, "deferred_batch_norm", False)))
+                 checkpoint=job.row.checkpoint, deferred_batch_norm=bool(job.extra("deferred_batch_norm", False)))
     first, last = pipe.devices[0], pipe.devices[-1]
-    return _train_loop(job, pipe, data, seed, first=_place(str(first)), last=_place(str(last)),
-                       evaluate=lambda: _error(pipe, data, _place(str(first))), progress=progress)
+    return _train_loop(job, pipe, data, seed, first=place(str(first)), last=place(str(last)),
+                       evaluate=lambda: _error(pipe, data, place(str(first))), progress=progress)
 
 
 def _free_port() -> int:
@@ -231,7 +208,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _replica(rank: int, world: int, port: int, job: AccuracyJob, data: Data, seed: int, queue: Any) -> None:
+def _replica(rank: int, world: int, port: int, job: Job, data: Data, seed: int, queue: Any) -> None:
     """One data-parallel process: its slice of every mini-batch; rank 0 reports the validation errors."""
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -255,7 +232,7 @@ def _replica(rank: int, world: int, port: int, job: AccuracyJob, data: Data, see
         raise SystemExit(1) from None
 
 
-def train_dataparallel(job: AccuracyJob, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
+def train_dataparallel(job: Job, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
     """Validation error per epoch of the data-parallel row trained with ``seed``, one process per replica."""
     world = job.row.devices
     if job.row.batch % world:
@@ -300,24 +277,24 @@ def train_dataparallel(job: AccuracyJob, data: Data, seed: int, progress: Option
     return errors
 
 
-def train(job: AccuracyJob, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
+def train(job: Job, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
     """Validation error (%) after every epoch of the row trained with ``seed``."""
     if job.row.mode == "dataparallel":
         return train_dataparallel(job, data, seed, progress)
     return train_pipeline(job, data, seed, progress)
 
 
-def _settings(job: AccuracyJob) -> Dict[str, Any]:
+def _settings(job: Job) -> Dict[str, Any]:
     row, s = job.row, job.settings
     return {
-        "model": model_name(job), "mode": row.mode, "devices": list(job.devices), "batch": row.batch,
+        "model": job.model_name, "mode": row.mode, "devices": list(job.devices), "batch": row.batch,
         "chunks": row.chunks, "balance": list(row.balance) if row.balance else None, "checkpoint": row.checkpoint,
         "input_size": s.input_size, "dataset_size": s.dataset_size, "epochs": s.epochs,
         "optimizer": dict(s.optimizer), "classes": s.classes, "extra": dict(s.extra), "seeds": list(job.seeds),
     }
 
 
-def record(job: AccuracyJob, curves: Dict[int, List[float]], seconds: Dict[int, float]) -> Result:
+def record(job: Job, curves: Dict[int, List[float]], seconds: Dict[int, float]) -> Result:
     """The row's Result from the seeds finished so far (status "interrupted" until all are)."""
     finals = [curves[s][-1] for s in job.seeds if s in curves]
     complete = len(finals) == len(job.seeds)
@@ -328,12 +305,12 @@ def record(job: AccuracyJob, curves: Dict[int, List[float]], seconds: Dict[int, 
         environment=environment(list(job.devices)),
         extra={"curves": {str(s): c for s, c in curves.items()}, "seconds": {str(s): t for s, t in seconds.items()},
                "seeds_done": [s for s in job.seeds if s in curves]},
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        created=now(),
     )
 
 
-def run(job: AccuracyJob, progress: Optional[Progress] = None,
-        save: Optional[Callable[[Result], None]] = None) -> Result:
+def run(job: Job, progress: Optional[Progress] = None,
+        save: Optional[Callable[[Result], object]] = None) -> Result:
     """Train every seed of the row; ``save`` is called with the record after each seed."""
     data = load_dataset(job)
     curves: Dict[int, List[float]] = {}

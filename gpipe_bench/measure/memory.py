@@ -1,0 +1,217 @@
+"""Memory: parameters, model memory, and peak activation memory (measured and predicted) of one row.
+
+The published columns, per row:
+
+- Parameters: counted on ``meta`` (no memory; seconds for two billion).
+- Total Model Parameter Memory: parameters × bytes × copies (weights,
+  gradients, one optimizer buffer) in GiB, the published rule.
+- Total Peak Activation Memory: per device, the peak during ``steps``
+  training steps minus that device's model memory, summed over devices
+  (over ranks, for torch's pipelining). On CUDA the peak is the allocator's
+  peak *reserved* memory (the published method). On CPU it is the peak of
+  bytes held by tensors, from :class:`~gpipe_bench.memory.tracker.TensorMemory`,
+  with gradients and optimizer buffers left out instead of subtracted (they
+  are model memory). See :meth:`gpipe_bench.engines.Trainer.watch_memory`.
+
+Beside the measurement of an engine in this process, the prediction of
+:mod:`gpipe_bench.memory.predict` for the same row, from ``meta`` alone;
+``predict_only`` skips the measurement, so rows too big for this machine
+still get their columns.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from gpipe_bench import engines, models, optim
+from gpipe_bench.environment import environment, now
+from gpipe_bench.jobs import Job
+from gpipe_bench.memory.predict import Prediction, nbytes, predict_pipeline, predict_plain
+from gpipe_bench.perf import split
+from gpipe_bench.pipe.balance import balance_by_size
+from gpipe_bench.pipe.microbatch import as_tuple
+from gpipe_bench.results import Result
+
+from ..engines.local import memory_slots
+
+__all__ = ["GIB", "METHODS", "find_balance", "predict", "measure", "run"]
+
+GIB = float(2**30)
+
+#: How a measured figure was taken, by where: one wording each, so a table's footnote names each method once.
+METHODS = {"cuda": "CUDA max_memory_reserved minus model memory",
+           "cpu": "bytes held by tensors (TensorMemory), model state excluded"}
+
+
+def _meta_model(job: Job) -> nn.Sequential:
+    with torch.device("meta"):
+        return models.build(job.model_name, **job.model_args)
+
+
+def find_balance(job: Job, model: Optional[nn.Sequential] = None) -> Tuple[int, ...]:
+    """The row's balance, or one found by ``balance_by_size`` on ``meta`` when the config leaves it null.
+
+    ``model``: the row's model on ``meta``, when the caller has built it already.
+    """
+    if job.row.balance is not None:
+        return tuple(job.row.balance)
+    model = model if model is not None else _meta_model(job)
+    if not job.split or job.row.devices == 1:
+        return (len(model),)
+    s = job.settings
+    sample = torch.empty(job.row.batch, 3, s.input_size, s.input_size, device="meta")
+    copies = float(job.extra("parameter_copies", 3))
+    return tuple(balance_by_size(job.row.devices, model, sample, chunks=job.row.chunks, param_scale=copies, device="meta"))
+
+
+def _optimizer_temp(part: nn.Module, device: str) -> int:
+    """Scratch of an RMSprop step: one buffer per parameter tensor, all at once where PyTorch uses foreach (CUDA)."""
+    sizes = [p.numel() * p.element_size() for p in part.parameters()]
+    if not sizes:
+        return 0
+    return sum(sizes) if device.startswith("cuda") else max(sizes)
+
+
+def predict(job: Job, balance: Sequence[int], model: Optional[nn.Sequential] = None) -> Prediction:
+    """Peak activation bytes per device for the row, from ``meta`` (see :mod:`gpipe_bench.memory.predict`)."""
+    row, s = job.row, job.settings
+    model = model if model is not None else _meta_model(job)
+    model.train()
+    sample = torch.empty(row.batch, 3, s.input_size, s.input_size, device="meta")
+    with torch.device("meta"):
+        out = model(sample[:1])
+    head = 2 * nbytes(as_tuple(out)[0]) * row.batch + row.batch * 8  # joined output, its gradient, the labels
+    if not job.split:
+        return predict_plain(model, sample, head_bytes=head, optimizer_temp=_optimizer_temp(model, job.devices[0]))
+    parts = split(model, balance)
+    devices = list(job.devices)
+    _, slots = memory_slots(devices)
+    temps = [_optimizer_temp(p, d) for p, d in zip(parts, devices)]
+    return predict_pipeline(model, balance, sample, chunks=row.chunks, checkpoint=row.checkpoint, slots=slots,
+                            head_bytes=head, optimizer_temp=temps)
+
+
+def _model_memory(modules: Sequence[Tuple[int, nn.Module]], slots: int, width: int, copies: int) -> List[int]:
+    """The published rule per slot: parameters x ``width`` bytes x ``copies``."""
+    out = [0] * slots
+    for slot, module in modules:
+        out[slot] += sum(p.numel() for p in module.parameters()) * width * copies
+    return out
+
+
+def measure(trainer: engines.Trainer, job: Job) -> List[int]:
+    """Peak activation bytes per memory slot of this process over the configured training steps."""
+    optimizer = optim.build(job.settings.optimizer, trainer.parameters())
+    with trainer.watch_memory(copies=int(job.extra("parameter_copies", 3))) as watch:
+        x, y = trainer.batch(watch)
+        for _ in range(int(job.extra("steps", 2))):
+            optimizer.zero_grad()
+            trainer.step(x, y)
+            optimizer.step()
+            watch.exclude(optim.model_state(trainer.parameters(), optimizer))
+        del x, y
+    return watch.peaks
+
+
+def _available_host_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
+    """The row's memory figures as a Result (value: measured total GiB; None when predicted only or OOM).
+
+    On the reporting process (rank 0 of a launch); None elsewhere. On CPU a row
+    whose prediction does not fit the host's available memory is not run (the
+    process would be killed, not told): it is reported out of memory, with
+    the figures that say why.
+    """
+    row = job.row
+    meta = _meta_model(job)  # built once: counted, balanced, predicted and sized from the same modules
+    layers, params = len(meta), sum(p.numel() for p in meta.parameters())
+    width = int(job.extra("bytes_per_parameter", 4))
+    copies = int(job.extra("parameter_copies", 3))
+    balance = find_balance(job, meta)
+    local = job.engine != "distributed"
+    prediction = predict(job, balance, meta) if local else None
+    devices = list(job.devices) if job.split else [job.devices[0]]
+    distinct, slots = memory_slots(devices)
+    parts = split(meta, balance) if job.split else [meta]
+    model_bytes = _model_memory(list(zip(slots, parts)), len(distinct), width, copies)
+    status, note = "predicted", ""
+    measured: Optional[List[int]] = None
+    trainer: Optional[engines.Trainer] = None
+    if not predict_only:
+        status = "ok"
+        available = _available_host_bytes()
+        needed = (prediction.total if prediction is not None else 0) + sum(model_bytes)
+        on_cpu = not any(d.startswith("cuda") for d in distinct)
+        if local and on_cpu and available is not None and needed > 0.9 * available:
+            status = "oom"
+            note = (f"not run: predicted to need {needed / GIB:.1f} GiB of host memory, "
+                    f"{available / GIB:.1f} GiB available")
+        else:
+            try:
+                trainer = engines.build(job, balance)
+                here = measure(trainer, job)
+                mine = _model_memory(trainer.memory_parts(), len(here), width, copies)
+                gathered = trainer.gather((here, mine, trainer.memory_devices()))
+                if not trainer.reporter:
+                    return None
+                measured = [p for peaks, _, _ in gathered for p in peaks]
+                if not local:  # per rank: its own model memory and device
+                    model_bytes = [m for _, held, _ in gathered for m in held]
+                    distinct = [f"rank {r}" for r in range(len(gathered))]
+            except (RuntimeError, MemoryError) as error:
+                if not engines.is_oom(error) or not local:
+                    raise
+                status, note = "oom", str(error).splitlines()[0][:200]
+            finally:
+                if trainer is not None:
+                    trainer.close()
+                elif torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    settings = job.settings_record()
+    if trainer is not None:
+        settings.update(trainer.record_settings())
+    settings.update(balance=list(balance) if job.split else None, steps=int(job.extra("steps", 2)))
+    if local:
+        settings["balance_found_by"] = None if row.balance is not None or not job.split else "balance_by_size"
+    extra: Dict[str, Any] = {
+        "layers": layers,
+        "parameters": params,
+        "model_memory_gib": params * width * copies / GIB,
+        "model_memory_rule": f"parameters x {width} bytes x {copies} (weights, gradients, one optimizer buffer), GiB",
+        "devices": distinct,
+        "model_memory_per_device_gib": [b / GIB for b in model_bytes],
+    }
+    if prediction is not None:
+        extra.update(predicted_gib=prediction.total / GIB,
+                     predicted_per_device_gib=[b / GIB for b in prediction.per_device],
+                     predicted_peak_at=prediction.when)
+    if measured is not None:
+        cuda = trainer is not None and any(d.startswith("cuda") for d in trainer.memory_devices())
+        extra["method"] = METHODS["cuda" if cuda else "cpu"]
+        extra["measured_per_device_gib"] = [b / GIB for b in measured]
+    if note:
+        extra["note"] = note
+    if trainer is not None:
+        extra.update(trainer.record_extra())
+    # A prediction ran on this host only: it names no device it did not use.
+    env_devices = [] if predict_only else (trainer.environment_devices() if trainer is not None and not local
+                                           else list(distinct))
+    return Result(
+        table=job.table.name, experiment=row.name, profile=job.profile, engine=job.record_engine, kind="memory",
+        metric=job.table.metric, unit=job.table.unit, value=sum(measured) / GIB if measured is not None else None,
+        status=status, samples=[], spread={}, settings=settings, environment=environment(env_devices), extra=extra,
+        created=now(),
+    )

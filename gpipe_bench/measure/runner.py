@@ -1,0 +1,60 @@
+"""Run resolved jobs one after another, saving each record as soon as it exists.
+
+The same for every measurement and engine: the results directory is checked
+before the first row (a long run must not fail at its end), each row's record
+is written whole when the row finishes, and Ctrl-C stops the run between
+records: the rows already saved stay, the interrupted one writes nothing.
+What the user sees is the caller's: ``before`` and ``after`` are told of
+each row.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from gpipe_bench import results
+from gpipe_bench.jobs import Job
+from gpipe_bench.results import Result
+
+__all__ = ["RowInterrupted", "run_rows"]
+
+
+class RowInterrupted(KeyboardInterrupt):
+    """Ctrl-C in ``job``; ``saved`` rows were written before it, ``completed_epochs`` of it had finished (speed)."""
+
+    def __init__(self, job: Job, saved: int, completed_epochs: Optional[int]) -> None:
+        super().__init__(job.row.name)
+        self.job, self.saved, self.completed_epochs = job, saved, completed_epochs
+
+
+def run_rows(
+    jobs: Sequence[Job],
+    measure: Callable[[Job], Optional[Result]],
+    root: Path,
+    *,
+    writer: bool = True,
+    before: Optional[Callable[[Job], None]] = None,
+    after: Optional[Callable[[Job, Result, Path], None]] = None,
+) -> List[Result]:
+    """``measure`` each job and save its record under ``root``; the records written, in order.
+
+    ``writer``: whether this process writes records (rank 0 of a launch); a
+    job whose ``measure`` returns None (another rank's part) saves nothing.
+    """
+    if writer:
+        results.check_writable(root)
+    done: List[Result] = []
+    for job in jobs:
+        if before is not None:
+            before(job)
+        try:
+            result = measure(job)
+        except KeyboardInterrupt as interrupt:
+            raise RowInterrupted(job, len(done), getattr(interrupt, "completed_epochs", None)) from None
+        if result is None:
+            continue
+        path = results.save(result, root)
+        if after is not None:
+            after(job, result, path)
+        done.append(result)
+    return done

@@ -1,0 +1,83 @@
+"""measure/speed.py: the one speed loop, end to end on a real row, and how Ctrl-C ends it."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from gpipe_bench import config
+from gpipe_bench.cli import main
+from gpipe_bench.engines.local import LocalTrainer
+from gpipe_bench.jobs import Job
+from gpipe_bench.measure import speed
+
+TABLE = config.load("resnet101-speed")
+QUICK = TABLE.profile("quick")
+
+
+def _job(name: str, epochs: int = 3, skip: int = 1, **row_changes: Any) -> Job:
+    row = replace(TABLE.row(name, "quick"), **row_changes)
+    settings = replace(QUICK.settings, epochs=epochs, skip_epochs=skip, dataset_size=32)
+    count = len(row.balance) if row.balance else 1
+    return Job(TABLE, row, settings, "quick", [f"cpu:{k}" for k in range(count)])
+
+
+def test_a_row_measures_every_epoch_after_the_warm_up() -> None:
+    steps = []
+    result = speed.run(_job("pipeline-2", batch=8, chunks=2), lambda *args: steps.append(args))
+    assert result is not None and result.status == "ok"
+    assert (result.table, result.experiment, result.profile, result.engine, result.kind) == \
+        ("resnet101-speed", "pipeline-2", "quick", "gpipe-bench", "speed")
+    assert len(result.samples) == 2 and all(s > 0 for s in result.samples)  # 3 epochs, 1 of warm-up
+    assert result.value == pytest.approx(sum(result.samples) / 2)
+    assert set(result.spread) == {"min", "max", "median", "std"}
+    assert result.spread["min"] <= result.value <= result.spread["max"]
+    assert result.settings["balance"] == [140, 230] and result.settings["devices"] == ["cpu:0", "cpu:1"]
+    assert result.settings["batch"] == 8 and result.settings["chunks"] == 2 and result.settings["epochs"] == 3
+    assert result.environment["devices"] == ["cpu:0", "cpu:1"] and result.created.endswith("+00:00")
+    assert [s[:3] for s in steps] == [(e, k, 4) for e in range(3) for k in range(1, 5)]  # 32 / 8 = 4 steps an epoch
+    json.dumps(result.to_json())
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
+    real = LocalTrainer.step
+    count = {"n": 0}
+
+    def step(self: LocalTrainer, x: Any, y: Any) -> None:
+        count["n"] += 1
+        if count["n"] > calls:
+            raise KeyboardInterrupt
+        real(self, x, y)
+
+    monkeypatch.setattr(LocalTrainer, "step", step)
+
+
+@pytest.mark.parametrize("calls, finished", [(1, 0), (4 * 2 + 1, 2)])
+def test_ctrl_c_says_how_many_epochs_finished(monkeypatch: pytest.MonkeyPatch, calls: int, finished: int) -> None:
+    """Interrupted in the warm-up epoch, it reported one epoch finished: the warm-up was counted as done."""
+    _interrupt_after(monkeypatch, calls)
+    with pytest.raises(speed.Interrupted) as caught:
+        speed.run(_job("naive-1", batch=8))
+    assert caught.value.completed_epochs == finished
+
+
+def test_cli_interrupt_writes_nothing_and_says_how_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _interrupt_after(monkeypatch, 2 * 8 + 3)  # quick naive-1: 128 / 16 = 8 steps an epoch
+    result = CliRunner().invoke(main, ["speed", "resnet101", "--experiment", "naive-1", "--profile", "quick",
+                                       "--devices", "cpu", "--output", str(tmp_path), "--quiet"])
+    assert result.exit_code == 130, result.output
+    assert "Interrupted in naive-1 after 2 of 3 epochs; nothing written for it (0 earlier row(s) saved)." in result.output
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_out_of_memory_is_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    def oom(self: LocalTrainer, x: Any, y: Any) -> None:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes")
+
+    monkeypatch.setattr(LocalTrainer, "step", oom)
+    result = speed.run(_job("naive-1", batch=8))
+    assert result is not None and result.status == "oom" and result.value is None and result.samples == []
