@@ -158,7 +158,8 @@ class Trainer(ABC):
             return
         meter = TensorMemory(default_owner=self.meter_owner())
         watch = MemoryWatch(meter, [])
-        with meter:
+        # The meter sees the engine's workers through the engine's public hook, each charged its device.
+        with meter.metering({d: slot for slot, d in enumerate(devices)}):
             yield watch
         curves = meter.curves()
         watch.peaks.extend(curves[k].peak if k in curves else 0 for k in range(len(devices)))

@@ -20,31 +20,32 @@ tensor (a convolution's workspace), and allocator rounding and caching. So on
 CPU it measures what tensors hold, the part the schedule controls; the CUDA
 figure (allocator reserved) includes the rest.
 
-Owners: the engine runs each device's cells on a thread named
-``gpipe-worker-<k>`` (``k`` = the device's index when devices are distinct)
-and hands its callers' dispatch modes to those threads, so the meter sees
-their work and charges it to device ``k``; the caller's own thread (the
-loss, the output join, the optimizer) is charged to ``default_owner``, or to
-the owner set with :meth:`TensorMemory.charge`.
+Owners: the engine runs each device's cells on a worker thread of its own.
+The meter attaches to those threads through the engine's public hook
+(:meth:`TensorMemory.observer`, registered with
+:func:`gpipe_bench.pipe.observing`): on each worker's thread it enters a mode
+of its own that logs into the same record and charges the worker's device.
+The caller's own thread (the loss, the output join, the optimizer) is
+charged to ``default_owner``, or to the owner set with
+:meth:`TensorMemory.charge`; a worker that runs inline on the caller's thread
+(one device) is charged its device the same way.
 """
 from __future__ import annotations
 
 import itertools
-import re
 import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from gpipe_bench.pipe.observe import Observer, observing
+
 __all__ = ["TensorMemory", "Curve", "storage_key"]
-
-_WORKER = re.compile(r"^gpipe-worker-(\d+)$")
-
 
 def storage_key(tensor: torch.Tensor) -> int:
     """An identity of ``tensor``'s storage, shared by all its views, valid while it lives (also on meta)."""
@@ -65,7 +66,7 @@ class TensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
     Use::
 
         meter = TensorMemory(default_owner=1)
-        with meter:
+        with meter.metering():  # or `with meter:` for this thread alone
             ...train...
         meter.exclude(p.grad for p in model.parameters())
         meter.curves()  # {owner: Curve(peak, final)}
@@ -86,10 +87,25 @@ class TensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
 
     def _owner(self) -> int:
         forced = getattr(self._local, "owner", None)
-        if forced is not None:
-            return int(forced)
-        match = _WORKER.match(threading.current_thread().name)
-        return int(match.group(1)) if match else self.default_owner
+        return int(forced) if forced is not None else self.default_owner
+
+    def __enter__(self) -> "TensorMemory":
+        self._thread = threading.get_ident()
+        return super().__enter__()  # type: ignore[no-untyped-call, no-any-return]
+
+    @contextmanager
+    def metering(self, owners: Optional[Mapping[str, int]] = None) -> Iterator["TensorMemory"]:
+        """Meter the block on this thread and on the workers of every pipeline run in it (see :meth:`observer`)."""
+        with self, observing(self.observer(owners)):
+            yield self
+
+    def observer(self, owners: Optional[Mapping[str, int]] = None) -> Observer:
+        """An engine observer that meters each pipeline worker and charges it its device.
+
+        ``owners``: owner per device name (``"cpu:1"``); a device not in it is
+        charged its worker's index.
+        """
+        return _WorkerMeters(self, dict(owners or {}))
 
     @contextmanager
     def charge(self, owner: int) -> Iterator[None]:
@@ -104,14 +120,9 @@ class TensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
     # -- the log --------------------------------------------------------
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        inputs = {storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._record(t, inputs)
-        return out
+        return _run_and_log(self, None, func, args, kwargs)
 
-    def _record(self, tensor: torch.Tensor, inputs: Set[int]) -> None:
+    def _record(self, tensor: torch.Tensor, inputs: Set[int], owner: Optional[int] = None) -> None:
         storage = tensor.untyped_storage()
         key = int(storage._cdata)
         if key in inputs or key in self._live:
@@ -122,7 +133,7 @@ class TensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 return
             serial = next(self._serial)
             self._live[key] = serial
-            self._log.append((serial, nbytes, self._owner()))
+            self._log.append((serial, nbytes, self._owner() if owner is None else owner))
         weakref.finalize(storage, self._release, key, serial)
 
     def _release(self, key: int, serial: int) -> None:
@@ -178,3 +189,43 @@ class TensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
             peak = dict(live)
         owners = set(peak) | {o for _, o in size.values()}
         return {o: Curve(peak=peak.get(o, 0), final=live.get(o, 0)) for o in sorted(owners)}
+
+
+def _run_and_log(meter: TensorMemory, owner: Optional[int], func: Any, args: Any, kwargs: Any) -> Any:
+    """Run the operator; log each output storage that is none of its inputs' (a new allocation)."""
+    out = func(*args, **(kwargs or {}))
+    inputs = {storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+    for t in tree_flatten(out)[0]:
+        if isinstance(t, torch.Tensor):
+            meter._record(t, inputs, owner)
+    return out
+
+
+class _ThreadMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """One worker thread's view of a :class:`TensorMemory`: logs there, charged to one owner."""
+
+    def __init__(self, meter: TensorMemory, owner: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.meter, self.owner = meter, owner
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return _run_and_log(self.meter, self.owner, func, args, kwargs)
+
+
+class _WorkerMeters(Observer):
+    """Enters a :class:`_ThreadMeter` on each worker's thread (or charges the caller's, for an inline worker)."""
+
+    def __init__(self, meter: TensorMemory, owners: Dict[str, int]) -> None:
+        self.meter, self.owners = meter, owners
+
+    @contextmanager
+    def _attach(self, owner: int) -> Iterator[None]:
+        if getattr(self.meter, "_thread", None) == threading.get_ident():
+            with self.meter.charge(owner):  # the caller's thread: its meter is already active here
+                yield
+        else:
+            with _ThreadMeter(self.meter, owner):
+                yield
+
+    def worker(self, worker: int, device: torch.device, phase: str) -> Any:
+        return self._attach(self.owners.get(str(device), worker))

@@ -31,7 +31,6 @@ import time
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_mode_stack
 
 from .batchnorm import DeferredBatchNorm
 from .checkpoint import CPU_RNG_LOCK, RNGState, checkpointing, recomputing
@@ -104,17 +103,15 @@ def _check_output(value: Any, j: int) -> Tuple[Tensors, bool]:
 
 
 class _ThreadState:
-    """Thread-local settings of the caller that worker threads must share.
+    """Thread-local settings of the caller that worker threads must share: autocast.
 
-    Autocast, and the caller's ``TorchDispatchMode`` stack: PyTorch hands both
-    to its own autograd threads, so a mode that observes a plain model (a
-    memory meter, a tracer) observes the pipeline's cells the same way.
+    PyTorch hands autocast to its own autograd threads; the workers take the
+    caller's settings the same way, so a mixed-precision step is the same
+    step on the pipeline. Other thread-local observers (a memory meter, a
+    tracer) attach to the workers through :mod:`.observe`.
     """
 
     def __init__(self) -> None:
-        self.modes: List[Any] = [
-            mode for mode in _dispatch_mode_stack() if getattr(mode, "_dispatch_key", None) is None
-        ]
         self.autocast: List[Tuple[str, bool, torch.dtype]] = []
         for device_type in ("cpu", "cuda"):
             if device_type == "cuda" and not torch.cuda.is_available():
@@ -125,18 +122,6 @@ class _ThreadState:
     def enter(self, stack: ExitStack) -> None:
         for device_type, enabled, dtype in self.autocast:
             stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
-        # A thread that already has the modes (the caller, an autograd thread) keeps them as they are.
-        active = {id(mode) for mode in _dispatch_mode_stack()}
-        missing = [mode for mode in self.modes if id(mode) not in active]
-        for mode in missing:
-            torch._C._push_on_torch_dispatch_stack(mode)
-        if missing:
-            stack.callback(_pop_modes, len(missing))
-
-
-def _pop_modes(count: int) -> None:
-    for _ in range(count):
-        torch._C._pop_torch_dispatch_stack(None)
 
 
 class _Run:

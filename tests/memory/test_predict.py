@@ -27,7 +27,7 @@ def _measure(model: nn.Module, x_shape: Sequence[int], slots: int) -> List[int]:
     """Peak activation bytes per device over two RMSprop steps, as the memory benchmark measures on CPU."""
     optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3)
     meter = TensorMemory(default_owner=slots - 1)
-    with meter:
+    with meter.metering():
         with meter.charge(0):
             x = torch.randn(*x_shape)
         y = torch.randint(0, 5, (x_shape[0],))
