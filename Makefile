@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install data demo demo-distributed resnet101-speed resnet101-accuracy amoebanetd-speed amoebanetd-memory tables compare test typecheck bench-engine gpu-check clean
+.PHONY: install data demo demo-distributed resnet101-speed resnet101-accuracy amoebanetd-speed amoebanetd-memory tables compare test lint typecheck bench-engine gpu-check clean
 
 install: $(STAMP)
 
@@ -75,6 +75,12 @@ test: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
+# ruff (lint and format) and mypy --strict over the package, its tests and benchmarks/; .ci/run runs it.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gpipe_bench tests benchmarks
+	$(VENV)/bin/ruff format --check gpipe_bench tests benchmarks
+	$(PY) -m mypy
+
 # The engine's CPU benchmark (plain model, our GPipe, torchgpipe 0.0.7, two virtual CPU devices).
 bench-engine: $(STAMP)
 	$(PY) benchmarks/engine.py
@@ -88,4 +94,4 @@ gpu-check:
 	PYTHONPATH=. timeout 540 $(PY) benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -70,11 +70,12 @@ Example::
 
     python benchmarks/engine.py --repeats 7 --chunks 8
 """
+
 from __future__ import annotations
 
 import argparse
-import ctypes
 import copy
+import ctypes
 import datetime
 import os
 import statistics
@@ -227,11 +228,19 @@ def build_variants(base: nn.Sequential, x: torch.Tensor, y: torch.Tensor, device
         one = ["cuda:0", "cuda:0"]
         plain = copy.deepcopy(base).to("cuda:0")
         return [
-            Variant("(a)", "nn.Sequential, grad accumulation", "cuda:0", chunks, "-",
-                    accumulation_step(plain, x, y, chunks)),
-            Variant("(b)", "our GPipe", ", ".join(one), chunks, "never",
-                    full_batch_step(GPipe(copy.deepcopy(base), balance, devices=one, chunks=chunks,
-                                          checkpoint="never"), x, y)),
+            Variant(
+                "(a)", "nn.Sequential, grad accumulation", "cuda:0", chunks, "-", accumulation_step(plain, x, y, chunks)
+            ),
+            Variant(
+                "(b)",
+                "our GPipe",
+                ", ".join(one),
+                chunks,
+                "never",
+                full_batch_step(
+                    GPipe(copy.deepcopy(base), balance, devices=one, chunks=chunks, checkpoint="never"), x, y
+                ),
+            ),
             torchgpipe_variant(base, x, y, one, chunks),
         ]
 
@@ -243,14 +252,26 @@ def build_variants(base: nn.Sequential, x: torch.Tensor, y: torch.Tensor, device
         return full_batch_step(model, x, y)
 
     return [
-        Variant("(a)", "nn.Sequential, grad accumulation", "cpu", chunks, "-",
-                accumulation_step(copy.deepcopy(base), x, y, chunks)),
+        Variant(
+            "(a)",
+            "nn.Sequential, grad accumulation",
+            "cpu",
+            chunks,
+            "-",
+            accumulation_step(copy.deepcopy(base), x, y, chunks),
+        ),
         Variant("(b)", "our GPipe", ", ".join(one), chunks, "never", ours(one, chunks, "never")),
         torchgpipe_variant(base, x, y, one, chunks),
         Variant("(d0)", "our GPipe, naive model parallel", ", ".join(two), 1, "never", ours(two, 1, "never")),
         Variant("(d)", "our GPipe, pipelined", ", ".join(two), chunks, "never", ours(two, chunks, "never")),
-        Variant("(e)", "our GPipe [info: recompute]", ", ".join(one), chunks, "except_last",
-                ours(one, chunks, "except_last")),
+        Variant(
+            "(e)",
+            "our GPipe [info: recompute]",
+            ", ".join(one),
+            chunks,
+            "except_last",
+            ours(one, chunks, "except_last"),
+        ),
     ]
 
 
@@ -317,11 +338,21 @@ def ratios_table(variants: Sequence[Variant], chunks: int, cores: int) -> str:
     def add(name: str, slow: str, fast: str, target: Optional[float], skip: str = "") -> None:
         num, den = t.get(slow), t.get(fast)
         if num is None or den is None:
-            rows.append([name, "-", f">= {target:.2f}" if target else "-", "-", "-", f"SKIP ({skip or 'not measured'})"])
+            rows.append(
+                [name, "-", f">= {target:.2f}" if target else "-", "-", "-", f"SKIP ({skip or 'not measured'})"]
+            )
             return
         value = num / den
-        rows.append([name, f"{value:.3f}", f">= {target:.2f}" if target else "-", "-", "-",
-                     _verdict(value, target) if target else "info"])
+        rows.append(
+            [
+                name,
+                f"{value:.3f}",
+                f">= {target:.2f}" if target else "-",
+                "-",
+                "-",
+                _verdict(value, target) if target else "info",
+            ]
+        )
 
     add("(b)/(a) throughput: our GPipe vs plain", "(a)", "(b)", TARGET_B_OVER_A)
     add("(b)/(c) throughput: our GPipe vs torchgpipe", "(c)", "(b)", TARGET_B_OVER_C, c_note)
@@ -335,12 +366,28 @@ def ratios_table(variants: Sequence[Variant], chunks: int, cores: int) -> str:
                 verdict = f"n/a ({cores} core; needs >= 2)"
             elif ideal < TARGET_D_OVER_D0:
                 verdict += f" (ideal {ideal:.2f} < target at chunks={chunks})"
-            rows.append(["(d)/(d0) speedup: pipelined vs naive", f"{value:.3f}", f">= {TARGET_D_OVER_D0:.2f}",
-                         f"{ideal:.3f}", f"{value / ideal:.3f}", verdict])
+            rows.append(
+                [
+                    "(d)/(d0) speedup: pipelined vs naive",
+                    f"{value:.3f}",
+                    f">= {TARGET_D_OVER_D0:.2f}",
+                    f"{ideal:.3f}",
+                    f"{value / ideal:.3f}",
+                    verdict,
+                ]
+            )
         add("(e)/(b) time: cost of checkpoint='except_last'", "(e)", "(b)", None)
     else:
-        rows.append(["(d)/(d0) speedup: pipelined vs naive", "-", f">= {TARGET_D_OVER_D0:.2f}",
-                     f"{2 * chunks / (chunks + 1):.3f}", "-", "SKIP (virtual CPU devices only)"])
+        rows.append(
+            [
+                "(d)/(d0) speedup: pipelined vs naive",
+                "-",
+                f">= {TARGET_D_OVER_D0:.2f}",
+                f"{2 * chunks / (chunks + 1):.3f}",
+                "-",
+                "SKIP (virtual CPU devices only)",
+            ]
+        )
     headers = ["ratio", "measured", "target", "ideal 2M/(M+1)", "measured/ideal", "verdict"]
     return str(tabulate(rows, headers=headers, tablefmt="rst", disable_numparse=True))
 
@@ -381,7 +428,9 @@ def environment(device: str, workload: Workload, chunks: int, repeats: int) -> L
         f"{repeats} interleaved rounds after 1 warm-up",
     ]
     if hasattr(os, "getloadavg"):
-        lines.append(f"load:     {os.getloadavg()[0]:.2f} (1-min load average at start; it lags, the spread tells more)")
+        lines.append(
+            f"load:     {os.getloadavg()[0]:.2f} (1-min load average at start; it lags, the spread tells more)"
+        )
     return lines
 
 
@@ -414,18 +463,35 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         ),
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30),
     )
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cpu: rows (a)-(e); cuda: rows (a)-(c) on cuda:0 (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
-                        help="timed rounds over all variants, after one warm-up round (default: %(default)s)")
-    parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS,
-                        help="micro-batches M; must divide the batch (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"tiny model and batch ({QUICK_WORKLOAD.batch}) for a smoke test")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu: rows (a)-(e); cuda: rows (a)-(c) on cuda:0 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        help="timed rounds over all variants, after one warm-up round (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        default=DEFAULT_CHUNKS,
+        help="micro-batches M; must divide the batch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"tiny model and batch ({QUICK_WORKLOAD.batch}) for a smoke test"
+    )
     parser.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
-    parser.add_argument("--malloc", choices=["steady", "default"], default="steady",
-                        help="host allocator: 'steady' keeps freed memory in the process for every variant "
-                             "alike (glibc mallopt); 'default' leaves glibc as it is (default: %(default)s)")
+    parser.add_argument(
+        "--malloc",
+        choices=["steady", "default"],
+        default="steady",
+        help="host allocator: 'steady' keeps freed memory in the process for every variant "
+        "alike (glibc mallopt); 'default' leaves glibc as it is (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")

@@ -35,6 +35,7 @@ Usage::
     make gpu-check PY=/opt/venv/bin/python
     PYTHONPATH=. python3 benchmarks/gpu_check.py --only mixed,syncs --out /tmp/check
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,7 +84,9 @@ def step_mixed() -> int:
     ok = True
     for devices in (["cpu", "cuda:0"], ["cuda:0", "cpu"]):
         torch.manual_seed(0)
-        plain = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.0), nn.Linear(32, 8)).double()
+        plain = nn.Sequential(
+            nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.0), nn.Linear(32, 8)
+        ).double()
         gpipe = GPipe(copy.deepcopy(plain), [3, 2], devices=devices, chunks=4, checkpoint="except_last")
         x = torch.randn(32, 16, dtype=torch.float64, device=devices[0], requires_grad=True)
         out = gpipe(x)
@@ -112,8 +115,10 @@ def _count_syncs(chunks: int, devices: Sequence[str]) -> int:
     from gpipe_bench.pipe import GPipe
 
     torch.manual_seed(0)
-    model = nn.Sequential(*[layer for _ in range(4) for layer in (nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU())],
-                          nn.Linear(256, 10))
+    model = nn.Sequential(
+        *[layer for _ in range(4) for layer in (nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU())],
+        nn.Linear(256, 10),
+    )
     gpipe = GPipe(model, [7, 6], devices=list(devices), chunks=chunks, checkpoint="except_last")
     optimizer = torch.optim.SGD(gpipe.parameters(), lr=0.1)
     x = torch.randn(chunks * 8, 256, device=gpipe.devices[0])
@@ -183,7 +188,9 @@ def step_profile() -> int:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     intervals = sorted(
-        (e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
     )
     busy, until = 0.0, float("-inf")
     for a, b in intervals:  # union of device activity (microseconds)
@@ -191,13 +198,17 @@ def step_profile() -> int:
             busy += b - max(a, until)
             until = b
     fraction = busy / 1e6 / wall
-    _figure(f"ResNet-101 pipeline-2 on cuda:0*2, {chunks} micro-batches of {micro} at 224x224: step {wall * 1e3:.0f} ms, "
-            f"GPU busy {fraction:.1%} of it")
+    _figure(
+        f"ResNet-101 pipeline-2 on cuda:0*2, {chunks} micro-batches of {micro} at 224x224: step {wall * 1e3:.0f} ms, "
+        f"GPU busy {fraction:.1%} of it"
+    )
     for kind in ("forward", "recompute", "backward"):
         times = [r.host_ns / 1e6 for r in cells.records if r.kind == kind]
         if times:
-            _figure(f"engine host time per {kind} cell: median {statistics.median(times):.2f} ms, "
-                    f"max {max(times):.2f} ms over {len(times)} cells")
+            _figure(
+                f"engine host time per {kind} cell: median {statistics.median(times):.2f} ms, "
+                f"max {max(times):.2f} ms over {len(times)} cells"
+            )
     return 0
 
 
@@ -224,7 +235,7 @@ def _cli(*args: str) -> Callable[[str, Path], List[str]]:
 
 
 def _tagged(out: str) -> List[str]:
-    return [line[len("FIGURE: "):] for line in out.splitlines() if line.startswith("FIGURE: ")]
+    return [line[len("FIGURE: ") :] for line in out.splitlines() if line.startswith("FIGURE: ")]
 
 
 def _pytest_summary(out: str) -> List[str]:
@@ -243,21 +254,77 @@ def _cuda_test_files() -> List[str]:
 
 
 STEPS: List[Step] = [
-    Step("tests", 200, lambda py, scratch: [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "timeout", "--timeout", "120",
-                                            "-p", "no:cacheprovider", *_cuda_test_files()], _pytest_summary),
+    Step(
+        "tests",
+        200,
+        lambda py, scratch: [
+            py,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "cuda",
+            "-p",
+            "timeout",
+            "--timeout",
+            "120",
+            "-p",
+            "no:cacheprovider",
+            *_cuda_test_files(),
+        ],
+        _pytest_summary,
+    ),
     Step("mixed", 60, _own("mixed"), _tagged),
     Step("syncs", 60, _own("syncs"), _tagged),
     Step("profile", 120, _own("profile"), _tagged),
     Step("speed", 150, _cli("speed", "resnet101", "--profile", "quick", "--devices", "cuda:0*8", "--quiet"), _table),
-    Step("memory", 120, _cli("memory", "amoebanetd", "--profile", "quick", "--devices", "cuda:0*8", "--per-device", "--quiet"),
-         _table),
-    Step("distributed", 150, lambda py, scratch: [py, "-m", "gpipe_bench.cli", "launch", "--nproc", "1", "--", "speed",
-                                                  "resnet101", "--pipeline", "2", "--engine", "distributed", "--schedule",
-                                                  "interleaved", "--profile", "quick", "--quiet", "--output",
-                                                  str(scratch / "results")], _table),
-    Step("engine", 120, lambda py, scratch: [py, str(ROOT / "benchmarks" / "engine.py"), "--device", "cuda", "--repeats", "3",
-                                             "--quiet"],
-         lambda out: [line for line in out.splitlines() if line.startswith("(b)/")]),
+    Step(
+        "memory",
+        120,
+        _cli("memory", "amoebanetd", "--profile", "quick", "--devices", "cuda:0*8", "--per-device", "--quiet"),
+        _table,
+    ),
+    Step(
+        "distributed",
+        150,
+        lambda py, scratch: [
+            py,
+            "-m",
+            "gpipe_bench.cli",
+            "launch",
+            "--nproc",
+            "1",
+            "--",
+            "speed",
+            "resnet101",
+            "--pipeline",
+            "2",
+            "--engine",
+            "distributed",
+            "--schedule",
+            "interleaved",
+            "--profile",
+            "quick",
+            "--quiet",
+            "--output",
+            str(scratch / "results"),
+        ],
+        _table,
+    ),
+    Step(
+        "engine",
+        120,
+        lambda py, scratch: [
+            py,
+            str(ROOT / "benchmarks" / "engine.py"),
+            "--device",
+            "cuda",
+            "--repeats",
+            "3",
+            "--quiet",
+        ],
+        lambda out: [line for line in out.splitlines() if line.startswith("(b)/")],
+    ),
 ]
 
 
@@ -265,18 +332,33 @@ def run_step(step: Step, python: str, scratch: Path, limit_s: float, min_s: floa
     """Run one step in its own process group; past ``limit_s`` the whole group is killed (launchers' ranks too)."""
     if limit_s < min_s:
         return Outcome(step.name, "skip", figures=["not run: the check's time budget is spent"])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        PYTHONUNBUFFERED="1",
+    )
     started = time.perf_counter()
-    child = subprocess.Popen(step.command(python, scratch), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    child = subprocess.Popen(
+        step.command(python, scratch),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = child.communicate(timeout=limit_s)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         out, err = child.communicate()
-        return Outcome(step.name, "fail", time.perf_counter() - started,
-                       step.figures(out) + [f"timed out after {limit_s:.0f} s"], out + err)
+        return Outcome(
+            step.name,
+            "fail",
+            time.perf_counter() - started,
+            step.figures(out) + [f"timed out after {limit_s:.0f} s"],
+            out + err,
+        )
     seconds = time.perf_counter() - started
     log = out + err
     figures = step.figures(out)
@@ -312,13 +394,18 @@ def summary(header: Sequence[str], outcomes: Sequence[Outcome]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="comma-separated steps to run (default: all): "
-                        + ", ".join(s.name for s in STEPS))
+    parser = argparse.ArgumentParser(
+        prog="gpu_check.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated steps to run (default: all): " + ", ".join(s.name for s in STEPS)
+    )
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for all steps together (default: 450)")
-    parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT", ""),
-                        help="folder for summary.txt, summary.json and log.txt (default: none; env GPU_CHECK_OUT)")
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("GPU_CHECK_OUT", ""),
+        help="folder for summary.txt, summary.json and log.txt (default: none; env GPU_CHECK_OUT)",
+    )
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -328,7 +415,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         import torch
     except ImportError:
-        print("gpu-check: torch is not importable by this Python; run with PY=/path/to/python that has it", file=sys.stderr)
+        print(
+            "gpu-check: torch is not importable by this Python; run with PY=/path/to/python that has it",
+            file=sys.stderr,
+        )
         return 2
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; run it on a GPU machine", file=sys.stderr)
@@ -336,8 +426,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(wanted) - {s.name for s in STEPS})
     if unknown:
-        print(f"gpu-check: unknown step {', '.join(unknown)}; choose from {', '.join(s.name for s in STEPS)}",
-              file=sys.stderr)
+        print(
+            f"gpu-check: unknown step {', '.join(unknown)}; choose from {', '.join(s.name for s in STEPS)}",
+            file=sys.stderr,
+        )
         return 2
 
     header = environment()
@@ -358,8 +450,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.txt").write_text(text + "\n")
-        (out / "summary.json").write_text(json.dumps({"environment": header, "steps": [
-            {k: v for k, v in asdict(o).items() if k != "log"} for o in outcomes]}, indent=2) + "\n")
+        (out / "summary.json").write_text(
+            json.dumps(
+                {
+                    "environment": header,
+                    "steps": [{k: v for k, v in asdict(o).items() if k != "log"} for o in outcomes],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         (out / "log.txt").write_text("".join(f"===== {o.name} ({o.status})\n{o.log}\n" for o in outcomes))
     return 0 if all(o.status != "fail" for o in outcomes) else 1
 

@@ -7,6 +7,7 @@ progress display and the lines a user reads. Every mistake a user can make
 is a :class:`~gpipe_bench.errors.HarnessError`, shown as one line naming the
 bad value and the fix, exit code 2, and no results file.
 """
+
 from __future__ import annotations
 
 import os
@@ -81,11 +82,18 @@ _row_options = _options(
     click.option("--pipeline", type=click.IntRange(min=1), help="Run the row pipeline-N."),
     click.option("--naive", type=click.IntRange(min=1), help="Run the row naive-N."),
     click.option("--experiment", help="Run the row with this exact name (e.g. pipeline-8)."),
-    click.option("--devices", "devices_spec", metavar="LIST",
-                 help="Devices, e.g. 0,1,2,3 or cuda:0*8 or cpu:0,cpu:1 [default: every CUDA device; virtual CPU "
-                      "devices without CUDA]."),
-    click.option("--profile", type=click.Choice(["published", "quick"]),
-                 help="Row sizes [default: published with CUDA, quick without]."),
+    click.option(
+        "--devices",
+        "devices_spec",
+        metavar="LIST",
+        help="Devices, e.g. 0,1,2,3 or cuda:0*8 or cpu:0,cpu:1 [default: every CUDA device; virtual CPU "
+        "devices without CUDA].",
+    ),
+    click.option(
+        "--profile",
+        type=click.Choice(["published", "quick"]),
+        help="Row sizes [default: published with CUDA, quick without].",
+    ),
 )
 
 
@@ -94,22 +102,36 @@ def _override_options(balance_default: str) -> Callable[[F], F]:
         click.option("--batch-size", type=click.IntRange(min=1), help="Mini-batch size [default: the row's]."),
         click.option("--chunks", type=click.IntRange(min=1), help="Micro-batches per mini-batch [default: the row's]."),
         click.option("--balance", help=f"Layers per partition{balance_default}."),
-        click.option("--checkpoint", type=click.Choice(["always", "except_last", "never"]),
-                     help="Checkpoint mode [default: the row's]."),
+        click.option(
+            "--checkpoint",
+            type=click.Choice(["always", "except_last", "never"]),
+            help="Checkpoint mode [default: the row's].",
+        ),
     )
 
 
-_output_option = click.option("--output", type=click.Path(file_okay=False, path_type=Path),
-                              help="Results directory [default: results/].")
+_output_option = click.option(
+    "--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
+)
 
 
 def _distributed_options(schedule_help: str) -> Callable[[F], F]:
     return _options(
-        click.option("--schedule", type=click.Choice(list(jobs.SCHEDULES)), default="gpipe", show_default=True,
-                     help=schedule_help),
-        click.option("--timeout", "timeout_s", type=click.IntRange(min=1), default=300, show_default=True,
-                     help="--engine distributed: seconds a rank waits for a peer before it fails (the process "
-                          "group's timeout)."),
+        click.option(
+            "--schedule",
+            type=click.Choice(list(jobs.SCHEDULES)),
+            default="gpipe",
+            show_default=True,
+            help=schedule_help,
+        ),
+        click.option(
+            "--timeout",
+            "timeout_s",
+            type=click.IntRange(min=1),
+            default=300,
+            show_default=True,
+            help="--engine distributed: seconds a rank waits for a peer before it fails (the process group's timeout).",
+        ),
     )
 
 
@@ -119,12 +141,20 @@ def _parse_balance(value: Optional[str]) -> Optional[Tuple[int, ...]]:
     try:
         return tuple(int(part) for part in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 26,22,33",
-                                 param_hint="--balance") from None
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of integers, e.g. 26,22,33", param_hint="--balance"
+        ) from None
 
 
-def _rows(kind: str, model: str, profile: Optional[str], quiet: bool, pipeline: Optional[int], naive: Optional[int],
-          experiment: Optional[str]) -> Tuple[config.Table, str, List[config.Row], bool]:
+def _rows(
+    kind: str,
+    model: str,
+    profile: Optional[str],
+    quiet: bool,
+    pipeline: Optional[int],
+    naive: Optional[int],
+    experiment: Optional[str],
+) -> Tuple[config.Table, str, List[config.Row], bool]:
     """The table, profile and rows a speed or memory command names (the profile's default said once)."""
     table = jobs.table_for(model, kind)
     profile_name, note = jobs.default_profile(profile, torch.cuda.is_available())
@@ -153,7 +183,10 @@ class _Bar:
             return
         if self.bar is None:
             self.bar = click.progressbar(
-                length=self.epochs * steps, label=f"{self.row:>14s}", file=sys.stderr, show_eta=True,
+                length=self.epochs * steps,
+                label=f"{self.row:>14s}",
+                file=sys.stderr,
+                show_eta=True,
                 item_show_func=lambda _: f"{self.rate:9.2f} samples/s",
             )
             self.bar.__enter__()
@@ -222,20 +255,42 @@ def list_command() -> None:
 @click.argument("model")
 @_row_options
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs, warm-up included [default: the config's].")
-@click.option("--skip-epochs", type=click.IntRange(min=0), help="Warm-up epochs left out of the mean [default: the config's].")
+@click.option(
+    "--skip-epochs", type=click.IntRange(min=0), help="Warm-up epochs left out of the mean [default: the config's]."
+)
 @_override_options(", e.g. 26,22,33,44,44,66,66,69 [default: the row's]")
 @_output_option
-@click.option("--engine", type=click.Choice(list(jobs.ENGINES)), default="gpipe-bench", show_default=True,
-              help="The engine to time: ours; torchgpipe, the archived peer; distributed, torch.distributed.pipelining "
-                   "with one process per stage (run under torchrun or gpipe-bench launch).")
-@_distributed_options("--engine distributed: fill-drain (as published), one-forward-one-backward, or interleaved 1F1B "
-                      "(several stages per process, dealt round-robin).")
+@click.option(
+    "--engine",
+    type=click.Choice(list(jobs.ENGINES)),
+    default="gpipe-bench",
+    show_default=True,
+    help="The engine to time: ours; torchgpipe, the archived peer; distributed, torch.distributed.pipelining "
+    "with one process per stage (run under torchrun or gpipe-bench launch).",
+)
+@_distributed_options(
+    "--engine distributed: fill-drain (as published), one-forward-one-backward, or interleaved 1F1B "
+    "(several stages per process, dealt round-robin)."
+)
 @click.option("--quiet", is_flag=True, help="Log lines instead of a progress bar.")
 def speed_command(
-    model: str, pipeline: Optional[int], naive: Optional[int], experiment: Optional[str], devices_spec: Optional[str],
-    profile: Optional[str], epochs: Optional[int], skip_epochs: Optional[int], batch_size: Optional[int],
-    chunks: Optional[int], balance: Optional[str], checkpoint: Optional[str], output: Optional[Path],
-    engine: str, schedule: str, timeout_s: int, quiet: bool,
+    model: str,
+    pipeline: Optional[int],
+    naive: Optional[int],
+    experiment: Optional[str],
+    devices_spec: Optional[str],
+    profile: Optional[str],
+    epochs: Optional[int],
+    skip_epochs: Optional[int],
+    batch_size: Optional[int],
+    chunks: Optional[int],
+    balance: Optional[str],
+    checkpoint: Optional[str],
+    output: Optional[Path],
+    engine: str,
+    schedule: str,
+    timeout_s: int,
+    quiet: bool,
 ) -> None:
     """Measure training throughput of a row of MODEL's speed table, or of the whole table.
 
@@ -250,8 +305,14 @@ def speed_command(
     from .measure.runner import RowInterrupted, run_rows
 
     table, profile_name, rows, named = _rows("speed", model, profile, quiet, pipeline, naive, experiment)
-    overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint,
-                          epochs=epochs, skip_epochs=skip_epochs)
+    overrides = Overrides(
+        batch=batch_size,
+        chunks=chunks,
+        balance=_parse_balance(balance),
+        checkpoint=checkpoint,
+        epochs=epochs,
+        skip_epochs=skip_epochs,
+    )
     root = output if output is not None else results.results_dir()
 
     def measure(job: jobs.Job) -> Optional[results.Result]:
@@ -268,8 +329,9 @@ def speed_command(
         click.echo(f"{_row_label(job)}: {figure}  -> {path}", err=True)
 
     if engine == "distributed":
-        planned, notes = jobs.plan_distributed(table, profile_name, rows, overrides, named=named, schedule=schedule,
-                                               timeout_s=timeout_s)
+        planned, notes = jobs.plan_distributed(
+            table, profile_name, rows, overrides, named=named, schedule=schedule, timeout_s=timeout_s
+        )
         before: Optional[Callable[[jobs.Job], None]] = None
     else:
         pairs = jobs.plan(table, profile_name, rows, overrides, devices_spec, engine=engine)
@@ -287,8 +349,11 @@ def speed_command(
         done = run_rows(planned, measure, root, writer=_rank() == 0, before=before, after=saved)
     except RowInterrupted as interrupt:
         finished = interrupt.completed_epochs or 0
-        _interrupted(interrupt, f" after {finished} of {interrupt.job.settings.epochs} epochs; nothing written for it"
-                                f" ({interrupt.saved} earlier row(s) saved).")
+        _interrupted(
+            interrupt,
+            f" after {finished} of {interrupt.job.settings.epochs} epochs; nothing written for it"
+            f" ({interrupt.saved} earlier row(s) saved).",
+        )
         return
     _show_saved(table, root, profile_name, done)
 
@@ -313,7 +378,9 @@ def _row_label(job: jobs.Job) -> str:
 @click.option("--rdzv-endpoint", help="host:port of the rendezvous, for several hosts (torchrun's --rdzv-endpoint).")
 @click.option("--rdzv-id", default="gpipe-bench", show_default=True, help="Rendezvous id shared by all hosts.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
-def launch_command(nproc: int, nnodes: str, rdzv_endpoint: Optional[str], rdzv_id: str, command: Tuple[str, ...]) -> None:
+def launch_command(
+    nproc: int, nnodes: str, rdzv_endpoint: Optional[str], rdzv_id: str, command: Tuple[str, ...]
+) -> None:
     """Run a gpipe-bench COMMAND under torchrun, one process per stage.
 
     When a rank raises, dies or waits on a peer past --timeout, every rank is
@@ -346,18 +413,40 @@ def launch_command(nproc: int, nnodes: str, rdzv_endpoint: Optional[str], rdzv_i
 @click.argument("model")
 @_row_options
 @_override_options(" [default: the row's, or found by balance_by_size]")
-@click.option("--predict-only", is_flag=True, help="Predict from the meta device only; run nothing (sizes rows this machine cannot hold).")
+@click.option(
+    "--predict-only",
+    is_flag=True,
+    help="Predict from the meta device only; run nothing (sizes rows this machine cannot hold).",
+)
 @click.option("--per-device", is_flag=True, help="Also print each device's model memory, measured and predicted peak.")
 @_output_option
-@click.option("--engine", type=click.Choice(["gpipe-bench", "distributed"]), default="gpipe-bench", show_default=True,
-              help="Ours, or torch.distributed.pipelining with one process per stage (under gpipe-bench launch or torchrun).")
+@click.option(
+    "--engine",
+    type=click.Choice(["gpipe-bench", "distributed"]),
+    default="gpipe-bench",
+    show_default=True,
+    help="Ours, or torch.distributed.pipelining with one process per stage (under gpipe-bench launch or torchrun).",
+)
 @_distributed_options("--engine distributed: the schedule (interleaved: several stages per process).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def memory_command(
-    model: str, pipeline: Optional[int], naive: Optional[int], experiment: Optional[str], devices_spec: Optional[str],
-    profile: Optional[str], batch_size: Optional[int], chunks: Optional[int], balance: Optional[str],
-    checkpoint: Optional[str], predict_only: bool, per_device: bool, output: Optional[Path], engine: str,
-    schedule: str, timeout_s: int, quiet: bool,
+    model: str,
+    pipeline: Optional[int],
+    naive: Optional[int],
+    experiment: Optional[str],
+    devices_spec: Optional[str],
+    profile: Optional[str],
+    batch_size: Optional[int],
+    chunks: Optional[int],
+    balance: Optional[str],
+    checkpoint: Optional[str],
+    predict_only: bool,
+    per_device: bool,
+    output: Optional[Path],
+    engine: str,
+    schedule: str,
+    timeout_s: int,
+    quiet: bool,
 ) -> None:
     """Measure and predict the memory of a row of MODEL's memory table, or of the whole table.
 
@@ -380,11 +469,16 @@ def memory_command(
     root = output if output is not None else results.results_dir()
     distributed = engine == "distributed"
     if distributed:
-        planned, notes = jobs.plan_distributed(table, profile_name, rows, overrides, named=named, schedule=schedule,
-                                               timeout_s=timeout_s)
+        planned, notes = jobs.plan_distributed(
+            table, profile_name, rows, overrides, named=named, schedule=schedule, timeout_s=timeout_s
+        )
     else:
-        planned = [job for job, _ in jobs.plan(table, profile_name, rows, overrides, devices_spec, engine=engine,
-                                               predict_only=predict_only)]
+        planned = [
+            job
+            for job, _ in jobs.plan(
+                table, profile_name, rows, overrides, devices_spec, engine=engine, predict_only=predict_only
+            )
+        ]
         notes = []
     if _rank() == 0:
         for note in notes:
@@ -399,7 +493,9 @@ def memory_command(
         extra = result.extra
         if distributed:
             per_rank = ", ".join(report.format_gib(v) for v in extra["measured_per_device_gib"])
-            click.echo(f"{_row_label(job)}: {report.format_gib(result.value)} (per rank: {per_rank})  -> {path}", err=True)
+            click.echo(
+                f"{_row_label(job)}: {report.format_gib(result.value)} (per rank: {per_rank})  -> {path}", err=True
+            )
             return
         if result.status == "oom":
             figure = "Out of memory" + (f" ({extra['note']})" if extra.get("note") else "")
@@ -407,11 +503,19 @@ def memory_command(
             figure = "not measured"
         else:
             figure = f"{report.format_gib(result.value)} measured"
-        click.echo(f"{job.row.name}: {figure}, {report.format_gib(extra['predicted_gib'])} predicted  -> {path}", err=True)
+        click.echo(
+            f"{job.row.name}: {figure}, {report.format_gib(extra['predicted_gib'])} predicted  -> {path}", err=True
+        )
 
     try:
-        done = run_rows(planned, lambda job: memory.run(job, predict_only=predict_only), root, writer=_rank() == 0,
-                        before=before, after=saved)
+        done = run_rows(
+            planned,
+            lambda job: memory.run(job, predict_only=predict_only),
+            root,
+            writer=_rank() == 0,
+            before=before,
+            after=saved,
+        )
     except RowInterrupted as interrupt:
         _interrupted(interrupt, f"; nothing written for it ({interrupt.saved} earlier row(s) saved).")
         return
@@ -420,8 +524,12 @@ def memory_command(
         if per_device:
             click.echo(report.memory_per_device(table, saved_results, fmt="rst"))
         if not distributed:
-            _write_plot("memory", table, saved_results,
-                        root / table.name / profile_name / done[0].hardware_key() / "memory-per-device.png")
+            _write_plot(
+                "memory",
+                table,
+                saved_results,
+                root / table.name / profile_name / done[0].hardware_key() / "memory-per-device.png",
+            )
 
 
 # -- accuracy ------------------------------------------------------------------------------------------------------
@@ -430,15 +538,32 @@ def memory_command(
 @main.command("accuracy", context_settings=_CONTEXT)
 @click.argument("model")
 @click.option("--experiment", help="Train the row with this exact name (e.g. pipeline-256) [default: every row].")
-@click.option("--profile", type=click.Choice(["published", "quick"]), default="quick", show_default=True,
-              help="Row sizes: quick (Fashion-MNIST, a small ResNet of the same family, a 2-core CPU) or published (ImageNet).")
+@click.option(
+    "--profile",
+    type=click.Choice(["published", "quick"]),
+    default="quick",
+    show_default=True,
+    help="Row sizes: quick (Fashion-MNIST, a small ResNet of the same family, a 2-core CPU) or published (ImageNet).",
+)
 @click.option("--seeds", type=click.IntRange(min=1), help="Seeds a row (runs) [default: the config's].")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs [default: the config's].")
-@click.option("--data", type=click.Path(path_type=Path), help="quick: Fashion-MNIST directory (the four IDX files) [default: Debian's /usr/share/datasets/fashion-mnist]; published: ImageNet with train/ and val/ class folders.")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    help="quick: Fashion-MNIST directory (the four IDX files) [default: Debian's /usr/share/datasets/fashion-mnist]; published: ImageNet with train/ and val/ class folders.",
+)
 @_output_option
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
-def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds: Optional[int], epochs: Optional[int],
-                     data: Optional[Path], output: Optional[Path], quiet: bool) -> None:
+def accuracy_command(
+    model: str,
+    experiment: Optional[str],
+    profile: str,
+    seeds: Optional[int],
+    epochs: Optional[int],
+    data: Optional[Path],
+    output: Optional[Path],
+    quiet: bool,
+) -> None:
     """Train rows of MODEL's accuracy table with the same recipe, seeds and data order; top-1 error.
 
     Data-parallel rows run one process per replica (DistributedDataParallel, gloo on
@@ -454,26 +579,36 @@ def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds:
 
     cuda = torch.cuda.is_available()
     table = jobs.table_for(model, "accuracy")
-    planned = jobs.plan_accuracy(table, profile, experiment=experiment, epochs=epochs, seeds=seeds, data=data, cuda=cuda)
+    planned = jobs.plan_accuracy(
+        table, profile, experiment=experiment, epochs=epochs, seeds=seeds, data=data, cuda=cuda
+    )
     root = output if output is not None else results.results_dir()
 
     def progress_for(job: jobs.Job) -> Any:
         def progress(seed: int, epoch: int, total: int, error: float, seconds: float) -> None:
             if not quiet:
-                click.echo(f"{job.row.name} seed {seed + 1}/{len(job.seeds)} epoch {epoch}/{total}: validation error "
-                           f"{error:.2f}% ({seconds:.0f} s)", err=True)
+                click.echo(
+                    f"{job.row.name} seed {seed + 1}/{len(job.seeds)} epoch {epoch}/{total}: validation error "
+                    f"{error:.2f}% ({seconds:.0f} s)",
+                    err=True,
+                )
+
         return progress
 
     def before(job: jobs.Job) -> None:
         if not quiet:
-            click.echo(f"{job.row.name}: {len(job.seeds)} seed(s) on {len(job.devices)} "
-                       f"{jobs.accuracy_placement(job, cuda)}", err=True)
+            click.echo(
+                f"{job.row.name}: {len(job.seeds)} seed(s) on {len(job.devices)} {jobs.accuracy_placement(job, cuda)}",
+                err=True,
+            )
 
     def measure(job: jobs.Job) -> results.Result:
         return accuracy.run(job, progress_for(job), save=lambda r: results.save(r, root))
 
     def saved(job: jobs.Job, result: results.Result, path: Path) -> None:
-        click.echo(f"{job.row.name}: {report.mean_std(result)} % top-1 error over {len(result.samples)} seed(s)", err=True)
+        click.echo(
+            f"{job.row.name}: {report.mean_std(result)} % top-1 error over {len(result.samples)} seed(s)", err=True
+        )
 
     try:
         done = run_rows(planned, measure, root, before=before, after=saved)
@@ -484,8 +619,12 @@ def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds:
     if saved_results:
         for line in report.transparency(table, saved_results):
             click.echo(f"- {line}")
-        _write_plot("accuracy", table, saved_results,
-                    root / table.name / profile / done[0].hardware_key() / "error-per-epoch.png")
+        _write_plot(
+            "accuracy",
+            table,
+            saved_results,
+            root / table.name / profile / done[0].hardware_key() / "error-per-epoch.png",
+        )
 
 
 # -- table / compare -----------------------------------------------------------------------------------------------
@@ -493,23 +632,36 @@ def accuracy_command(model: str, experiment: Optional[str], profile: str, seeds:
 
 @main.command("table", context_settings=_CONTEXT)
 @click.argument("table_name", metavar="TABLE")
-@click.option("--format", "fmt", type=click.Choice(["rst", "md"]), default="rst", show_default=True, help="Output format.")
-@click.option("--profile", type=click.Choice(["published", "quick"]), help="Only results of this profile [default: all].")
-@click.option("--published/--no-published", default=True, show_default=True, help="Show the published columns beside ours.")
-@click.option("--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
+@click.option(
+    "--format", "fmt", type=click.Choice(["rst", "md"]), default="rst", show_default=True, help="Output format."
+)
+@click.option(
+    "--profile", type=click.Choice(["published", "quick"]), help="Only results of this profile [default: all]."
+)
+@click.option(
+    "--published/--no-published", default=True, show_default=True, help="Show the published columns beside ours."
+)
+@click.option(
+    "--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
+)
 @click.option("--per-device", is_flag=True, help="Memory tables: also each device's model memory and peaks.")
-def table_command(table_name: str, fmt: str, profile: Optional[str], published: bool, root: Optional[Path],
-                  per_device: bool) -> None:
+def table_command(
+    table_name: str, fmt: str, profile: Optional[str], published: bool, root: Optional[Path], per_device: bool
+) -> None:
     """Render saved results of TABLE in the published layout (one table per hardware and profile).
 
     Example: gpipe-bench table resnet101-speed --format md
     """
     table = config.load(table_name)
     if per_device and table.kind != "memory":
-        raise click.BadParameter(f"{table.name} is a {table.kind} table; --per-device is for memory tables", param_hint="--per-device")
+        raise click.BadParameter(
+            f"{table.name} is a {table.kind} table; --per-device is for memory tables", param_hint="--per-device"
+        )
     saved = results.load_all(root or results.results_dir(), table=table.name, profile=profile, on_skip=_skipped)
     if not saved:
-        click.echo(f"No results for {table.name} yet; measure some with: gpipe-bench {table.kind} {table.model}", err=True)
+        click.echo(
+            f"No results for {table.name} yet; measure some with: gpipe-bench {table.kind} {table.model}", err=True
+        )
     click.echo(report.render(table, saved, fmt=fmt, published=published))
     if per_device and saved:
         click.echo(report.memory_per_device(table, saved, fmt=fmt))
@@ -518,8 +670,12 @@ def table_command(table_name: str, fmt: str, profile: Optional[str], published: 
 @main.command("compare", context_settings=_CONTEXT)
 @click.argument("table_name", metavar="[TABLE]", required=False)
 @click.option("--check", is_flag=True, help="Exit 1 when a row regresses beyond the table's tolerance.")
-@click.option("--format", "fmt", type=click.Choice(["rst", "md"]), default="rst", show_default=True, help="Output format.")
-@click.option("--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/].")
+@click.option(
+    "--format", "fmt", type=click.Choice(["rst", "md"]), default="rst", show_default=True, help="Output format."
+)
+@click.option(
+    "--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
+)
 def compare_command(table_name: Optional[str], check: bool, fmt: str, root: Optional[Path]) -> None:
     """Our results against the published numbers, row by row, with flags and inconsistencies.
 

@@ -14,6 +14,7 @@ args merge table -> row -> profile -> profile row into :attr:`Row.model_args`;
 the class count is ``settings.classes``, never a model arg. Only a memory table
 may leave a multi-device row's balance null (found by ``balance_by_size``).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -27,8 +28,23 @@ import yaml  # type: ignore[import-untyped, unused-ignore]
 from gpipe_bench import models
 from gpipe_bench.errors import HarnessError
 
-__all__ = ["ConfigError", "Published", "Row", "Settings", "Profile", "Table", "Overrides",
-           "table_names", "config_dir", "load", "find_row", "apply", "KINDS", "MODES", "CHECKPOINTS"]
+__all__ = [
+    "ConfigError",
+    "Published",
+    "Row",
+    "Settings",
+    "Profile",
+    "Table",
+    "Overrides",
+    "table_names",
+    "config_dir",
+    "load",
+    "find_row",
+    "apply",
+    "KINDS",
+    "MODES",
+    "CHECKPOINTS",
+]
 
 KINDS = ("speed", "memory", "accuracy")
 MODES = ("naive", "pipeline", "dataparallel")
@@ -43,12 +59,14 @@ class ConfigError(HarnessError):
 @dataclass(frozen=True)
 class Published:
     """What the source table printed for a row, keyed by column (units in the key or the table's ``unit``)."""
+
     values: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
 class Row:
     """One experiment of a table, as run in one profile."""
+
     name: str
     mode: str
     devices: int
@@ -64,6 +82,7 @@ class Row:
 @dataclass(frozen=True)
 class Settings:
     """Settings common to every row of a table, as merged for one profile."""
+
     input_size: int
     dataset_size: int
     epochs: int
@@ -76,6 +95,7 @@ class Settings:
 @dataclass(frozen=True)
 class Profile:
     """A way to run the table: "published" sizes, or "quick" ones for a small CPU machine."""
+
     name: str
     description: str
     settings: Settings
@@ -87,6 +107,7 @@ class Profile:
 @dataclass(frozen=True)
 class Table:
     """A published table: what it measures, where it came from, and its rows per profile."""
+
     name: str
     title: str
     kind: str
@@ -112,13 +133,16 @@ class Table:
         rows = self.profile(profile).rows
         found = next((row for row in rows if row.name == name), None)
         if found is None:
-            _Src(self.path).fail("rows", name, f"no such row in {self.name}", f"use one of: {', '.join(r.name for r in rows)}")
+            _Src(self.path).fail(
+                "rows", name, f"no such row in {self.name}", f"use one of: {', '.join(r.name for r in rows)}"
+            )
         return found
 
 
 @dataclass(frozen=True)
 class Overrides:
     """Command-line overrides of a row and its settings; None keeps the config's value."""
+
     batch: Optional[int] = None
     chunks: Optional[int] = None
     balance: Optional[Tuple[int, ...]] = None
@@ -149,6 +173,7 @@ def _show(value: Any) -> str:
 @dataclass(frozen=True)
 class _Src:
     """Where values come from: the file, and a tag such as " (after overrides)"."""
+
     path: str
     tag: str = ""
 
@@ -172,6 +197,7 @@ def _int(minimum: int = 1) -> Checker:
         if value < minimum:
             src.fail(key, value, f"must be at least {minimum}", f"write an integer >= {minimum}")
         return value
+
     return check
 
 
@@ -180,6 +206,7 @@ def _choice(*options: str) -> Checker:
         if value not in options:
             src.fail(key, value, "unknown value", f"use one of: {', '.join(options)}")
         return str(value)
+
     return check
 
 
@@ -188,6 +215,7 @@ def _typed(kind: type, problem: str, fix: str) -> Checker:
         if not isinstance(value, kind):
             src.fail(key, value, problem, fix)
         return value
+
     return check
 
 
@@ -210,14 +238,21 @@ def _mapping(src: _Src, key: str, value: Any) -> Dict[str, Any]:
 def _model_args(src: _Src, key: str, value: Any) -> Dict[str, Any]:
     args = _mapping(src, key, value)
     if "num_classes" in args:
-        src.fail(_join(key, "num_classes"), args["num_classes"], "the class count is a setting", "remove it and set settings.classes")
+        src.fail(
+            _join(key, "num_classes"),
+            args["num_classes"],
+            "the class count is a setting",
+            "remove it and set settings.classes",
+        )
     return args
 
 
 def _optimizer(src: _Src, key: str, value: Any) -> Dict[str, Any]:
     optimizer = _mapping(src, key, value)
     if not isinstance(optimizer.get("name"), str):
-        src.fail(_join(key, "name"), optimizer.get("name", _MISSING), "the optimizer needs a name", "write e.g. name: sgd")
+        src.fail(
+            _join(key, "name"), optimizer.get("name", _MISSING), "the optimizer needs a name", "write e.g. name: sgd"
+        )
     return optimizer
 
 
@@ -244,38 +279,63 @@ def _fields(src: _Src, key: str, raw: Any, schema: Mapping[str, Tuple[Checker, A
         if name in raw:
             out[name] = check(src, _join(key, name), raw[name])
         elif default is _MISSING:
-            src.fail(_join(key, name), _MISSING, "required key missing", f"add `{name}:` under {key or 'the top level'}")
+            src.fail(
+                _join(key, name), _MISSING, "required key missing", f"add `{name}:` under {key or 'the top level'}"
+            )
         elif default is not _ABSENT:
             out[name] = dict(default) if isinstance(default, dict) else default
     return out
 
 
 _SOURCE: Dict[str, Tuple[Checker, Any]] = {
-    "hardware": (_text, _MISSING), "software": (_text, _MISSING), "reference": (_text, _MISSING), "notes": (_text, ""),
+    "hardware": (_text, _MISSING),
+    "software": (_text, _MISSING),
+    "reference": (_text, _MISSING),
+    "notes": (_text, ""),
 }
 _SETTINGS: Dict[str, Tuple[Checker, Any]] = {
-    "input_size": (_int(1), _MISSING), "dataset_size": (_int(1), _MISSING), "epochs": (_int(1), _MISSING),
-    "skip_epochs": (_int(0), _MISSING), "optimizer": (_optimizer, _MISSING), "classes": (_int(1), _MISSING),
+    "input_size": (_int(1), _MISSING),
+    "dataset_size": (_int(1), _MISSING),
+    "epochs": (_int(1), _MISSING),
+    "skip_epochs": (_int(0), _MISSING),
+    "optimizer": (_optimizer, _MISSING),
+    "classes": (_int(1), _MISSING),
     "extra": (_mapping, {}),
 }
 _ROW_OVERRIDES: Dict[str, Tuple[Checker, Any]] = {
-    "batch": (_int(1), _ABSENT), "chunks": (_int(1), _ABSENT), "balance": (_balance, _ABSENT),
-    "model_args": (_model_args, {}), "note": (_text, _ABSENT),
+    "batch": (_int(1), _ABSENT),
+    "chunks": (_int(1), _ABSENT),
+    "balance": (_balance, _ABSENT),
+    "model_args": (_model_args, {}),
+    "note": (_text, _ABSENT),
 }
 _ROW: Dict[str, Tuple[Checker, Any]] = {
-    "name": (_text, _MISSING), "mode": (_choice(*MODES), _MISSING), "devices": (_int(1), _MISSING),
-    "batch": (_int(1), _MISSING), "chunks": (_int(1), 1), "balance": (_balance, None),
-    "checkpoint": (_choice(*CHECKPOINTS), _ABSENT), "model_args": (_model_args, {}),
-    "published": (_mapping, _MISSING), "note": (_text, ""),
+    "name": (_text, _MISSING),
+    "mode": (_choice(*MODES), _MISSING),
+    "devices": (_int(1), _MISSING),
+    "batch": (_int(1), _MISSING),
+    "chunks": (_int(1), 1),
+    "balance": (_balance, None),
+    "checkpoint": (_choice(*CHECKPOINTS), _ABSENT),
+    "model_args": (_model_args, {}),
+    "published": (_mapping, _MISSING),
+    "note": (_text, ""),
 }
 _TABLE: Dict[str, Tuple[Checker, Any]] = {
-    "name": (_text, _MISSING), "title": (_text, _MISSING), "kind": (_choice(*KINDS), _MISSING),
-    "metric": (_text, _MISSING), "unit": (_text, _MISSING), "higher_is_better": (_flag, _MISSING),
-    "baseline": (_text, _MISSING), "model": (_text, _MISSING), "model_args": (_model_args, {}),
+    "name": (_text, _MISSING),
+    "title": (_text, _MISSING),
+    "kind": (_choice(*KINDS), _MISSING),
+    "metric": (_text, _MISSING),
+    "unit": (_text, _MISSING),
+    "higher_is_better": (_flag, _MISSING),
+    "baseline": (_text, _MISSING),
+    "model": (_text, _MISSING),
+    "model_args": (_model_args, {}),
     "source": (lambda s, k, v: _fields(s, k, v, _SOURCE), _MISSING),
     "compare": (lambda s, k, v: _fields(s, k, v, {"tolerance": (_fraction, _MISSING)}), _MISSING),
     "settings": (lambda s, k, v: _fields(s, k, v, _SETTINGS), _MISSING),
-    "rows": (lambda s, k, v: v, _MISSING), "profiles": (_mapping, _MISSING),
+    "rows": (lambda s, k, v: v, _MISSING),
+    "profiles": (_mapping, _MISSING),
 }
 
 
@@ -307,40 +367,76 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
 
 def _check_settings(src: _Src, key: str, s: Settings) -> None:
     if s.skip_epochs >= s.epochs:
-        src.fail(_join(key, "skip_epochs"), s.skip_epochs, f"not less than epochs ({s.epochs}): nothing would be measured",
-                 f"use skip_epochs <= {s.epochs - 1} or more epochs")
+        src.fail(
+            _join(key, "skip_epochs"),
+            s.skip_epochs,
+            f"not less than epochs ({s.epochs}): nothing would be measured",
+            f"use skip_epochs <= {s.epochs - 1} or more epochs",
+        )
 
 
 def _check_row(src: _Src, key: str, table: Mapping[str, Any], row: Row, settings: Settings) -> None:
     """The rules that tie a row's values together (types are already checked)."""
+
     def k(field: str) -> str:  # k("chunks") -> "rows.pipeline-8.chunks"
         return f"{key}.{field}"
 
     if row.mode != "pipeline" and row.chunks != 1:
-        src.fail(k("chunks"), row.chunks, f"{row.mode} rows have no micro-batches", "set chunks: 1 (micro-batching is what pipeline rows do)")
+        src.fail(
+            k("chunks"),
+            row.chunks,
+            f"{row.mode} rows have no micro-batches",
+            "set chunks: 1 (micro-batching is what pipeline rows do)",
+        )
     if row.mode != "pipeline" and row.checkpoint != "never":
-        src.fail(k("checkpoint"), row.checkpoint, f"{row.mode} rows run the plain model", "set checkpoint: never (pipeline rows checkpoint)")
+        src.fail(
+            k("checkpoint"),
+            row.checkpoint,
+            f"{row.mode} rows run the plain model",
+            "set checkpoint: never (pipeline rows checkpoint)",
+        )
     if row.chunks > row.batch:
-        src.fail(k("chunks"), row.chunks, f"more micro-batches than samples in the batch ({row.batch})", f"use chunks <= {row.batch}")
+        src.fail(
+            k("chunks"),
+            row.chunks,
+            f"more micro-batches than samples in the batch ({row.batch})",
+            f"use chunks <= {row.batch}",
+        )
     if row.batch > settings.dataset_size:
-        src.fail(k("batch"), row.batch, f"larger than dataset_size ({settings.dataset_size}): an epoch has no step",
-                 f"use batch <= {settings.dataset_size} or a larger settings.dataset_size")
+        src.fail(
+            k("batch"),
+            row.batch,
+            f"larger than dataset_size ({settings.dataset_size}): an epoch has no step",
+            f"use batch <= {settings.dataset_size} or a larger settings.dataset_size",
+        )
     length = _model_length(src, k("model_args"), table["model"], row.model_args, settings.classes)
     if row.balance is None:
         if row.mode == "pipeline" or (row.mode == "naive" and row.devices > 1):
             if table["kind"] != "memory":
-                src.fail(k("balance"), None, f"a {row.mode} row over {row.devices} device(s) needs a balance",
-                         f"give {row.devices} layer counts summing to {length} (only memory tables leave it to balance_by_size)")
+                src.fail(
+                    k("balance"),
+                    None,
+                    f"a {row.mode} row over {row.devices} device(s) needs a balance",
+                    f"give {row.devices} layer counts summing to {length} (only memory tables leave it to balance_by_size)",
+                )
         return
     if row.mode == "dataparallel":
         src.fail(k("balance"), row.balance, "data-parallel rows replicate the whole model", "remove the balance (null)")
     if len(row.balance) != row.devices:
-        src.fail(k("balance"), row.balance, f"{len(row.balance)} partitions for {row.devices} devices",
-                 f"give {row.devices} entries, or devices: {len(row.balance)}")
+        src.fail(
+            k("balance"),
+            row.balance,
+            f"{len(row.balance)} partitions for {row.devices} devices",
+            f"give {row.devices} entries, or devices: {len(row.balance)}",
+        )
     if length is not None and sum(row.balance) != length:
         args = ", ".join(f"{a}={v}" for a, v in row.model_args.items())
-        src.fail(k("balance"), row.balance, f"sums to {sum(row.balance)} but {table['model']}({args}) has {length} layers",
-                 f"make the entries sum to {length}")
+        src.fail(
+            k("balance"),
+            row.balance,
+            f"sums to {sum(row.balance)} but {table['model']}({args}) has {length} layers",
+            f"make the entries sum to {length}",
+        )
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -384,8 +480,10 @@ def _read(path: Path) -> Any:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = f"line {mark.line + 1}" if mark is not None else "unknown line"
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{src.short}: {line}: malformed YAML ({problem}); "
-                          f"fix the syntax at {line} (indentation, `key: value`, closing brackets)") from None
+        raise ConfigError(
+            f"{src.short}: {line}: malformed YAML ({problem}); "
+            f"fix the syntax at {line} (indentation, `key: value`, closing brackets)"
+        ) from None
 
 
 def load(name_or_path: str) -> Table:
@@ -394,12 +492,18 @@ def load(name_or_path: str) -> Table:
     path = Path(name_or_path) if looks_like_path else config_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
         _Src(str(config_dir() if not looks_like_path else path)).fail(
-            "table", name_or_path, "no such config", f"use one of: {', '.join(table_names())}, or a path to a YAML file")
+            "table", name_or_path, "no such config", f"use one of: {', '.join(table_names())}, or a path to a YAML file"
+        )
     path = path.resolve()
     src = _Src(str(path))
     top = _fields(src, "", _read(path), _TABLE)
     if top["name"] != path.stem:
-        src.fail("name", top["name"], f"differs from the file name {path.name!r}", f"write name: {path.stem} (or rename the file)")
+        src.fail(
+            "name",
+            top["name"],
+            f"differs from the file name {path.name!r}",
+            f"write name: {path.stem} (or rename the file)",
+        )
     if top["model"] not in models.names():
         src.fail("model", top["model"], "unknown model", f"use one of: {', '.join(models.names())}")
     rows = _rows(src, top["rows"])
@@ -408,14 +512,28 @@ def load(name_or_path: str) -> Table:
     raw_profiles = top["profiles"]
     for required in _REQUIRED_PROFILES:
         if required not in raw_profiles:
-            src.fail(f"profiles.{required}", _MISSING, "every table needs this profile", f"add `{required}:` with a description under profiles")
+            src.fail(
+                f"profiles.{required}",
+                _MISSING,
+                "every table needs this profile",
+                f"add `{required}:` with a description under profiles",
+            )
     order = ["published"] + [name for name in raw_profiles if name != "published"]  # table rows are checked first
     profiles = {name: _profile(src, top, rows, name, raw_profiles[name]) for name in order}
     return Table(
-        name=top["name"], title=top["title"], kind=top["kind"], metric=top["metric"], unit=top["unit"],
-        higher_is_better=top["higher_is_better"], baseline=top["baseline"], model=top["model"],
-        model_args=top["model_args"], source=top["source"], tolerance=top["compare"]["tolerance"],
-        path=str(path), profiles=profiles,
+        name=top["name"],
+        title=top["title"],
+        kind=top["kind"],
+        metric=top["metric"],
+        unit=top["unit"],
+        higher_is_better=top["higher_is_better"],
+        baseline=top["baseline"],
+        model=top["model"],
+        model_args=top["model_args"],
+        source=top["source"],
+        tolerance=top["compare"]["tolerance"],
+        path=str(path),
+        profiles=profiles,
     )
 
 
@@ -424,7 +542,9 @@ def _rows(src: _Src, raw: Any) -> Dict[str, Dict[str, Any]]:
         src.fail("rows", raw, "not a list of rows", "write one `- name: ...` entry per published row")
     rows: Dict[str, Dict[str, Any]] = {}
     for i, entry in enumerate(raw):
-        label = f"rows.{entry['name']}" if isinstance(entry, dict) and isinstance(entry.get("name"), str) else f"rows[{i}]"
+        label = (
+            f"rows.{entry['name']}" if isinstance(entry, dict) and isinstance(entry.get("name"), str) else f"rows[{i}]"
+        )
         row = _fields(src, label, entry, _ROW)
         if row["name"] in rows:
             src.fail(f"{label}.name", row["name"], "a second row of that name", "give every row its own name")
@@ -436,13 +556,17 @@ def _profile(src: _Src, top: Mapping[str, Any], rows: Mapping[str, Dict[str, Any
     key = f"profiles.{name}"
     schema: Dict[str, Tuple[Checker, Any]] = {"description": (_text, _MISSING)}
     if name != "published":  # the published profile is the table itself
-        schema.update(settings=(_mapping, {}), model_args=(_model_args, {}), rows=(_mapping, {}), model=(_text, _ABSENT))
+        schema.update(
+            settings=(_mapping, {}), model_args=(_model_args, {}), rows=(_mapping, {}), model=(_text, _ABSENT)
+        )
     given = _fields(src, key, raw, schema)
     model = given.get("model", top["model"])
     if model not in models.names():
         src.fail(f"{key}.model", model, "unknown model", f"use one of: {', '.join(models.names())}")
     top = {**top, "model": model}
-    settings = Settings(**_fields(src, f"{key}.settings", _merge(top["settings"], given.get("settings", {})), _SETTINGS))
+    settings = Settings(
+        **_fields(src, f"{key}.settings", _merge(top["settings"], given.get("settings", {})), _SETTINGS)
+    )
     _check_settings(src, f"{key}.settings" if given.get("settings") else "settings", settings)
     model_args = _merge(top["model_args"], given.get("model_args", {}))
     overrides = given.get("rows", {})
@@ -453,27 +577,49 @@ def _profile(src: _Src, top: Mapping[str, Any], rows: Mapping[str, Dict[str, Any
     for row_name, base in rows.items():
         over = _fields(src, f"{key}.rows.{row_name}", overrides.get(row_name, {}), _ROW_OVERRIDES)
         merged = {**base, **over}
-        merged["model_args"] = _merge(_merge(_merge(top["model_args"], base["model_args"]), given.get("model_args", {})), over["model_args"])
+        merged["model_args"] = _merge(
+            _merge(_merge(top["model_args"], base["model_args"]), given.get("model_args", {})), over["model_args"]
+        )
         merged.setdefault("checkpoint", "except_last" if base["mode"] == "pipeline" else "never")
         merged["published"] = Published(base["published"])
         row = Row(**merged)
         _check_row(src, f"{key}.rows.{row_name}" if name != "published" else f"rows.{row_name}", top, row, settings)
         built.append(row)
-    return Profile(name=name, description=given["description"], settings=settings, rows=tuple(built), model_args=model_args,
-                   model=model)
+    return Profile(
+        name=name,
+        description=given["description"],
+        settings=settings,
+        rows=tuple(built),
+        model_args=model_args,
+        model=model,
+    )
 
 
 # -- choosing a row, overriding it ------------------------------------------------------------------
 
 
-def find_row(table: Table, *, pipeline: Optional[int] = None, naive: Optional[int] = None,
-             experiment: Optional[str] = None, profile: str = "published") -> Row:
+def find_row(
+    table: Table,
+    *,
+    pipeline: Optional[int] = None,
+    naive: Optional[int] = None,
+    experiment: Optional[str] = None,
+    profile: str = "published",
+) -> Row:
     """The row asked for by ``--pipeline N``, ``--naive N`` or ``--experiment NAME`` (exactly one)."""
     src = _Src(table.path)
-    asked = [(flag, v) for flag, v in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment)) if v is not None]
+    asked = [
+        (flag, v)
+        for flag, v in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment))
+        if v is not None
+    ]
     if len(asked) != 1:
-        src.fail("row", ", ".join(f"{f} {v}" for f, v in asked) or _MISSING, "name exactly one row",
-                 "give one of --pipeline N, --naive N or --experiment NAME")
+        src.fail(
+            "row",
+            ", ".join(f"{f} {v}" for f, v in asked) or _MISSING,
+            "name exactly one row",
+            "give one of --pipeline N, --naive N or --experiment NAME",
+        )
     if experiment is not None:
         return table.row(experiment, profile)
     flag, devices = asked[0]
@@ -481,11 +627,22 @@ def find_row(table: Table, *, pipeline: Optional[int] = None, naive: Optional[in
     rows = table.profile(profile).rows
     found = [r for r in rows if r.mode == mode and r.devices == devices]
     if len(found) != 1:
-        options = [f"--{m} " + "/".join(str(d) for d in sorted({r.devices for r in rows if r.mode == m}))
-                   for m in ("naive", "pipeline") if any(r.mode == m for r in rows)]
-        problem = (f"several {mode} rows over {devices} devices ({', '.join(r.name for r in found)})" if found
-                   else f"{table.name} has no {mode} row over {devices} device(s)")
-        src.fail(flag, devices, problem, f"use one of {', '.join(options + ['--experiment NAME'])} (rows: {', '.join(r.name for r in rows)})")
+        options = [
+            f"--{m} " + "/".join(str(d) for d in sorted({r.devices for r in rows if r.mode == m}))
+            for m in ("naive", "pipeline")
+            if any(r.mode == m for r in rows)
+        ]
+        problem = (
+            f"several {mode} rows over {devices} devices ({', '.join(r.name for r in found)})"
+            if found
+            else f"{table.name} has no {mode} row over {devices} device(s)"
+        )
+        src.fail(
+            flag,
+            devices,
+            problem,
+            f"use one of {', '.join(options + ['--experiment NAME'])} (rows: {', '.join(r.name for r in rows)})",
+        )
     return found[0]
 
 
@@ -499,7 +656,9 @@ def apply(table: Table, row: Row, settings: Settings, overrides: Overrides, mode
     model = model or table.model
     given = {f: v for f, v in vars(overrides).items() if v is not None}
     row = replace(row, **{f: _ROW[f][0](src, f"{key}.{f}", v) for f, v in given.items() if f in _ROW})
-    settings = replace(settings, **{f: _SETTINGS[f][0](src, f"settings.{f}", v) for f, v in given.items() if f in _SETTINGS})
+    settings = replace(
+        settings, **{f: _SETTINGS[f][0](src, f"settings.{f}", v) for f, v in given.items() if f in _SETTINGS}
+    )
     _check_settings(src, "settings", settings)
     _check_row(src, key, {"model": model, "kind": table.kind}, row, settings)
     return row, settings

@@ -7,6 +7,7 @@ overhead, not parallel speedup, and the plan says so), or give nothing: then
 every CUDA device is used, and a machine without CUDA gets virtual CPU devices,
 one worker thread each, so pipelining is still observable.
 """
+
 from __future__ import annotations
 
 import re

@@ -8,6 +8,7 @@ Several hosts: a distributed run launched over ``N`` hosts (torchrun's
 ``WORLD_SIZE / LOCAL_WORLD_SIZE``) is filed under ``N-hosts-<one host's key>``,
 so a 2 x 4-GPU run never mixes with a single 4-GPU host's results.
 """
+
 from __future__ import annotations
 
 import os
@@ -126,9 +127,7 @@ def _slug(text: str, limit: int = 60) -> str:
 
 
 def _used_cuda(env: Mapping[str, Any]) -> bool:
-    return bool(env.get("device_names")) or any(
-        str(d).split(":")[0] == "cuda" for d in env.get("devices") or []
-    )
+    return bool(env.get("device_names")) or any(str(d).split(":")[0] == "cuda" for d in env.get("devices") or [])
 
 
 def hardware_key(env: Mapping[str, Any]) -> str:
@@ -163,5 +162,3 @@ def _host_key(env: Mapping[str, Any]) -> str:
         return "gpu-unknown"
     cores = env.get("usable_cores") or env.get("cpu_count") or 0
     return f"cpu-{int(cores)}-{_slug(str(env.get('cpu_model') or 'unknown'))}"
-
-

@@ -6,6 +6,7 @@ command line knows about exit codes and click: it shows the line the way
 click shows a usage error and exits 2. Anything else that escapes is a bug
 and keeps its traceback.
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -16,6 +16,7 @@ The rules that tie a row to its execution live here once:
   when it pipelines or has several partitions; ``naive-N`` is the model split
   over ``N`` devices without micro-batches, in every table.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,20 @@ from . import config, devices
 from .config import Overrides, Row, Settings, Table
 from .errors import HarnessError
 
-__all__ = ["Job", "partitions", "table_for", "default_profile", "pick_rows", "plan", "plan_distributed",
-           "plan_accuracy", "accuracy_placement", "in_torchrun", "ENGINES", "SCHEDULES"]
+__all__ = [
+    "Job",
+    "partitions",
+    "table_for",
+    "default_profile",
+    "pick_rows",
+    "plan",
+    "plan_distributed",
+    "plan_accuracy",
+    "accuracy_placement",
+    "in_torchrun",
+    "ENGINES",
+    "SCHEDULES",
+]
 
 #: Engines a speed or memory row can run on (``--engine``).
 ENGINES = ("gpipe-bench", "torchgpipe", "distributed")
@@ -66,7 +79,12 @@ class Job:
     @property
     def model_args(self) -> Dict[str, Any]:
         profile = self.table.profile(self.profile)
-        return {**self.table.model_args, **profile.model_args, **self.row.model_args, "num_classes": self.settings.classes}
+        return {
+            **self.table.model_args,
+            **profile.model_args,
+            **self.row.model_args,
+            "num_classes": self.settings.classes,
+        }
 
     @property
     def split(self) -> bool:
@@ -85,18 +103,30 @@ class Job:
     def steps_per_epoch(self) -> int:
         steps = self.settings.dataset_size // self.row.batch
         if steps < 1:
-            raise HarnessError(f"dataset_size {self.settings.dataset_size} is smaller than the batch {self.row.batch}: "
-                               "no full step per epoch; raise dataset_size or lower --batch-size")
+            raise HarnessError(
+                f"dataset_size {self.settings.dataset_size} is smaller than the batch {self.row.batch}: "
+                "no full step per epoch; raise dataset_size or lower --batch-size"
+            )
         return steps
 
     def settings_record(self) -> Dict[str, Any]:
         """The settings a record carries: everything the figure depends on, as run."""
         row, s = self.row, self.settings
         return {
-            "model": self.model_name, "model_args": self.model_args, "mode": row.mode, "devices": list(self.devices),
-            "batch": row.batch, "chunks": row.chunks, "balance": list(row.balance) if row.balance else None,
-            "checkpoint": row.checkpoint, "input_size": s.input_size, "dataset_size": s.dataset_size,
-            "epochs": s.epochs, "skip_epochs": s.skip_epochs, "optimizer": dict(s.optimizer), "classes": s.classes,
+            "model": self.model_name,
+            "model_args": self.model_args,
+            "mode": row.mode,
+            "devices": list(self.devices),
+            "batch": row.batch,
+            "chunks": row.chunks,
+            "balance": list(row.balance) if row.balance else None,
+            "checkpoint": row.checkpoint,
+            "input_size": s.input_size,
+            "dataset_size": s.dataset_size,
+            "epochs": s.epochs,
+            "skip_epochs": s.skip_epochs,
+            "optimizer": dict(s.optimizer),
+            "classes": s.classes,
         }
 
 
@@ -118,15 +148,26 @@ def default_profile(profile: Optional[str], cuda: bool) -> Tuple[str, str]:
         return profile, ""
     if cuda:
         return "published", ""
-    return "quick", ("No CUDA device: running the quick profile on virtual CPU devices "
-                     "(--profile published forces the published sizes).")
+    return "quick", (
+        "No CUDA device: running the quick profile on virtual CPU devices "
+        "(--profile published forces the published sizes)."
+    )
 
 
-def pick_rows(table: Table, profile: str, *, pipeline: Optional[int] = None, naive: Optional[int] = None,
-              experiment: Optional[str] = None) -> Tuple[List[Row], bool]:
+def pick_rows(
+    table: Table,
+    profile: str,
+    *,
+    pipeline: Optional[int] = None,
+    naive: Optional[int] = None,
+    experiment: Optional[str] = None,
+) -> Tuple[List[Row], bool]:
     """(rows, whether the user named one): the row ``--pipeline/--naive/--experiment`` names, or every row."""
-    named = [flag for flag, value in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment))
-             if value is not None]
+    named = [
+        flag
+        for flag, value in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment))
+        if value is not None
+    ]
     if len(named) > 1:
         raise HarnessError(f"{' and '.join(named)} both name a row; give one")
     if named:
@@ -144,8 +185,16 @@ def _predict_only_devices(spec: Optional[str], count: int, profile: str) -> List
     return [f"cuda:{j}" for j in range(count)] if profile == "published" else [f"cpu:{j}" for j in range(count)]
 
 
-def plan(table: Table, profile: str, rows: Sequence[Row], overrides: Overrides, devices_spec: Optional[str], *,
-         engine: str = "gpipe-bench", predict_only: bool = False) -> List[Tuple[Job, str]]:
+def plan(
+    table: Table,
+    profile: str,
+    rows: Sequence[Row],
+    overrides: Overrides,
+    devices_spec: Optional[str],
+    *,
+    engine: str = "gpipe-bench",
+    predict_only: bool = False,
+) -> List[Tuple[Job, str]]:
     """(job, a note about its devices or "") per row, every row resolved and validated before any runs."""
     chosen = table.profile(profile)
     jobs = []
@@ -153,7 +202,9 @@ def plan(table: Table, profile: str, rows: Sequence[Row], overrides: Overrides, 
         row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
         count = partitions(row)
         if predict_only:
-            jobs.append((Job(table, row, settings, profile, _predict_only_devices(devices_spec, count, profile), engine), ""))
+            jobs.append(
+                (Job(table, row, settings, profile, _predict_only_devices(devices_spec, count, profile), engine), "")
+            )
             continue
         placement = devices.resolve(devices_spec, count)
         jobs.append((Job(table, row, settings, profile, placement.devices, engine), placement.note))
@@ -165,8 +216,16 @@ def in_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def plan_distributed(table: Table, profile: str, rows: Sequence[Row], overrides: Overrides, *, named: bool,
-                     schedule: str, timeout_s: float) -> Tuple[List[Job], List[str]]:
+def plan_distributed(
+    table: Table,
+    profile: str,
+    rows: Sequence[Row],
+    overrides: Overrides,
+    *,
+    named: bool,
+    schedule: str,
+    timeout_s: float,
+) -> Tuple[List[Job], List[str]]:
     """(jobs, notes) of the rows this launch can run: their stage count fits the processes and the schedule.
 
     A named row that cannot run is an error; of the whole table, the rows that
@@ -177,7 +236,8 @@ def plan_distributed(table: Table, profile: str, rows: Sequence[Row], overrides:
     if not in_torchrun():
         raise HarnessError(
             "--engine distributed runs one process per stage (several with --schedule interleaved): start it with "
-            "`gpipe-bench launch --nproc N -- ...` or `torchrun --nproc-per-node N -m gpipe_bench.cli ...`")
+            "`gpipe-bench launch --nproc N -- ...` or `torchrun --nproc-per-node N -m gpipe_bench.cli ...`"
+        )
     size = int(os.environ["WORLD_SIZE"])
     chosen = table.profile(profile)
     jobs, notes = [], []
@@ -185,28 +245,45 @@ def plan_distributed(table: Table, profile: str, rows: Sequence[Row], overrides:
         row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
         stages = partitions(row)
         if row.batch % row.chunks:
-            raise HarnessError(f"{row.name}: batch {row.batch} is not divisible by chunks {row.chunks} (torch's "
-                               "pipelining needs equal micro-batches); give --batch-size or --chunks that divide",
-                               param="--chunks")
+            raise HarnessError(
+                f"{row.name}: batch {row.batch} is not divisible by chunks {row.chunks} (torch's "
+                "pipelining needs equal micro-batches); give --batch-size or --chunks that divide",
+                param="--chunks",
+            )
         problem = dschedule.check(schedule, stages, size, row.chunks)
         if problem is not None:
             if named:
                 raise HarnessError(f"{row.name}: {problem}")
             if schedule == "1f1b" and stages == size:
-                notes.append(f"{row.name}: skipped: {row.chunks} micro-batch(es) for {stages} stages, fewer than 1f1b "
-                             "needs (with one micro-batch every schedule is fill-drain: --schedule gpipe runs it)")
+                notes.append(
+                    f"{row.name}: skipped: {row.chunks} micro-batch(es) for {stages} stages, fewer than 1f1b "
+                    "needs (with one micro-batch every schedule is fill-drain: --schedule gpipe runs it)"
+                )
             continue
-        jobs.append(Job(table, row, settings, profile, [f"rank{r}" for r in range(size)], "distributed", schedule,
-                        timeout_s))
+        jobs.append(
+            Job(table, row, settings, profile, [f"rank{r}" for r in range(size)], "distributed", schedule, timeout_s)
+        )
     if not jobs:
-        wanted = f"{size} stage(s)" if schedule != "interleaved" else f"a multiple of {size} stages, at least {2 * size}"
-        raise HarnessError(f"no row of {table.name} ({profile}) has {wanted}; rows: "
-                           + ", ".join(f"{r.name} ({partitions(r)})" for r in chosen.rows))
+        wanted = (
+            f"{size} stage(s)" if schedule != "interleaved" else f"a multiple of {size} stages, at least {2 * size}"
+        )
+        raise HarnessError(
+            f"no row of {table.name} ({profile}) has {wanted}; rows: "
+            + ", ".join(f"{r.name} ({partitions(r)})" for r in chosen.rows)
+        )
     return jobs, notes
 
 
-def plan_accuracy(table: Table, profile: str, *, experiment: Optional[str], epochs: Optional[int],
-                  seeds: Optional[int], data: Optional[Path], cuda: bool) -> List[Job]:
+def plan_accuracy(
+    table: Table,
+    profile: str,
+    *,
+    experiment: Optional[str],
+    epochs: Optional[int],
+    seeds: Optional[int],
+    data: Optional[Path],
+    cuda: bool,
+) -> List[Job]:
     """The accuracy rows to train, resolved; a missing or malformed dataset is one error before anything runs.
 
     Data-parallel rows: one process per replica (a GPU each with CUDA). Pipeline
@@ -221,8 +298,11 @@ def plan_accuracy(table: Table, profile: str, *, experiment: Optional[str], epoc
     rows = [table.row(experiment, profile)] if experiment else list(chosen.rows)
     if str(chosen.settings.extra.get("dataset", "")) == "imagenet":
         if data is None:
-            raise HarnessError(f"the {profile} profile trains on ImageNet: give PATH with train/ and val/ class "
-                               "folders (or use --profile quick, Fashion-MNIST)", param="--data")
+            raise HarnessError(
+                f"the {profile} profile trains on ImageNet: give PATH with train/ and val/ class "
+                "folders (or use --profile quick, Fashion-MNIST)",
+                param="--data",
+            )
         imagenet.check_layout(data)
     else:
         fashion_mnist.locate(data)

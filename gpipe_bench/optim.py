@@ -6,6 +6,7 @@ here: ``name`` picks the class, ``lr`` and every other key are its arguments
 read a different subset of the config (the speed rows ignored ``name``) were
 four chances to measure something other than the config says.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, List, Mapping
@@ -34,8 +35,10 @@ def build(spec: Mapping[str, Any], parameters: Iterable[nn.Parameter]) -> torch.
     try:
         return OPTIMIZERS[name](list(parameters), **options)
     except (TypeError, ValueError) as error:
-        raise HarnessError(f"settings.optimizer = {dict(spec)}: {name} rejects it ({error}); fix the optimizer's "
-                           "arguments in the config") from None
+        raise HarnessError(
+            f"settings.optimizer = {dict(spec)}: {name} rejects it ({error}); fix the optimizer's "
+            "arguments in the config"
+        ) from None
 
 
 def model_state(parameters: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer) -> List[Tensor]:

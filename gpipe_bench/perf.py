@@ -14,6 +14,7 @@ micro-batches is ``K·M / (M + K − 1)`` (GPipe's fill-drain bubble), times
 forward, with a backward of about twice a forward, turns ``F + B`` into
 ``2F + B``, so r = (F + B) / (2F + B) = 3/4.
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Optional, Protocol, Sequence, Tuple, TypeVar
@@ -34,6 +35,7 @@ CHECKPOINT_MODES = ("always", "except_last", "never")
 
 #: r = (F + B) / (2F + B) with B ≈ 2F: the cost of one extra forward when recomputing.
 RECOMPUTE_FACTOR = 0.75
+
 
 class _Sliceable(Protocol):
     def __getitem__(self, index: slice, /) -> Any: ...

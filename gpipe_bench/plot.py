@@ -9,6 +9,7 @@ device, so prediction and measurement can be told apart at a glance.
 matplotlib is optional (``pip install 'gpipe-bench[plot]'``); it is imported
 here only, and drawn with the Agg canvas (no display, no global pyplot state).
 """
+
 from __future__ import annotations
 
 import os
@@ -85,16 +86,32 @@ def memory_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
             drawn.add("measured")
         elif predicted:
             drawn.add("predicted")
-            ax.bar(xs, [v * scale for v in predicted], width=0.8, bottom=[m * scale for m in model],
-                   color=_PREDICTED, alpha=0.45, edgecolor=_PREDICTED, linestyle="--", linewidth=1.2)
+            ax.bar(
+                xs,
+                [v * scale for v in predicted],
+                width=0.8,
+                bottom=[m * scale for m in model],
+                color=_PREDICTED,
+                alpha=0.45,
+                edgecolor=_PREDICTED,
+                linestyle="--",
+                linewidth=1.2,
+            )
         if predicted:
             tops = [(m + v) * scale for m, v in zip(model, predicted)]
             ax.hlines(tops, [p - 0.4 for p in xs], [p + 0.4 for p in xs], colors="black", linewidth=1.6)
             drawn.add("tick")
         if r.status == "oom":
             top = max((m + v) * scale for m, v in zip(model, predicted or [0.0] * n))
-            ax.annotate("Out of memory", (x + (n - 1) / 2, top), xytext=(0, 6), textcoords="offset points",
-                        ha="center", color="#b03030", fontsize=8)
+            ax.annotate(
+                "Out of memory",
+                (x + (n - 1) / 2, top),
+                xytext=(0, 6),
+                textcoords="offset points",
+                ha="center",
+                color="#b03030",
+                fontsize=8,
+            )
         ticks.append(x + (n - 1) / 2)
         engine = "" if r.engine == "gpipe-bench" else f" ({r.engine})"
         labels.append(f"{r.experiment}{engine}\n{n} device{'s' if n > 1 else ''}")
@@ -106,15 +123,28 @@ def memory_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     entries = {
-        "model": Patch(facecolor=_MODEL, hatch="//", edgecolor="#7f8fa6", label="model memory (weights, grads, optimizer)"),
+        "model": Patch(
+            facecolor=_MODEL, hatch="//", edgecolor="#7f8fa6", label="model memory (weights, grads, optimizer)"
+        ),
         "measured": Patch(facecolor=_MEASURED, label="peak activation, measured"),
-        "predicted": Patch(facecolor=_PREDICTED, alpha=0.45, edgecolor=_PREDICTED, linestyle="--",
-                           label="peak activation, predicted only"),
+        "predicted": Patch(
+            facecolor=_PREDICTED,
+            alpha=0.45,
+            edgecolor=_PREDICTED,
+            linestyle="--",
+            label="peak activation, predicted only",
+        ),
         "tick": Patch(facecolor="black", label="model + predicted activation"),
     }
     # Below the axes: inside, it would hide the bars whenever the rows are of similar height.
-    ax.legend(handles=[patch for name, patch in entries.items() if name in drawn], fontsize=7, loc="upper center",
-              bbox_to_anchor=(0.5, -0.16), ncol=len(drawn), frameon=False)
+    ax.legend(
+        handles=[patch for name, patch in entries.items() if name in drawn],
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncol=len(drawn),
+        frameon=False,
+    )
     ax.set_title(f"{table.title}: per-device memory ({rows[0].profile} profile, {rows[0].hardware_key()})", fontsize=10)
     figure.tight_layout()
     return _save(figure, path)
@@ -159,14 +189,21 @@ def accuracy_plot(table: "Table", results: Sequence[Result], path: Path) -> Path
         colour = palette[batches.index(int(r.settings.get("batch", 0))) % len(palette)]
         style = "--" if r.settings.get("mode") == "pipeline" else "-"
         ax.plot(xs, means, style, color=colour, marker="o", markersize=3, label=f"{r.experiment} (n={len(curves)})")
-        ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                        color=colour, alpha=0.15, linewidth=0)
+        ax.fill_between(
+            xs,
+            [m - s for m, s in zip(means, stds)],
+            [m + s for m, s in zip(means, stds)],
+            color=colour,
+            alpha=0.15,
+            linewidth=0,
+        )
     ax.set_xlabel("epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("validation top-1 error (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{table.title}: validation error per epoch ({rows[0].profile} profile, {rows[0].hardware_key()})",
-                 fontsize=9)
+    ax.set_title(
+        f"{table.title}: validation error per epoch ({rows[0].profile} profile, {rows[0].hardware_key()})", fontsize=9
+    )
     figure.tight_layout()
     return _save(figure, path)

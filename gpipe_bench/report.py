@@ -14,6 +14,7 @@ pipeline speedup per the performance model (:mod:`gpipe_bench.perf`), and also c
 published data for internal consistency: a slip in the source is flagged,
 never silently "reproduced".
 """
+
 from __future__ import annotations
 
 import importlib
@@ -173,8 +174,13 @@ def _grid(headers: Sequence[str], rows: Sequence[Sequence[str]], aligns: Sequenc
     # widest cell; tabulate pads headers, so the header goes in as a (pre-padded) row and gets its rule here.
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     head = [h.ljust(w) for h, w in zip(headers, widths)]
-    text = tabulate([head] + [list(r) for r in rows], tablefmt="rst", colalign=list(aligns),
-                    disable_numparse=True, preserve_whitespace=True)
+    text = tabulate(
+        [head] + [list(r) for r in rows],
+        tablefmt="rst",
+        colalign=list(aligns),
+        disable_numparse=True,
+        preserve_whitespace=True,
+    )
     lines = text.splitlines()
     return "\n".join(lines[:2] + [lines[0]] + lines[2:])
 
@@ -230,6 +236,7 @@ def speed_table(table: "Table", results: Sequence[Result], *, fmt: str = "rst", 
     With ``published``, the published figures stand beside ours, and
     multi-device pipeline rows show measured / ideal speedup.
     """
+
     def grid(profile: "Profile", group: _Group) -> _Grid:
         headers = ["Experiment", "Throughput", "Speedup"]
         if published:
@@ -244,8 +251,11 @@ def speed_table(table: "Table", results: Sequence[Result], *, fmt: str = "rst", 
             ]
             if published:
                 values = row.published.values
-                cells += [_num(values.get("throughput"), 3), _num(values.get("speedup"), 3, "x"),
-                          _of_ideal(row, speedup) if _on_row_devices(row, result) else _DASH]
+                cells += [
+                    _num(values.get("throughput"), 3),
+                    _num(values.get("speedup"), 3, "x"),
+                    _of_ideal(row, speedup) if _on_row_devices(row, result) else _DASH,
+                ]
             rows.append(cells)
         return headers, rows, ["left"] + ["right"] * (len(headers) - 1)
 
@@ -269,8 +279,15 @@ def _same_devices(table: "Table", profile: "Profile", group: _Group) -> List[str
             continue
         for engine in group.engines():
             ours, base = group.get(row.name, engine), group.get(naive.name, engine)
-            if (ours is None or base is None or ours.status != "ok" or base.status != "ok"
-                    or not ours.value or not base.value or _baseline(table, profile, group, engine) is base):
+            if (
+                ours is None
+                or base is None
+                or ours.status != "ok"
+                or base.status != "ok"
+                or not ours.value
+                or not base.value
+                or _baseline(table, profile, group, engine) is base
+            ):
                 continue
             count = ours.extra.get("processes")
             where = f"{count} processes" if count else f"{row.devices} devices"
@@ -281,10 +298,15 @@ def _same_devices(table: "Table", profile: "Profile", group: _Group) -> List[str
 _Grid = Tuple[List[str], List[List[str]], List[str]]
 
 
-def _render_groups(table: "Table", results: Sequence[Result], fmt: str,
-                   grid: Callable[["Profile", _Group], _Grid],
-                   notes: Optional[Callable[["Profile", _Group], List[str]]] = None) -> str:
+def _render_groups(
+    table: "Table",
+    results: Sequence[Result],
+    fmt: str,
+    grid: Callable[["Profile", _Group], _Grid],
+    notes: Optional[Callable[["Profile", _Group], List[str]]] = None,
+) -> str:
     """One table per (hardware, profile) group: heading, grid, notes, and rows the config does not know."""
+
     def block(profile: "Profile", group: _Group) -> str:
         headers, rows, aligns = grid(profile, group)
         parts = [_heading(table, group), _grid(headers, rows, aligns, fmt)]
@@ -343,36 +365,57 @@ def _memory_cell(result: Optional[Result]) -> str:
 
 def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published: bool) -> str:
     def grid(profile: "Profile", group: _Group) -> _Grid:
-        headers = ["Experiment", "(L, F)", "Parameters", "Total Model Parameter Memory",
-                   "Total Peak Activation Memory", "Predicted"]
+        headers = [
+            "Experiment",
+            "(L, F)",
+            "Parameters",
+            "Total Model Parameter Memory",
+            "Total Peak Activation Memory",
+            "Predicted",
+        ]
         if published:
             headers += ["Published model memory", "Published peak activation"]
         rows = []
         for row, engine, result in _row_slots(profile, group):
             extra = result.extra if result is not None else {}
-            cells = [_label(row.name, engine), _lf(table, row), _abbrev(extra.get("parameters")),
-                     format_gib(extra.get("model_memory_gib")), _memory_cell(result),
-                     format_gib(extra.get("predicted_gib"))]
+            cells = [
+                _label(row.name, engine),
+                _lf(table, row),
+                _abbrev(extra.get("parameters")),
+                format_gib(extra.get("model_memory_gib")),
+                _memory_cell(result),
+                format_gib(extra.get("predicted_gib")),
+            ]
             if published:
                 values = row.published.values
                 peak = values.get("peak_activation_gb")
-                cells += [_num(values.get("model_memory_gb"), 2, "GB"),
-                          _num(peak, 2, "GB") if peak is not None else str(values.get("status") or "--")]
+                cells += [
+                    _num(values.get("model_memory_gb"), 2, "GB"),
+                    _num(peak, 2, "GB") if peak is not None else str(values.get("status") or "--"),
+                ]
             rows.append(cells)
         return headers, rows, ["left", "left"] + ["right"] * (len(headers) - 2)
 
     text = _render_groups(table, results, fmt, grid)
-    methods = sorted({str(r.extra["method"]) for r in results
-                      if r.table == table.name and r.status == "ok" and r.extra.get("method")})
+    methods = sorted(
+        {
+            str(r.extra["method"])
+            for r in results
+            if r.table == table.name and r.status == "ok" and r.extra.get("method")
+        }
+    )
     if methods:
-        text += ("\nPeak activation memory: the sum over devices of each device's peak during the training steps, "
-                 "model memory excluded; measured as " + "; ".join(methods) + ". Predicted from the meta device "
-                 "(gpipe_bench.memory.predict). Published columns are labelled GB but are GiB.\n")
+        text += (
+            "\nPeak activation memory: the sum over devices of each device's peak during the training steps, "
+            "model memory excluded; measured as " + "; ".join(methods) + ". Predicted from the meta device "
+            "(gpipe_bench.memory.predict). Published columns are labelled GB but are GiB.\n"
+        )
     return text
 
 
 def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "rst") -> str:
     """Each device of each row: model memory, measured and predicted peak activation, and when the peak falls."""
+
     def grid(profile: "Profile", group: _Group) -> _Grid:
         headers = ["Experiment", "Device", "Model memory", "Peak activation", "Predicted", "Predicted peak at"]
         rows: List[List[str]] = []
@@ -390,10 +433,16 @@ def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "
                     ours = format_gib(measured[k]) if k < len(measured) else _DASH
                 else:
                     ours = "Out of memory" if result.status == "oom" else "not measured"
-                rows.append([_label(row.name, engine) if k == 0 else "", str(name),
-                             format_gib(model[k]) if k < len(model) else _DASH, ours,
-                             format_gib(predicted[k]) if k < len(predicted) else _DASH,
-                             str(when[k]) if k < len(when) else _DASH])
+                rows.append(
+                    [
+                        _label(row.name, engine) if k == 0 else "",
+                        str(name),
+                        format_gib(model[k]) if k < len(model) else _DASH,
+                        ours,
+                        format_gib(predicted[k]) if k < len(predicted) else _DASH,
+                        str(when[k]) if k < len(when) else _DASH,
+                    ]
+                )
         return headers, rows, ["left", "left", "right", "right", "right", "left"]
 
     return _render_groups(table, results, fmt, grid)
@@ -456,8 +505,10 @@ def transparency(table: "Table", results: Sequence[Result]) -> List[str]:
             peers = [d for d in dp if d.batch == row.batch]
             if not peers:
                 what = "measured" if not dp else f"at batch {row.batch}"
-                lines.append(f"{row.name} ({group.profile}, {group.hardware}): no data-parallel row {what} to compare "
-                             "with; not judged (the batch, not the pipeline, sets the number of steps)")
+                lines.append(
+                    f"{row.name} ({group.profile}, {group.hardware}): no data-parallel row {what} to compare "
+                    "with; not judged (the batch, not the pipeline, sets the number of steps)"
+                )
                 continue
             mean, std, n = _stats(ok[row.name])
             for peer in peers:
@@ -468,7 +519,8 @@ def transparency(table: "Table", results: Sequence[Result]) -> List[str]:
                     f"{row.name} {mean:.2f}±{std:.2f} (n={n}) vs {peer.name} {pmean:.2f}±{pstd:.2f} (n={pn}) "
                     f"({group.profile}, {group.hardware}): difference {abs(mean - pmean):.2f} "
                     f"{'<' if within else '>='} 2 std {bound:.2f}: "
-                    f"{'within' if within else 'OUTSIDE'} the data-parallel spread")
+                    f"{'within' if within else 'OUTSIDE'} the data-parallel spread"
+                )
     return lines
 
 
@@ -563,20 +615,30 @@ def _flag(table: "Table", ratio: float) -> str:
     return "ok"
 
 
-def _compare_row(table: "Table", profile: "Profile", group: _Group, row: "Row", engine: str,
-                 result: Optional[Result]) -> Dict[str, Any]:
+def _compare_row(
+    table: "Table", profile: "Profile", group: _Group, row: "Row", engine: str, result: Optional[Result]
+) -> Dict[str, Any]:
     values = row.published.values
     speed = table.kind == "speed"
     ideal = _ideal(row) if _on_row_devices(row, result) else None
     entry: Dict[str, Any] = {
-        "experiment": row.name, "engine": engine, "profile": group.profile, "hardware": group.hardware,
+        "experiment": row.name,
+        "engine": engine,
+        "profile": group.profile,
+        "hardware": group.hardware,
         "status": result.status if result is not None else None,
         "ours": result.value if result is not None and result.status == "ok" else None,
         "published": _published_value(table, row),
-        "speedup": None, "published_speedup": None, "ratio": None,
+        "speedup": None,
+        "published_speedup": None,
+        "ratio": None,
         "micro_batches": perf.effective_microbatches(row.batch, row.chunks) if row.mode == "pipeline" else None,
-        "ideal": ideal, "of_ideal": None, "published_of_ideal": None,
-        "spread": None, "flag": "ok", "note": "",
+        "ideal": ideal,
+        "of_ideal": None,
+        "published_of_ideal": None,
+        "spread": None,
+        "flag": "ok",
+        "note": "",
     }
     if speed:
         entry["published_speedup"] = _float(values.get("speedup"))
@@ -594,8 +656,10 @@ def _compare_row(table: "Table", profile: "Profile", group: _Group, row: "Row", 
         entry.update(flag="missing", note="no result")
     elif result.status == "oom":
         nothing_published = entry["published"] is None or str(values.get("status", "")).lower() == "out of memory"
-        entry.update(flag="ok" if nothing_published else "regression",
-                     note="out of memory, as published" if nothing_published else "out of memory")
+        entry.update(
+            flag="ok" if nothing_published else "regression",
+            note="out of memory, as published" if nothing_published else "out of memory",
+        )
     elif result.status == "predicted" and _float(result.extra.get("predicted_gib")) is not None:
         # A prediction is not a measurement: it is shown against the published figure, never a regression.
         predicted = float(result.extra["predicted_gib"])
@@ -604,8 +668,10 @@ def _compare_row(table: "Table", profile: "Profile", group: _Group, row: "Row", 
         if theirs:
             entry["ratio"] = predicted / theirs
             entry["flag"] = "ok" if _flag(table, entry["ratio"]) == "ok" else "differs"
-            entry["note"] = (f"predicted (not measured) {predicted:.2f} {table.unit} vs published {theirs:.2f} "
-                             f"{table.unit} (ratio {entry['ratio']:.3f})")
+            entry["note"] = (
+                f"predicted (not measured) {predicted:.2f} {table.unit} vs published {theirs:.2f} "
+                f"{table.unit} (ratio {entry['ratio']:.3f})"
+            )
         else:
             entry["note"] = f"predicted (not measured) {predicted:.2f} {table.unit}; nothing published to compare"
     elif result.status != "ok" or result.value is None:
@@ -622,8 +688,10 @@ def _compare_row(table: "Table", profile: "Profile", group: _Group, row: "Row", 
             what = "speedup" if speed else table.metric
             digits = 3 if speed else 2
             unit = "x" if speed else f" {table.unit}"
-            entry["note"] = (f"{what} {ours:.{digits}f}{unit} vs published {theirs:.{digits}f}{unit} "
-                             f"(ratio {entry['ratio']:.3f}, tolerance ±{table.tolerance:.0%})")
+            entry["note"] = (
+                f"{what} {ours:.{digits}f}{unit} vs published {theirs:.{digits}f}{unit} "
+                f"(ratio {entry['ratio']:.3f}, tolerance ±{table.tolerance:.0%})"
+            )
     if group.profile != "published" and entry["flag"] in ("regression", "better"):
         # Scaled-down rows on other hardware cannot regress against the published figures:
         # report the difference, never fail `compare --check` on it.
@@ -642,7 +710,10 @@ def _parameter_note(table: "Table", row: "Row", result: Optional[Result]) -> str
     ours, interval = result.extra.get("parameters"), _count_interval(row.published.values.get("parameters"))
     if isinstance(ours, int) and interval is not None and not interval[0] <= ours <= interval[2]:
         notes.append(f"our model has {ours:,} parameters, published {row.published.values.get('parameters')}")
-    memory, published = _float(result.extra.get("model_memory_gib")), _float(row.published.values.get("model_memory_gb"))
+    memory, published = (
+        _float(result.extra.get("model_memory_gib")),
+        _float(row.published.values.get("model_memory_gb")),
+    )
     if memory is not None and published is not None and abs(memory - published) > 0.005 + 1e-9:
         notes.append(f"model memory {memory:.2f} GiB by the column's rule, published {published:.2f}GB")
     return "; ".join(notes)
@@ -660,8 +731,10 @@ def compare(table: "Table", results: Sequence[Result], *, fmt: str = "rst") -> C
     entries: List[Dict[str, Any]] = []
 
     def block(profile: "Profile", group: _Group) -> str:
-        group_entries = [_compare_row(table, profile, group, row, engine, result)
-                         for row, engine, result in _row_slots(profile, group)]
+        group_entries = [
+            _compare_row(table, profile, group, row, engine, result)
+            for row, engine, result in _row_slots(profile, group)
+        ]
         entries.extend(group_entries)
         return f"{_heading(table, group)}\n\n{_compare_grid(table, group_entries, fmt)}"
 
@@ -670,14 +743,24 @@ def compare(table: "Table", results: Sequence[Result], *, fmt: str = "rst") -> C
     regressions = [_describe(table, e) for e in entries if e["flag"] == "regression"]
     inconsistencies = _published_inconsistencies(table)
     flagged = [_describe(table, e) for e in entries if e["flag"] != "ok"]
-    blocks.append("Flags:\n" + ("\n".join(f"- {line}" for line in flagged) if flagged else "- none: every row within "
-                                f"±{table.tolerance:.0%} of the published figure"))
+    blocks.append(
+        "Flags:\n"
+        + (
+            "\n".join(f"- {line}" for line in flagged)
+            if flagged
+            else f"- none: every row within ±{table.tolerance:.0%} of the published figure"
+        )
+    )
     if table.kind == "accuracy":
         spread = transparency(table, results)
-        blocks.append("Transparency (pipeline vs data-parallel):\n" + ("\n".join(f"- {line}" for line in spread)
-                                                                     if spread else "- nothing measured to compare"))
-    blocks.append("Published data:\n" + ("\n".join(f"- {line}" for line in inconsistencies) if inconsistencies
-                                         else "- consistent"))
+        blocks.append(
+            "Transparency (pipeline vs data-parallel):\n"
+            + ("\n".join(f"- {line}" for line in spread) if spread else "- nothing measured to compare")
+        )
+    blocks.append(
+        "Published data:\n"
+        + ("\n".join(f"- {line}" for line in inconsistencies) if inconsistencies else "- consistent")
+    )
     return Comparison(rows=entries, regressions=regressions, inconsistencies=inconsistencies, text=_join(blocks))
 
 
@@ -692,17 +775,27 @@ def _compare_grid(table: "Table", entries: Sequence[Mapping[str, Any]], fmt: str
     headers += ["Flag"]
     rows = []
     for e in entries:
-        cells = [_label(e["experiment"], e["engine"]),
-                 _num(e["ours"], digits) if e["status"] in (None, "ok") else
-                 f"{_num(e['ours'], digits)} (predicted)" if e["status"] == "predicted" else str(e["status"]),
-                 _num(e["published"], digits)]
+        cells = [
+            _label(e["experiment"], e["engine"]),
+            _num(e["ours"], digits)
+            if e["status"] in (None, "ok")
+            else f"{_num(e['ours'], digits)} (predicted)"
+            if e["status"] == "predicted"
+            else str(e["status"]),
+            _num(e["published"], digits),
+        ]
         if speed:
             ideal = e["ideal"]
-            cells += [_DASH if e["spread"] is None else f"±{100 * e['spread']:.1f}%",
-                      _num(e["speedup"], 3, "x"), _num(e["published_speedup"], 3, "x"), _num(e["ratio"], 3),
-                      _DASH if ideal is None or e["of_ideal"] is None else f"{e['of_ideal']:.2f} of {ideal:.2f}x",
-                      _DASH if ideal is None or e["published_of_ideal"] is None
-                      else f"{e['published_of_ideal']:.2f} of {ideal:.2f}x"]
+            cells += [
+                _DASH if e["spread"] is None else f"±{100 * e['spread']:.1f}%",
+                _num(e["speedup"], 3, "x"),
+                _num(e["published_speedup"], 3, "x"),
+                _num(e["ratio"], 3),
+                _DASH if ideal is None or e["of_ideal"] is None else f"{e['of_ideal']:.2f} of {ideal:.2f}x",
+                _DASH
+                if ideal is None or e["published_of_ideal"] is None
+                else f"{e['published_of_ideal']:.2f} of {ideal:.2f}x",
+            ]
         else:
             cells += [_num(e["ratio"], 3)]
         cells.append(e["flag"])

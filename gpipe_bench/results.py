@@ -10,6 +10,7 @@ Records live at ``<root>/<table>/<profile>/<hardware_key>/<experiment>.json``
 (``<experiment>--<engine>.json`` for engines other than ours), so results from
 different hardware never share a path and a re-run replaces exactly one file.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
-
 
 from .environment import environment, hardware_key, now
 from .errors import HarnessError

@@ -1,4 +1,5 @@
 """Shared test set-up: CUDA tests are skipped on machines without a GPU; hypothesis keeps no local state."""
+
 from __future__ import annotations
 
 from typing import List

@@ -1,4 +1,5 @@
 """Pieces several test modules share: a stash/pop pair, the micro-batch reference run, a launch command line."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """The scripts under benchmarks/: the engine micro-benchmark and the GPU check, as far as a CPU can run them."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -45,8 +46,13 @@ def test_engine_chunks_must_divide_batch() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
 def test_gpu_check_without_cuda_is_one_line_and_exit_2() -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True, text=True,
-                          timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and "no CUDA device" in done.stderr
@@ -68,8 +74,12 @@ def test_gpu_check_summary_lists_every_step_and_counts() -> None:
 
 
 def test_gpu_check_step_timeout_fails_the_step_not_the_check(tmp_path: Path) -> None:
-    step = gpu_check.Step("sleepy", 5, lambda py, scratch: [py, "-c", "print('FIGURE: started', flush=True); "
-                                                                      "import time; time.sleep(60)"], gpu_check._tagged)
+    step = gpu_check.Step(
+        "sleepy",
+        5,
+        lambda py, scratch: [py, "-c", "print('FIGURE: started', flush=True); import time; time.sleep(60)"],
+        gpu_check._tagged,
+    )
     outcome = gpu_check.run_step(step, sys.executable, tmp_path, 2, min_s=1)
     assert outcome.status == "fail"
     assert outcome.figures == ["started", "timed out after 2 s"]

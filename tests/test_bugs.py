@@ -16,11 +16,12 @@ saying what went wrong; the rest live here. Fixed so far:
   a non-default caller stream joined on one device only; a tuple's ready event recorded
   only when its first tensor was on a GPU. Their CPU-visible halves are below.
 """
+
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
@@ -28,16 +29,21 @@ from torch import Tensor, nn
 
 from gpipe_bench.memory.tracker import TensorMemory
 from gpipe_bench.pipe import GPipe, checkpoint, worker
-from helpers import Pop, Stash
 from gpipe_bench.pipe.skip import Namespace
+from helpers import Pop, Stash
 
 
 def test_recompute_does_not_update_plain_batchnorm_twice() -> None:
     """A checkpointed micro-batch's recompute used to update plain BatchNorm statistics again."""
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double()
-    gpipe = GPipe(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double(), [1, 1], devices=["cpu", "cpu"],
-                  chunks=2, checkpoint="always")
+    gpipe = GPipe(
+        nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double(),
+        [1, 1],
+        devices=["cpu", "cpu"],
+        chunks=2,
+        checkpoint="always",
+    )
     for p, q in zip(gpipe.parameters(), plain.parameters()):
         with torch.no_grad():
             p.copy_(q)
@@ -105,8 +111,9 @@ def test_skip_gradients_are_released_when_consumed() -> None:
     def peak_of_popper(chunks: int) -> int:
         torch.manual_seed(0)
         ns = Namespace()
-        model = nn.Sequential(nn.Linear(width, width), Stash().isolate(ns), nn.Tanh(), nn.Tanh(), Pop().isolate(ns),
-                              nn.Linear(width, 1))
+        model = nn.Sequential(
+            nn.Linear(width, width), Stash().isolate(ns), nn.Tanh(), nn.Tanh(), Pop().isolate(ns), nn.Linear(width, 1)
+        )
         gpipe = GPipe(model, [2, 2, 2], devices=["cpu:0", "cpu:1", "cpu:2"], chunks=chunks, checkpoint="always")
         x = torch.randn(rows * chunks, width)
         meter = TensorMemory(default_owner=9)
@@ -165,8 +172,9 @@ def test_host_generator_is_swapped_only_under_the_lock_next_to_other_workers(mon
 
     monkeypatch.setattr(torch, "set_rng_state", guarded)
     for layers in ([nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)], [nn.Dropout(0.5), nn.Linear(4, 4), nn.Linear(4, 4)]):
-        gpipe = GPipe(nn.Sequential(*layers), [1, 1, 1], devices=["cpu:0", "cpu:1", "cpu:2"], chunks=4,
-                      checkpoint="always")
+        gpipe = GPipe(
+            nn.Sequential(*layers), [1, 1, 1], devices=["cpu:0", "cpu:1", "cpu:2"], chunks=4, checkpoint="always"
+        )
         gpipe(torch.randn(8, 4)).sum().backward()
     assert not unlocked, f"host generator swapped without the lock on {sorted(set(unlocked))}"
 
@@ -183,7 +191,10 @@ def test_clock_barrier_waits_are_linear_in_clocks(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(worker._Clocks, "wait", counting)
     clocks = 300
-    noop: Callable[[], None] = lambda: None
+
+    def noop() -> None:
+        pass
+
     plan = [[(c, noop) for c in range(clocks)], [(c, noop) for c in range(0, clocks, 3)]]
     worker.execute(plan, [lambda: _Null(), lambda: _Null()], clocks)
     assert len(waited) == 2 and max(waited.values()) <= clocks

@@ -3,6 +3,7 @@
 Bad input ends as one line naming the bad value and the fix, exit code 2, no
 traceback, and no results file. A tiny end-to-end run checks the happy path.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -75,16 +76,48 @@ def test_malformed_yaml(tmp_path: Path) -> None:
 def test_unwritable_output_fails_before_measuring(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = _run(["speed", "resnet101", "--pipeline", "2", "--profile", "quick", "--devices", "cpu:0,cpu:1",
-                   "--output", str(blocker / "results")])
+    result = _run(
+        [
+            "speed",
+            "resnet101",
+            "--pipeline",
+            "2",
+            "--profile",
+            "quick",
+            "--devices",
+            "cpu:0,cpu:1",
+            "--output",
+            str(blocker / "results"),
+        ]
+    )
     _one_line_error(result, "cannot write")
 
 
 def test_a_row_end_to_end(tmp_path: Path) -> None:
     """One tiny row: measured, saved whole, and printed beside the published table."""
-    result = _run(["speed", "resnet101", "--experiment", "pipeline-2", "--profile", "quick", "--devices", "cpu:0,cpu:1",
-                   "--epochs", "2", "--skip-epochs", "1", "--batch-size", "8", "--chunks", "2", "--quiet",
-                   "--output", str(tmp_path)])
+    result = _run(
+        [
+            "speed",
+            "resnet101",
+            "--experiment",
+            "pipeline-2",
+            "--profile",
+            "quick",
+            "--devices",
+            "cpu:0,cpu:1",
+            "--epochs",
+            "2",
+            "--skip-epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--chunks",
+            "2",
+            "--quiet",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert result.exit_code == 0, result.output
     files = list(tmp_path.rglob("*.json"))
     assert len(files) == 1 and files[0].name == "pipeline-2.json"
@@ -95,9 +128,31 @@ def test_a_row_end_to_end(tmp_path: Path) -> None:
 
 def test_torchgpipe_engine_on_the_same_settings(tmp_path: Path) -> None:
     pytest.importorskip("torchgpipe")
-    result = _run(["speed", "resnet101", "--experiment", "pipeline-2", "--profile", "quick", "--devices", "cpu:0,cpu:1",
-                   "--epochs", "2", "--skip-epochs", "1", "--batch-size", "4", "--chunks", "2", "--quiet",
-                   "--engine", "torchgpipe", "--output", str(tmp_path)])
+    result = _run(
+        [
+            "speed",
+            "resnet101",
+            "--experiment",
+            "pipeline-2",
+            "--profile",
+            "quick",
+            "--devices",
+            "cpu:0,cpu:1",
+            "--epochs",
+            "2",
+            "--skip-epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--chunks",
+            "2",
+            "--quiet",
+            "--engine",
+            "torchgpipe",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert [f.name for f in tmp_path.rglob("*.json")] == ["pipeline-2--torchgpipe.json"]
 

@@ -1,4 +1,5 @@
 """The table configs load, hold the published rows exactly, and every user mistake is one clear line."""
+
 from __future__ import annotations
 
 import copy
@@ -10,9 +11,9 @@ from typing import Any, Callable, Dict, List
 import pytest
 import yaml
 
-from gpipe_bench.errors import HarnessError
 from gpipe_bench import config, models
 from gpipe_bench.config import ConfigError, Overrides
+from gpipe_bench.errors import HarnessError
 
 TABLES = ["amoebanetd-memory", "amoebanetd-speed", "resnet101-accuracy", "resnet101-speed"]
 
@@ -96,7 +97,12 @@ def test_quick_profile_fits_a_small_cpu(name: str) -> None:
 def test_resnet101_speed_published_rows() -> None:
     table = config.load("resnet101-speed")
     assert (table.kind, table.metric, table.unit, table.higher_is_better, table.baseline) == (
-        "speed", "throughput", "samples/sec", True, "naive-1")
+        "speed",
+        "throughput",
+        "samples/sec",
+        True,
+        "naive-1",
+    )
     s = table.profile("published").settings
     assert (s.input_size, s.dataset_size, s.epochs, s.skip_epochs, s.classes) == (224, 50000, 10, 1, 10)
     assert s.optimizer == {"name": "sgd", "lr": 0.1}
@@ -135,12 +141,22 @@ def test_amoebanetd_memory_published_rows() -> None:
     assert (table.kind, table.higher_is_better) == ("memory", False)
     rows = table.profile("published").rows
     assert [(r.model_args["num_layers"], r.model_args["num_filters"]) for r in rows] == [
-        (6, 208), (6, 416), (6, 544), (12, 544), (24, 512)]
+        (6, 208),
+        (6, 416),
+        (6, 544),
+        (12, 544),
+        (24, 512),
+    ]
     assert [r.published.values["parameters"] for r in rows] == ["90M", "358M", "613M", "1.16B", "2.01B"]
     assert [r.published.values["model_memory_gb"] for r in rows] == [1.00, 4.01, 6.45, 13.00, 22.42]
     assert [r.published.values["peak_activation_gb"] for r in rows] == [None, 6.64, 11.31, 18.72, 35.78]
     assert rows[0].balance is None and [r.devices for r in rows] == [1, 1, 2, 4, 8]
-    assert [r.balance for r in rows[1:]] == [(445,), (341, 104), (451, 165, 91, 98), (545, 311, 211, 93, 88, 93, 87, 97)]
+    assert [r.balance for r in rows[1:]] == [
+        (445,),
+        (341, 104),
+        (451, 165, 91, 98),
+        (545, 311, 211, 93, 88, 93, 87, 97),
+    ]
     assert all((r.batch, r.chunks) == (128, 128) for r in rows[1:])
     assert "slip" in table.row("pipeline-2").note
     s = table.profile("published").settings
@@ -155,7 +171,10 @@ def test_resnet101_accuracy_published_rows() -> None:
     assert rows["dataparallel-256"].published.values == {"top1_error": 22.02, "top1_error_std": 0.11}
     assert rows["pipeline-1k"].published.values == {"top1_error": 22.24, "top1_error_std": 0.19}
     assert (rows["dataparallel-1k"].mode, rows["dataparallel-1k"].devices, rows["dataparallel-1k"].balance) == (
-        "dataparallel", 4, None)
+        "dataparallel",
+        4,
+        None,
+    )
     assert (rows["pipeline-256"].chunks, rows["pipeline-256"].balance) == (4, (140, 230))
     assert rows["pipeline-4k"].balance == rows["pipeline-1k"].balance and rows["pipeline-4k"].batch == 4096
     s = table.profile("published").settings
@@ -194,39 +213,75 @@ def _set(*keys: Any, value: Any) -> Mutation:
         for key in keys[:-1]:
             target = next(r for r in target if r["name"] == key) if isinstance(target, list) else target[key]
         target[keys[-1]] = value
+
     return mutate
 
 
 BAD = {
     "unknown model": (_set("model", value="resnet102"), ["model", "'resnet102'", "resnet101"]),
-    "balance sum": (_set("rows", "pipeline-2", "balance", value=[140, 231]),
-                    ["rows.pipeline-2.balance", "[140, 231]", "sums to 371", "370 layers"]),
-    "balance length": (_set("rows", "pipeline-2", "balance", value=[370]), ["rows.pipeline-2.balance", "1 partitions for 2 devices"]),
+    "balance sum": (
+        _set("rows", "pipeline-2", "balance", value=[140, 231]),
+        ["rows.pipeline-2.balance", "[140, 231]", "sums to 371", "370 layers"],
+    ),
+    "balance length": (
+        _set("rows", "pipeline-2", "balance", value=[370]),
+        ["rows.pipeline-2.balance", "1 partitions for 2 devices"],
+    ),
     "negative batch": (_set("rows", "pipeline-8", "batch", value=-4), ["rows.pipeline-8.batch", "-4", "at least 1"]),
-    "float chunks": (_set("rows", "pipeline-8", "chunks", value=2.5), ["rows.pipeline-8.chunks", "2.5", "whole number"]),
-    "string devices": (_set("rows", "pipeline-8", "devices", value="8"), ["rows.pipeline-8.devices", "'8'", "whole number"]),
-    "zero balance entry": (_set("rows", "pipeline-2", "balance", value=[0, 370]), ["rows.pipeline-2.balance[0]", "= 0"]),
-    "chunks > batch": (_set("rows", "pipeline-8", "chunks", value=8192), ["rows.pipeline-8.chunks", "8192", "batch (4096)"]),
-    "checkpoint mode": (_set("rows", "pipeline-8", "checkpoint", value="sometimes"),
-                        ["rows.pipeline-8.checkpoint", "'sometimes'", "always, except_last, never"]),
-    "mode": (_set("rows", "pipeline-8", "mode", value="pipelined"), ["rows.pipeline-8.mode", "naive, pipeline, dataparallel"]),
-    "row key typo": (_set("rows", "pipeline-8", "chunk", value=64),
-                     ["rows.pipeline-8.chunk", "unknown key 'chunk'", "did you mean 'chunks'", "allowed keys: name, mode"]),
+    "float chunks": (
+        _set("rows", "pipeline-8", "chunks", value=2.5),
+        ["rows.pipeline-8.chunks", "2.5", "whole number"],
+    ),
+    "string devices": (
+        _set("rows", "pipeline-8", "devices", value="8"),
+        ["rows.pipeline-8.devices", "'8'", "whole number"],
+    ),
+    "zero balance entry": (
+        _set("rows", "pipeline-2", "balance", value=[0, 370]),
+        ["rows.pipeline-2.balance[0]", "= 0"],
+    ),
+    "chunks > batch": (
+        _set("rows", "pipeline-8", "chunks", value=8192),
+        ["rows.pipeline-8.chunks", "8192", "batch (4096)"],
+    ),
+    "checkpoint mode": (
+        _set("rows", "pipeline-8", "checkpoint", value="sometimes"),
+        ["rows.pipeline-8.checkpoint", "'sometimes'", "always, except_last, never"],
+    ),
+    "mode": (
+        _set("rows", "pipeline-8", "mode", value="pipelined"),
+        ["rows.pipeline-8.mode", "naive, pipeline, dataparallel"],
+    ),
+    "row key typo": (
+        _set("rows", "pipeline-8", "chunk", value=64),
+        ["rows.pipeline-8.chunk", "unknown key 'chunk'", "did you mean 'chunks'", "allowed keys: name, mode"],
+    ),
     "top key typo": (_set("baseilne", value="naive-1"), ["baseilne", "did you mean 'baseline'", "allowed keys"]),
     "settings typo": (_set("settings", "epoch", value=3), ["settings.epoch", "did you mean 'epochs'"]),
     "missing key": (lambda d: d.pop("metric"), ["metric = (missing)", "add `metric:`"]),
     "baseline": (_set("baseline", value="naive-9"), ["baseline", "'naive-9'", "naive-1, naive-2, pipeline-1"]),
     "skip_epochs": (_set("settings", "skip_epochs", value=10), ["settings.skip_epochs", "= 10", "epochs (10)"]),
-    "quick skip_epochs": (_set("profiles", "quick", "settings", "skip_epochs", value=3),
-                          ["profiles.quick.settings.skip_epochs", "= 3", "epochs (3)"]),
-    "quick row typo": (_set("profiles", "quick", "rows", "pipeline-9", value={"batch": 8}),
-                       ["profiles.quick.rows.pipeline-9", "no such row"]),
-    "quick balance": (_set("profiles", "quick", "rows", "pipeline-2", value={"batch": 64, "chunks": 16, "balance": [1, 2]}),
-                      ["profiles.quick.rows.pipeline-2.balance", "sums to 3", "370 layers"]),
-    "quick structure": (_set("profiles", "quick", "rows", "pipeline-2", value={"devices": 4}),
-                        ["profiles.quick.rows.pipeline-2.devices", "unknown key", "batch, chunks, balance"]),
+    "quick skip_epochs": (
+        _set("profiles", "quick", "settings", "skip_epochs", value=3),
+        ["profiles.quick.settings.skip_epochs", "= 3", "epochs (3)"],
+    ),
+    "quick row typo": (
+        _set("profiles", "quick", "rows", "pipeline-9", value={"batch": 8}),
+        ["profiles.quick.rows.pipeline-9", "no such row"],
+    ),
+    "quick balance": (
+        _set("profiles", "quick", "rows", "pipeline-2", value={"batch": 64, "chunks": 16, "balance": [1, 2]}),
+        ["profiles.quick.rows.pipeline-2.balance", "sums to 3", "370 layers"],
+    ),
+    "quick structure": (
+        _set("profiles", "quick", "rows", "pipeline-2", value={"devices": 4}),
+        ["profiles.quick.rows.pipeline-2.devices", "unknown key", "batch, chunks, balance"],
+    ),
     "missing quick": (lambda d: d["profiles"].pop("quick"), ["profiles.quick", "(missing)"]),
-    "null balance": (_set("rows", "pipeline-2", "balance", value=None), ["rows.pipeline-2.balance = null", "only memory tables"]),
+    "null balance": (
+        _set("rows", "pipeline-2", "balance", value=None),
+        ["rows.pipeline-2.balance = null", "only memory tables"],
+    ),
     "naive chunks": (_set("rows", "naive-1", "chunks", value=4), ["rows.naive-1.chunks", "no micro-batches"]),
     "duplicate row": (lambda d: d["rows"].append(copy.deepcopy(d["rows"][0])), ["rows.naive-1.name", "second row"]),
     "num_classes": (_set("model_args", value={"num_classes": 1000}), ["model_args.num_classes", "settings.classes"]),
@@ -234,7 +289,10 @@ BAD = {
     "tolerance": (_set("compare", "tolerance", value="ten percent"), ["compare.tolerance", "'ten percent'"]),
     "kind": (_set("kind", value="latency"), ["kind", "'latency'", "speed, memory, accuracy"]),
     "name": (_set("name", value="resnet-speed"), ["name", "'resnet-speed'", "write name: resnet101-speed"]),
-    "batch > dataset": (_set("settings", "dataset_size", value=1000), ["rows.pipeline-2.batch", "4096", "dataset_size (1000)"]),
+    "batch > dataset": (
+        _set("settings", "dataset_size", value=1000),
+        ["rows.pipeline-2.batch", "4096", "dataset_size (1000)"],
+    ),
     "optimizer name": (_set("settings", "optimizer", value={"lr": 0.1}), ["settings.optimizer.name", "(missing)"]),
 }
 
@@ -275,7 +333,11 @@ def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
 
 
 def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
-    text = (config.config_dir() / "resnet101-speed.yaml").read_text().replace("  epochs: 10\n", "  epochs: 10\n  epochs: 12\n")
+    text = (
+        (config.config_dir() / "resnet101-speed.yaml")
+        .read_text()
+        .replace("  epochs: 10\n", "  epochs: 10\n  epochs: 12\n")
+    )
     path = tmp_path / "resnet101-speed.yaml"
     path.write_text(text)
     message = _error(lambda: config.load(str(path)))
@@ -307,7 +369,11 @@ def test_config_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_unknown_row_and_profile() -> None:
     table = config.load("resnet101-speed")
     message = _error(lambda: table.row("pipeline-16"))
-    assert "resnet101-speed.yaml" in message and "rows = 'pipeline-16'" in message and "naive-1, naive-2, pipeline-1" in message
+    assert (
+        "resnet101-speed.yaml" in message
+        and "rows = 'pipeline-16'" in message
+        and "naive-1, naive-2, pipeline-1" in message
+    )
     message = _error(lambda: table.profile("slow"))
     assert "profiles = 'slow'" in message and "published, quick" in message
 
@@ -333,7 +399,9 @@ def test_find_row_errors_name_the_available_rows() -> None:
     assert "exactly one" in _error(lambda: config.find_row(table, pipeline=8, naive=1))
     accuracy = config.load("resnet101-accuracy")
     message = _error(lambda: config.find_row(accuracy, pipeline=8))
-    assert "several pipeline rows over 8 devices (pipeline-1k, pipeline-4k)" in message and "--experiment NAME" in message
+    assert (
+        "several pipeline rows over 8 devices (pipeline-1k, pipeline-4k)" in message and "--experiment NAME" in message
+    )
 
 
 def test_apply_overrides() -> None:
@@ -344,24 +412,31 @@ def test_apply_overrides() -> None:
     assert (new_settings.epochs, new_settings.skip_epochs, new_settings.input_size) == (3, 2, 224)
     same_row, same_settings = config.apply(table, row, settings, Overrides())
     assert (same_row, same_settings) == (row, settings)
-    balanced, _ = config.apply(table, row, settings, Overrides(balance=(46, 46, 46, 46, 46, 46, 46, 48), checkpoint="always"))
+    balanced, _ = config.apply(
+        table, row, settings, Overrides(balance=(46, 46, 46, 46, 46, 46, 46, 48), checkpoint="always")
+    )
     assert balanced.balance == (46, 46, 46, 46, 46, 46, 46, 48) and balanced.checkpoint == "always"
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (Overrides(chunks=8192), ["rows.pipeline-8.chunks = 8192", "batch (4096)"]),
-    (Overrides(batch=32), ["rows.pipeline-8.chunks = 64", "batch (32)", "use chunks <= 32"]),
-    (Overrides(balance=(100, 270)), ["rows.pipeline-8.balance", "2 partitions for 8 devices"]),
-    (Overrides(balance=(1, 1, 1, 1, 1, 1, 1, 1)), ["sums to 8", "370 layers"]),
-    (Overrides(batch=-1), ["rows.pipeline-8.batch = -1", "at least 1"]),
-    (Overrides(chunks=1.5), ["rows.pipeline-8.chunks = 1.5", "whole number"]),  # type: ignore[arg-type]
-    (Overrides(checkpoint="sometimes"), ["checkpoint = 'sometimes'", "always, except_last, never"]),
-    (Overrides(skip_epochs=10), ["settings.skip_epochs = 10", "epochs (10)"]),
-    (Overrides(epochs=1), ["settings.skip_epochs = 1", "epochs (1)"]),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (Overrides(chunks=8192), ["rows.pipeline-8.chunks = 8192", "batch (4096)"]),
+        (Overrides(batch=32), ["rows.pipeline-8.chunks = 64", "batch (32)", "use chunks <= 32"]),
+        (Overrides(balance=(100, 270)), ["rows.pipeline-8.balance", "2 partitions for 8 devices"]),
+        (Overrides(balance=(1, 1, 1, 1, 1, 1, 1, 1)), ["sums to 8", "370 layers"]),
+        (Overrides(batch=-1), ["rows.pipeline-8.batch = -1", "at least 1"]),
+        (Overrides(chunks=1.5), ["rows.pipeline-8.chunks = 1.5", "whole number"]),  # type: ignore[arg-type]
+        (Overrides(checkpoint="sometimes"), ["checkpoint = 'sometimes'", "always, except_last, never"]),
+        (Overrides(skip_epochs=10), ["settings.skip_epochs = 10", "epochs (10)"]),
+        (Overrides(epochs=1), ["settings.skip_epochs = 1", "epochs (1)"]),
+    ],
+)
 def test_apply_validates_like_load(overrides: Overrides, expected: List[str]) -> None:
     table = config.load("resnet101-speed")
-    message = _error(lambda: config.apply(table, table.row("pipeline-8"), table.profile("published").settings, overrides))
+    message = _error(
+        lambda: config.apply(table, table.row("pipeline-8"), table.profile("published").settings, overrides)
+    )
     assert "resnet101-speed.yaml" in message and "(after overrides)" in message
     for text in expected:
         assert text in message, (text, message)
@@ -370,12 +445,20 @@ def test_apply_validates_like_load(overrides: Overrides, expected: List[str]) ->
 def test_apply_to_naive_and_memory_rows() -> None:
     speed = config.load("resnet101-speed")
     naive = speed.row("naive-1")
-    assert "no micro-batches" in _error(lambda: config.apply(speed, naive, speed.profile("published").settings, Overrides(chunks=4)))
+    assert "no micro-batches" in _error(
+        lambda: config.apply(speed, naive, speed.profile("published").settings, Overrides(chunks=4))
+    )
     memory = config.load("amoebanetd-memory")
-    row, _ = config.apply(memory, memory.row("pipeline-2", "quick"), memory.profile("quick").settings, Overrides(chunks=4))
+    row, _ = config.apply(
+        memory, memory.row("pipeline-2", "quick"), memory.profile("quick").settings, Overrides(chunks=4)
+    )
     assert row.chunks == 4 and row.balance == (107, 38)
-    row, _ = config.apply(memory, replace(memory.row("pipeline-2", "quick"), balance=None), memory.profile("quick").settings,
-                          Overrides(chunks=4))
+    row, _ = config.apply(
+        memory,
+        replace(memory.row("pipeline-2", "quick"), balance=None),
+        memory.profile("quick").settings,
+        Overrides(chunks=4),
+    )
     assert row.balance is None  # memory rows may leave it to balance_by_size
 
 

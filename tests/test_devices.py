@@ -1,11 +1,12 @@
 """Device resolution: parsing --devices, defaults, repeats, and errors that say what to fix."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gpipe_bench.errors import HarnessError
 from gpipe_bench import devices
+from gpipe_bench.errors import HarnessError
 
 
 def test_parse_forms() -> None:

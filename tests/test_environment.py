@@ -1,4 +1,5 @@
 """environment.py: what a figure depends on, and the key that keeps machines apart."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,25 @@ import pytest
 import gpipe_bench
 from gpipe_bench.environment import environment, hardware_key, hosts
 
-P40: Dict[str, Any] = {"devices": ["cuda:0"], "device_names": {"cuda:0": "Tesla P40"}, "gpus": ["Tesla P40"] * 8,
-       "hip": None, "usable_cores": 48, "cpu_model": "Intel(R) Xeon(R) CPU E5-2650 v4 @ 2.20GHz", "torch": "1.3.0"}
-EPYC: Dict[str, Any] = {"devices": ["cpu:0", "cpu:1"], "device_names": {}, "gpus": [], "hip": None, "usable_cores": 2,
-        "cpu_count": 2, "cpu_model": "AMD EPYC 7B13", "torch": "2.14.1"}
+P40: Dict[str, Any] = {
+    "devices": ["cuda:0"],
+    "device_names": {"cuda:0": "Tesla P40"},
+    "gpus": ["Tesla P40"] * 8,
+    "hip": None,
+    "usable_cores": 48,
+    "cpu_model": "Intel(R) Xeon(R) CPU E5-2650 v4 @ 2.20GHz",
+    "torch": "1.3.0",
+}
+EPYC: Dict[str, Any] = {
+    "devices": ["cpu:0", "cpu:1"],
+    "device_names": {},
+    "gpus": [],
+    "hip": None,
+    "usable_cores": 2,
+    "cpu_count": 2,
+    "cpu_model": "AMD EPYC 7B13",
+    "torch": "2.14.1",
+}
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -50,8 +66,11 @@ def test_hardware_keys_are_distinct_and_safe() -> None:
 def test_hardware_key_ignores_which_gpus_a_row_used() -> None:
     """naive-1 on one GPU and pipeline-8 on eight, same machine: one key, so their speedup is meaningful."""
     one = {**P40, "devices": ["cuda:0"], "device_names": {"cuda:0": "Tesla P40"}}
-    eight = {**P40, "devices": [f"cuda:{i}" for i in range(8)],
-             "device_names": {f"cuda:{i}": "Tesla P40" for i in range(8)}}
+    eight = {
+        **P40,
+        "devices": [f"cuda:{i}" for i in range(8)],
+        "device_names": {f"cuda:{i}": "Tesla P40" for i in range(8)},
+    }
     assert hardware_key(one) == hardware_key(eight)
 
 
@@ -66,8 +85,25 @@ def test_hardware_key_of_this_machine_is_stable() -> None:
 
 def test_environment_keys() -> None:
     env = environment(["cpu:0", "cpu:1"])
-    expected = {"torch", "cuda", "cudnn", "python", "platform", "hostname", "cpu_model", "cpu_count",
-                "usable_cores", "threads", "devices", "device_names", "gpus", "gpipe_bench", "git_commit", "date", "hosts"}
+    expected = {
+        "torch",
+        "cuda",
+        "cudnn",
+        "python",
+        "platform",
+        "hostname",
+        "cpu_model",
+        "cpu_count",
+        "usable_cores",
+        "threads",
+        "devices",
+        "device_names",
+        "gpus",
+        "gpipe_bench",
+        "git_commit",
+        "date",
+        "hosts",
+    }
     assert expected <= set(env)
     assert env["devices"] == ["cpu:0", "cpu:1"] and env["device_names"] == {}
     assert env["gpipe_bench"] == gpipe_bench.__version__

@@ -1,4 +1,5 @@
 """perf.py: the rules the engine, the memory predictor and the reports share, checked against torch and by hand."""
+
 from __future__ import annotations
 
 import pytest
@@ -52,5 +53,7 @@ def test_ideal_speedup() -> None:
     assert perf.ideal_speedup("naive", 2, 96, 1, "never") is None
     assert perf.ideal_speedup("pipeline", 8, 216, 32, "except_last") == pytest.approx(8 * 31 / 38 * 0.75)
     assert perf.ideal_speedup("pipeline", 4, 64, 8, "never") == pytest.approx(4 * 8 / 11)
-    assert perf.ideal_speedup("pipeline", 4, 64, 1, "except_last") == pytest.approx(1.0)  # one micro-batch, not recomputed
+    assert perf.ideal_speedup("pipeline", 4, 64, 1, "except_last") == pytest.approx(
+        1.0
+    )  # one micro-batch, not recomputed
     assert perf.ideal_speedup("pipeline", 4, 64, 1, "always") == pytest.approx(0.75)  # one micro-batch, recomputed

@@ -1,4 +1,5 @@
 """The per-device memory plot: a PNG for measured, predicted-only and out-of-memory rows."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,19 +22,37 @@ def _result(name: str, devices: int, status: str = "ok", scale: float = 0.01) ->
         "devices": [f"cpu:{k}" for k in range(devices)],
         "model_memory_per_device_gib": [scale] * devices,
         "predicted_per_device_gib": [2 * scale] * devices,
-        "parameters": 1000, "model_memory_gib": scale * devices, "predicted_gib": 2 * scale * devices,
+        "parameters": 1000,
+        "model_memory_gib": scale * devices,
+        "predicted_gib": 2 * scale * devices,
     }
     value: Optional[float] = None
     if status == "ok":
         extra["measured_per_device_gib"] = [1.9 * scale] * devices
         value = 1.9 * scale * devices
-    return Result(table=TABLE.name, experiment=name, profile="quick", engine="gpipe-bench", kind="memory",
-                  metric=TABLE.metric, unit=TABLE.unit, value=value, status=status, environment=dict(ENV), extra=extra)
+    return Result(
+        table=TABLE.name,
+        experiment=name,
+        profile="quick",
+        engine="gpipe-bench",
+        kind="memory",
+        metric=TABLE.metric,
+        unit=TABLE.unit,
+        value=value,
+        status=status,
+        environment=dict(ENV),
+        extra=extra,
+    )
 
 
 def _rows(scale: float) -> List[Result]:
-    return [_result("pipeline-8", 8, scale=scale), _result("naive-1", 1, "oom", scale), _result("pipeline-1", 1, scale=scale),
-            _result("pipeline-2", 2, "predicted", scale), _result("pipeline-4", 4, scale=scale)]
+    return [
+        _result("pipeline-8", 8, scale=scale),
+        _result("naive-1", 1, "oom", scale),
+        _result("pipeline-1", 1, scale=scale),
+        _result("pipeline-2", 2, "predicted", scale),
+        _result("pipeline-4", 4, scale=scale),
+    ]
 
 
 @pytest.mark.parametrize("scale", [0.01, 3.0])  # MiB and GiB axes
@@ -54,11 +73,24 @@ def test_accuracy_plot(tmp_path: Path) -> None:
     from gpipe_bench.plot import accuracy_plot
 
     table = config.load("resnet101-accuracy")
-    results = [Result(table=table.name, experiment=name, profile="quick", engine="gpipe-bench", kind="accuracy",
-                      metric=table.metric, unit=table.unit, value=40.0, status="ok", samples=[40.0, 41.0],
-                      settings={"mode": mode}, environment=dict(ENV),
-                      extra={"curves": {"0": [70.0, 50.0, 40.0], "1": [72.0, 52.0, 41.0]}})
-               for name, mode in (("pipeline-256", "pipeline"), ("dataparallel-256", "dataparallel"))]
+    results = [
+        Result(
+            table=table.name,
+            experiment=name,
+            profile="quick",
+            engine="gpipe-bench",
+            kind="accuracy",
+            metric=table.metric,
+            unit=table.unit,
+            value=40.0,
+            status="ok",
+            samples=[40.0, 41.0],
+            settings={"mode": mode},
+            environment=dict(ENV),
+            extra={"curves": {"0": [70.0, 50.0, 40.0], "1": [72.0, 52.0, 41.0]}},
+        )
+        for name, mode in (("pipeline-256", "pipeline"), ("dataparallel-256", "dataparallel"))
+    ]
     path = accuracy_plot(table, results, tmp_path / "error.png")
     assert path.read_bytes().startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="per-epoch curves"):

@@ -1,4 +1,5 @@
 """Tables in the published layout, speedups per hardware, and the comparison with the published figures."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,10 +12,20 @@ from gpipe_bench import report
 from gpipe_bench.config import Profile, Published, Row, Settings, Table
 from gpipe_bench.results import Result, summarize
 
-P40 = {"devices": ["cuda:0"], "device_names": {"cuda:0": "Tesla P40"}, "gpus": ["Tesla P40"] * 8, "hip": None,
-       "torch": "1.3.0"}
-H100 = {"devices": ["cuda:0"], "device_names": {"cuda:0": "NVIDIA H100 80GB HBM3"},
-        "gpus": ["NVIDIA H100 80GB HBM3"], "hip": None, "torch": "2.14.1"}
+P40 = {
+    "devices": ["cuda:0"],
+    "device_names": {"cuda:0": "Tesla P40"},
+    "gpus": ["Tesla P40"] * 8,
+    "hip": None,
+    "torch": "1.3.0",
+}
+H100 = {
+    "devices": ["cuda:0"],
+    "device_names": {"cuda:0": "NVIDIA H100 80GB HBM3"},
+    "gpus": ["NVIDIA H100 80GB HBM3"],
+    "hip": None,
+    "torch": "2.14.1",
+}
 
 # (name, mode, devices, batch, chunks, balance, checkpoint, published throughput, published speedup)
 RESNET = [
@@ -40,35 +51,78 @@ MEMORY = [
 ]
 SLIP = "6.45 is the GPipe paper's figure; params x 12 bytes gives 6.85"
 
-SETTINGS = Settings(input_size=224, dataset_size=50000, epochs=10, skip_epochs=1,
-                    optimizer={"name": "sgd", "lr": 0.1}, classes=10, extra={})
+SETTINGS = Settings(
+    input_size=224,
+    dataset_size=50000,
+    epochs=10,
+    skip_epochs=1,
+    optimizer={"name": "sgd", "lr": 0.1},
+    classes=10,
+    extra={},
+)
 
 
-def make_table(name: str, rows: Sequence[Row], *, kind: str = "speed", baseline: Optional[str] = None,
-               tolerance: float = 0.1, quick_rows: Optional[Sequence[Row]] = None) -> Table:
+def make_table(
+    name: str,
+    rows: Sequence[Row],
+    *,
+    kind: str = "speed",
+    baseline: Optional[str] = None,
+    tolerance: float = 0.1,
+    quick_rows: Optional[Sequence[Row]] = None,
+) -> Table:
     metric, unit, higher = {
         "speed": ("throughput", "samples/sec", True),
         "memory": ("peak_activation_memory", "GiB", False),
         "accuracy": ("top1_error", "%", False),
     }[kind]
     profiles = {
-        "published": Profile(name="published", description="as published", settings=SETTINGS, rows=tuple(rows),
-                             model_args={}),
-        "quick": Profile(name="quick", description="a smoke run", settings=SETTINGS,
-                         rows=tuple(quick_rows if quick_rows is not None else rows), model_args={}),
+        "published": Profile(
+            name="published", description="as published", settings=SETTINGS, rows=tuple(rows), model_args={}
+        ),
+        "quick": Profile(
+            name="quick",
+            description="a smoke run",
+            settings=SETTINGS,
+            rows=tuple(quick_rows if quick_rows is not None else rows),
+            model_args={},
+        ),
     }
-    return Table(name=name, title=name.replace("-", " "), kind=kind, metric=metric, unit=unit,
-                 higher_is_better=higher, baseline=baseline or rows[0].name, model="resnet101", model_args={},
-                 source={"hardware": "8x Tesla P40 (24 GB)"}, tolerance=tolerance, path=f"configs/{name}.yaml",
-                 profiles=profiles)
+    return Table(
+        name=name,
+        title=name.replace("-", " "),
+        kind=kind,
+        metric=metric,
+        unit=unit,
+        higher_is_better=higher,
+        baseline=baseline or rows[0].name,
+        model="resnet101",
+        model_args={},
+        source={"hardware": "8x Tesla P40 (24 GB)"},
+        tolerance=tolerance,
+        path=f"configs/{name}.yaml",
+        profiles=profiles,
+    )
 
 
 def speed_rows(spec: Sequence[Tuple[Any, ...]], **published_overrides: Dict[str, float]) -> List[Row]:
     rows = []
     for name, mode, devices, batch, chunks, balance, checkpoint, tp, speedup in spec:
         values = {"throughput": tp, "speedup": speedup, **published_overrides.get(name.replace("-", "_"), {})}
-        rows.append(Row(name=name, mode=mode, devices=devices, batch=batch, chunks=chunks, balance=balance,
-                        checkpoint=checkpoint, model_args={}, published=Published(values=values), note=""))
+        rows.append(
+            Row(
+                name=name,
+                mode=mode,
+                devices=devices,
+                batch=batch,
+                chunks=chunks,
+                balance=balance,
+                checkpoint=checkpoint,
+                model_args={},
+                published=Published(values=values),
+                note="",
+            )
+        )
     return rows
 
 
@@ -81,31 +135,63 @@ def amoeba() -> Table:
 
 
 def memory() -> Table:
-    rows = [Row(name=name, mode="pipeline" if name != "naive-1" else "naive", devices=1 if name.endswith("-1") else
-                int(name.split("-")[1]), batch=128, chunks=128 if name != "naive-1" else 1, balance=None,
-                checkpoint="except_last", model_args={"num_layers": layers, "num_filters": filters},
-                published=Published(values={"parameters": params, "model_memory_gb": mem,
-                                            "peak_activation_gb": peak}),
-                note=SLIP if name == "pipeline-2" else "")
-            for name, layers, filters, params, mem, peak in MEMORY]
+    rows = [
+        Row(
+            name=name,
+            mode="pipeline" if name != "naive-1" else "naive",
+            devices=1 if name.endswith("-1") else int(name.split("-")[1]),
+            batch=128,
+            chunks=128 if name != "naive-1" else 1,
+            balance=None,
+            checkpoint="except_last",
+            model_args={"num_layers": layers, "num_filters": filters},
+            published=Published(values={"parameters": params, "model_memory_gb": mem, "peak_activation_gb": peak}),
+            note=SLIP if name == "pipeline-2" else "",
+        )
+        for name, layers, filters, params, mem, peak in MEMORY
+    ]
     return make_table("amoebanetd-memory", rows, kind="memory")
 
 
-def result(table: Table, experiment: str, value: Optional[float], *, env: Mapping[str, Any] = P40,
-           profile: str = "published", engine: str = "gpipe-bench", status: str = "ok",
-           samples: Optional[List[float]] = None, extra: Optional[Dict[str, Any]] = None,
-           created: str = "2025-11-28T03:00:00+00:00") -> Result:
+def result(
+    table: Table,
+    experiment: str,
+    value: Optional[float],
+    *,
+    env: Mapping[str, Any] = P40,
+    profile: str = "published",
+    engine: str = "gpipe-bench",
+    status: str = "ok",
+    samples: Optional[List[float]] = None,
+    extra: Optional[Dict[str, Any]] = None,
+    created: str = "2025-11-28T03:00:00+00:00",
+) -> Result:
     samples = samples if samples is not None else ([] if value is None else [value])
-    return Result(table=table.name, experiment=experiment, profile=profile, engine=engine, kind=table.kind,
-                  metric=table.metric, unit=table.unit, value=value, status=status, samples=samples,
-                  spread=summarize(samples), settings={}, environment=dict(env), extra=extra or {},
-                  created=created)
+    return Result(
+        table=table.name,
+        experiment=experiment,
+        profile=profile,
+        engine=engine,
+        kind=table.kind,
+        metric=table.metric,
+        unit=table.unit,
+        value=value,
+        status=status,
+        samples=samples,
+        spread=summarize(samples),
+        settings={},
+        environment=dict(env),
+        extra=extra or {},
+        created=created,
+    )
 
 
 def as_published(table: Table, **kwargs: Any) -> List[Result]:
     """The published figures themselves, as if we had measured them."""
-    return [result(table, row.name, row.published.values["throughput"], **kwargs)
-            for row in table.profiles["published"].rows]
+    return [
+        result(table, row.name, row.published.values["throughput"], **kwargs)
+        for row in table.profiles["published"].rows
+    ]
 
 
 def blocks(text: str) -> List[str]:
@@ -151,8 +237,17 @@ def test_speed_table_with_published_columns_and_ideal() -> None:
     table = resnet()
     _, grid = blocks(report.speed_table(table, as_published(table)))
     lines = grid.splitlines()
-    assert lines[1].split() == ["Experiment", "Throughput", "Speedup", "Published", "Published", "speedup",
-                                "Measured", "/", "ideal"]
+    assert lines[1].split() == [
+        "Experiment",
+        "Throughput",
+        "Speedup",
+        "Published",
+        "Published",
+        "speedup",
+        "Measured",
+        "/",
+        "ideal",
+    ]
     last = lines[-2].split()
     assert last[:3] == ["pipeline-8", "404.084", "samples/sec"]
     assert last[3:] == ["4.367x", "404.084", "4.367x", "0.81", "of", "5.41x"]  # DESIGN.md: 81% of 5.41x
@@ -162,8 +257,11 @@ def test_speed_table_with_published_columns_and_ideal() -> None:
 
 def test_missing_rows_are_dashes_and_failures_say_so() -> None:
     table = resnet()
-    results = [result(table, "naive-1", 100.0), result(table, "pipeline-2", None, status="oom"),
-               result(table, "pipeline-4", None, status="interrupted")]
+    results = [
+        result(table, "naive-1", 100.0),
+        result(table, "pipeline-2", None, status="oom"),
+        result(table, "pipeline-4", None, status="interrupted"),
+    ]
     _, grid = blocks(report.speed_table(table, results, published=False))
     cells = {line.split()[0]: line.split()[1:] for line in grid.splitlines()[3:-1]}
     assert cells["pipeline-1"] == ["–", "–"]
@@ -181,8 +279,10 @@ def test_no_results_still_renders_the_rows() -> None:
 def test_speedup_uses_the_baseline_of_the_same_hardware() -> None:
     table = resnet()
     results = [
-        result(table, "naive-1", 100.0, env=P40), result(table, "pipeline-8", 400.0, env=P40),
-        result(table, "naive-1", 1000.0, env=H100), result(table, "pipeline-8", 1500.0, env=H100),
+        result(table, "naive-1", 100.0, env=P40),
+        result(table, "pipeline-8", 400.0, env=P40),
+        result(table, "naive-1", 1000.0, env=H100),
+        result(table, "pipeline-8", 1500.0, env=H100),
         result(table, "pipeline-2", 150.0, env=H100),
         result(table, "naive-1", 50.0, env=P40, profile="quick"),  # same machine, other profile: not a baseline
         dataclasses.replace(result(table, "naive-1", 1.0), table="amoebanetd-speed"),  # another table: ignored
@@ -196,7 +296,9 @@ def test_speedup_uses_the_baseline_of_the_same_hardware() -> None:
     assert "8x-nvidia-tesla-p40 (quick profile)" in headings[2]
     assert "1× NVIDIA H100 80GB HBM3" in headings[0] and "torch 2.14.1" in headings[0]
     assert "8× Tesla P40" in headings[1] and "torch 1.3.0" in headings[1]
-    h100, p40, quick = (dict((l.split()[0], l.split()[-1]) for l in grid.splitlines()[3:-1]) for grid in parts[1::2])
+    h100, p40, quick = (
+        dict((line.split()[0], line.split()[-1]) for line in grid.splitlines()[3:-1]) for grid in parts[1::2]
+    )
     assert p40["pipeline-8"] == "4.000x" and p40["pipeline-2"] == "–"
     assert h100["pipeline-8"] == "1.500x" and h100["pipeline-2"] == "0.150x"
     assert quick["naive-1"] == "1.000x" and quick["pipeline-8"] == "–"
@@ -213,9 +315,16 @@ def test_newest_result_wins_and_other_engines_get_their_own_rows() -> None:
     ]
     heading, grid = blocks(report.speed_table(table, results, published=False))
     assert "2025-11-28 to 2025-11-29" in heading  # the replaced 11-27 record is gone
-    names = [line[:line.index("  ")] for line in grid.splitlines()[3:-1]]
-    assert names == ["naive-1", "naive-1 (torchgpipe)", "pipeline-1", "pipeline-2", "pipeline-2 (torchgpipe)",
-                     "pipeline-4", "pipeline-8"]
+    names = [line[: line.index("  ")] for line in grid.splitlines()[3:-1]]
+    assert names == [
+        "naive-1",
+        "naive-1 (torchgpipe)",
+        "pipeline-1",
+        "pipeline-2",
+        "pipeline-2 (torchgpipe)",
+        "pipeline-4",
+        "pipeline-8",
+    ]
     speedups = [line.split()[-1] for line in grid.splitlines()[3:-1]]
     assert speedups[3:5] == ["1.500x", "2.000x"]  # 300 / 200 ours, 160 / 80 torchgpipe's
 
@@ -231,15 +340,23 @@ def test_plain_model_baseline_is_shared_by_engines() -> None:
 def test_pipeline_over_naive_on_the_same_devices_per_engine() -> None:
     rows = speed_rows(RESNET[:1] + [("naive-2", "naive", 2, 96, 1, (140, 230), "never", None, None)] + RESNET[1:])
     table = make_table("resnet101-speed", rows)
-    results = [result(table, "naive-1", 100.0), result(table, "naive-2", 60.0), result(table, "pipeline-2", 90.0),
-               result(table, "naive-2", 50.0, engine="distributed-gpipe", extra={"processes": 2}),
-               result(table, "pipeline-2", 70.0, engine="distributed-gpipe", extra={"processes": 2})]
+    results = [
+        result(table, "naive-1", 100.0),
+        result(table, "naive-2", 60.0),
+        result(table, "pipeline-2", 90.0),
+        result(table, "naive-2", 50.0, engine="distributed-gpipe", extra={"processes": 2}),
+        result(table, "pipeline-2", 70.0, engine="distributed-gpipe", extra={"processes": 2}),
+    ]
     note = blocks(report.speed_table(table, results))[-1]
-    assert note == ("Pipelining over the same devices: pipeline-2 / naive-2 on the same 2 devices (gpipe-bench): 1.500x; "
-                    "pipeline-2 / naive-2 on the same 2 processes (distributed-gpipe): 1.400x.")
+    assert note == (
+        "Pipelining over the same devices: pipeline-2 / naive-2 on the same 2 devices (gpipe-bench): 1.500x; "
+        "pipeline-2 / naive-2 on the same 2 processes (distributed-gpipe): 1.400x."
+    )
     # where naive-N is the baseline, the Speedup column already says it: no note
     amoeba_table = amoeba()
-    text = report.speed_table(amoeba_table, [result(amoeba_table, "naive-2", 10.0), result(amoeba_table, "pipeline-2", 15.0)])
+    text = report.speed_table(
+        amoeba_table, [result(amoeba_table, "naive-2", 10.0), result(amoeba_table, "pipeline-2", 15.0)]
+    )
     assert "Pipelining over the same devices" not in text
 
 
@@ -271,15 +388,30 @@ def test_memory_table() -> None:
 
 def test_memory_table_shows_predictions_and_units() -> None:
     table = memory()
-    measured = {"parameters": 358_456_186, "model_memory_gib": 4.006, "predicted_gib": 3.1, "devices": ["cuda:0"],
-                "model_memory_per_device_gib": [4.006], "predicted_per_device_gib": [3.1],
-                "measured_per_device_gib": [3.0], "predicted_peak_at": ["backward 126 on partition 0"],
-                "method": "CUDA max_memory_reserved minus model memory"}
-    sized = {"parameters": 2_005_905_418, "model_memory_gib": 22.42, "predicted_gib": 18.96,
-             "devices": ["cuda:0", "cuda:1"], "model_memory_per_device_gib": [11.0, 11.42],
-             "predicted_per_device_gib": [9.0, 9.96], "predicted_peak_at": ["backward 126 on partition 0"] * 2}
-    results = [result(table, "pipeline-1", 3.0, extra=measured),
-               result(table, "pipeline-8", None, status="predicted", extra=sized)]
+    measured = {
+        "parameters": 358_456_186,
+        "model_memory_gib": 4.006,
+        "predicted_gib": 3.1,
+        "devices": ["cuda:0"],
+        "model_memory_per_device_gib": [4.006],
+        "predicted_per_device_gib": [3.1],
+        "measured_per_device_gib": [3.0],
+        "predicted_peak_at": ["backward 126 on partition 0"],
+        "method": "CUDA max_memory_reserved minus model memory",
+    }
+    sized = {
+        "parameters": 2_005_905_418,
+        "model_memory_gib": 22.42,
+        "predicted_gib": 18.96,
+        "devices": ["cuda:0", "cuda:1"],
+        "model_memory_per_device_gib": [11.0, 11.42],
+        "predicted_per_device_gib": [9.0, 9.96],
+        "predicted_peak_at": ["backward 126 on partition 0"] * 2,
+    }
+    results = [
+        result(table, "pipeline-1", 3.0, extra=measured),
+        result(table, "pipeline-8", None, status="predicted", extra=sized),
+    ]
     text = report.render(table, results)
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("pipeline-")}
     assert "3.00 GiB" in lines["pipeline-1"] and "3.10 GiB" in lines["pipeline-1"]
@@ -298,12 +430,24 @@ def test_format_gib_switches_to_mib_below_one_gib() -> None:
 
 
 def test_accuracy_table() -> None:
-    rows = [Row(name=name, mode=mode, devices=devices, batch=batch, chunks=chunks, balance=None,
-                checkpoint="except_last", model_args={},
-                published=Published(values={"top1_error": err, "top1_error_std": std}), note="")
-            for name, mode, devices, batch, chunks, err, std in [
-                ("dataparallel-256", "dataparallel", 2, 256, 1, 22.02, 0.11),
-                ("pipeline-256", "pipeline", 2, 256, 4, 21.99, 0.13)]]
+    rows = [
+        Row(
+            name=name,
+            mode=mode,
+            devices=devices,
+            batch=batch,
+            chunks=chunks,
+            balance=None,
+            checkpoint="except_last",
+            model_args={},
+            published=Published(values={"top1_error": err, "top1_error_std": std}),
+            note="",
+        )
+        for name, mode, devices, batch, chunks, err, std in [
+            ("dataparallel-256", "dataparallel", 2, 256, 1, 22.02, 0.11),
+            ("pipeline-256", "pipeline", 2, 256, 4, 21.99, 0.13),
+        ]
+    ]
     table = make_table("resnet101-accuracy", rows, kind="accuracy")
     results = [result(table, "dataparallel-256", 22.02, samples=[21.91, 22.02, 22.13])]
     _, grid = blocks(report.render(table, results))
@@ -340,8 +484,13 @@ def test_compare_flags_by_tolerance() -> None:
     ]
     comparison = report.compare(table, results)
     flags = {e["experiment"]: e["flag"] for e in comparison.rows}
-    assert flags == {"naive-1": "ok", "pipeline-1": "missing", "pipeline-2": "ok", "pipeline-4": "regression",
-                     "pipeline-8": "better"}
+    assert flags == {
+        "naive-1": "ok",
+        "pipeline-1": "missing",
+        "pipeline-2": "ok",
+        "pipeline-4": "regression",
+        "pipeline-8": "better",
+    }
     assert row_of(comparison, "pipeline-4")["ratio"] == pytest.approx(0.8)
     assert len(comparison.regressions) == 1 and "pipeline-4" in comparison.regressions[0]
     assert "\n" not in comparison.regressions[0]
@@ -355,8 +504,10 @@ def test_compare_flags_by_tolerance() -> None:
 def test_compare_quick_profile_differs_but_never_regresses() -> None:
     """Scaled-down rows on other hardware are reported, not failed by `compare --check`."""
     table = resnet()
-    results = [result(table, "naive-1", 100.0, profile="quick"),
-               result(table, "pipeline-4", 100.0 * 2.629 * 0.5, profile="quick")]
+    results = [
+        result(table, "naive-1", 100.0, profile="quick"),
+        result(table, "pipeline-4", 100.0 * 2.629 * 0.5, profile="quick"),
+    ]
     comparison = report.compare(table, results)
     assert row_of(comparison, "pipeline-4")["flag"] == "differs"
     assert comparison.regressions == []
@@ -374,8 +525,13 @@ def test_compare_lower_is_better_and_failed_runs() -> None:
     ]
     comparison = report.compare(table, results)
     flags = {e["experiment"]: e["flag"] for e in comparison.rows}
-    assert flags == {"naive-1": "ok", "pipeline-1": "regression", "pipeline-2": "better",
-                     "pipeline-4": "regression", "pipeline-8": "missing"}
+    assert flags == {
+        "naive-1": "ok",
+        "pipeline-1": "regression",
+        "pipeline-2": "better",
+        "pipeline-4": "regression",
+        "pipeline-8": "missing",
+    }
     assert row_of(comparison, "pipeline-8")["note"] == "run error"
 
 

@@ -1,4 +1,5 @@
 """Result records: JSON round trip, atomic writes, the path layout, hardware keys, loading."""
+
 from __future__ import annotations
 
 import errno
@@ -12,25 +13,61 @@ from typing import Any, Dict, List, Tuple, Union
 import pytest
 
 import gpipe_bench
-from gpipe_bench.errors import HarnessError
 from gpipe_bench import results
+from gpipe_bench.errors import HarnessError
 from gpipe_bench.results import Result
 
-P40: Dict[str, Any] = {"devices": ["cuda:0"], "device_names": {"cuda:0": "Tesla P40"}, "gpus": ["Tesla P40"] * 8,
-       "hip": None, "usable_cores": 48, "cpu_model": "Intel(R) Xeon(R) CPU E5-2650 v4 @ 2.20GHz", "torch": "1.3.0"}
-EPYC: Dict[str, Any] = {"devices": ["cpu:0", "cpu:1"], "device_names": {}, "gpus": [], "hip": None, "usable_cores": 2,
-        "cpu_count": 2, "cpu_model": "AMD EPYC 7B13", "torch": "2.14.1"}
+P40: Dict[str, Any] = {
+    "devices": ["cuda:0"],
+    "device_names": {"cuda:0": "Tesla P40"},
+    "gpus": ["Tesla P40"] * 8,
+    "hip": None,
+    "usable_cores": 48,
+    "cpu_model": "Intel(R) Xeon(R) CPU E5-2650 v4 @ 2.20GHz",
+    "torch": "1.3.0",
+}
+EPYC: Dict[str, Any] = {
+    "devices": ["cpu:0", "cpu:1"],
+    "device_names": {},
+    "gpus": [],
+    "hip": None,
+    "usable_cores": 2,
+    "cpu_count": 2,
+    "cpu_model": "AMD EPYC 7B13",
+    "torch": "2.14.1",
+}
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-def make(experiment: str = "pipeline-2", *, table: str = "resnet101-speed", profile: str = "published",
-         engine: str = "gpipe-bench", env: Dict[str, Any] = EPYC, value: float = 137.788,
-         **kwargs: Any) -> Result:
+def make(
+    experiment: str = "pipeline-2",
+    *,
+    table: str = "resnet101-speed",
+    profile: str = "published",
+    engine: str = "gpipe-bench",
+    env: Dict[str, Any] = EPYC,
+    value: float = 137.788,
+    **kwargs: Any,
+) -> Result:
     samples = kwargs.pop("samples", [value - 1.0, value, value + 1.0])
-    return Result(table=table, experiment=experiment, profile=profile, engine=engine, kind="speed",
-                  metric="throughput", unit="samples/sec", value=value, status="ok", samples=samples,
-                  spread=results.summarize(samples), settings={"batch": 4096, "chunks": 256, "balance": [140, 230]},
-                  environment=dict(env), extra=kwargs.pop("extra", {}), created="2025-11-28T03:00:00+00:00", **kwargs)
+    return Result(
+        table=table,
+        experiment=experiment,
+        profile=profile,
+        engine=engine,
+        kind="speed",
+        metric="throughput",
+        unit="samples/sec",
+        value=value,
+        status="ok",
+        samples=samples,
+        spread=results.summarize(samples),
+        settings={"batch": 4096, "chunks": 256, "balance": [140, 230]},
+        environment=dict(env),
+        extra=kwargs.pop("extra", {}),
+        created="2025-11-28T03:00:00+00:00",
+        **kwargs,
+    )
 
 
 def leftovers(directory: Path) -> List[str]:
@@ -42,7 +79,7 @@ def leftovers(directory: Path) -> List[str]:
 
 def test_json_round_trip_through_disk(tmp_path: Path) -> None:
     result = make(extra={"note": "ünïcode", "nested": {"a": [1, 2.5, None]}})
-    path = results.save(result, tmp_path)
+    results.save(result, tmp_path)
     assert results.load_all(tmp_path) == [result]
     assert Result.from_json(result.to_json()) == result
 
@@ -158,8 +195,11 @@ def test_results_dir_default_and_override(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_load_all_filters(tmp_path: Path) -> None:
     records = [
-        make("naive-1"), make("pipeline-2"), make("pipeline-2", engine="torchgpipe"),
-        make("pipeline-2", profile="quick"), make("pipeline-2", env=P40),
+        make("naive-1"),
+        make("pipeline-2"),
+        make("pipeline-2", engine="torchgpipe"),
+        make("pipeline-2", profile="quick"),
+        make("pipeline-2", env=P40),
         make("pipeline-2", table="amoebanetd-speed"),
     ]
     for record in records:
@@ -169,8 +209,9 @@ def test_load_all_filters(tmp_path: Path) -> None:
     assert len(results.load_all(tmp_path, table="resnet101-speed", profile="published")) == 4
     on_p40 = results.load_all(tmp_path, hardware="8x-nvidia-tesla-p40")
     assert [r.environment["gpus"] for r in on_p40] == [["Tesla P40"] * 8]
-    assert len(results.load_all(tmp_path, table="resnet101-speed", profile="quick",
-                                hardware="cpu-2-amd-epyc-7b13")) == 1
+    assert (
+        len(results.load_all(tmp_path, table="resnet101-speed", profile="quick", hardware="cpu-2-amd-epyc-7b13")) == 1
+    )
     assert results.load_all(tmp_path, table="no-such-table") == []
 
 

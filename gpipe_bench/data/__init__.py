@@ -1,4 +1,5 @@
 """Datasets of the accuracy table: Fashion-MNIST (the embedded default) and ImageNet folders."""
+
 from __future__ import annotations
 
 from . import fashion_mnist, imagenet

@@ -8,6 +8,7 @@ content: the same data gzipped differently still passes, a truncated or
 altered file does not. The check is not cached: hashing the 47 MB of training
 images takes a few tens of milliseconds, well under the gunzip it follows.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -31,15 +32,23 @@ CLASSES = 10
 
 #: split -> ((images file, SHA-256), (labels file, SHA-256), image count); hashes of the uncompressed bytes.
 FILES: Dict[str, Tuple[Tuple[str, str], Tuple[str, str], int]] = {
-    "train": (("train-images-idx3-ubyte", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
-              ("train-labels-idx1-ubyte", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"), 60000),
-    "test": (("t10k-images-idx3-ubyte", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
-             ("t10k-labels-idx1-ubyte", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"), 10000),
+    "train": (
+        ("train-images-idx3-ubyte", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+        ("train-labels-idx1-ubyte", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+        60000,
+    ),
+    "test": (
+        ("t10k-images-idx3-ubyte", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+        ("t10k-labels-idx1-ubyte", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+        10000,
+    ),
 }
 
-_HOW = ("install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist, or `make data` as root) "
-        "or pass --data DIR with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-        "t10k-labels-idx1-ubyte (.gz or not)")
+_HOW = (
+    "install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist, or `make data` as root) "
+    "or pass --data DIR with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+    "t10k-labels-idx1-ubyte (.gz or not)"
+)
 
 
 class DataError(HarnessError):
@@ -70,27 +79,34 @@ def _read(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"{path}: cannot be read ({error}); re-install the package or pass --data with intact files") from None
+        raise DataError(
+            f"{path}: cannot be read ({error}); re-install the package or pass --data with intact files"
+        ) from None
 
 
 def parse_idx(raw: bytes, where: str) -> torch.Tensor:
     """An IDX file of unsigned bytes (type code 0x08) as a uint8 tensor of its dimensions."""
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{where}: not an IDX file of unsigned bytes; re-install the package or pass --data with the original files")
+        raise DataError(
+            f"{where}: not an IDX file of unsigned bytes; re-install the package or pass --data with the original files"
+        )
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{where}: truncated header; re-install the package or pass --data with the original files")
-    dims = [int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
     size = math.prod(dims)
     if len(raw) - header != size:
-        raise DataError(f"{where}: {len(raw) - header} data bytes for dimensions {dims} ({size} expected); "
-                        "the file is truncated or corrupt: re-install the package or pass --data with the original files")
+        raise DataError(
+            f"{where}: {len(raw) - header} data bytes for dimensions {dims} ({size} expected); "
+            "the file is truncated or corrupt: re-install the package or pass --data with the original files"
+        )
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
 
-def load(split: str, data: Optional[Path] = None, *, verify: bool = True,
-         checksums: Optional[Mapping[str, str]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def load(
+    split: str, data: Optional[Path] = None, *, verify: bool = True, checksums: Optional[Mapping[str, str]] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Images ``uint8 [N, 28, 28]`` and labels ``int64 [N]`` of ``split`` ("train" or "test").
 
     ``checksums`` (file name -> SHA-256 of the uncompressed bytes) replaces the
@@ -107,18 +123,28 @@ def load(split: str, data: Optional[Path] = None, *, verify: bool = True,
         raw = _read(path)
         want = (checksums or {}).get(name, expected)
         if verify and hashlib.sha256(raw).hexdigest() != want:
-            raise DataError(f"{path}: content does not match Fashion-MNIST's (SHA-256 of the uncompressed bytes); "
-                            "re-install dataset-fashion-mnist or pass --data with the original files")
+            raise DataError(
+                f"{path}: content does not match Fashion-MNIST's (SHA-256 of the uncompressed bytes); "
+                "re-install dataset-fashion-mnist or pass --data with the original files"
+            )
         out.append(parse_idx(raw, str(path)))
     images, labels = out
-    if images.dim() != 3 or tuple(images.shape[1:]) != IMAGE_SIZE or labels.dim() != 1 \
-            or images.size(0) != labels.size(0):
-        raise DataError(f"{directory}: {split} images {list(images.shape)} and labels {list(labels.shape)} are not "
-                        f"N 28×28 images with N labels; pass --data with the original Fashion-MNIST files")
+    if (
+        images.dim() != 3
+        or tuple(images.shape[1:]) != IMAGE_SIZE
+        or labels.dim() != 1
+        or images.size(0) != labels.size(0)
+    ):
+        raise DataError(
+            f"{directory}: {split} images {list(images.shape)} and labels {list(labels.shape)} are not "
+            f"N 28×28 images with N labels; pass --data with the original Fashion-MNIST files"
+        )
     # With the published checksums the count is already pinned; this line keeps the table honest if edited.
     if verify and checksums is None and images.size(0) != count:
         raise DataError(f"{directory}: {images.size(0)} {split} images, Fashion-MNIST has {count}")
     if labels.numel() and int(labels.max()) >= CLASSES:
-        raise DataError(f"{directory}: {split} label {int(labels.max())} is not a class index 0..{CLASSES - 1}; "
-                        "pass --data with the original Fashion-MNIST files")
+        raise DataError(
+            f"{directory}: {split} label {int(labels.max())} is not a class index 0..{CLASSES - 1}; "
+            "pass --data with the original Fashion-MNIST files"
+        )
     return images, labels.long()

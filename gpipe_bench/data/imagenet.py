@@ -6,6 +6,7 @@ layout is checked before anything trains, so a wrong path is one line, not a
 traceback an hour in. torchvision is imported only when a dataset is built:
 checking a layout (the CLI does it up front) should not pay for it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,16 +51,21 @@ def check_layout(path: Path) -> Path:
             raise DataError(f"--data {path}: {split}/ has no class folders; {_LAYOUT}")
         empty = [n for n in names if not _has_image(root / n)]
         if empty:
-            raise DataError(f"--data {path}: {split}/{empty[0]} holds no images ({len(empty)} empty class folder(s)); {_LAYOUT}")
+            raise DataError(
+                f"--data {path}: {split}/{empty[0]} holds no images ({len(empty)} empty class folder(s)); {_LAYOUT}"
+            )
         classes[split] = names
     if classes["train"] != classes["val"]:
-        raise DataError(f"--data {path}: train/ has {len(classes['train'])} classes, val/ {len(classes['val'])}, "
-                        f"and they differ; {_LAYOUT}")
+        raise DataError(
+            f"--data {path}: train/ has {len(classes['train'])} classes, val/ {len(classes['val'])}, "
+            f"and they differ; {_LAYOUT}"
+        )
     return path
 
 
-def transform(split: str, input_size: int = 224, val_resize: int = 256,
-              mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> Any:
+def transform(
+    split: str, input_size: int = 224, val_resize: int = 256, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+) -> Any:
     """The published recipe: RandomResizedCrop + flip to train, Resize + CenterCrop to validate, then normalize.
 
     Returned as torchvision's ``Compose`` (untyped, hence ``Any``).
@@ -76,16 +82,23 @@ def transform(split: str, input_size: int = 224, val_resize: int = 256,
     return transforms.Compose([*steps, transforms.ToTensor(), norm])
 
 
-def _folder(path: Path, split: str, input_size: int, val_resize: int,
-            mean: Sequence[float], std: Sequence[float]) -> Dataset[Tuple[torch.Tensor, int]]:
+def _folder(
+    path: Path, split: str, input_size: int, val_resize: int, mean: Sequence[float], std: Sequence[float]
+) -> Dataset[Tuple[torch.Tensor, int]]:
     recipe = transform(split, input_size, val_resize, mean, std)
     from torchvision import datasets
 
     return cast("Dataset[Tuple[torch.Tensor, int]]", datasets.ImageFolder(str(path / split), recipe))
 
 
-def dataset(path: Path, split: str, input_size: int = 224, val_resize: int = 256,
-            mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> Dataset[Tuple[torch.Tensor, int]]:
+def dataset(
+    path: Path,
+    split: str,
+    input_size: int = 224,
+    val_resize: int = 256,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+) -> Dataset[Tuple[torch.Tensor, int]]:
     """``split`` ("train" or "val") of the ImageNet folders at ``path``: (image ``float [3, S, S]``, class index).
 
     The split is checked before the disk, the layout before torchvision lists a single file.
@@ -96,14 +109,16 @@ def dataset(path: Path, split: str, input_size: int = 224, val_resize: int = 256
     return _folder(path, split, input_size, val_resize, mean, std)
 
 
-def folders(path: Path, input_size: int, val_resize: int,
-            normalize: Mapping[str, Sequence[float]]) -> Tuple[Dataset[Tuple[torch.Tensor, int]],
-                                                               Dataset[Tuple[torch.Tensor, int]]]:
+def folders(
+    path: Path, input_size: int, val_resize: int, normalize: Mapping[str, Sequence[float]]
+) -> Tuple[Dataset[Tuple[torch.Tensor, int]], Dataset[Tuple[torch.Tensor, int]]]:
     """(train, val) datasets with the published augmentations; ``normalize`` holds ``mean`` and ``std``.
 
     One layout check for both splits: on a real ImageNet tree it walks 2,000 class folders.
     """
     check_layout(path)
     mean, std = normalize["mean"], normalize["std"]
-    return (_folder(path, "train", input_size, val_resize, mean, std),
-            _folder(path, "val", input_size, val_resize, mean, std))
+    return (
+        _folder(path, "train", input_size, val_resize, mean, std),
+        _folder(path, "val", input_size, val_resize, mean, std),
+    )

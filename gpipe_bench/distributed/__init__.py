@@ -5,6 +5,7 @@ interleaved) and point-to-point transfers are PyTorch's. This package builds
 each rank's stage without materialising the whole model, and runs the rows'
 micro-batches through the chosen schedule.
 """
+
 from .stages import build_full, build_stage, materialize, stage_range
 
 __all__ = ["build_full", "build_stage", "materialize", "stage_range"]

@@ -17,6 +17,7 @@ rank 0 writes a result only after its row completes, so a failed row leaves
 no file. Across hosts each host's launch reports its own ranks; a rank that
 fails on another host shows here as its peers' lost connection.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ __all__ = ["ERROR_DIR_ENV", "Failure", "worker_main", "first_failure", "launch",
 #: Set by :func:`launch` for its workers: the folder where a failing rank leaves its error.
 ERROR_DIR_ENV = "GPIPE_BENCH_ERROR_DIR"
 
-_INTERRUPTED = "gpipe-bench launch: interrupted; the ranks were stopped and nothing was written for the row in progress."
+_INTERRUPTED = (
+    "gpipe-bench launch: interrupted; the ranks were stopped and nothing was written for the row in progress."
+)
 
 #: Seconds torchrun's agent waits between checks of its workers.
 _MONITOR_INTERVAL_S = 0.1
@@ -60,10 +63,16 @@ class Failure:
         of = f" of {world}" if world else ""
         verb = "failed" if self.kind == "error" else "died"
         head = f"{self.detail.rstrip()}\n" if self.detail else ""
-        hint = ("; it waited on a peer longer than the process group's timeout (--timeout): "
-                "that peer is hung or much slower" if "timed out" in self.text.lower() else "")
-        return (f"{head}gpipe-bench launch: rank {self.rank}{of} {verb} first: {self.text}{hint}; "
-                "the other ranks were stopped.")
+        hint = (
+            "; it waited on a peer longer than the process group's timeout (--timeout): "
+            "that peer is hung or much slower"
+            if "timed out" in self.text.lower()
+            else ""
+        )
+        return (
+            f"{head}gpipe-bench launch: rank {self.rank}{of} {verb} first: {self.text}{hint}; "
+            "the other ranks were stopped."
+        )
 
 
 def _record(folder: str, failure: Failure) -> None:
@@ -101,8 +110,16 @@ def worker_main(main: Callable[..., Any]) -> None:
         raise
     except BaseException as error:  # noqa: BLE001 - every failure is reported by the launch
         text = f"{type(error).__name__}: {error}".strip()
-        _record(folder, Failure(rank, "error", text.splitlines()[0] if text else type(error).__name__,
-                                "".join(traceback.format_exception(error)), time=time.time()))
+        _record(
+            folder,
+            Failure(
+                rank,
+                "error",
+                text.splitlines()[0] if text else type(error).__name__,
+                "".join(traceback.format_exception(error)),
+                time=time.time(),
+            ),
+        )
         sys.exit(1)
 
 
@@ -156,10 +173,9 @@ def _quiet_agent() -> None:
 def launch(torchrun_args: Sequence[str], world: Optional[int] = None) -> int:
     """Run torchrun's agent with ``torchrun_args``; the exit code, after printing the first failure if any."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.agent.server import api  # noqa: F401 - its logger, to quieten
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from torch.distributed.elastic.agent.server import api  # noqa: F401 - its logger, to quieten
 
     folder = tempfile.mkdtemp(prefix="gpipe-bench-launch-")
     os.environ[ERROR_DIR_ENV] = folder
@@ -181,8 +197,10 @@ def launch(torchrun_args: Sequence[str], world: Optional[int] = None) -> int:
             print(_INTERRUPTED, file=sys.stderr)
             return 130
         except Exception as error:  # the agent's own failure: rendezvous, a busy port
-            print(f"gpipe-bench launch: torchrun failed before the ranks ran: {type(error).__name__}: {error}",
-                  file=sys.stderr)
+            print(
+                f"gpipe-bench launch: torchrun failed before the ranks ran: {type(error).__name__}: {error}",
+                file=sys.stderr,
+            )
             return 1
         return 0
     finally:

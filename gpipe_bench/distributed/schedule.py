@@ -10,6 +10,7 @@ row's stages are dealt round-robin (stage ``s`` on rank ``s % world``), so a
 row of 8 stages runs interleaved on 4 processes with 2 stages each, or on 2
 with 4. The first stage is always on rank 0 and the last on the last rank.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
@@ -35,13 +36,17 @@ def check(schedule: str, stages: int, world: int, chunks: int) -> Optional[str]:
         return f"unknown schedule {schedule!r}; use one of: {', '.join(SCHEDULES)}"
     if schedule == "interleaved":
         if stages % world or stages // world < 2:
-            return (f"interleaved needs at least two stages per process and the same number on each "
-                    f"({stages} stage(s) on {world} process(es)); launch with --nproc {max(1, stages // 2)}"
-                    + (" or fewer dividing it" if stages >= 4 else ""))
+            return (
+                f"interleaved needs at least two stages per process and the same number on each "
+                f"({stages} stage(s) on {world} process(es)); launch with --nproc {max(1, stages // 2)}"
+                + (" or fewer dividing it" if stages >= 4 else "")
+            )
         rounds = max(1, chunks // world)
         if chunks % rounds:
-            return (f"interleaved needs micro-batches in whole rounds of about {world}: {chunks} is not a multiple "
-                    f"of {rounds}; use --chunks {rounds * world} or {world}")
+            return (
+                f"interleaved needs micro-batches in whole rounds of about {world}: {chunks} is not a multiple "
+                f"of {rounds}; use --chunks {rounds * world} or {world}"
+            )
         return None
     if stages != world:
         return f"{stages} stage(s) but {world} process(es) were launched; launch with --nproc {stages}"
@@ -50,9 +55,17 @@ def check(schedule: str, stages: int, world: int, chunks: int) -> Optional[str]:
     return None
 
 
-def make_schedule(stage_modules: Union[nn.Module, Mapping[int, nn.Module]], rank: int, world: int,
-                  device: torch.device, chunks: int, schedule: str, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                  group: Optional[dist.ProcessGroup] = None, stages: Optional[int] = None) -> Any:
+def make_schedule(
+    stage_modules: Union[nn.Module, Mapping[int, nn.Module]],
+    rank: int,
+    world: int,
+    device: torch.device,
+    chunks: int,
+    schedule: str,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    group: Optional[dist.ProcessGroup] = None,
+    stages: Optional[int] = None,
+) -> Any:
     """The pipelining stages of ``rank`` and their schedule over ``chunks`` micro-batches.
 
     ``stage_modules`` is this rank's one stage, or ``{stage index: module}``

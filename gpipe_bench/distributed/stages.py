@@ -9,6 +9,7 @@ distributed step must reproduce. The initial values differ from the model's
 constructor's (torchvision's ResNet draws Kaiming-normal convolutions; here the
 modules' own defaults), which matters for accuracy runs, not for speed or memory.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
@@ -56,8 +57,9 @@ def _meta_model(name: str, **kwargs: Any) -> nn.Sequential:
         return models.build(name, **kwargs)
 
 
-def build_stage(name: str, balance: Sequence[int], rank: int, device: torch.device, seed: int = 0,
-                **kwargs: Any) -> nn.Module:
+def build_stage(
+    name: str, balance: Sequence[int], rank: int, device: torch.device, seed: int = 0, **kwargs: Any
+) -> nn.Module:
     """Stage ``rank`` of model ``name`` split by ``balance``, on ``device``; the rest stays on ``meta``.
 
     The stage is a :class:`CarrySkips`: it carries skip connections that cross
@@ -67,8 +69,16 @@ def build_stage(name: str, balance: Sequence[int], rank: int, device: torch.devi
     return _stage(_balanced_meta(name, balance, **kwargs), balance, rank, device, seed)
 
 
-def build_local(name: str, balance: Sequence[int], rank: int, world: int, schedule: str, device: torch.device,
-                seed: int = 0, **kwargs: Any) -> Dict[int, nn.Module]:
+def build_local(
+    name: str,
+    balance: Sequence[int],
+    rank: int,
+    world: int,
+    schedule: str,
+    device: torch.device,
+    seed: int = 0,
+    **kwargs: Any,
+) -> Dict[int, nn.Module]:
     """The stages rank ``rank`` holds under ``schedule`` (one; several when interleaved), by stage index.
 
     One model on ``meta`` for all of them: the stages are disjoint slices of it.
@@ -163,7 +173,6 @@ def carried_keys(model: nn.Sequential, balance: Sequence[int], rank: int) -> Tup
     """Skip keys entering and leaving stage ``rank``: stashed before it and popped in or after it; and
     stashed in or before it and popped after it. The order is the model's, the same on every rank."""
     from gpipe_bench.pipe.skip.layout import inspect_skip_layout
-
 
     routes = inspect_skip_layout(split(model, balance)).routes
     incoming = [key for key, (stash, pop) in routes.items() if stash < rank <= pop]

@@ -5,6 +5,7 @@
 - the plain model, for rows that do not split it, whichever engine was asked for (:mod:`.local`);
 - ``distributed``: torch.distributed.pipelining, this rank's stages under torchrun (:mod:`.distributed`).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence

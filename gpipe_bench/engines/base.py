@@ -13,6 +13,7 @@ loops call :meth:`Trainer.barrier`, :meth:`Trainer.slowest` and
 these are no-ops. Only the trainer whose :attr:`~Trainer.reporter` is true
 (rank 0) writes the record.
 """
+
 from __future__ import annotations
 
 import gc

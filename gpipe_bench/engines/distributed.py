@@ -7,6 +7,7 @@ rank: rank 0 feeds the inputs and writes the record, the last rank holds the
 labels, and the loops' barriers, maxima and gathers are the process group's.
 The first step infers the stages' shapes, so it is run before any figure.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,10 @@ def rank_device() -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         count = torch.cuda.device_count()
         if local >= count:
-            raise HarnessError(f"local rank {local} has no GPU: this host has {count}; launch at most --nproc "
-                               f"{count} per host, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPU processes")
+            raise HarnessError(
+                f"local rank {local} has no GPU: this host has {count}; launch at most --nproc "
+                f"{count} per host, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPU processes"
+            )
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
@@ -52,9 +55,11 @@ class DistributedTrainer(Trainer):
         self.device = rank_device()
         if not dist.is_initialized():
             # NCCL: bind the group to this rank's GPU (collectives on device tensors, no guessing).
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                    timeout=timedelta(seconds=job.timeout_s),
-                                    device_id=self.device if self.device.type == "cuda" else None)
+            dist.init_process_group(
+                "nccl" if self.device.type == "cuda" else "gloo",
+                timeout=timedelta(seconds=job.timeout_s),
+                device_id=self.device if self.device.type == "cuda" else None,
+            )
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.reporter = self.rank == 0
         name, args = job.model_name, job.model_args
@@ -62,8 +67,16 @@ class DistributedTrainer(Trainer):
         self.stages = build_local(name, self.balance, self.rank, self.size, job.schedule, self.device, seed=0, **args)
         for stage in self.stages.values():
             stage.train()
-        self.pipe = make_schedule(self.stages, self.rank, self.size, self.device, job.row.chunks, job.schedule,
-                                  F.cross_entropy, stages=len(self.balance))
+        self.pipe = make_schedule(
+            self.stages,
+            self.rank,
+            self.size,
+            self.device,
+            job.row.chunks,
+            job.schedule,
+            F.cross_entropy,
+            stages=len(self.balance),
+        )
 
     def parameters(self) -> List[nn.Parameter]:
         return [p for stage in self.stages.values() for p in stage.parameters()]
@@ -106,9 +119,13 @@ class DistributedTrainer(Trainer):
         return 0
 
     def record_settings(self) -> Dict[str, Any]:
-        return {"devices": [f"{self.device.type}:rank{r}" for r in range(self.size)], "balance": self.balance,
-                "schedule": self.job.schedule, "processes": self.size,
-                "stages_per_process": len(self.balance) // self.size}
+        return {
+            "devices": [f"{self.device.type}:rank{r}" for r in range(self.size)],
+            "balance": self.balance,
+            "schedule": self.job.schedule,
+            "processes": self.size,
+            "stages_per_process": len(self.balance) // self.size,
+        }
 
     def record_extra(self) -> Dict[str, Any]:
         return {"processes": self.size, "schedule": self.job.schedule, "launcher": "torchrun"}

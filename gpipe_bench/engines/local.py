@@ -7,6 +7,7 @@ for, so that engine's speedups have their baseline. Every other row is the
 model cut by the row's balance over its devices, with the row's chunks and
 checkpoint mode (``naive-N``: one chunk).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -48,7 +49,9 @@ class LocalTrainer(Trainer):
     def __init__(self, job: Job, balance: Optional[Sequence[int]] = None) -> None:
         super().__init__(job)
         if job.engine == "torchgpipe" and importlib.util.find_spec("torchgpipe") is None:
-            raise HarnessError("--engine torchgpipe: torchgpipe is not installed; install it with: pip install -e '.[peers]'")
+            raise HarnessError(
+                "--engine torchgpipe: torchgpipe is not installed; install it with: pip install -e '.[peers]'"
+            )
         extra: Dict[str, Any] = {}
         skip_arg = models.spec(job.model_name).skip_api_arg
         if job.engine == "torchgpipe" and skip_arg is not None:

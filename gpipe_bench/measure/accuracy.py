@@ -15,6 +15,7 @@ same learning-rate schedule; only the execution differs:
 
 Error = 100 × (1 − accuracy) on the validation set after every epoch.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -34,14 +34,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from gpipe_bench import models, optim
-from gpipe_bench.config import Row, Settings, Table
 from gpipe_bench.data import fashion_mnist, imagenet
-from gpipe_bench.pipe import GPipe
 from gpipe_bench.engines import place
 from gpipe_bench.environment import environment, now
 from gpipe_bench.jobs import Job
+from gpipe_bench.pipe import GPipe
 from gpipe_bench.results import Result
-
 
 __all__ = ["Dataset", "Folders", "load_dataset", "batches", "lr_at", "train", "run"]
 
@@ -79,7 +77,8 @@ def load_dataset(job: Job) -> Data:
         if job.data is None:
             raise fashion_mnist.DataError(
                 f"profile {job.profile!r} trains on ImageNet: pass --data PATH with train/ and val/ class folders "
-                "(or use --profile quick, Fashion-MNIST)")
+                "(or use --profile quick, Fashion-MNIST)"
+            )
         norm = job.extra("normalize", {"mean": imagenet.MEAN, "std": imagenet.STD})
         train, val = imagenet.folders(job.data, job.settings.input_size, int(job.extra("val_resize", 256)), norm)
         return Folders(train, val, workers=min(8, os.cpu_count() or 1))
@@ -115,7 +114,7 @@ def batches(data: Data, batch: int, seed: int, epoch: int) -> Iterator[Tuple[Ten
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if isinstance(data, Folders):
         order = torch.randperm(len(data.train), generator=generator).tolist()
-        plan = [order[k:k + batch] for k in range(0, len(order) - batch + 1, batch)]
+        plan = [order[k : k + batch] for k in range(0, len(order) - batch + 1, batch)]
         loader = DataLoader(data.train, batch_sampler=plan, num_workers=data.workers, generator=generator)
         yield from loader
         return
@@ -123,11 +122,13 @@ def batches(data: Data, batch: int, seed: int, epoch: int) -> Iterator[Tuple[Ten
     shuffled = torch.randperm(n, generator=generator)
     size = data.train_x.size(-1)
     for start in range(0, n - batch + 1, batch):
-        index = shuffled[start:start + batch]
+        index = shuffled[start : start + batch]
         x = F.pad(data.train_x[index], (4, 4, 4, 4), value=float(data.train_x.min()))
         shifts = torch.randint(0, 9, (batch, 2), generator=generator)
         flips = torch.rand(batch, generator=generator) < 0.5
-        crops = [x[k, :, int(dy):int(dy) + size, int(dx):int(dx) + size] for k, (dy, dx) in enumerate(shifts.tolist())]
+        crops = [
+            x[k, :, int(dy) : int(dy) + size, int(dx) : int(dx) + size] for k, (dy, dx) in enumerate(shifts.tolist())
+        ]
         out = torch.stack(crops)
         out[flips] = out[flips].flip(-1)
         yield out, data.train_y[index]
@@ -156,7 +157,7 @@ def _error(model: nn.Module, data: Data, device: torch.device) -> float:
     if isinstance(data, Folders):
         pairs: Any = DataLoader(data.val, batch_size=250, num_workers=data.workers)
     else:
-        pairs = ((data.val_x[k:k + 250], data.val_y[k:k + 250]) for k in range(0, data.val_x.size(0), 250))
+        pairs = ((data.val_x[k : k + 250], data.val_y[k : k + 250]) for k in range(0, data.val_x.size(0), 250))
     for x, y in pairs:
         correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
         total += int(y.numel())
@@ -164,9 +165,19 @@ def _error(model: nn.Module, data: Data, device: torch.device) -> float:
     return 100.0 * (1 - correct / total)
 
 
-def _train_loop(job: Job, model: nn.Module, data: Data, seed: int, *, replica: int = 0, replicas: int = 1,
-                first: torch.device, last: torch.device, evaluate: Optional[Callable[[], float]],
-                progress: Optional[Progress]) -> List[float]:
+def _train_loop(
+    job: Job,
+    model: nn.Module,
+    data: Data,
+    seed: int,
+    *,
+    replica: int = 0,
+    replicas: int = 1,
+    first: torch.device,
+    last: torch.device,
+    evaluate: Optional[Callable[[], float]],
+    progress: Optional[Progress],
+) -> List[float]:
     batch = job.row.batch
     steps = _train_size(data) // batch
     optimizer = optim.build(job.settings.optimizer, model.parameters())
@@ -177,11 +188,13 @@ def _train_loop(job: Job, model: nn.Module, data: Data, seed: int, *, replica: i
         for step, (x, y) in enumerate(batches(data, batch, seed, epoch)):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(job, batch, epoch * steps + step, steps)
-            x, y = x[replica * share:(replica + 1) * share], y[replica * share:(replica + 1) * share]
+            x, y = x[replica * share : (replica + 1) * share], y[replica * share : (replica + 1) * share]
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x.to(first)), y.to(last))
             if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"{job.row.name} seed {seed}: loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1}")
+                raise FloatingPointError(
+                    f"{job.row.name} seed {seed}: loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1}"
+                )
             torch.autograd.backward(loss)
             optimizer.step()
         if evaluate is not None:
@@ -195,11 +208,25 @@ def train_pipeline(job: Job, data: Data, seed: int, progress: Optional[Progress]
     """Validation error per epoch of the pipeline row trained with ``seed``."""
     model = _build(job, seed)
     balance = list(job.row.balance or [len(model)])
-    pipe = GPipe(model, balance, devices=list(job.devices)[:len(balance)], chunks=job.row.chunks,
-                 checkpoint=job.row.checkpoint, deferred_batch_norm=bool(job.extra("deferred_batch_norm", False)))
+    pipe = GPipe(
+        model,
+        balance,
+        devices=list(job.devices)[: len(balance)],
+        chunks=job.row.chunks,
+        checkpoint=job.row.checkpoint,
+        deferred_batch_norm=bool(job.extra("deferred_batch_norm", False)),
+    )
     first, last = pipe.devices[0], pipe.devices[-1]
-    return _train_loop(job, pipe, data, seed, first=place(str(first)), last=place(str(last)),
-                       evaluate=lambda: _error(pipe, data, place(str(first))), progress=progress)
+    return _train_loop(
+        job,
+        pipe,
+        data,
+        seed,
+        first=place(str(first)),
+        last=place(str(last)),
+        evaluate=lambda: _error(pipe, data, place(str(first))),
+        progress=progress,
+    )
 
 
 def _free_port() -> int:
@@ -217,13 +244,23 @@ def _replica(rank: int, world: int, port: int, job: Job, data: Data, seed: int, 
             # Else every replica opens a context (and NCCL its buffers) on GPU 0 too.
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=300))
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=300)
+        )
         model = _build(job, seed).to(device)
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        errors = _train_loop(job, ddp, data, seed, replica=rank, replicas=world, first=device, last=device,
-                             evaluate=(lambda: _error(model, data, device)) if rank == 0 else None,
-                             progress=(lambda *a: queue.put(("progress", a))) if rank == 0 else None)
+        errors = _train_loop(
+            job,
+            ddp,
+            data,
+            seed,
+            replica=rank,
+            replicas=world,
+            first=device,
+            last=device,
+            evaluate=(lambda: _error(model, data, device)) if rank == 0 else None,
+            progress=(lambda *a: queue.put(("progress", a))) if rank == 0 else None,
+        )
         if rank == 0:
             queue.put(("done", errors))
         dist.destroy_process_group()
@@ -240,8 +277,10 @@ def train_dataparallel(job: Job, data: Data, seed: int, progress: Optional[Progr
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = _free_port()
-    procs = [context.Process(target=_replica, args=(r, world, port, job, data, seed, queue), daemon=True)
-             for r in range(world)]
+    procs = [
+        context.Process(target=_replica, args=(r, world, port, job, data, seed, queue), daemon=True)
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + job.timeout_s
@@ -255,8 +294,9 @@ def train_dataparallel(job: Job, data: Data, seed: int, progress: Optional[Progr
                 if time.monotonic() > deadline:
                     failure = f"{job.row.name}: no result after {job.timeout_s:.0f} s"
                 elif any(p.exitcode not in (None, 0) for p in procs):
-                    failure = f"{job.row.name}: a replica process exited with code " + \
-                        ", ".join(str(p.exitcode) for p in procs if p.exitcode not in (None, 0))
+                    failure = f"{job.row.name}: a replica process exited with code " + ", ".join(
+                        str(p.exitcode) for p in procs if p.exitcode not in (None, 0)
+                    )
                 continue
             if kind == "progress" and progress is not None:
                 progress(*payload)
@@ -287,10 +327,20 @@ def train(job: Job, data: Data, seed: int, progress: Optional[Progress] = None) 
 def _settings(job: Job) -> Dict[str, Any]:
     row, s = job.row, job.settings
     return {
-        "model": job.model_name, "mode": row.mode, "devices": list(job.devices), "batch": row.batch,
-        "chunks": row.chunks, "balance": list(row.balance) if row.balance else None, "checkpoint": row.checkpoint,
-        "input_size": s.input_size, "dataset_size": s.dataset_size, "epochs": s.epochs,
-        "optimizer": dict(s.optimizer), "classes": s.classes, "extra": dict(s.extra), "seeds": list(job.seeds),
+        "model": job.model_name,
+        "mode": row.mode,
+        "devices": list(job.devices),
+        "batch": row.batch,
+        "chunks": row.chunks,
+        "balance": list(row.balance) if row.balance else None,
+        "checkpoint": row.checkpoint,
+        "input_size": s.input_size,
+        "dataset_size": s.dataset_size,
+        "epochs": s.epochs,
+        "optimizer": dict(s.optimizer),
+        "classes": s.classes,
+        "extra": dict(s.extra),
+        "seeds": list(job.seeds),
     }
 
 
@@ -299,18 +349,29 @@ def record(job: Job, curves: Dict[int, List[float]], seconds: Dict[int, float]) 
     finals = [curves[s][-1] for s in job.seeds if s in curves]
     complete = len(finals) == len(job.seeds)
     return Result(
-        table=job.table.name, experiment=job.row.name, profile=job.profile, engine="gpipe-bench", kind="accuracy",
-        metric=job.table.metric, unit=job.table.unit, value=sum(finals) / len(finals) if finals else None,
-        status="ok" if complete else "interrupted", samples=finals, spread={}, settings=_settings(job),
+        table=job.table.name,
+        experiment=job.row.name,
+        profile=job.profile,
+        engine="gpipe-bench",
+        kind="accuracy",
+        metric=job.table.metric,
+        unit=job.table.unit,
+        value=sum(finals) / len(finals) if finals else None,
+        status="ok" if complete else "interrupted",
+        samples=finals,
+        spread={},
+        settings=_settings(job),
         environment=environment(list(job.devices)),
-        extra={"curves": {str(s): c for s, c in curves.items()}, "seconds": {str(s): t for s, t in seconds.items()},
-               "seeds_done": [s for s in job.seeds if s in curves]},
+        extra={
+            "curves": {str(s): c for s, c in curves.items()},
+            "seconds": {str(s): t for s, t in seconds.items()},
+            "seeds_done": [s for s in job.seeds if s in curves],
+        },
         created=now(),
     )
 
 
-def run(job: Job, progress: Optional[Progress] = None,
-        save: Optional[Callable[[Result], object]] = None) -> Result:
+def run(job: Job, progress: Optional[Progress] = None, save: Optional[Callable[[Result], object]] = None) -> Result:
     """Train every seed of the row; ``save`` is called with the record after each seed."""
     data = load_dataset(job)
     curves: Dict[int, List[float]] = {}

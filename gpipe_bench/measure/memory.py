@@ -18,6 +18,7 @@ Beside the measurement of an engine in this process, the prediction of
 ``predict_only`` skips the measurement, so rows too big for this machine
 still get their columns.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -41,8 +42,10 @@ __all__ = ["GIB", "METHODS", "find_balance", "predict", "measure", "run"]
 GIB = float(2**30)
 
 #: How a measured figure was taken, by where: one wording each, so a table's footnote names each method once.
-METHODS = {"cuda": "CUDA max_memory_reserved minus model memory",
-           "cpu": "bytes held by tensors (TensorMemory), model state excluded"}
+METHODS = {
+    "cuda": "CUDA max_memory_reserved minus model memory",
+    "cpu": "bytes held by tensors (TensorMemory), model state excluded",
+}
 
 
 def _meta_model(job: Job) -> nn.Sequential:
@@ -63,7 +66,9 @@ def find_balance(job: Job, model: Optional[nn.Sequential] = None) -> Tuple[int, 
     s = job.settings
     sample = torch.empty(job.row.batch, 3, s.input_size, s.input_size, device="meta")
     copies = float(job.extra("parameter_copies", 3))
-    return tuple(balance_by_size(job.row.devices, model, sample, chunks=job.row.chunks, param_scale=copies, device="meta"))
+    return tuple(
+        balance_by_size(job.row.devices, model, sample, chunks=job.row.chunks, param_scale=copies, device="meta")
+    )
 
 
 def _optimizer_temp(part: nn.Module, device: str) -> int:
@@ -89,8 +94,16 @@ def predict(job: Job, balance: Sequence[int], model: Optional[nn.Sequential] = N
     devices = list(job.devices)
     _, slots = memory_slots(devices)
     temps = [_optimizer_temp(p, d) for p, d in zip(parts, devices)]
-    return predict_pipeline(model, balance, sample, chunks=row.chunks, checkpoint=row.checkpoint, slots=slots,
-                            head_bytes=head, optimizer_temp=temps)
+    return predict_pipeline(
+        model,
+        balance,
+        sample,
+        chunks=row.chunks,
+        checkpoint=row.checkpoint,
+        slots=slots,
+        head_bytes=head,
+        optimizer_temp=temps,
+    )
 
 
 def _model_memory(modules: Sequence[Tuple[int, nn.Module]], slots: int, width: int, copies: int) -> List[int]:
@@ -157,8 +170,9 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
         on_cpu = not any(d.startswith("cuda") for d in distinct)
         if local and on_cpu and available is not None and needed > 0.9 * available:
             status = "oom"
-            note = (f"not run: predicted to need {needed / GIB:.1f} GiB of host memory, "
-                    f"{available / GIB:.1f} GiB available")
+            note = (
+                f"not run: predicted to need {needed / GIB:.1f} GiB of host memory, {available / GIB:.1f} GiB available"
+            )
         else:
             try:
                 trainer = engines.build(job, balance)
@@ -195,9 +209,11 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
         "model_memory_per_device_gib": [b / GIB for b in model_bytes],
     }
     if prediction is not None:
-        extra.update(predicted_gib=prediction.total / GIB,
-                     predicted_per_device_gib=[b / GIB for b in prediction.per_device],
-                     predicted_peak_at=prediction.when)
+        extra.update(
+            predicted_gib=prediction.total / GIB,
+            predicted_per_device_gib=[b / GIB for b in prediction.per_device],
+            predicted_peak_at=prediction.when,
+        )
     if measured is not None:
         cuda = trainer is not None and any(d.startswith("cuda") for d in trainer.memory_devices())
         extra["method"] = METHODS["cuda" if cuda else "cpu"]
@@ -207,11 +223,23 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
     if trainer is not None:
         extra.update(trainer.record_extra())
     # A prediction ran on this host only: it names no device it did not use.
-    env_devices = [] if predict_only else (trainer.environment_devices() if trainer is not None and not local
-                                           else list(distinct))
+    env_devices = (
+        [] if predict_only else (trainer.environment_devices() if trainer is not None and not local else list(distinct))
+    )
     return Result(
-        table=job.table.name, experiment=row.name, profile=job.profile, engine=job.record_engine, kind="memory",
-        metric=job.table.metric, unit=job.table.unit, value=sum(measured) / GIB if measured is not None else None,
-        status=status, samples=[], spread={}, settings=settings, environment=environment(env_devices), extra=extra,
+        table=job.table.name,
+        experiment=row.name,
+        profile=job.profile,
+        engine=job.record_engine,
+        kind="memory",
+        metric=job.table.metric,
+        unit=job.table.unit,
+        value=sum(measured) / GIB if measured is not None else None,
+        status=status,
+        samples=[],
+        spread={},
+        settings=settings,
+        environment=environment(env_devices),
+        extra=extra,
         created=now(),
     )

@@ -7,6 +7,7 @@ records: the rows already saved stay, the interrupted one writes nothing.
 What the user sees is the caller's: ``before`` and ``after`` are told of
 each row.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

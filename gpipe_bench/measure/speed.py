@@ -8,6 +8,7 @@ synchronised at each epoch's end (across processes: the slowest rank's time,
 what the whole pipeline sustained). The per-epoch figures are kept, so the
 spread is reported, not only the mean.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -84,10 +85,21 @@ def run(job: Job, progress: Optional[Progress] = None) -> Optional[Result]:
     settings.update(trainer.record_settings() if trainer is not None else {})
     devices = trainer.environment_devices() if trainer is not None else list(job.devices)
     return Result(
-        table=job.table.name, experiment=row.name, profile=job.profile, engine=job.record_engine, kind="speed",
-        metric=job.table.metric, unit=job.table.unit, value=statistics.fmean(throughputs) if throughputs else None,
-        status=status, samples=throughputs, spread=summarize(throughputs), settings=settings,
-        environment=environment(devices), extra=trainer.record_extra() if trainer is not None else {}, created=now(),
+        table=job.table.name,
+        experiment=row.name,
+        profile=job.profile,
+        engine=job.record_engine,
+        kind="speed",
+        metric=job.table.metric,
+        unit=job.table.unit,
+        value=statistics.fmean(throughputs) if throughputs else None,
+        status=status,
+        samples=throughputs,
+        spread=summarize(throughputs),
+        settings=settings,
+        environment=environment(devices),
+        extra=trainer.record_extra() if trainer is not None else {},
+        created=now(),
     )
 
 

@@ -24,6 +24,7 @@ Cross-device releases inside a clock (partition ``j + 1`` dropping the input
 it shares with ``j``) are applied at the end of the clock: concurrent devices
 may release in either order, so the prediction takes the later one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,8 +39,17 @@ from gpipe_bench.pipe.schedule import backward_steps, forward_steps
 
 from .tracker import TensorMemory, storage_key
 
-__all__ = ["CellCost", "Prediction", "profile_partition", "profile", "simulate", "simulate_plain", "nbytes",
-           "predict_pipeline", "predict_plain"]
+__all__ = [
+    "CellCost",
+    "Prediction",
+    "profile_partition",
+    "profile",
+    "simulate",
+    "simulate_plain",
+    "nbytes",
+    "predict_pipeline",
+    "predict_plain",
+]
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,9 @@ def _leaves(inputs: Tensors, requires_grad: bool) -> Tensors:
     return tuple(t.detach().requires_grad_(requires_grad and t.is_floating_point()) for t in inputs)
 
 
-def profile_partition(partition: nn.Module, inputs: Tensors, atomic: bool, *, first: bool) -> Tuple[CellCost, Tensors, bool]:
+def profile_partition(
+    partition: nn.Module, inputs: Tensors, atomic: bool, *, first: bool
+) -> Tuple[CellCost, Tensors, bool]:
     """Profile one cell of ``partition`` on ``inputs`` (meta tensors); also return its output for the next one.
 
     ``first``: the partition takes the model's input, which needs no gradient.
@@ -123,16 +135,20 @@ def profile_partition(partition: nn.Module, inputs: Tensors, atomic: bool, *, fi
     def above(curve_peak: int) -> int:
         return max(0, curve_peak - held)
 
-    return CellCost(
-        out=out_bytes,
-        nograd_peak=nograd.peak if nograd else 0,
-        held=held,
-        grad_peak=forward.peak if forward else 0,
-        bwd_peak=above(backward.peak) if backward else 0,
-        bwd_peak_no_param_grads=above(backward_np.peak) if backward_np else 0,
-        grad_in=grad_in,
-        param_grads=pgrad_bytes,
-    ), next_inputs, out_atomic
+    return (
+        CellCost(
+            out=out_bytes,
+            nograd_peak=nograd.peak if nograd else 0,
+            held=held,
+            grad_peak=forward.peak if forward else 0,
+            bwd_peak=above(backward.peak) if backward else 0,
+            bwd_peak_no_param_grads=above(backward_np.peak) if backward_np else 0,
+            grad_in=grad_in,
+            param_grads=pgrad_bytes,
+        ),
+        next_inputs,
+        out_atomic,
+    )
 
 
 def profile(partitions: Sequence[nn.Module], sample: Tensors, atomic: bool) -> List[CellCost]:
@@ -173,9 +189,15 @@ class _Slots:
         self.later.clear()
 
 
-def simulate(costs: Sequence[Sequence[CellCost]], checkpoint_stop: int, *, input_bytes: int = 0,
-             head_bytes: int = 0, optimizer_temp: Optional[Sequence[int]] = None,
-             slots: Optional[Sequence[int]] = None) -> Prediction:
+def simulate(
+    costs: Sequence[Sequence[CellCost]],
+    checkpoint_stop: int,
+    *,
+    input_bytes: int = 0,
+    head_bytes: int = 0,
+    optimizer_temp: Optional[Sequence[int]] = None,
+    slots: Optional[Sequence[int]] = None,
+) -> Prediction:
     """Replay the fill-drain schedule over ``costs[i][j]`` (micro-batch ``i``, partition ``j``).
 
     ``input_bytes`` (the mini-batch) is held on the first device throughout;
@@ -243,9 +265,17 @@ def simulate_plain(cost: CellCost, *, input_bytes: int = 0, head_bytes: int = 0,
     return Prediction(per_device=dev.peak, when=dev.when)
 
 
-def predict_pipeline(model: nn.Sequential, balance: Sequence[int], sample: Tensor, *, chunks: int, checkpoint: str,
-                     slots: Optional[Sequence[int]] = None, head_bytes: int = 0,
-                     optimizer_temp: Optional[Sequence[int]] = None) -> Prediction:
+def predict_pipeline(
+    model: nn.Sequential,
+    balance: Sequence[int],
+    sample: Tensor,
+    *,
+    chunks: int,
+    checkpoint: str,
+    slots: Optional[Sequence[int]] = None,
+    head_bytes: int = 0,
+    optimizer_temp: Optional[Sequence[int]] = None,
+) -> Prediction:
     """Peak activation bytes per device of a GPipe training step of ``model`` (on ``meta``) on ``sample``.
 
     ``sample`` is the whole mini-batch (a ``meta`` tensor); it counts on the first device.
@@ -253,8 +283,14 @@ def predict_pipeline(model: nn.Sequential, balance: Sequence[int], sample: Tenso
     parts = split(model, balance)
     sizes = micro_batch_sizes(sample.size(0), chunks)
     by_size = {size: profile(parts, (sample[:size],), True) for size in set(sizes)}
-    return simulate([by_size[size] for size in sizes], checkpoint_stop(checkpoint, chunks),
-                    input_bytes=nbytes([sample]), head_bytes=head_bytes, optimizer_temp=optimizer_temp, slots=slots)
+    return simulate(
+        [by_size[size] for size in sizes],
+        checkpoint_stop(checkpoint, chunks),
+        input_bytes=nbytes([sample]),
+        head_bytes=head_bytes,
+        optimizer_temp=optimizer_temp,
+        slots=slots,
+    )
 
 
 def predict_plain(model: nn.Module, sample: Tensor, *, head_bytes: int = 0, optimizer_temp: int = 0) -> Prediction:

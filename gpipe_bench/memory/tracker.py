@@ -30,6 +30,7 @@ charged to ``default_owner``, or to the owner set with
 :meth:`TensorMemory.charge`; a worker that runs inline on the caller's thread
 (one device) is charged its device the same way.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -46,6 +47,7 @@ from torch.utils._pytree import tree_flatten
 from gpipe_bench.pipe.observe import Observer, observing
 
 __all__ = ["TensorMemory", "Curve", "storage_key"]
+
 
 def storage_key(tensor: torch.Tensor) -> int:
     """An identity of ``tensor``'s storage, shared by all its views, valid while it lives (also on meta)."""

@@ -5,6 +5,7 @@ published balances. Builders are imported when used, so listing the models
 costs nothing, and descriptions count parameters on the ``meta`` device (no
 memory, seconds even for billions of parameters).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -59,6 +59,7 @@ pool need an even size), so height and width must be 32·k − 1 or 32·k pixels
 the smallest is 31×31 (1×1 at the classifier, where BatchNorm in training mode
 then needs at least two samples per micro-batch).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -113,19 +114,29 @@ class Genotype(NamedTuple):
 #: AmoebaNet-D (Real et al., "Regularized Evolution for Image Classifier Architecture Search").
 AMOEBANET_D = Genotype(
     normal=(
-        ("max_pool_3x3", 0), ("conv_1x1", 0),
-        ("skip_connect", 2), ("max_pool_3x3", 2),
-        ("skip_connect", 0), ("conv_7x1_1x7", 1),
-        ("conv_1x1", 1), ("conv_7x1_1x7", 1),
-        ("avg_pool_3x3", 0), ("conv_1x1", 3),
+        ("max_pool_3x3", 0),
+        ("conv_1x1", 0),
+        ("skip_connect", 2),
+        ("max_pool_3x3", 2),
+        ("skip_connect", 0),
+        ("conv_7x1_1x7", 1),
+        ("conv_1x1", 1),
+        ("conv_7x1_1x7", 1),
+        ("avg_pool_3x3", 0),
+        ("conv_1x1", 3),
     ),
     normal_concat=(4, 5, 6),
     reduce=(
-        ("max_pool_2x2", 1), ("max_pool_3x3", 1),
-        ("conv_3x3", 0), ("skip_connect", 2),
-        ("conv_7x1_1x7", 2), ("max_pool_3x3", 2),
-        ("avg_pool_3x3", 2), ("conv_1x1", 3),
-        ("skip_connect", 3), ("max_pool_2x2", 0),
+        ("max_pool_2x2", 1),
+        ("max_pool_3x3", 1),
+        ("conv_3x3", 0),
+        ("skip_connect", 2),
+        ("conv_7x1_1x7", 2),
+        ("max_pool_3x3", 2),
+        ("avg_pool_3x3", 2),
+        ("conv_1x1", 3),
+        ("skip_connect", 3),
+        ("max_pool_2x2", 0),
     ),
     reduce_concat=(4, 5, 6),
 )

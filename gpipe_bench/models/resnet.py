@@ -15,15 +15,15 @@ normal fan-out convolutions, BatchNorm weight 1 and bias 0), taken out of a
 new, not in-place by default (an in-place ReLU would overwrite a stashed
 tensor or a recompute's saved input).
 """
+
 from __future__ import annotations
 
-from collections import OrderedDict
 import importlib
+from collections import OrderedDict
 from typing import Any, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
-
 
 __all__ = ["resnet101", "resnet14", "flatten_resnet", "LAYERS_PER_BOTTLENECK"]
 
@@ -89,7 +89,9 @@ def _bottleneck(block: tv_resnet.Bottleneck, prefix: str, inplace: bool, api: st
     )
 
 
-def flatten_resnet(base: tv_resnet.ResNet, inplace: bool = False, skip_api: str = "gpipe_bench.pipe.skip") -> nn.Sequential:
+def flatten_resnet(
+    base: tv_resnet.ResNet, inplace: bool = False, skip_api: str = "gpipe_bench.pipe.skip"
+) -> nn.Sequential:
     """Any torchvision bottleneck ResNet as the flat sequence: stem 4, 11 per bottleneck, avgpool, flatten, fc."""
     layers: "OrderedDict[str, nn.Module]" = OrderedDict(
         [("conv1", base.conv1), ("bn1", base.bn1), ("relu", nn.ReLU(inplace=inplace)), ("maxpool", base.maxpool)]

@@ -3,6 +3,7 @@
 ``from gpipe_bench.pipe import GPipe`` replaces ``from torchgpipe import GPipe``.
 This package depends on torch alone.
 """
+
 from .checkpoint import is_checkpointing, is_recomputing
 from .gpipe import GPipe
 from .observe import Observer, StepRecord, observing

@@ -13,6 +13,7 @@ Accumulation merges per-micro-batch means and sums of squared deviations
 committed variance matches a one-shot computation to rounding even in float32.
 Recomputation does not accumulate: each micro-batch counts once.
 """
+
 from __future__ import annotations
 
 from typing import Optional, TypeVar, cast

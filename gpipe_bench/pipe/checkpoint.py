@@ -12,6 +12,7 @@ recompute is just a step the engine schedules on the partition's worker (see
 - :class:`RNGState`, saved before a checkpointed forward and restored for its
   recompute so dropout draws the same mask both times.
 """
+
 from __future__ import annotations
 
 import threading

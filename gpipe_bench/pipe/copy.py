@@ -16,6 +16,7 @@ wait on an unrelated outgoing copy queued by another worker.
 Into host memory a copy is blocking: a CPU worker reads the tensor as soon as
 the transfer returns, and a CPU has no stream to wait on.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, Tuple

@@ -4,6 +4,7 @@ Public surface and semantics follow torchgpipe 0.0.7 (same names, arguments,
 defaults, coercions and exception types), so code written for that archived
 project runs on current PyTorch by changing one import.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -26,9 +27,7 @@ __all__ = ["GPipe"]
 Device = Union[torch.device, int, str]
 Devices = Union[Iterable[Device], List[Device]]
 
-_MOVING_DENIED = TypeError(
-    "denied to move parameters and buffers, because GPipe should manage device placement"
-)
+_MOVING_DENIED = TypeError("denied to move parameters and buffers, because GPipe should manage device placement")
 
 
 def _recommend_auto_balance(message: str) -> str:
@@ -137,7 +136,9 @@ class GPipe(nn.Module):
         if chunks <= 0:
             raise ValueError(f"number of chunks must be positive integer (chunks: {chunks})")
         if checkpoint not in CHECKPOINT_MODES:
-            raise ValueError(f"checkpoint is not one of 'always', 'except_last', or 'never' (checkpoint: {checkpoint!r})")
+            raise ValueError(
+                f"checkpoint is not one of 'always', 'except_last', or 'never' (checkpoint: {checkpoint!r})"
+            )
 
         _verify_module(module)
         verify_skippables(module)

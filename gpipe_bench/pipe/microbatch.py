@@ -6,6 +6,7 @@ pipeline as aligned micro-batches. Inside the engine a batch is always held as a
 tuple plus an ``atomic`` flag saying whether the user gave a bare tensor; that
 keeps every other module free of ``isinstance`` branches.
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Sequence, Tuple, Union

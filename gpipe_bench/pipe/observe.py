@@ -18,6 +18,7 @@ Host times are ``time.perf_counter_ns()`` around the step's Python work: on
 a GPU that is the time spent issuing the cell's kernels, not their run time
 (the kernels are asynchronous; use CUDA events or the profiler for that).
 """
+
 from __future__ import annotations
 
 import threading

@@ -21,12 +21,12 @@ Parameter gradients are returned through the Function rather than written
 into ``.grad`` directly, so ``torch.autograd.grad(loss, model.parameters())``
 and gradient hooks behave exactly as with the plain model.
 """
+
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, cast
-
-import time
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .batchnorm import DeferredBatchNorm
 from .checkpoint import CPU_RNG_LOCK, RNGState, checkpointing, recomputing
 from .copy import CopyStreams, storage_device, transfer
-from .microbatch import Tensors, TensorOrTensors, as_tuple, unpack
+from .microbatch import TensorOrTensors, Tensors, unpack
 from .observe import Observer, StepRecord, observers
 from .schedule import Step, backward_steps, forward_steps
 from .skip.layout import SkipLayout
@@ -66,8 +66,18 @@ class _Cell:
     """What one (micro-batch, partition) keeps between its forward and its backward."""
 
     __slots__ = (
-        "inputs", "in_atomic", "skips_in", "outputs", "out_atomic", "out_grad",
-        "skips_out", "rng", "event", "grads_in", "skip_grads_in", "grad_event",
+        "inputs",
+        "in_atomic",
+        "skips_in",
+        "outputs",
+        "out_atomic",
+        "out_grad",
+        "skips_out",
+        "rng",
+        "event",
+        "grads_in",
+        "skip_grads_in",
+        "grad_event",
     )
 
     def __init__(self) -> None:
@@ -352,8 +362,11 @@ class Pipeline:
 
         clocks = forward_steps(m, n)
         watching = observers()
-        execute(self._plan(clocks, step, "forward", watching), self._contexts(run.thread_state, "forward", watching),
-                len(clocks))
+        execute(
+            self._plan(clocks, step, "forward", watching),
+            self._contexts(run.thread_state, "forward", watching),
+            len(clocks),
+        )
 
         if any(p.training for p in self.partitions):
             for layers in self._deferred:
@@ -409,8 +422,14 @@ class Pipeline:
             assert cell.rng is not None
             tracker = _CellTracker(cell.skips_in, list(self.skip_layout.outgoing(j)))
             lock, host = self._recompute_rng(j, run)
-            with lock, use_skip_tracker(tracker), cell.rng.replay(host), torch.enable_grad(), \
-                    recomputing(), _frozen_running_stats(self._plain_bn[j]):
+            with (
+                lock,
+                use_skip_tracker(tracker),
+                cell.rng.replay(host),
+                torch.enable_grad(),
+                recomputing(),
+                _frozen_running_stats(self._plain_bn[j]),
+            ):
                 output = self.partitions[j](unpack(cell.inputs, cell.in_atomic))
             cell.outputs, _ = _check_output(output, j)
             cell.skips_out = tracker.leaving
@@ -448,9 +467,7 @@ class Pipeline:
             wrt: List[Tensor] = leaves + [t for _, t in skip_leaves] + list(params)
             grads: Sequence[Optional[Tensor]]
             if pairs and wrt:
-                grads = torch.autograd.grad(
-                    [t for t, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
-                )
+                grads = torch.autograd.grad([t for t, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
             else:
                 grads = (None,) * len(wrt)
 
@@ -470,8 +487,11 @@ class Pipeline:
 
         clocks = backward_steps(m, n, lambda i: i < run.checkpoint_stop)
         watching = observers()
-        execute(self._plan(clocks, step, "backward", watching), self._contexts(run.thread_state, "backward", watching),
-                len(clocks))
+        execute(
+            self._plan(clocks, step, "backward", watching),
+            self._contexts(run.thread_state, "backward", watching),
+            len(clocks),
+        )
 
         # Every device's gradients are handed to autograd on this thread's streams: order them
         # after every worker's last cell, and record what they read from the workers' streams.
@@ -547,7 +567,12 @@ def _bind(fn: Callable[[Step], None], step: Step) -> Callable[[], None]:
 
 
 def _reported(
-    fn: Callable[[], None], phase: str, step: Step, clock: int, worker: int, device: torch.device,
+    fn: Callable[[], None],
+    phase: str,
+    step: Step,
+    clock: int,
+    worker: int,
+    device: torch.device,
     watching: Sequence[Observer],
 ) -> Callable[[], None]:
     def run() -> None:
@@ -566,7 +591,9 @@ class _Join(torch.autograd.Function):
     """Joins the cut per-cell graphs to the caller's graph; its backward runs the pipeline's."""
 
     @staticmethod
-    def forward(ctx: Any, pipeline: Pipeline, run: _Run, outputs: List[Tensors], n_inputs: int, *tensors: Tensor) -> Any:
+    def forward(
+        ctx: Any, pipeline: Pipeline, run: _Run, outputs: List[Tensors], n_inputs: int, *tensors: Tensor
+    ) -> Any:
         ctx.pipeline, ctx.run, ctx.n_inputs = pipeline, run, n_inputs
         joined = tuple(torch.cat([out[k] for out in outputs]) for k in range(len(outputs[0])))
         ctx.mark_non_differentiable(*[t for t in joined if not _differentiable(t)])

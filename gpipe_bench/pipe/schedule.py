@@ -10,6 +10,7 @@ clock *before* its backward, on the same worker, while partition ``j + 1`` is
 still computing the gradient that ``(i, j)`` needs. That is what hides
 recomputation behind the pipeline instead of adding it to the critical path.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, NamedTuple
@@ -40,10 +41,7 @@ def clock_cycles(m: int, n: int) -> List[List[Cell]]:
     """
     if m < 0 or n < 0:
         raise ValueError(f"m and n must not be negative (m={m}, n={n})")
-    return [
-        [Cell(k - j, j) for j in range(max(0, k - m + 1), min(k + 1, n))]
-        for k in range(m + n - 1)
-    ]
+    return [[Cell(k - j, j) for j in range(max(0, k - m + 1), min(k + 1, n))] for k in range(m + n - 1)]
 
 
 def forward_steps(m: int, n: int) -> List[List[Step]]:

@@ -5,6 +5,7 @@ partitions overlaps the next micro-batch's compute. A CPU has no streams; rather
 than scattering ``if device.type == 'cuda'`` through the engine, a CPU "stream"
 is the :data:`CPU_STREAM` sentinel and every operation on it is a no-op.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -14,6 +14,7 @@ against milliseconds of work per step, and nothing is left running between
 calls, after an error, or when the model is dropped. With a single group the
 steps run inline on the caller's thread: no hand-off at all.
 """
+
 from __future__ import annotations
 
 import threading
@@ -108,8 +109,7 @@ def execute(
             clocks.fail(clock, error)
 
     threads: List[threading.Thread] = [
-        threading.Thread(target=work, args=(w,), name=f"gpipe-worker-{w}", daemon=True)
-        for w in range(len(plan))
+        threading.Thread(target=work, args=(w,), name=f"gpipe-worker-{w}", daemon=True) for w in range(len(plan))
     ]
     for t in threads:
         t.start()

@@ -1,4 +1,5 @@
 """Fashion-MNIST from IDX files: parsing, verification, and the one-line errors a user sees."""
+
 from __future__ import annotations
 
 import gzip
@@ -17,16 +18,25 @@ def _idx(tensor: torch.Tensor) -> bytes:
     return header + tensor.to(torch.uint8).numpy().tobytes()
 
 
-def write_fake(directory: Path, n_train: int = 20, n_test: int = 10, gz: bool = True,
-               side: int = 28, n_test_labels: Optional[int] = None, classes: int = 10) -> Dict[str, str]:
+def write_fake(
+    directory: Path,
+    n_train: int = 20,
+    n_test: int = 10,
+    gz: bool = True,
+    side: int = 28,
+    n_test_labels: Optional[int] = None,
+    classes: int = 10,
+) -> Dict[str, str]:
     """Four small IDX files; returns their checksums (of the uncompressed bytes)."""
     directory.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     sums = {}
     for split, n, n_labels in (("train", n_train, n_train), ("test", n_test, n_test_labels or n_test)):
         (images, _), (labels, _), _ = fm.FILES[split]
-        for name, t in ((images, torch.randint(0, 256, (n, side, side), generator=g)),
-                        (labels, torch.arange(n_labels) % classes)):
+        for name, t in (
+            (images, torch.randint(0, 256, (n, side, side), generator=g)),
+            (labels, torch.arange(n_labels) % classes),
+        ):
             raw = _idx(t)
             sums[name] = hashlib.sha256(raw).hexdigest()
             if gz:

@@ -1,4 +1,5 @@
 """ImageNet folders: the layout check's one-line errors and the published transforms, on a tiny fake tree."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,10 +43,18 @@ def test_recipe_is_the_published_one() -> None:
 
     train = [type(t) for t in imagenet.transform("train").transforms]
     val = imagenet.transform("val").transforms
-    assert train == [transforms.RandomResizedCrop, transforms.RandomHorizontalFlip,
-                     transforms.ToTensor, transforms.Normalize]
-    assert [type(t) for t in val] == [transforms.Resize, transforms.CenterCrop, transforms.ToTensor,
-                                      transforms.Normalize]
+    assert train == [
+        transforms.RandomResizedCrop,
+        transforms.RandomHorizontalFlip,
+        transforms.ToTensor,
+        transforms.Normalize,
+    ]
+    assert [type(t) for t in val] == [
+        transforms.Resize,
+        transforms.CenterCrop,
+        transforms.ToTensor,
+        transforms.Normalize,
+    ]
     assert val[0].size == 256 and list(val[1].size) == [224, 224]
     assert list(val[3].mean) == list(imagenet.MEAN) and list(val[3].std) == list(imagenet.STD)
 

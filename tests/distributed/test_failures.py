@@ -4,6 +4,7 @@ The fault is injected from outside the package: a ``sitecustomize`` on
 PYTHONPATH replaces the pipeline step of one rank, from its second step on
 (after torch's shape inference), while its peers wait in a send or receive.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,8 @@ from typing import Dict, List
 
 import pytest
 
-from helpers import launch_command
-
 from gpipe_bench.distributed.launch import Failure, first_failure
+from helpers import launch_command
 
 _INJECT = textwrap.dedent("""
     import os
@@ -65,15 +65,36 @@ def _fault_env(tmp_path: Path, fault: str, rank: int) -> Dict[str, str]:
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(_INJECT)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-            "FAULT": fault, "FAULT_RANK": str(rank), "FAULT_MARK": str(tmp_path / "hanging")}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+        "FAULT": fault,
+        "FAULT_RANK": str(rank),
+        "FAULT_MARK": str(tmp_path / "hanging"),
+    }
 
 
 def _launch_with_fault(tmp_path: Path, fault: str, rank: int, *options: str) -> subprocess.CompletedProcess:
     env = _fault_env(tmp_path, fault, rank)
     out = tmp_path / "results"
-    cmd = launch_command("speed", "resnet101", "--pipeline", "2", "--engine", "distributed", "--profile", "quick",
-                         "--epochs", "1", "--skip-epochs", "0", "--output", str(out), "--quiet", *options)
+    cmd = launch_command(
+        "speed",
+        "resnet101",
+        "--pipeline",
+        "2",
+        "--engine",
+        "distributed",
+        "--profile",
+        "quick",
+        "--epochs",
+        "1",
+        "--skip-epochs",
+        "0",
+        "--output",
+        str(out),
+        "--quiet",
+        *options,
+    )
     start = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert time.monotonic() - start < 180, "the launch took too long to stop"
@@ -86,7 +107,9 @@ def _launch_with_fault(tmp_path: Path, fault: str, rank: int, *options: str) -> 
 def test_a_rank_that_raises_stops_all_and_shows_its_error_once(tmp_path: Path, rank: int) -> None:
     done = _launch_with_fault(tmp_path, "raise", rank)
     assert done.returncode == 1
-    assert done.stderr.count(f"RuntimeError: injected fault on rank {rank}") == 2  # the traceback's last line and the summary
+    assert (
+        done.stderr.count(f"RuntimeError: injected fault on rank {rank}") == 2
+    )  # the traceback's last line and the summary
     assert done.stderr.count("Traceback") == 1
     assert f"rank {rank} of 2 failed first" in done.stderr
 
@@ -108,8 +131,19 @@ def test_a_rank_that_hangs_fails_its_peer_after_the_timeout(tmp_path: Path) -> N
 
 def test_ctrl_c_stops_every_rank_and_says_so_once(tmp_path: Path) -> None:
     env, out = _fault_env(tmp_path, "hang", 1), tmp_path / "results"
-    cmd = launch_command("speed", "resnet101", "--pipeline", "2", "--engine", "distributed", "--profile", "quick",
-                         "--output", str(out), "--quiet")
+    cmd = launch_command(
+        "speed",
+        "resnet101",
+        "--pipeline",
+        "2",
+        "--engine",
+        "distributed",
+        "--profile",
+        "quick",
+        "--output",
+        str(out),
+        "--quiet",
+    )
     launch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -123,14 +157,26 @@ def test_ctrl_c_stops_every_rank_and_says_so_once(tmp_path: Path) -> None:
             launch.kill()
     assert launch.returncode == 130
     assert [line for line in stderr.splitlines() if line.strip()] == [
-        "gpipe-bench launch: interrupted; the ranks were stopped and nothing was written for the row in progress."]
+        "gpipe-bench launch: interrupted; the ranks were stopped and nothing was written for the row in progress."
+    ]
     assert not list(out.rglob("*.json")) and not _processes_naming(str(out))
 
 
 def test_a_usage_error_is_one_line_once(tmp_path: Path) -> None:
-    cmd = launch_command("speed", "resnet101",
-                         "--pipeline", "2", "--engine", "distributed", "--profile", "quick", "--chunks", "5",
-                         "--output", str(tmp_path))
+    cmd = launch_command(
+        "speed",
+        "resnet101",
+        "--pipeline",
+        "2",
+        "--engine",
+        "distributed",
+        "--profile",
+        "quick",
+        "--chunks",
+        "5",
+        "--output",
+        str(tmp_path),
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]

@@ -1,4 +1,5 @@
 """Which schedule runs which layout: the checks made before any process starts, and the stage deal."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,16 +18,20 @@ def test_interleaved_deals_stages_round_robin() -> None:
     assert check("interleaved", 8, 4, 8) is None and check("interleaved", 4, 2, 4) is None
 
 
-@pytest.mark.parametrize("schedule, stages, world, chunks, words", [
-    ("gpipe", 4, 2, 16, ["4 stage(s) but 2 process(es)", "--nproc 4"]),
-    ("1f1b", 2, 2, 1, ["1f1b needs at least as many micro-batches as stages", "chunks 1, stages 2"]),
-    ("interleaved", 4, 4, 4, ["at least two stages per process", "4 stage(s) on 4 process(es)", "--nproc 2"]),
-    ("interleaved", 8, 3, 6, ["same number on each", "8 stage(s) on 3 process(es)", "--nproc 4"]),
-    ("interleaved", 8, 4, 9, ["9 is not a multiple of 2", "--chunks 8 or 4"]),
-    ("zero-bubble", 2, 2, 4, ["unknown schedule 'zero-bubble'", "gpipe, 1f1b, interleaved"]),
-])
-def test_layouts_a_schedule_cannot_run_say_why_and_what_to_launch(schedule: str, stages: int, world: int, chunks: int,
-                                                                   words: list) -> None:
+@pytest.mark.parametrize(
+    "schedule, stages, world, chunks, words",
+    [
+        ("gpipe", 4, 2, 16, ["4 stage(s) but 2 process(es)", "--nproc 4"]),
+        ("1f1b", 2, 2, 1, ["1f1b needs at least as many micro-batches as stages", "chunks 1, stages 2"]),
+        ("interleaved", 4, 4, 4, ["at least two stages per process", "4 stage(s) on 4 process(es)", "--nproc 2"]),
+        ("interleaved", 8, 3, 6, ["same number on each", "8 stage(s) on 3 process(es)", "--nproc 4"]),
+        ("interleaved", 8, 4, 9, ["9 is not a multiple of 2", "--chunks 8 or 4"]),
+        ("zero-bubble", 2, 2, 4, ["unknown schedule 'zero-bubble'", "gpipe, 1f1b, interleaved"]),
+    ],
+)
+def test_layouts_a_schedule_cannot_run_say_why_and_what_to_launch(
+    schedule: str, stages: int, world: int, chunks: int, words: list
+) -> None:
     problem = check(schedule, stages, world, chunks)
     assert problem is not None
     for word in words:

@@ -5,6 +5,7 @@ optimizer step every rank's stage must equal the plain model's layers after
 gradient accumulation over the same micro-batches, parameters and BatchNorm
 statistics, and the plain full-batch step when the model has no BatchNorm.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -51,12 +52,29 @@ class _Cat(nn.Module):
 
 def _model(batch_norm: bool, skips: bool = False, halves: bool = False) -> nn.Sequential:
     if halves:  # a tuple output cut from a concatenation: AmoebaNet's cells between stages
-        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), _Split(), _Cat(), nn.Linear(16, 16), nn.BatchNorm1d(16),
-                             nn.Tanh(), nn.Linear(16, 5)).double()
+        return nn.Sequential(
+            nn.Linear(6, 16),
+            nn.Tanh(),
+            _Split(),
+            _Cat(),
+            nn.Linear(16, 16),
+            nn.BatchNorm1d(16),
+            nn.Tanh(),
+            nn.Linear(16, 5),
+        ).double()
     if skips:  # a residual block whose fork and addition land on different stages
         ns = Namespace()
-        return nn.Sequential(nn.Linear(6, 16), _Fork().isolate(ns), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Tanh(),
-                             nn.Linear(16, 16), _Add().isolate(ns), nn.Tanh(), nn.Linear(16, 5)).double()
+        return nn.Sequential(
+            nn.Linear(6, 16),
+            _Fork().isolate(ns),
+            nn.Linear(16, 16),
+            nn.BatchNorm1d(16),
+            nn.Tanh(),
+            nn.Linear(16, 16),
+            _Add().isolate(ns),
+            nn.Tanh(),
+            nn.Linear(16, 5),
+        ).double()
     layers: List[nn.Module] = [nn.Linear(6, 16)]
     for _ in range(3):
         layers += [nn.BatchNorm1d(16) if batch_norm else nn.Identity(), nn.Tanh(), nn.Linear(16, 16)]
@@ -75,8 +93,16 @@ def _batch() -> Any:
     return torch.randn(BATCH, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (BATCH,), generator=g)
 
 
-def _rank(rank: int, world: int, port: int, schedule: str, batch_norm: bool, out: str, skips: bool = False,
-          halves: bool = False) -> None:
+def _rank(
+    rank: int,
+    world: int,
+    port: int,
+    schedule: str,
+    batch_norm: bool,
+    out: str,
+    skips: bool = False,
+    halves: bool = False,
+) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         with torch.device("meta"):
@@ -93,8 +119,9 @@ def _rank(rank: int, world: int, port: int, schedule: str, batch_norm: bool, out
             state.update(layers.state_dict(keep_vars=True))  # a slice keeps the layers' global names
         params = [p for m in modules.values() for p in m.parameters()]  # a rank may hold only Tanh layers
         optimizer = torch.optim.SGD(params, lr=0.5) if params else None
-        pipe = sched.make_schedule(modules, rank, world, torch.device("cpu"), CHUNKS, schedule, F.cross_entropy,
-                                   stages=stages)
+        pipe = sched.make_schedule(
+            modules, rank, world, torch.device("cpu"), CHUNKS, schedule, F.cross_entropy, stages=stages
+        )
         x, y = _batch()
         sched.step(pipe, rank, world, x if rank == 0 else None, y if rank == world - 1 else None)
         if optimizer is not None:
@@ -104,7 +131,9 @@ def _rank(rank: int, world: int, port: int, schedule: str, batch_norm: bool, out
         dist.destroy_process_group()
 
 
-def _reference(batch_norm: bool, accumulate: bool, skips: bool = False, halves: bool = False) -> Dict[str, torch.Tensor]:
+def _reference(
+    batch_norm: bool, accumulate: bool, skips: bool = False, halves: bool = False
+) -> Dict[str, torch.Tensor]:
     with torch.device("meta"):
         model = _model(batch_norm, skips, halves)
     plain = materialize(model, torch.device("cpu"), seed=3, first_index=0).double()
@@ -120,14 +149,19 @@ def _reference(batch_norm: bool, accumulate: bool, skips: bool = False, halves: 
     return plain.state_dict()
 
 
-def _launch(world: int, schedule: str, batch_norm: bool, tmp_path: Path, skips: bool = False,
-            halves: bool = False) -> Dict[str, torch.Tensor]:
+def _launch(
+    world: int, schedule: str, batch_norm: bool, tmp_path: Path, skips: bool = False, halves: bool = False
+) -> Dict[str, torch.Tensor]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_rank, args=(r, world, port, schedule, batch_norm, str(tmp_path), skips, halves), daemon=True)
-             for r in range(world)]
+    procs = [
+        context.Process(
+            target=_rank, args=(r, world, port, schedule, batch_norm, str(tmp_path), skips, halves), daemon=True
+        )
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -148,7 +182,9 @@ def _launch(world: int, schedule: str, batch_norm: bool, tmp_path: Path, skips: 
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_a_distributed_step_equals_the_plain_model(world: int, schedule: str, batch_norm: bool, tmp_path: Path) -> None:
     ours = _launch(world, schedule, batch_norm, tmp_path)
-    references = [_reference(batch_norm, accumulate=True)] + ([] if batch_norm else [_reference(False, accumulate=False)])
+    references = [_reference(batch_norm, accumulate=True)] + (
+        [] if batch_norm else [_reference(False, accumulate=False)]
+    )
     for reference in references:
         assert set(ours) == set(reference)
         for key, value in reference.items():

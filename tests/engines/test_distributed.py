@@ -1,11 +1,12 @@
 """engines/distributed.py: the checks that need no processes."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gpipe_bench.errors import HarnessError
 from gpipe_bench.engines.distributed import rank_device
+from gpipe_bench.errors import HarnessError
 
 
 def test_more_local_ranks_than_gpus_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,5 @@
 """The accuracy benchmark: same data for every row, the recipe's schedule, and one pipeline step vs the plain one."""
+
 from __future__ import annotations
 
 import copy
@@ -11,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from gpipe_bench import config, models
-from gpipe_bench import optim
+from gpipe_bench import config, models, optim
+from gpipe_bench.cli import main
 from gpipe_bench.jobs import Job
 from gpipe_bench.measure import accuracy
-from gpipe_bench.cli import main
 from gpipe_bench.pipe import GPipe
 
 TABLE = config.load("resnet101-accuracy")
@@ -61,8 +61,14 @@ def _states(deferred: bool) -> Dict[str, Dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     plain = models.build("resnet14").double()
     accumulate, whole = copy.deepcopy(plain), copy.deepcopy(plain)
-    pipe = GPipe(copy.deepcopy(plain), [19, 32], devices=["cpu:0", "cpu:1"], chunks=4, checkpoint="except_last",
-                 deferred_batch_norm=deferred)
+    pipe = GPipe(
+        copy.deepcopy(plain),
+        [19, 32],
+        devices=["cpu:0", "cpu:1"],
+        chunks=4,
+        checkpoint="except_last",
+        deferred_batch_norm=deferred,
+    )
     job = _job("pipeline-256")
     x = torch.randn(16, 3, 28, 28, dtype=torch.float64)
     y = torch.randint(0, 10, (16,))
@@ -81,13 +87,16 @@ def _states(deferred: bool) -> Dict[str, Dict[str, torch.Tensor]]:
     step(accumulate, lambda: [F.cross_entropy(accumulate(xi), yi) / 4 for xi, yi in zip(x.chunk(4), y.chunk(4))])
     return {
         "pipe": {key.split(".", 2)[2]: v for key, v in pipe.state_dict().items()},  # "partitions.k." stripped
-        "accumulate": accumulate.state_dict(), "whole": whole.state_dict(), "before": plain.state_dict(),
+        "accumulate": accumulate.state_dict(),
+        "whole": whole.state_dict(),
+        "before": plain.state_dict(),
     }
 
 
 def _diff(states: Dict[str, Dict[str, torch.Tensor]], a: str, b: str, which: str) -> float:
-    keys = [k for k, v in states["before"].items() if v.is_floating_point()
-            and (("running" in k) == (which == "stats"))]
+    keys = [
+        k for k, v in states["before"].items() if v.is_floating_point() and (("running" in k) == (which == "stats"))
+    ]
     return max(float((states[a][k] - states[b][k]).abs().max()) for k in keys)
 
 
@@ -104,12 +113,12 @@ def test_one_pipeline_step_equals_the_plain_step_with_deferred_batch_norm() -> N
 
 def test_without_deferred_batch_norm_the_statistics_differ_a_little() -> None:
     """As published (no deferred BN): the parameters still equal the gradient-accumulation step, and the
-    running statistics are those of the accumulation too: updated once per micro-batch of 4 (momentum
-    applied 4 times, micro-batch variances) rather than once per mini-batch. Against the plain model on
-    the whole mini-batch at once the parameters differ as well (each micro-batch is normalised by its own
-    statistics); with micro-batches of 4 in this step the largest parameter difference is of the order of
-the step itself (0.56 against a largest update of 0.30). These are the differences the accuracy table shows do not
-    change what the model learns."""
+        running statistics are those of the accumulation too: updated once per micro-batch of 4 (momentum
+        applied 4 times, micro-batch variances) rather than once per mini-batch. Against the plain model on
+        the whole mini-batch at once the parameters differ as well (each micro-batch is normalised by its own
+        statistics); with micro-batches of 4 in this step the largest parameter difference is of the order of
+    the step itself (0.56 against a largest update of 0.30). These are the differences the accuracy table shows do not
+        change what the model learns."""
     states = _states(deferred=False)
     assert _diff(states, "pipe", "accumulate", "params") < 1e-10
     assert _diff(states, "pipe", "accumulate", "stats") < 1e-10
@@ -119,7 +128,9 @@ the step itself (0.56 against a largest update of 0.30). These are the differenc
 
 
 def test_missing_dataset_is_one_line(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["accuracy", "resnet101", "--data", str(tmp_path / "none"), "--output", str(tmp_path)])
+    result = CliRunner().invoke(
+        main, ["accuracy", "resnet101", "--data", str(tmp_path / "none"), "--output", str(tmp_path)]
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "dataset-fashion-mnist" in errors[0] and "--data" in errors[0]
@@ -137,8 +148,10 @@ def test_a_data_parallel_and_a_pipeline_row_train_end_to_end() -> None:
 
 
 def test_published_profile_needs_imagenet_folders(tmp_path: Path) -> None:
-    for args, needle in ((["--profile", "published"], "--data"),
-                         (["--profile", "published", "--data", str(tmp_path)], "no train/ directory")):
+    for args, needle in (
+        (["--profile", "published"], "--data"),
+        (["--profile", "published", "--data", str(tmp_path)], "no train/ directory"),
+    ):
         result = CliRunner().invoke(main, ["accuracy", "resnet101", *args, "--output", str(tmp_path / "out")])
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("Error")]
@@ -160,8 +173,13 @@ def test_imagenet_folders_train_end_to_end(tmp_path: Path) -> None:
                 Image.fromarray(pixels).save(tmp_path / split / label / f"{k}.png")
     imagenet.check_layout(tmp_path)
     published = TABLE.profile("published")
-    settings = replace(published.settings, input_size=32, epochs=1, classes=2,
-                       extra={**published.settings.extra, "val_resize": 36, "warmup_epochs": 0})
+    settings = replace(
+        published.settings,
+        input_size=32,
+        epochs=1,
+        classes=2,
+        extra={**published.settings.extra, "val_resize": 36, "warmup_epochs": 0},
+    )
     row = replace(TABLE.row("pipeline-256"), batch=8, chunks=2, balance=(19, 32))
     quick = replace(TABLE, profiles={**TABLE.profiles, "published": replace(published, model="resnet14")})
     job = Job(quick, row, settings, "published", ["cpu", "cpu"], seeds=[0], data=tmp_path, timeout_s=3600)
@@ -183,15 +201,31 @@ def test_transparency_pairs_rows_of_the_same_batch() -> None:
     env = {"cpu_model": "Test CPU", "usable_cores": 2, "cpu_count": 2, "gpus": [], "torch": "2.14.1"}
 
     def res(name: str, samples: List[float], mode: str) -> Result:
-        return Result(table=TABLE.name, experiment=name, profile="quick", engine="gpipe-bench", kind="accuracy",
-                      metric=TABLE.metric, unit=TABLE.unit, value=sum(samples) / len(samples), status="ok",
-                      samples=samples, settings={"mode": mode}, environment=env)
+        return Result(
+            table=TABLE.name,
+            experiment=name,
+            profile="quick",
+            engine="gpipe-bench",
+            kind="accuracy",
+            metric=TABLE.metric,
+            unit=TABLE.unit,
+            value=sum(samples) / len(samples),
+            status="ok",
+            samples=samples,
+            settings={"mode": mode},
+            environment=env,
+        )
 
-    lines = report.transparency(TABLE, [
-        res("dataparallel-256", [40.0, 42.0, 41.0], "dataparallel"), res("pipeline-256", [41.5, 40.5, 42.5], "pipeline"),
-        res("dataparallel-1k", [50.0, 50.2, 49.8], "dataparallel"), res("pipeline-1k", [60.0, 61.0, 59.0], "pipeline"),
-        res("pipeline-4k", [80.0, 81.0], "pipeline"),
-    ])
+    lines = report.transparency(
+        TABLE,
+        [
+            res("dataparallel-256", [40.0, 42.0, 41.0], "dataparallel"),
+            res("pipeline-256", [41.5, 40.5, 42.5], "pipeline"),
+            res("dataparallel-1k", [50.0, 50.2, 49.8], "dataparallel"),
+            res("pipeline-1k", [60.0, 61.0, 59.0], "pipeline"),
+            res("pipeline-4k", [80.0, 81.0], "pipeline"),
+        ],
+    )
     by_row = {line.split()[0]: line for line in lines}
     assert "within the data-parallel spread" in by_row["pipeline-256"]
     assert "OUTSIDE" in by_row["pipeline-1k"]

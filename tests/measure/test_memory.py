@@ -1,4 +1,5 @@
 """The memory benchmark as a user runs it: the published columns, measured vs predicted, OOM rows, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -10,14 +11,19 @@ import pytest
 from click.testing import CliRunner
 
 from gpipe_bench import config, models, report
+from gpipe_bench.cli import main
 from gpipe_bench.jobs import Job
 from gpipe_bench.measure import memory
-from gpipe_bench.cli import main
 
 TABLE = config.load("amoebanetd-memory")
 QUICK = TABLE.profile("quick")
-PUBLISHED_COUNTS = {"naive-1": 89_745_302, "pipeline-1": 358_456_186, "pipeline-2": 612_770_042,
-                    "pipeline-4": 1_163_292_602, "pipeline-8": 2_005_905_418}
+PUBLISHED_COUNTS = {
+    "naive-1": 89_745_302,
+    "pipeline-1": 358_456_186,
+    "pipeline-2": 612_770_042,
+    "pipeline-4": 1_163_292_602,
+    "pipeline-8": 2_005_905_418,
+}
 
 
 def _job(name: str, profile: str = "quick", **row_changes: object) -> Job:
@@ -84,8 +90,21 @@ def test_a_row_that_cannot_fit_the_host_is_not_run(monkeypatch: pytest.MonkeyPat
 
 
 def test_cli_row_end_to_end(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["memory", "amoebanetd", "--experiment", "pipeline-2", "--profile", "quick",
-                                       "--per-device", "--output", str(tmp_path), "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "memory",
+            "amoebanetd",
+            "--experiment",
+            "pipeline-2",
+            "--profile",
+            "quick",
+            "--per-device",
+            "--output",
+            str(tmp_path),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     files = list(tmp_path.rglob("pipeline-2.json"))
     assert len(files) == 1
@@ -95,14 +114,17 @@ def test_cli_row_end_to_end(tmp_path: Path) -> None:
     assert "cpu:1" in result.output  # the per-device table
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["memory", "resnet101"], ["resnet101", "amoebanetd"]),
-    (["memory", "amoebanetd", "--pipeline", "3"], ["pipeline"]),
-    (["memory", "amoebanetd", "--pipeline", "2", "--balance", "1,2", "--profile", "quick"], ["balance", "145"]),
-    (["memory", "amoebanetd", "--pipeline", "2", "--devices", "cpu:0", "--profile", "quick"], ["--devices"]),
-    (["memory", "amoebanetd", "--pipeline", "2", "--predict-only", "--devices", "cpu:0"], ["--devices"]),
-    (["table", "resnet101-speed", "--per-device"], ["--per-device"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["memory", "resnet101"], ["resnet101", "amoebanetd"]),
+        (["memory", "amoebanetd", "--pipeline", "3"], ["pipeline"]),
+        (["memory", "amoebanetd", "--pipeline", "2", "--balance", "1,2", "--profile", "quick"], ["balance", "145"]),
+        (["memory", "amoebanetd", "--pipeline", "2", "--devices", "cpu:0", "--profile", "quick"], ["--devices"]),
+        (["memory", "amoebanetd", "--pipeline", "2", "--predict-only", "--devices", "cpu:0"], ["--devices"]),
+        (["table", "resnet101-speed", "--per-device"], ["--per-device"]),
+    ],
+)
 def test_memory_bad_input(args: List[str], needles: List[str], tmp_path: Path) -> None:
     result = CliRunner().invoke(main, args + (["--output", str(tmp_path)] if args[0] == "memory" else []))
     assert result.exit_code == 2, result.output

@@ -1,4 +1,5 @@
 """measure/speed.py: the one speed loop, end to end on a real row, and how Ctrl-C ends it."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,13 @@ def test_a_row_measures_every_epoch_after_the_warm_up() -> None:
     steps = []
     result = speed.run(_job("pipeline-2", batch=8, chunks=2), lambda *args: steps.append(args))
     assert result is not None and result.status == "ok"
-    assert (result.table, result.experiment, result.profile, result.engine, result.kind) == \
-        ("resnet101-speed", "pipeline-2", "quick", "gpipe-bench", "speed")
+    assert (result.table, result.experiment, result.profile, result.engine, result.kind) == (
+        "resnet101-speed",
+        "pipeline-2",
+        "quick",
+        "gpipe-bench",
+        "speed",
+    )
     assert len(result.samples) == 2 and all(s > 0 for s in result.samples)  # 3 epochs, 1 of warm-up
     assert result.value == pytest.approx(sum(result.samples) / 2)
     assert set(result.spread) == {"min", "max", "median", "std"}
@@ -67,10 +73,26 @@ def test_ctrl_c_says_how_many_epochs_finished(monkeypatch: pytest.MonkeyPatch, c
 
 def test_cli_interrupt_writes_nothing_and_says_how_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _interrupt_after(monkeypatch, 2 * 8 + 3)  # quick naive-1: 128 / 16 = 8 steps an epoch
-    result = CliRunner().invoke(main, ["speed", "resnet101", "--experiment", "naive-1", "--profile", "quick",
-                                       "--devices", "cpu", "--output", str(tmp_path), "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "speed",
+            "resnet101",
+            "--experiment",
+            "naive-1",
+            "--profile",
+            "quick",
+            "--devices",
+            "cpu",
+            "--output",
+            str(tmp_path),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 130, result.output
-    assert "Interrupted in naive-1 after 2 of 3 epochs; nothing written for it (0 earlier row(s) saved)." in result.output
+    assert (
+        "Interrupted in naive-1 after 2 of 3 epochs; nothing written for it (0 earlier row(s) saved)." in result.output
+    )
     assert not list(tmp_path.rglob("*.json"))
 
 

@@ -1,4 +1,5 @@
 """The predictor against the meter: a GPipe step's peak per device, from meta alone, equals what tensors held."""
+
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpipe_bench.memory.predict import CellCost, predict_pipeline, predict_plain, simulate
-from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes
 from gpipe_bench.memory.tracker import TensorMemory
+from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes
 from gpipe_bench.pipe import GPipe
 
 
@@ -52,25 +53,38 @@ def _temps(parts: Sequence[nn.Module]) -> List[int]:
 
 
 @pytest.mark.parametrize("checkpoint", ["always", "except_last", "never"])
-@pytest.mark.parametrize("balance,devices", [
-    ([16], ["cpu"]),
-    ([9, 7], ["cpu:0", "cpu:1"]),
-    ([5, 6, 5], ["cpu:0", "cpu:1", "cpu:2"]),
-])
+@pytest.mark.parametrize(
+    "balance,devices",
+    [
+        ([16], ["cpu"]),
+        ([9, 7], ["cpu:0", "cpu:1"]),
+        ([5, 6, 5], ["cpu:0", "cpu:1", "cpu:2"]),
+    ],
+)
 @pytest.mark.parametrize("batch,chunks", [(8, 4), (10, 4), (6, 1)])
-def test_predicted_peak_per_device_matches_the_measured_one(checkpoint: str, balance: List[int], devices: List[str],
-                                                           batch: int, chunks: int) -> None:
+def test_predicted_peak_per_device_matches_the_measured_one(
+    checkpoint: str, balance: List[int], devices: List[str], batch: int, chunks: int
+) -> None:
     torch.manual_seed(0)
     model = _model()
     shape = (batch, 3, 12, 12)
     meta = copy.deepcopy(model).to("meta")
     start, parts = 0, []
     for n in balance:
-        parts.append(model[start:start + n])
+        parts.append(model[start : start + n])
         start += n
-    predicted = predict_pipeline(meta, balance, torch.empty(*shape, device="meta"), chunks=chunks,
-                                 checkpoint=checkpoint, head_bytes=_head(batch), optimizer_temp=_temps(parts))
-    measured = _measure(GPipe(model, balance, devices=devices, chunks=chunks, checkpoint=checkpoint), shape, len(balance))
+    predicted = predict_pipeline(
+        meta,
+        balance,
+        torch.empty(*shape, device="meta"),
+        chunks=chunks,
+        checkpoint=checkpoint,
+        head_bytes=_head(batch),
+        optimizer_temp=_temps(parts),
+    )
+    measured = _measure(
+        GPipe(model, balance, devices=devices, chunks=chunks, checkpoint=checkpoint), shape, len(balance)
+    )
     # Devices release what they share at their own pace inside a clock; the prediction assumes the later
     # release. So with several devices it may exceed the measurement by what crosses a boundary in one
     # clock (an output and an input gradient of one micro-batch), and never falls short of it.
@@ -84,21 +98,29 @@ def test_plain_model_prediction_matches_the_measured_one() -> None:
     torch.manual_seed(0)
     model = _model()
     shape = (8, 3, 12, 12)
-    predicted = predict_plain(copy.deepcopy(model).to("meta"), torch.empty(*shape, device="meta"),
-                              head_bytes=_head(8), optimizer_temp=_temps([model])[0])
+    predicted = predict_plain(
+        copy.deepcopy(model).to("meta"),
+        torch.empty(*shape, device="meta"),
+        head_bytes=_head(8),
+        optimizer_temp=_temps([model])[0],
+    )
     assert predicted.total == pytest.approx(sum(_measure(model, shape, 1)), rel=0.05)
 
 
 def test_checkpointing_is_what_makes_the_pipeline_smaller() -> None:
     meta = _model(width=16).to("meta")
     sample = torch.empty(32, 3, 16, 16, device="meta")
-    peaks = {mode: predict_pipeline(meta, [16], sample, chunks=8, checkpoint=mode).total
-             for mode in ("never", "except_last", "always")}
+    peaks = {
+        mode: predict_pipeline(meta, [16], sample, chunks=8, checkpoint=mode).total
+        for mode in ("never", "except_last", "always")
+    }
     assert peaks["always"] <= peaks["except_last"] < peaks["never"]
 
 
 def _cost(**kw: int) -> CellCost:
-    fields = dict(out=0, nograd_peak=0, held=0, grad_peak=0, bwd_peak=0, bwd_peak_no_param_grads=0, grad_in=0, param_grads=0)
+    fields = dict(
+        out=0, nograd_peak=0, held=0, grad_peak=0, bwd_peak=0, bwd_peak_no_param_grads=0, grad_in=0, param_grads=0
+    )
     fields.update(kw)
     return CellCost(**fields)
 
@@ -118,5 +140,3 @@ def test_simulate_charges_shared_devices_together() -> None:
     shared = simulate([[c, c]], 0, slots=[0, 0])
     assert len(apart.per_device) == 2 and len(shared.per_device) == 1
     assert shared.total >= max(apart.per_device)
-
-

@@ -1,4 +1,5 @@
 """TensorMemory: exact bytes of new storages, their owners and lifetimes, on CPU, meta and in pipeline workers."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
 """AmoebaNet-D: exact table-era parameter and layer counts, and that the flat model
 runs plain, sliced, and inside GPipe at the published balances."""
+
 from __future__ import annotations
 
 import copy

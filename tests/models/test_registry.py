@@ -1,4 +1,5 @@
 """The model registry: names, building with defaults and overrides, one-line descriptions."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """ResNet-101 of the published tables: structure, counts, and GPipe transparency at every published cut."""
+
 from __future__ import annotations
 
 import copy
@@ -35,10 +36,21 @@ def test_layer_structure() -> None:
     assert kinds[-3:] == ["AdaptiveAvgPool2d", "Flatten", "Linear"]
     body = kinds[4:-3]
     assert len(body) == 33 * LAYERS_PER_BOTTLENECK
-    block = ["Fork", "Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU", "Conv2d",
-             "BatchNorm2d", "Residual", "ReLU"]
+    block = [
+        "Fork",
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "Conv2d",
+        "BatchNorm2d",
+        "Residual",
+        "ReLU",
+    ]
     for k in range(33):
-        assert body[k * 11:(k + 1) * 11] == block
+        assert body[k * 11 : (k + 1) * 11] == block
     assert not any(getattr(layer, "inplace", False) for layer in model)
     downsamples = [layer.module.downsample for layer in model if isinstance(layer, Residual)]
     assert sum(d is not None for d in downsamples) == 4  # first block of each stage
@@ -74,8 +86,13 @@ def test_gpipe_at_published_cuts_equals_plain(small_resnet: nn.Sequential, balan
     limits agreement to ~1e-8.)
     """
     plain = copy.deepcopy(small_resnet)
-    gpipe = GPipe(copy.deepcopy(small_resnet), balance, devices=[f"cpu:{j}" for j in range(len(balance))],
-                  chunks=2, checkpoint="except_last")
+    gpipe = GPipe(
+        copy.deepcopy(small_resnet),
+        balance,
+        devices=[f"cpu:{j}" for j in range(len(balance))],
+        chunks=2,
+        checkpoint="except_last",
+    )
     torch.manual_seed(1)
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     weight = torch.randn(4, 10, dtype=torch.float64)

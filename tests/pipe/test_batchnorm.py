@@ -4,6 +4,7 @@ The running statistics after each training step must be those of a plain
 BatchNorm fed the whole mini-batch, whatever the number of micro-batches, the
 checkpoint mode (a recompute must not count twice) and the momentum.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,7 +56,9 @@ def _input(kind: str, batch: int, channels: int) -> Tensor:
     return (torch.randn(*shape, dtype=F64) * 3 + 1.5).requires_grad_()
 
 
-def _models(kind: str, momentum: Optional[float], layout: str, chunks: int, checkpoint: str) -> Tuple[nn.Sequential, GPipe]:
+def _models(
+    kind: str, momentum: Optional[float], layout: str, chunks: int, checkpoint: str
+) -> Tuple[nn.Sequential, GPipe]:
     """A plain model and its GPipe with deferred BatchNorm (same initial tensors)."""
     # One BatchNorm only: a second one would be fed micro-batch-normalised data,
     # which differs from the plain model's input by design.

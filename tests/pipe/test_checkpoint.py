@@ -1,5 +1,6 @@
 """Tests of gpipe_bench.pipe.checkpoint: the checkpointing/recomputing flags, RNG replay,
 and checkpointing as GPipe schedules it (which micro-batches, when the recompute runs)."""
+
 from __future__ import annotations
 
 import threading
@@ -56,7 +57,7 @@ def test_flags_nest_and_restore() -> None:
 def test_flags_restored_after_exception() -> None:
     with pytest.raises(ZeroDivisionError):
         with checkpointing(), recomputing():
-            1 / 0
+            _ = 1 / 0
     assert not is_checkpointing()
     assert not is_recomputing()
 
@@ -107,7 +108,9 @@ class Recorder(nn.Module):
         return x * self.w
 
 
-def _recorded_model(devices: List[str], chunks: int, checkpoint: str) -> Tuple[GPipe, List[Tuple[int, int, bool, bool]]]:
+def _recorded_model(
+    devices: List[str], chunks: int, checkpoint: str
+) -> Tuple[GPipe, List[Tuple[int, int, bool, bool]]]:
     log: List[Tuple[int, int, bool, bool]] = []
     model = nn.Sequential(Recorder(0, log), Recorder(1, log))
     return GPipe(model, _balance(devices, 2), devices=devices, chunks=chunks, checkpoint=checkpoint), log
@@ -371,7 +374,13 @@ class FailingRecompute(nn.Module):
 @pytest.mark.parametrize("devices", DEVICES)
 def test_recompute_error_reaches_backward_caller(devices: List[str]) -> None:
     baseline = threading.active_count()
-    model = GPipe(nn.Sequential(nn.Identity(), FailingRecompute()), _balance(devices, 2), devices=devices, chunks=2, checkpoint="always")
+    model = GPipe(
+        nn.Sequential(nn.Identity(), FailingRecompute()),
+        _balance(devices, 2),
+        devices=devices,
+        chunks=2,
+        checkpoint="always",
+    )
     y = model(_indexed_input(4))
     with pytest.raises(ValueError, match="recompute failed") as excinfo:
         y.sum().backward()

@@ -2,9 +2,9 @@
 
 Skipped unless the peer is installed (``pip install -e '.[peers]'``).
 """
+
 from __future__ import annotations
 
-import copy
 import inspect
 from typing import Any, Callable
 

@@ -1,4 +1,5 @@
 """copy.py: where partitions' tensors live, and transfers that leave same-place tensors alone."""
+
 from __future__ import annotations
 
 import torch

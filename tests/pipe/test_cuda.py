@@ -3,6 +3,7 @@
 Every test has a timeout: a pipeline that deadlocks (the backward on two GPUs
 once did) fails its test instead of stalling ``make gpu-check``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,18 @@ pytestmark = [pytest.mark.cuda, pytest.mark.timeout(120)]
 def _model() -> nn.Sequential:
     ns = Namespace()
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        Stash().isolate(ns), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.0),
-        nn.Conv2d(8, 8, 3, padding=1), Pop().isolate(ns), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        Stash().isolate(ns),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Dropout(0.0),
+        nn.Conv2d(8, 8, 3, padding=1),
+        Pop().isolate(ns),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
     )
 
 
@@ -72,7 +82,9 @@ def test_distinct_gpus(checkpoint: str) -> None:
     _compare(_devices(3), checkpoint, chunks=4)
 
 
-@pytest.mark.parametrize("devices", [["cpu", "cuda:0", "cuda:0"], ["cuda:0", "cpu", "cuda:0"], ["cuda:0", "cuda:0", "cpu"]])
+@pytest.mark.parametrize(
+    "devices", [["cpu", "cuda:0", "cuda:0"], ["cuda:0", "cpu", "cuda:0"], ["cuda:0", "cuda:0", "cpu"]]
+)
 @pytest.mark.parametrize("checkpoint", ["always", "never"])
 def test_mixed_host_and_gpu_partitions(devices: List[str], checkpoint: str) -> None:
     """Two workers, one on the host: GPU-to-host copies must land before the CPU worker reads them,
@@ -135,8 +147,13 @@ def test_input_on_host_is_moved_and_gradient_returns() -> None:
 
 def test_dropout_masks_replay_on_gpu() -> None:
     torch.manual_seed(0)
-    gpipe = GPipe(nn.Sequential(nn.Dropout(0.5), nn.Identity()), [1, 1], devices=["cuda:0", "cuda:0"],
-                  chunks=4, checkpoint="always")
+    gpipe = GPipe(
+        nn.Sequential(nn.Dropout(0.5), nn.Identity()),
+        [1, 1],
+        devices=["cuda:0", "cuda:0"],
+        chunks=4,
+        checkpoint="always",
+    )
     x = torch.ones(64, 16, device="cuda:0", requires_grad=True)
     out = gpipe(x)
     out.sum().backward()

@@ -1,4 +1,5 @@
 """The GPipe module's public surface, checked against torchgpipe 0.0.7's semantics."""
+
 from __future__ import annotations
 
 import threading
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from gpipe_bench.pipe import GPipe
-from gpipe_bench.pipe.skip import pop, skippable, stash
+from gpipe_bench.pipe.skip import skippable, stash
 
 
 def _model(n: int = 4) -> nn.Sequential:
@@ -129,9 +130,16 @@ def test_len_index_iter() -> None:
 
 def test_moves_denied_casts_allowed() -> None:
     model = GPipe(_model(), [4], devices=["cpu"])
-    for move in (lambda: model.cuda(), lambda: model.cpu(), lambda: model.to("cpu"), lambda: model.to(0),
-                 lambda: model.to(torch.device("cpu")), lambda: model.to(device="cpu"),
-                 lambda: model.to(torch.zeros(1)), lambda: model.to(tensor=torch.zeros(1))):
+    for move in (
+        lambda: model.cuda(),
+        lambda: model.cpu(),
+        lambda: model.to("cpu"),
+        lambda: model.to(0),
+        lambda: model.to(torch.device("cpu")),
+        lambda: model.to(device="cpu"),
+        lambda: model.to(torch.zeros(1)),
+        lambda: model.to(tensor=torch.zeros(1)),
+    ):
         with pytest.raises(TypeError, match="denied to move"):
             move()
     model.to(torch.float64)

@@ -1,4 +1,5 @@
 """Tests of gpipe_bench.pipe.microbatch: check, scatter and gather."""
+
 from __future__ import annotations
 
 import pytest

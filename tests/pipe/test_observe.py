@@ -1,4 +1,5 @@
 """observe.py: observers see every step with its worker, device and host time, and wrap each worker's phase."""
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """Tests of gpipe_bench.pipe.schedule: the fill-drain clocks, exhaustively for m, n in 1..8."""
+
 from __future__ import annotations
 
 import itertools
@@ -109,7 +110,7 @@ def test_backward_steps(m: int, n: int, mode: str) -> None:
 
     # A clock holds at most one backward per partition, and a recompute shares its
     # partition's clock only with a backward placed before it (memory freed first).
-    for clock, steps in enumerate(clocks):
+    for steps in clocks:
         per_partition: Dict[int, List[Step]] = {}
         for s in steps:
             per_partition.setdefault(s.j, []).append(s)

@@ -1,10 +1,18 @@
 """stream.py: on CPU every stream operation is a no-op on the CPU_STREAM sentinel."""
+
 from __future__ import annotations
 
 import torch
 
 from gpipe_bench.pipe.stream import (
-    CPU_STREAM, current_stream, new_stream, record_event, record_stream, use_stream, wait_event, wait_stream,
+    CPU_STREAM,
+    current_stream,
+    new_stream,
+    record_event,
+    record_stream,
+    use_stream,
+    wait_event,
+    wait_stream,
 )
 
 

@@ -25,6 +25,7 @@ bound fails at random. Both are compared with the same step in float64 instead,
 and the pipeline may be at most FACTOR32 times further from it than the plain
 float32 model is (or FLOOR32, whichever is larger).
 """
+
 from __future__ import annotations
 
 import copy
@@ -114,7 +115,11 @@ def _skip(inner: List[nn.Module]) -> List[nn.Module]:
 
 @st.composite
 def models(draw: Any, family: str) -> Tuple[List[nn.Module], bool]:
-    kinds = ["linear", "relu", "tanh", "bn", "tuple", "index", "dropout"] if family == "vector" else ["conv", "bn", "relu", "index"]
+    kinds = (
+        ["linear", "relu", "tanh", "bn", "tuple", "index", "dropout"]
+        if family == "vector"
+        else ["conv", "bn", "relu", "index"]
+    )
     block = _vector_block if family == "vector" else _conv_block
     first = "linear" if family == "vector" else "conv"
     layers: List[nn.Module] = block(first)
@@ -209,8 +214,15 @@ def _observe(model: nn.Module, x: Tensor, weight: Tensor, chunks: int, accumulat
 
 
 def _reference(
-    layers: Sequence[nn.Module], balance: List[int], devices: List[str], chunks: int, deferred: bool,
-    dtype: torch.dtype, x: Tensor, weight: Tensor, dropout: bool,
+    layers: Sequence[nn.Module],
+    balance: List[int],
+    devices: List[str],
+    chunks: int,
+    deferred: bool,
+    dtype: torch.dtype,
+    x: Tensor,
+    weight: Tensor,
+    dropout: bool,
 ) -> Observed:
     """What GPipe must reproduce, computed in ``dtype`` from the same layers, input and weights.
 
@@ -222,7 +234,9 @@ def _reference(
     plain = nn.Sequential(*[copy.deepcopy(layer) for layer in layers]).to(dtype)
     x, weight = x.to(dtype), weight.to(dtype)
     if dropout:
-        reference = GPipe(plain, balance, devices=devices, chunks=chunks, checkpoint="never", deferred_batch_norm=deferred)
+        reference = GPipe(
+            plain, balance, devices=devices, chunks=chunks, checkpoint="never", deferred_batch_norm=deferred
+        )
         torch.manual_seed(1234)
         return _observe(reference, x, weight, chunks, accumulate=False)[0]
     bn_inputs: dict = {}
@@ -259,7 +273,10 @@ def _quantities(o: Observed) -> List[Tuple[str, Optional[Tensor], float]]:
         return torch.cat(present).norm().item() if present else 0.0
 
     grads, params = norm(o.param_grads), norm(o.params_after)
-    items: List[Tuple[str, Optional[Tensor], float]] = [("output", o.output, 0.0), ("input gradient", o.input_grad, 0.0)]
+    items: List[Tuple[str, Optional[Tensor], float]] = [
+        ("output", o.output, 0.0),
+        ("input gradient", o.input_grad, 0.0),
+    ]
     items += [(f"gradient of parameter {k}", g, grads) for k, g in enumerate(o.param_grads)]
     items += [(f"parameter {k} after SGD", p, params) for k, p in enumerate(o.params_after)]
     # Running statistics start at mean 0 and variance 1: measure against that unit scale.
@@ -311,8 +328,14 @@ def _check(
 ) -> None:
     plain = nn.Sequential(*[copy.deepcopy(layer) for layer in layers]).to(dtype)
     weight = torch.randn_like(copy.deepcopy(plain)(x.clone()))
-    gpipe = GPipe(copy.deepcopy(plain), balance, devices=devices, chunks=chunks, checkpoint=checkpoint,
-                  deferred_batch_norm=deferred)
+    gpipe = GPipe(
+        copy.deepcopy(plain),
+        balance,
+        devices=devices,
+        chunks=chunks,
+        checkpoint=checkpoint,
+        deferred_batch_norm=deferred,
+    )
     if dropout:
         torch.manual_seed(1234)
     got, _ = _observe(gpipe, x, weight, chunks, accumulate=False)

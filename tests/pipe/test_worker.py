@@ -1,4 +1,5 @@
 """Tests of gpipe_bench.pipe.worker.execute: clocked steps on one thread per worker."""
+
 from __future__ import annotations
 
 import random

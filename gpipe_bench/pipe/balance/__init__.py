@@ -20,6 +20,7 @@ Names, argument names and defaults follow torchgpipe, including the default
 ``device=torch.device('cuda')``. Profiling works on copies of the layers, so
 the model passed in is left exactly as it was (see :mod:`.profile`).
 """
+
 from __future__ import annotations
 
 from typing import List, Union

@@ -19,6 +19,7 @@ is found by binary search instead of a scan, giving O(k·n·log n); the search
 itself runs in C through :func:`bisect.bisect_left`, so 1,525 layers into 8
 blocks takes milliseconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -104,6 +105,6 @@ def bottleneck(costs: Sequence[float], sizes: Sequence[int]) -> float:
     largest: float = 0
     start = 0
     for size in sizes:
-        largest = max(largest, sum(costs[start:start + size]))
+        largest = max(largest, sum(costs[start : start + size]))
         start += size
     return largest

@@ -20,6 +20,7 @@ independent, so it works on CPU, CUDA and even ``meta`` (shapes only, no data);
 it is deterministic; and it is free of the caching allocator's rounding, block
 reuse and fragmentation, which make peak-memory deltas noisy per layer.
 """
+
 from __future__ import annotations
 
 import copy
@@ -226,7 +227,7 @@ def _storage_key(tensor: Tensor) -> Tuple[int, int]:
     """
     try:
         storage = tensor.untyped_storage()
-        cdata: int = getattr(storage, "_cdata")
+        cdata: int = storage._cdata
         return cdata, storage.nbytes()
     except (RuntimeError, NotImplementedError, AttributeError):
         # Tensors without a plain storage (sparse, some subclasses): fall back
@@ -261,7 +262,7 @@ def profile_sizes(
             leaves, fed = _feed(batch)
             saved: List[Tensor] = []
 
-            def pack(tensor: Tensor) -> Tensor:
+            def pack(tensor: Tensor, saved: List[Tensor] = saved) -> Tensor:
                 # Keep a reference so the storage (and its address used as a
                 # key) stays alive until this layer has been counted.
                 saved.append(tensor)

@@ -6,6 +6,7 @@ fails at construction instead of deep inside a pipeline run.
 :func:`inspect_skip_layout` tells the engine, for each partition, which skip
 tensors leave it for a later partition and which arrive from an earlier one.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Set, Tuple
@@ -33,14 +34,18 @@ def verify_skippables(module: nn.Sequential) -> None:
             if key[1] in layer.poppable_names:
                 continue
             if key in stashed:
-                problems.append(f"'{layer_name}' stashes '{key[1]}' again in the same namespace (isolate it with a Namespace)")
+                problems.append(
+                    f"'{layer_name}' stashes '{key[1]}' again in the same namespace (isolate it with a Namespace)"
+                )
                 continue
             stashed.add(key)
         for key in layer.poppable():
             if key[1] in layer.stashable_names:
                 continue
             if key in popped:
-                problems.append(f"'{layer_name}' pops '{key[1]}' again in the same namespace (isolate it with a Namespace)")
+                problems.append(
+                    f"'{layer_name}' pops '{key[1]}' again in the same namespace (isolate it with a Namespace)"
+                )
                 continue
             if key not in stashed:
                 problems.append(f"'{layer_name}' pops '{key[1]}' but no earlier layer stashes it")

@@ -4,6 +4,7 @@ A model built from the same skippable block many times would stash the same
 name many times. ``block.isolate(Namespace())`` gives one instance its own
 namespace, so each stash pairs with the pop of the same block.
 """
+
 from __future__ import annotations
 
 import uuid

@@ -12,6 +12,7 @@ hands over a tensor and ``x = yield pop('name')`` receives one. The decorator
 wraps the user's class in :class:`Skippable`, which drives the generator and
 talks to the current tracker, so the same module works inside and outside GPipe.
 """
+
 from __future__ import annotations
 
 import inspect

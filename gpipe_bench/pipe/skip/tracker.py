@@ -6,6 +6,7 @@ model with skippable layers runs unchanged without GPipe. Inside the pipeline,
 the engine installs a tracker per (micro-batch, partition) that also hands
 tensors to and from other partitions (see ``pipeline.py``).
 """
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """balance_by_time / balance_by_size: results, no side effects on the model, errors, meta."""
+
 from __future__ import annotations
 
 import time
@@ -8,8 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gpipe_bench.pipe.balance import balance_by_size, balance_by_time
-from gpipe_bench.pipe.balance import profile
+from gpipe_bench.pipe.balance import balance_by_size, balance_by_time, profile
 from gpipe_bench.pipe.balance.profile import profile_sizes
 
 CPU = torch.device("cpu")
@@ -311,7 +311,12 @@ def test_size_parameters_and_micro_batch() -> None:
 def test_size_is_device_independent_meta_matches_cpu() -> None:
     def build() -> nn.Sequential:
         return nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * 4 * 4, 10),
         )
 
     cpu_sizes = profile_sizes(build(), torch.randn(8, 3, 8, 8), 2, 2.0, CPU)
@@ -324,7 +329,9 @@ def test_size_is_device_independent_meta_matches_cpu() -> None:
 
 def test_balance_by_size_on_meta() -> None:
     with torch.device("meta"):
-        model = nn.Sequential(nn.Linear(32, 1024), nn.ReLU(), nn.BatchNorm1d(1024), nn.Linear(1024, 32), nn.Linear(32, 32))
+        model = nn.Sequential(
+            nn.Linear(32, 1024), nn.ReLU(), nn.BatchNorm1d(1024), nn.Linear(1024, 32), nn.Linear(32, 32)
+        )
     before_devices = [p.device for p in model.parameters()]
     balance = balance_by_size(3, model, torch.empty(64, 32, device="meta"), chunks=4, device="meta")
     check_balance(balance, model, 3)

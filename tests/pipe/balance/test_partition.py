@@ -1,4 +1,5 @@
 """The block partition is exact: checked against brute force and an independent method."""
+
 from __future__ import annotations
 
 import itertools
@@ -120,6 +121,7 @@ def optimal_by_search(costs: Sequence[int], partitions: int) -> int:
     A bottleneck B is feasible iff greedily filling blocks up to B needs at most
     `partitions` blocks (with at least that many costs, extra cuts never hurt).
     """
+
     def blocks_needed(limit: int) -> int:
         count, running = 1, 0
         for c in costs:

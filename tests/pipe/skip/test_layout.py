@@ -1,5 +1,6 @@
 """Tests of gpipe_bench.pipe.skip.layout: verify_skippables, the partition routes of skips,
 and skips that cross partitions in a running pipeline (same numbers as the plain model)."""
+
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,6 @@ from gpipe_bench.pipe.skip.namespace import DEFAULT_NAMESPACE
 F64 = torch.float64
 RTOL = 1e-10
 D = 4
-
 
 
 @skippable(stash=["skip"])

@@ -1,4 +1,5 @@
 """Tests of gpipe_bench.pipe.skip.namespace: isolating the skip names of repeated layers."""
+
 from __future__ import annotations
 
 import copy

@@ -3,6 +3,7 @@
 Skippable layers must run unchanged outside GPipe (a plain nn.Sequential) and
 fail loudly when they stash or pop what they did not declare.
 """
+
 from __future__ import annotations
 
 from typing import List

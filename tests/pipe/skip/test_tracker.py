@@ -1,4 +1,5 @@
 """Tests of gpipe_bench.pipe.skip.tracker: where stashed tensors wait for their pop."""
+
 from __future__ import annotations
 
 import threading
@@ -76,7 +77,7 @@ def test_use_skip_tracker_restores_after_exception() -> None:
     outer = current_skip_tracker()
     with pytest.raises(ZeroDivisionError):
         with use_skip_tracker(SkipTracker()):
-            1 / 0
+            _ = 1 / 0
     assert current_skip_tracker() is outer
 
 
