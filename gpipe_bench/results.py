@@ -20,6 +20,7 @@ import re
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_ENGINE",
     "Result",
     "summarize",
+    "created_at",
     "environment",
     "hardware_key",
     "results_dir",
@@ -125,6 +127,22 @@ class Result:
             if not isinstance(kwargs[name], dict):
                 raise ValueError(f"field {name!r} is not an object")
         return cls(**kwargs)
+
+
+def created_at(result: Result) -> datetime:
+    """When ``result`` was made, as an aware datetime: records compare by time, not by their text.
+
+    Records carry ISO 8601 with an offset (``+00:00`` now; older ones ``+0100``
+    style, local time). One without an offset is taken as UTC.
+    """
+    text = result.created.strip()
+    for parse in (datetime.fromisoformat, lambda t: datetime.strptime(t, "%Y-%m-%dT%H:%M:%S%z")):
+        try:
+            when = parse(text)
+        except ValueError:
+            continue
+        return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    return datetime.min.replace(tzinfo=timezone.utc)
 
 
 def _is_number(x: Any) -> bool:

@@ -198,8 +198,8 @@ def blocks(text: str) -> List[str]:
     return text.strip("\n").split("\n\n")
 
 
-def row_of(comparison: report.Comparison, experiment: str, engine: str = "gpipe-bench") -> Dict[str, Any]:
-    [entry] = [e for e in comparison.rows if e["experiment"] == experiment and e["engine"] == engine]
+def row_of(comparison: report.Comparison, experiment: str, engine: str = "gpipe-bench") -> report.CompareRow:
+    [entry] = [e for e in comparison.rows if e.experiment == experiment and e.engine == engine]
     return entry
 
 
@@ -420,7 +420,7 @@ def test_memory_table_shows_predictions_and_units() -> None:
     per_device = report.memory_per_device(table, results)
     assert "cuda:1" in per_device and "9.96 GiB" in per_device and "backward 126 on partition 0" in per_device
     entry = row_of(report.compare(table, results), "pipeline-8")
-    assert entry["flag"] == "differs" and "predicted (not measured)" in entry["note"]  # never a regression
+    assert entry.flag == "differs" and "predicted (not measured)" in entry.note  # never a regression
 
 
 def test_format_gib_switches_to_mib_below_one_gib() -> None:
@@ -462,12 +462,12 @@ def test_compare_measured_over_ideal_with_31_microbatches() -> None:
     comparison = report.compare(table, as_published(table))
     entry = row_of(comparison, "pipeline-8")
     ideal = 8 * 31 / 38 * 0.75
-    assert entry["micro_batches"] == 31
-    assert entry["ideal"] == pytest.approx(ideal)
-    assert entry["speedup"] == pytest.approx(34.392 / 14.188)
-    assert entry["of_ideal"] == pytest.approx(34.392 / 14.188 / ideal)
-    assert entry["published_of_ideal"] == pytest.approx(2.424 / ideal)
-    assert row_of(comparison, "naive-2")["ideal"] is None
+    assert entry.micro_batches == 31
+    assert entry.ideal == pytest.approx(ideal)
+    assert entry.speedup == pytest.approx(34.392 / 14.188)
+    assert entry.of_ideal == pytest.approx(34.392 / 14.188 / ideal)
+    assert entry.published_of_ideal == pytest.approx(2.424 / ideal)
+    assert row_of(comparison, "naive-2").ideal is None
     assert f"0.50 of {ideal:.2f}x" in comparison.text
 
 
@@ -483,7 +483,7 @@ def test_compare_flags_by_tolerance() -> None:
         result(table, "pipeline-8", 100.0 * 4.367 * 1.2),  # 20% faster: better
     ]
     comparison = report.compare(table, results)
-    flags = {e["experiment"]: e["flag"] for e in comparison.rows}
+    flags = {e.experiment: e.flag for e in comparison.rows}
     assert flags == {
         "naive-1": "ok",
         "pipeline-1": "missing",
@@ -491,7 +491,7 @@ def test_compare_flags_by_tolerance() -> None:
         "pipeline-4": "regression",
         "pipeline-8": "better",
     }
-    assert row_of(comparison, "pipeline-4")["ratio"] == pytest.approx(0.8)
+    assert row_of(comparison, "pipeline-4").ratio == pytest.approx(0.8)
     assert len(comparison.regressions) == 1 and "pipeline-4" in comparison.regressions[0]
     assert "\n" not in comparison.regressions[0]
     flag_lines = comparison.text.split("Flags:\n", 1)[1].split("\n\n", 1)[0].splitlines()
@@ -509,7 +509,7 @@ def test_compare_quick_profile_differs_but_never_regresses() -> None:
         result(table, "pipeline-4", 100.0 * 2.629 * 0.5, profile="quick"),
     ]
     comparison = report.compare(table, results)
-    assert row_of(comparison, "pipeline-4")["flag"] == "differs"
+    assert row_of(comparison, "pipeline-4").flag == "differs"
     assert comparison.regressions == []
     assert "not comparable with the published hardware" in comparison.text
 
@@ -524,7 +524,7 @@ def test_compare_lower_is_better_and_failed_runs() -> None:
         result(table, "pipeline-8", None, status="error"),
     ]
     comparison = report.compare(table, results)
-    flags = {e["experiment"]: e["flag"] for e in comparison.rows}
+    flags = {e.experiment: e.flag for e in comparison.rows}
     assert flags == {
         "naive-1": "ok",
         "pipeline-1": "regression",
@@ -532,18 +532,18 @@ def test_compare_lower_is_better_and_failed_runs() -> None:
         "pipeline-4": "regression",
         "pipeline-8": "missing",
     }
-    assert row_of(comparison, "pipeline-8")["note"] == "run error"
+    assert row_of(comparison, "pipeline-8").note == "run error"
 
 
 def test_compare_without_a_baseline_is_missing_not_ok() -> None:
     table = resnet()
     entry = row_of(report.compare(table, [result(table, "pipeline-2", 150.0)]), "pipeline-2")
-    assert entry["flag"] == "missing" and "baseline naive-1" in entry["note"]
+    assert entry.flag == "missing" and "baseline naive-1" in entry.note
 
 
 def test_compare_with_no_results_lists_every_row_missing() -> None:
     comparison = report.compare(resnet(), [])
-    assert [e["flag"] for e in comparison.rows] == ["missing"] * 5
+    assert [e.flag for e in comparison.rows] == ["missing"] * 5
     assert comparison.regressions == []
 
 
@@ -552,7 +552,7 @@ def test_published_seed_speed_tables_are_consistent() -> None:
         comparison = report.compare(table, as_published(table))
         assert comparison.inconsistencies == []
         assert comparison.regressions == []
-        assert {e["flag"] for e in comparison.rows} == {"ok"}
+        assert {e.flag for e in comparison.rows} == {"ok"}
         assert "Published data:\n- consistent" in comparison.text
 
 
@@ -589,16 +589,16 @@ def test_parameter_counts_that_differ_from_the_published_are_noted() -> None:
     table = memory()
     results = [result(table, "pipeline-1", 6.64, extra={"parameters": 300_000_000})]
     entry = row_of(report.compare(table, results), "pipeline-1")
-    assert "300,000,000 parameters, published 358M" in entry["note"]
+    assert "300,000,000 parameters, published 358M" in entry.note
     ok = [result(table, "pipeline-1", 6.64, extra={"parameters": 358_456_186})]
-    assert "parameters" not in row_of(report.compare(table, ok), "pipeline-1")["note"]
+    assert "parameters" not in row_of(report.compare(table, ok), "pipeline-1").note
 
 
 def test_compare_markdown_and_text_layout() -> None:
     table = resnet()
     comparison = report.compare(table, as_published(table), fmt="md")
     assert "| Experiment" in comparison.text
-    assert comparison.text.endswith("\n") and not math.isnan(row_of(comparison, "pipeline-8")["ratio"])
+    assert comparison.text.endswith("\n") and not math.isnan(row_of(comparison, "pipeline-8").ratio)
 
 
 def test_results_of_a_profile_the_config_lost_are_named_not_dropped() -> None:
@@ -606,3 +606,14 @@ def test_results_of_a_profile_the_config_lost_are_named_not_dropped() -> None:
     text = report.speed_table(table, [result(table, "naive-1", 1.0, profile="old")])
     assert "profile 'old' is not in configs/resnet101-speed.yaml" in text
     assert "profile 'old'" in report.compare(table, [result(table, "naive-1", 1.0, profile="old")]).text
+
+
+def test_the_newer_record_of_a_row_wins_by_time_not_by_text() -> None:
+    """The newest record was chosen by comparing 'created' strings: wrong across time zones and DST."""
+    table = make_table("resnet101-speed", speed_rows(RESNET))
+    # 02:10 at UTC+02:00 is 00:10 UTC: older than 01:30 UTC, although its text sorts later.
+    older = result(table, "pipeline-8", 111.0, created="2026-03-29T02:10:00+0200")
+    newer = result(table, "pipeline-8", 222.0, created="2026-03-29T01:30:00+00:00")
+    for records in ([older, newer], [newer, older]):
+        text = report.render(table, records + [result(table, "naive-1", 100.0)])
+        assert "222.000" in text and "111.000" not in text

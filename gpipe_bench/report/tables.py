@@ -1,0 +1,253 @@
+"""The published tables (speed, memory, accuracy) over saved results, one table per machine and profile.
+
+Each hardware key gets its own table, under a heading that names the
+machine, the software and the dates, because absolute figures are
+meaningless without them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Sequence
+
+from gpipe_bench.results import DEFAULT_ENGINE, Result
+
+from .format import DASH, abbrev, fmt_num, format_gib, lf_label, mean_std, memory_cell, seed_stats, status_cell
+from .groups import (
+    Grid,
+    Group,
+    baseline_result,
+    group_results,
+    of_ideal_cell,
+    on_row_devices,
+    profile_of,
+    render_groups,
+    row_label,
+    row_slots,
+    speedup_of,
+)
+
+if TYPE_CHECKING:  # config imports models; rendering needs only the attributes
+    from gpipe_bench.config import Profile, Table
+
+
+def speed_table(table: "Table", results: Sequence[Result], *, fmt: str = "rst", published: bool = True) -> str:
+    """The published layout (Experiment | Throughput | Speedup), one table per hardware key and profile.
+
+    With ``published``, the published figures stand beside ours, and
+    multi-device pipeline rows show measured / ideal speedup.
+    """
+
+    def grid(profile: "Profile", group: Group) -> Grid:
+        headers = ["Experiment", "Throughput", "Speedup"]
+        if published:
+            headers += ["Published", "Published speedup", "Measured / ideal"]
+        rows = []
+        for row, engine, result in row_slots(profile, group):
+            speedup = speedup_of(table, profile, group, result)
+            cells = [
+                row_label(row.name, engine),
+                status_cell(result, lambda v: f"{v:.3f} {table.unit}"),
+                fmt_num(speedup, 3, "x"),
+            ]
+            if published:
+                values = row.published.values
+                cells += [
+                    fmt_num(values.get("throughput"), 3),
+                    fmt_num(values.get("speedup"), 3, "x"),
+                    of_ideal_cell(row, speedup) if on_row_devices(row, result) else DASH,
+                ]
+            rows.append(cells)
+        return headers, rows, ["left"] + ["right"] * (len(headers) - 1)
+
+    return render_groups(table, results, fmt, grid, lambda profile, group: _same_devices(table, profile, group))
+
+
+def _same_devices(table: "Table", profile: "Profile", group: Group) -> List[str]:
+    """pipeline-N over naive-N measured by the same engine: what pipelining buys on the same N devices or processes.
+
+    The Speedup column compares with the baseline row (one device, all its
+    cores); this line compares like with like, the model split the same way
+    with and without micro-batches. Pairs the Speedup column already shows
+    (naive-N is the baseline) are left out.
+    """
+    found = []
+    for row in profile.rows:
+        if row.mode != "pipeline":
+            continue
+        naive = next((r for r in profile.rows if r.mode == "naive" and r.devices == row.devices), None)
+        if naive is None:
+            continue
+        for engine in group.engines():
+            ours, base = group.get(row.name, engine), group.get(naive.name, engine)
+            if (
+                ours is None
+                or base is None
+                or ours.status != "ok"
+                or base.status != "ok"
+                or not ours.value
+                or not base.value
+                or baseline_result(table, profile, group, engine) is base
+            ):
+                continue
+            count = ours.extra.get("processes")
+            where = f"{count} processes" if count else f"{row.devices} devices"
+            found.append(f"{row.name} / {naive.name} on the same {where} ({engine}): {ours.value / base.value:.3f}x")
+    return [f"Pipelining over the same devices: {'; '.join(found)}."] if found else []
+
+
+def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published: bool) -> str:
+    def grid(profile: "Profile", group: Group) -> Grid:
+        headers = [
+            "Experiment",
+            "(L, F)",
+            "Parameters",
+            "Total Model Parameter Memory",
+            "Total Peak Activation Memory",
+            "Predicted",
+        ]
+        if published:
+            headers += ["Published model memory", "Published peak activation"]
+        rows = []
+        for row, engine, result in row_slots(profile, group):
+            extra = result.extra if result is not None else {}
+            cells = [
+                row_label(row.name, engine),
+                lf_label(table, row),
+                abbrev(extra.get("parameters")),
+                format_gib(extra.get("model_memory_gib")),
+                memory_cell(result),
+                format_gib(extra.get("predicted_gib")),
+            ]
+            if published:
+                values = row.published.values
+                peak = values.get("peak_activation_gb")
+                cells += [
+                    fmt_num(values.get("model_memory_gb"), 2, "GB"),
+                    fmt_num(peak, 2, "GB") if peak is not None else str(values.get("status") or "--"),
+                ]
+            rows.append(cells)
+        return headers, rows, ["left", "left"] + ["right"] * (len(headers) - 2)
+
+    text = render_groups(table, results, fmt, grid)
+    methods = sorted(
+        {
+            str(r.extra["method"])
+            for r in results
+            if r.table == table.name and r.status == "ok" and r.extra.get("method")
+        }
+    )
+    if methods:
+        text += (
+            "\nPeak activation memory: the sum over devices of each device's peak during the training steps, "
+            "model memory excluded; measured as " + "; ".join(methods) + ". Predicted from the meta device "
+            "(gpipe_bench.memory.predict). Published columns are labelled GB but are GiB.\n"
+        )
+    return text
+
+
+def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "rst") -> str:
+    """Each device of each row: model memory, measured and predicted peak activation, and when the peak falls."""
+
+    def grid(profile: "Profile", group: Group) -> Grid:
+        headers = ["Experiment", "Device", "Model memory", "Peak activation", "Predicted", "Predicted peak at"]
+        rows: List[List[str]] = []
+        for row, engine, result in row_slots(profile, group):
+            if result is None:
+                continue
+            extra = result.extra
+            names = list(extra.get("devices") or [])
+            model = list(extra.get("model_memory_per_device_gib") or [])
+            measured = list(extra.get("measured_per_device_gib") or [])
+            predicted = list(extra.get("predicted_per_device_gib") or [])
+            when = list(extra.get("predicted_peak_at") or [])
+            for k, name in enumerate(names):
+                if measured:
+                    ours = format_gib(measured[k]) if k < len(measured) else DASH
+                else:
+                    ours = "Out of memory" if result.status == "oom" else "not measured"
+                rows.append(
+                    [
+                        row_label(row.name, engine) if k == 0 else "",
+                        str(name),
+                        format_gib(model[k]) if k < len(model) else DASH,
+                        ours,
+                        format_gib(predicted[k]) if k < len(predicted) else DASH,
+                        str(when[k]) if k < len(when) else DASH,
+                    ]
+                )
+        return headers, rows, ["left", "left", "right", "right", "right", "left"]
+
+    return render_groups(table, results, fmt, grid)
+
+
+def _accuracy_table(table: "Table", results: Sequence[Result], fmt: str, published: bool) -> str:
+    def grid(profile: "Profile", group: Group) -> Grid:
+        headers = ["Experiment", "Top-1 error (%)"] + (["Published"] if published else [])
+        rows = []
+        for row, engine, result in row_slots(profile, group):
+            if result is None or result.status != "ok":
+                ours = status_cell(result, str)
+            else:
+                ours = mean_std(result)
+            cells = [row_label(row.name, engine), ours]
+            if published:
+                values = row.published.values
+                err, std = values.get("top1_error"), values.get("top1_error_std")
+                cells.append(fmt_num(err, 2) + ("±" + fmt_num(std, 2) if std is not None and err is not None else ""))
+            rows.append(cells)
+        return headers, rows, ["left"] + ["right"] * (len(headers) - 1)
+
+    return render_groups(table, results, fmt, grid)
+
+
+def transparency(table: "Table", results: Sequence[Result]) -> List[str]:
+    """Whether each pipeline row's mean error sits within the data-parallel rows' spread (accuracy tables).
+
+    A pipeline row is compared with the data-parallel row of the same batch;
+    one without such a row (pipeline-4k) is named and not judged: with a
+    fixed number of epochs the batch sets the number of steps, which is not
+    what pipelining changes. "Within" means the means differ by less than two
+    standard deviations of either row.
+    """
+    lines: List[str] = []
+    for group in group_results(table, results):
+        profile = profile_of(table, group.profile)
+        if profile is None or group.hardware is None:
+            continue
+        done = {row.name: group.get(row.name, DEFAULT_ENGINE) for row in profile.rows}
+        ok = {name: r for name, r in done.items() if r is not None and r.status == "ok" and r.samples}
+        dp = [row for row in profile.rows if row.mode == "dataparallel" and row.name in ok]
+        for row in profile.rows:
+            if row.mode != "pipeline" or row.name not in ok:
+                continue
+            peers = [d for d in dp if d.batch == row.batch]
+            if not peers:
+                what = "measured" if not dp else f"at batch {row.batch}"
+                lines.append(
+                    f"{row.name} ({group.profile}, {group.hardware}): no data-parallel row {what} to compare "
+                    "with; not judged (the batch, not the pipeline, sets the number of steps)"
+                )
+                continue
+            mean, std, n = seed_stats(ok[row.name])
+            for peer in peers:
+                pmean, pstd, pn = seed_stats(ok[peer.name])
+                bound = 2 * max(std, pstd)
+                within = abs(mean - pmean) < bound
+                lines.append(
+                    f"{row.name} {mean:.2f}±{std:.2f} (n={n}) vs {peer.name} {pmean:.2f}±{pstd:.2f} (n={pn}) "
+                    f"({group.profile}, {group.hardware}): difference {abs(mean - pmean):.2f} "
+                    f"{'<' if within else '>='} 2 std {bound:.2f}: "
+                    f"{'within' if within else 'OUTSIDE'} the data-parallel spread"
+                )
+    return lines
+
+
+def render(table: "Table", results: Sequence[Result], *, fmt: str = "rst", published: bool = True) -> str:
+    """The table of ``table.kind`` (speed, memory or accuracy) over ``results``."""
+    if table.kind == "speed":
+        return speed_table(table, results, fmt=fmt, published=published)
+    if table.kind == "memory":
+        return _memory_table(table, results, fmt, published)
+    if table.kind == "accuracy":
+        return _accuracy_table(table, results, fmt, published)
+    raise ValueError(f"unknown table kind {table.kind!r} in {table.path}")
