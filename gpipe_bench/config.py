@@ -21,7 +21,7 @@ import difflib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Mapping, NoReturn, Optional, Tuple, get_args
 
 import yaml  # type: ignore[import-untyped, unused-ignore]
 
@@ -46,9 +46,15 @@ __all__ = [
     "CHECKPOINTS",
 ]
 
-KINDS = ("speed", "memory", "accuracy")
-MODES = ("naive", "pipeline", "dataparallel")
-CHECKPOINTS = ("always", "except_last", "never")
+#: What a table measures.
+Kind = Literal["speed", "memory", "accuracy"]
+#: How a row runs: the plain model (or split without micro-batches), GPipe, or data-parallel replicas.
+Mode = Literal["naive", "pipeline", "dataparallel"]
+#: GPipe's checkpoint modes (perf.CHECKPOINT_MODES).
+Checkpoint = Literal["always", "except_last", "never"]
+KINDS: Tuple[Kind, ...] = get_args(Kind)
+MODES: Tuple[Mode, ...] = get_args(Mode)
+CHECKPOINTS: Tuple[Checkpoint, ...] = get_args(Checkpoint)
 _REQUIRED_PROFILES = ("published", "quick")
 
 
@@ -68,12 +74,12 @@ class Row:
     """One experiment of a table, as run in one profile."""
 
     name: str
-    mode: str
+    mode: Mode
     devices: int
     batch: int
     chunks: int
     balance: Optional[Tuple[int, ...]]
-    checkpoint: str
+    checkpoint: Checkpoint
     model_args: Mapping[str, Any]  # merged: table -> row -> profile -> profile row
     published: Published
     note: str
@@ -110,7 +116,7 @@ class Table:
 
     name: str
     title: str
-    kind: str
+    kind: Kind
     metric: str
     unit: str
     higher_is_better: bool
@@ -345,13 +351,20 @@ _LENGTHS: Dict[Tuple[str, str], Optional[int]] = {}
 
 
 def _model_length(src: _Src, key: str, model: str, args: Mapping[str, Any], classes: int) -> Optional[int]:
-    """Layers of ``model(**args)`` (built on meta, cached); None while its builder module is not there yet."""
+    """Layers of ``model(**args)`` (built on meta, cached).
+
+    A model that cannot be imported (a broken torchvision) is an error here: the
+    balance-sum check must never be skipped silently.
+    """
     cache_key = (model, repr(sorted({**args, "num_classes": classes}.items())))
     if cache_key not in _LENGTHS:
         try:
             _LENGTHS[cache_key] = models.count(model, **args, num_classes=classes)[0]
-        except ImportError:
-            _LENGTHS[cache_key] = None
+        except ImportError as exc:
+            raise ConfigError(
+                f"{src.short}: model {model} cannot be built to check the balances ({exc}); "
+                "repair the installation (pip install -e . or make install)"
+            ) from None
         except (TypeError, ValueError) as exc:
             src.fail(key, dict(args), f"{model} rejects these arguments ({exc})", "fix the model arguments")
     return _LENGTHS[cache_key]
@@ -363,6 +376,88 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _fixed(*values: Any) -> Checker:
+    """A value that describes what the harness does: only the one it implements is accepted."""
+
+    def check(src: _Src, key: str, value: Any) -> Any:
+        if value not in values:
+            src.fail(key, value, "not what the harness does", f"write {_show(values[0])} (the only method implemented)")
+        return value
+
+    return check
+
+
+def _number(src: _Src, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        src.fail(key, value, "not a number", "write a number")
+    return float(value)
+
+
+def _ints(src: _Src, key: str, value: Any) -> List[int]:
+    if not isinstance(value, list):
+        src.fail(key, value, "not a list of whole numbers", "write e.g. [30, 60, 80]")
+    return [_int(0)(src, f"{key}[{i}]", v) for i, v in enumerate(value)]
+
+
+#: ``settings.extra`` per table kind: every key something reads (or describes what the harness does, checked).
+_EXTRA: Dict[str, Dict[str, Tuple[Checker, Any]]] = {
+    "speed": {"data": (_fixed("fixed-batch"), _ABSENT)},
+    "memory": {
+        "steps": (_int(1), _ABSENT),
+        "bytes_per_parameter": (_int(1), _ABSENT),
+        "parameter_copies": (_int(1), _ABSENT),
+        "find_balance": (_fixed("balance_by_size"), _ABSENT),
+    },
+    "accuracy": {
+        "dataset": (_choice("fashion-mnist", "imagenet"), _ABSENT),
+        "val_size": (_int(1), _ABSENT),
+        "val_resize": (_int(1), _ABSENT),
+        "lr_scale_batch": (_int(1), _ABSENT),
+        "warmup_epochs": (_int(0), _ABSENT),
+        "warmup_step": (_fixed("iteration"), _ABSENT),
+        "lr_milestones": (_ints, _ABSENT),
+        "lr_gamma": (_number, _ABSENT),
+        "normalize": (_mapping, _ABSENT),
+        "deferred_batch_norm": (_flag, _ABSENT),
+        "runs": (_int(1), _ABSENT),
+        "train_transforms": (
+            _typed(list, "not a list", "write e.g. [random_crop, horizontal_flip, normalize]"),
+            _ABSENT,
+        ),
+        "val_transforms": (_typed(list, "not a list", "write e.g. [normalize]"), _ABSENT),
+        "error": (_fixed("100 x (1 - accuracy) on the validation set"), _ABSENT),
+        "reference": (_mapping, _ABSENT),  # the source's own reference figure, for readers of the config
+    },
+}
+
+#: The augmentations the harness applies per dataset (measure/accuracy.py, data/): a config that names others is wrong.
+_TRANSFORMS = {
+    "imagenet": {
+        "train_transforms": ["random_resized_crop", "horizontal_flip", "normalize"],
+        "val_transforms": ["resize", "center_crop", "normalize"],
+    },
+    "fashion-mnist": {
+        "train_transforms": ["random_crop", "horizontal_flip", "normalize"],
+        "val_transforms": ["normalize"],
+    },
+}
+
+
+def _check_extra(src: _Src, key: str, kind: str, extra: Mapping[str, Any]) -> None:
+    """Every ``settings.extra`` key is one the harness reads, with a value it implements."""
+    checked = _fields(src, key, dict(extra), _EXTRA.get(kind, {}))
+    if kind == "accuracy":
+        implemented = _TRANSFORMS[str(checked.get("dataset", "fashion-mnist"))]
+        for name, expected in implemented.items():
+            if name in checked and checked[name] != expected:
+                src.fail(
+                    f"{key}.{name}",
+                    checked[name],
+                    "not the augmentation the harness applies for this dataset",
+                    f"write {_show(expected)}",
+                )
 
 
 def _check_settings(src: _Src, key: str, s: Settings) -> None:
@@ -568,6 +663,12 @@ def _profile(src: _Src, top: Mapping[str, Any], rows: Mapping[str, Dict[str, Any
         **_fields(src, f"{key}.settings", _merge(top["settings"], given.get("settings", {})), _SETTINGS)
     )
     _check_settings(src, f"{key}.settings" if given.get("settings") else "settings", settings)
+    _check_extra(
+        src,
+        f"{key}.settings.extra" if given.get("settings", {}).get("extra") else "settings.extra",
+        top["kind"],
+        settings.extra,
+    )
     model_args = _merge(top["model_args"], given.get("model_args", {}))
     overrides = given.get("rows", {})
     for row_name in overrides:

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, get_args
 
 from .environment import environment, hardware_key, now
 from .errors import HarnessError
@@ -44,7 +44,9 @@ __all__ = [
 
 #: Version of the JSON layout; a reader refuses records from a newer writer.
 SCHEMA = 1
-STATUSES = ("ok", "oom", "interrupted", "error", "predicted")
+#: A record's outcome: measured, out of memory, stopped before all seeds, failed, or sized without running.
+Status = Literal["ok", "oom", "interrupted", "error", "predicted"]
+STATUSES: Tuple[Status, ...] = get_args(Status)
 DEFAULT_ENGINE = "gpipe-bench"
 
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -73,7 +75,7 @@ class Result:
     metric: str
     unit: str
     value: Optional[float]  # the headline figure; None when status != "ok"
-    status: str  # one of STATUSES
+    status: Status
     samples: List[float] = field(default_factory=list)
     spread: Dict[str, float] = field(default_factory=dict)
     settings: Dict[str, Any] = field(default_factory=dict)

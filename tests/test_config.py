@@ -469,3 +469,36 @@ def test_configs_ship_inside_the_package(monkeypatch: pytest.MonkeyPatch) -> Non
 
     assert config.config_dir() == Path(gpipe_bench.__file__).resolve().parent / "configs"
     assert config.table_names() == ["amoebanetd-memory", "amoebanetd-speed", "resnet101-accuracy", "resnet101-speed"]
+
+
+def test_a_model_that_cannot_be_imported_is_an_error_not_a_skipped_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config._model_length swallowed ImportError: a broken torchvision silently dropped the balance-sum check."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError("torchvision is broken")
+
+    monkeypatch.setattr(config, "_LENGTHS", {})
+    monkeypatch.setattr(config.models, "count", broken)
+    with pytest.raises(ConfigError, match="cannot be built to check the balances.*torchvision is broken"):
+        config.load("resnet101-speed")
+
+
+@pytest.mark.parametrize(
+    "table, extra, needles",
+    [
+        ("amoebanetd-speed", {"data": "dataloader"}, ["settings.extra.data", "fixed-batch"]),
+        ("resnet101-speed", {"batches": 3}, ["settings.extra.batches", "unknown key"]),
+        ("amoebanetd-memory", {"steps": 0}, ["settings.extra.steps", "at least 1"]),
+        ("resnet101-accuracy", {"warmup_step": "epoch"}, ["warmup_step", "iteration"]),
+        ("resnet101-accuracy", {"train_transforms": ["random_crop"]}, ["train_transforms", "random_resized_crop"]),
+    ],
+)
+def test_settings_extra_is_validated(tmp_path: Path, table: str, extra: Dict[str, Any], needles: List[str]) -> None:
+    """settings.extra was never validated: `data: dataloader` in a config was read by nothing."""
+
+    def mutate(data: Dict[str, Any]) -> None:
+        data["settings"].setdefault("extra", {}).update(extra)
+
+    message = _error(lambda: config.load(str(_write(tmp_path, mutate, table))))
+    for needle in needles:
+        assert needle in message, (needle, message)

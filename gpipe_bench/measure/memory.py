@@ -33,7 +33,7 @@ from gpipe_bench.memory.predict import Prediction, nbytes, predict_pipeline, pre
 from gpipe_bench.perf import split
 from gpipe_bench.pipe.balance import balance_by_size
 from gpipe_bench.pipe.microbatch import as_tuple
-from gpipe_bench.results import Result
+from gpipe_bench.results import Result, Status
 
 from ..engines.local import memory_slots
 
@@ -160,7 +160,8 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
     distinct, slots = memory_slots(devices)
     parts = split(meta, balance) if job.split else [meta]
     model_bytes = _model_memory(list(zip(slots, parts)), len(distinct), width, copies)
-    status, note = "predicted", ""
+    status: Status = "predicted"
+    note = ""
     measured: Optional[List[int]] = None
     trainer: Optional[engines.Trainer] = None
     if not predict_only:

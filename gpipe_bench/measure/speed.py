@@ -20,7 +20,7 @@ import torch
 from gpipe_bench import engines, optim
 from gpipe_bench.environment import environment, now
 from gpipe_bench.jobs import Job
-from gpipe_bench.results import Result, summarize
+from gpipe_bench.results import Result, Status, summarize
 
 __all__ = ["Progress", "Interrupted", "run"]
 
@@ -46,7 +46,7 @@ def run(job: Job, progress: Optional[Progress] = None) -> Optional[Result]:
     s, row = job.settings, job.row
     steps = job.steps_per_epoch()
     throughputs: List[float] = []
-    status = "ok"
+    status: Status = "ok"
     completed = 0
     trainer: Optional[engines.Trainer] = None
     try:

@@ -1,0 +1,99 @@
+"""jobs.py: from the options a user gives to resolved jobs, every choice made before anything runs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from gpipe_bench import config, jobs
+from gpipe_bench.config import Overrides
+from gpipe_bench.errors import HarnessError
+
+SPEED = config.load("resnet101-speed")
+MEMORY = config.load("amoebanetd-memory")
+
+
+def test_partitions_is_one_rule_for_every_table() -> None:
+    rows = {r.name: r for r in SPEED.profile("published").rows}
+    assert jobs.partitions(rows["naive-1"]) == 1
+    assert jobs.partitions(rows["naive-2"]) == 2
+    assert jobs.partitions(rows["pipeline-8"]) == 8
+    unbalanced = replace(MEMORY.row("pipeline-4"), balance=None)
+    assert jobs.partitions(unbalanced) == 4  # a memory row finds its balance later, over its devices
+
+
+def test_naive_n_is_the_split_model_in_every_table() -> None:
+    """naive-N meant a split model in speed rows but the plain model in memory rows."""
+    naive2 = replace(MEMORY.row("naive-1"), name="naive-2", devices=2, balance=(100, 225))
+    job = jobs.Job(MEMORY, naive2, MEMORY.profile("published").settings, "published", ["cpu:0", "cpu:1"])
+    assert job.split
+    plain = jobs.Job(MEMORY, MEMORY.row("naive-1"), MEMORY.profile("published").settings, "published", ["cpu"])
+    assert not plain.split
+    row = SPEED.row("naive-2")
+    assert jobs.Job(SPEED, row, SPEED.profile("published").settings, "published", ["cpu:0", "cpu:1"]).split
+
+
+def test_default_profile_and_its_note() -> None:
+    assert jobs.default_profile(None, cuda=True) == ("published", "")
+    profile, note = jobs.default_profile(None, cuda=False)
+    assert profile == "quick" and "No CUDA device" in note
+    assert jobs.default_profile("published", cuda=False) == ("published", "")
+
+
+def test_pick_rows() -> None:
+    rows, named = jobs.pick_rows(SPEED, "quick", pipeline=2)
+    assert [r.name for r in rows] == ["pipeline-2"] and named
+    rows, named = jobs.pick_rows(SPEED, "quick")
+    assert len(rows) == 6 and not named
+    with pytest.raises(HarnessError, match="--pipeline and --naive both name a row"):
+        jobs.pick_rows(SPEED, "quick", pipeline=2, naive=1)
+
+
+def test_plan_resolves_every_row_before_any_runs() -> None:
+    planned = jobs.plan(SPEED, "quick", list(SPEED.profile("quick").rows), Overrides(epochs=2), None)
+    assert [job.row.name for job, _ in planned] == [r.name for r in SPEED.profile("quick").rows]
+    for job, _ in planned:
+        assert len(job.devices) == jobs.partitions(job.row) and job.settings.epochs == 2
+    with pytest.raises(HarnessError, match="2 partitions"):
+        jobs.plan(SPEED, "quick", [SPEED.row("pipeline-2", "quick")], Overrides(), "cpu:0")
+
+
+def test_predict_only_devices() -> None:
+    row = MEMORY.row("pipeline-4")
+    [(job, _)] = jobs.plan(MEMORY, "published", [row], Overrides(), None, predict_only=True)
+    assert list(job.devices) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    [(job, _)] = jobs.plan(MEMORY, "quick", [MEMORY.row("pipeline-4", "quick")], Overrides(), None, predict_only=True)
+    assert list(job.devices) == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+    with pytest.raises(HarnessError, match="1 device"):
+        jobs.plan(MEMORY, "published", [row], Overrides(), "cuda:0", predict_only=True)
+
+
+def test_distributed_needs_a_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(HarnessError, match="gpipe-bench launch --nproc N"):
+        jobs.plan_distributed(
+            SPEED, "quick", [SPEED.row("pipeline-2", "quick")], Overrides(), named=True, schedule="gpipe", timeout_s=10
+        )
+
+
+def test_distributed_rows_that_fit_the_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rows = list(SPEED.profile("quick").rows)
+    planned, notes = jobs.plan_distributed(
+        SPEED, "quick", rows, Overrides(), named=False, schedule="gpipe", timeout_s=10
+    )
+    assert [j.row.name for j in planned] == ["naive-2", "pipeline-2"] and notes == []
+    assert all(j.record_engine == "distributed-gpipe" and j.timeout_s == 10 for j in planned)
+    with pytest.raises(HarnessError, match="pipeline-4: 4 stage"):
+        jobs.plan_distributed(
+            SPEED, "quick", [SPEED.row("pipeline-4", "quick")], Overrides(), named=True, schedule="gpipe", timeout_s=10
+        )
+
+
+def test_steps_per_epoch_refuses_an_empty_epoch() -> None:
+    row = SPEED.row("naive-1", "quick")
+    settings = replace(SPEED.profile("quick").settings, dataset_size=8)
+    with pytest.raises(HarnessError, match="smaller than the batch"):
+        jobs.Job(SPEED, row, settings, "quick", ["cpu"]).steps_per_epoch()
