@@ -19,8 +19,6 @@ TABLES = ["amoebanetd-memory", "amoebanetd-speed", "resnet101-accuracy", "resnet
 
 
 def _length(model: str, **args: Any) -> int:
-    if model.startswith("amoebanetd"):
-        pytest.importorskip("gpipe_bench.models.amoebanet")
     return models.count(model, **args)[0]
 
 
@@ -316,7 +314,6 @@ def test_memory_tables_alone_may_leave_balance_null(tmp_path: Path) -> None:
 
 
 def test_bad_amoebanetd_balance(tmp_path: Path) -> None:
-    pytest.importorskip("gpipe_bench.models.amoebanet")
 
     def mutate(data: Dict[str, Any]) -> None:
         data["rows"][-1]["balance"] = [40, 35, 36, 38, 43, 45, 46, 39]

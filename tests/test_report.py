@@ -250,7 +250,7 @@ def test_speed_table_with_published_columns_and_ideal() -> None:
     ]
     last = lines[-2].split()
     assert last[:3] == ["pipeline-8", "404.084", "samples/sec"]
-    assert last[3:] == ["4.367x", "404.084", "4.367x", "0.81", "of", "5.41x"]  # DESIGN.md: 81% of 5.41x
+    assert last[3:] == ["4.367x", "404.084", "4.367x", "0.81", "of", "5.41x"]  # perf.ideal_speedup: 81% of 5.41x
     naive = lines[3].split()
     assert naive[-1] == "–"  # no ideal for a single device
 
