@@ -156,6 +156,7 @@ def _rows(
     experiment: Optional[str],
 ) -> Tuple[config.Table, str, List[config.Row], bool]:
     """The table, profile and rows a speed or memory command names (the profile's default said once)."""
+    jobs.names_a_row(pipeline=pipeline, naive=naive, experiment=experiment)
     table = jobs.table_for(model, kind)
     profile_name, note = jobs.default_profile(profile, torch.cuda.is_available())
     if note and not quiet:

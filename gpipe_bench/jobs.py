@@ -154,6 +154,18 @@ def default_profile(profile: Optional[str], cuda: bool) -> Tuple[str, str]:
     )
 
 
+def names_a_row(*, pipeline: Optional[int], naive: Optional[int], experiment: Optional[str]) -> bool:
+    """Whether ``--pipeline/--naive/--experiment`` name a row; naming two is an error (before anything loads)."""
+    named = [
+        flag
+        for flag, value in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment))
+        if value is not None
+    ]
+    if len(named) > 1:
+        raise HarnessError(f"{' and '.join(named)} both name a row; give one")
+    return bool(named)
+
+
 def pick_rows(
     table: Table,
     profile: str,
@@ -163,14 +175,7 @@ def pick_rows(
     experiment: Optional[str] = None,
 ) -> Tuple[List[Row], bool]:
     """(rows, whether the user named one): the row ``--pipeline/--naive/--experiment`` names, or every row."""
-    named = [
-        flag
-        for flag, value in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment))
-        if value is not None
-    ]
-    if len(named) > 1:
-        raise HarnessError(f"{' and '.join(named)} both name a row; give one")
-    if named:
+    if names_a_row(pipeline=pipeline, naive=naive, experiment=experiment):
         return [config.find_row(table, pipeline=pipeline, naive=naive, experiment=experiment, profile=profile)], True
     return list(table.profile(profile).rows), False
 
