@@ -432,6 +432,34 @@ _EXTRA: Dict[str, Dict[str, Tuple[Checker, Any]]] = {
     },
 }
 
+#: What ``settings.extra`` means when a key is left out: the one home of these defaults (:func:`extra_value`).
+EXTRA_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "speed": {},
+    "memory": {"steps": 2, "bytes_per_parameter": 4, "parameter_copies": 3},
+    "accuracy": {
+        "dataset": "fashion-mnist",
+        "val_size": 1000,
+        "val_resize": 256,
+        "lr_scale_batch": 256,
+        "warmup_epochs": 0,
+        "lr_milestones": [],
+        "lr_gamma": 0.1,
+        "deferred_batch_norm": False,
+        "runs": 3,
+    },
+}
+
+
+def extra_value(kind: str, extra: Mapping[str, Any], key: str) -> Any:
+    """``extra[key]``, or its default for a ``kind`` table (:data:`EXTRA_DEFAULTS`)."""
+    if key in extra:
+        return extra[key]
+    defaults = EXTRA_DEFAULTS.get(kind, {})
+    if key not in defaults:
+        raise KeyError(f"settings.extra.{key} has no default for {kind} tables")
+    return defaults[key]
+
+
 #: The augmentations the harness applies per dataset (measure/accuracy.py, data/): a config that names others is wrong.
 _TRANSFORMS = {
     "imagenet": {

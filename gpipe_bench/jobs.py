@@ -96,9 +96,9 @@ class Job:
         """The engine name a record carries: ``distributed-<schedule>`` for torch's pipelining."""
         return f"distributed-{self.schedule}" if self.engine == "distributed" else self.engine
 
-    def extra(self, key: str, default: Any) -> Any:
-        """A value of ``settings.extra`` (see the table's config for what each means)."""
-        return self.settings.extra.get(key, default)
+    def extra(self, key: str) -> Any:
+        """A value of ``settings.extra``, or its default (see the table's config for what each means)."""
+        return config.extra_value(self.table.kind, self.settings.extra, key)
 
     def steps_per_epoch(self) -> int:
         steps = self.settings.dataset_size // self.row.batch
@@ -301,7 +301,7 @@ def plan_accuracy(
 
     chosen = table.profile(profile)
     rows = [table.row(experiment, profile)] if experiment else list(chosen.rows)
-    if str(chosen.settings.extra.get("dataset", "")) == "imagenet":
+    if str(config.extra_value(table.kind, chosen.settings.extra, "dataset")) == "imagenet":
         if data is None:
             raise HarnessError(
                 f"the {profile} profile trains on ImageNet: give PATH with train/ and val/ class "
@@ -311,7 +311,7 @@ def plan_accuracy(
         imagenet.check_layout(data)
     else:
         fashion_mnist.locate(data)
-    count = seeds if seeds is not None else int(chosen.settings.extra.get("runs", 3))
+    count = seeds if seeds is not None else int(config.extra_value(table.kind, chosen.settings.extra, "runs"))
     jobs = []
     for row in rows:
         row, settings = config.apply(table, row, chosen.settings, Overrides(epochs=epochs), model=chosen.model)

@@ -22,7 +22,10 @@ import torch
 
 from gpipe_bench.errors import HarnessError
 
-__all__ = ["CLASSES", "DEFAULT_DIR", "FILES", "IMAGE_SIZE", "DataError", "locate", "load", "parse_idx"]
+__all__ = ["CLASSES", "DEFAULT_DIR", "FILES", "IMAGE_SIZE", "MEAN", "STD", "DataError", "locate", "load", "parse_idx"]
+
+#: Fashion-MNIST's training-set pixel statistics (scaled to [0, 1]): the default normalisation.
+MEAN, STD = [0.2860], [0.3530]
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 

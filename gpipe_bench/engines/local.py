@@ -22,6 +22,7 @@ from gpipe_bench import models
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.pipe import GPipe
+from gpipe_bench.pipe.copy import worker_groups
 
 from .base import MemoryWatch, Trainer, place
 
@@ -31,16 +32,11 @@ __all__ = ["LocalTrainer", "memory_slots"]
 def memory_slots(devices: Sequence[str]) -> Tuple[List[str], List[int]]:
     """The distinct devices (in order of first use) and, per partition, the index of its device.
 
-    Partitions on one device share its memory, so figures are per device, as the engine's workers are.
+    Partitions on one device share its memory, so figures are per device: the engine's own grouping of
+    partitions into workers (:func:`gpipe_bench.pipe.copy.worker_groups`), named as strings.
     """
-    distinct: List[str] = []
-    slots: List[int] = []
-    for d in devices:
-        key = "cuda:0" if d == "cuda" else d
-        if key not in distinct:
-            distinct.append(key)
-        slots.append(distinct.index(key))
-    return distinct, slots
+    keys, slots = worker_groups([torch.device(d) for d in devices])
+    return [str(k) for k in keys], slots
 
 
 class LocalTrainer(Trainer):

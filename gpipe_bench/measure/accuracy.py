@@ -72,22 +72,23 @@ Data = Union[Dataset, Folders]
 def load_dataset(job: Job) -> Data:
     """The row's dataset: Fashion-MNIST (first ``dataset_size`` training, ``val_size`` test images), or
     ImageNet folders at ``job.data`` (``settings.extra.dataset: imagenet``)."""
-    name = str(job.extra("dataset", "fashion-mnist"))
+    name = str(job.extra("dataset"))
     if name == "imagenet":
         if job.data is None:
             raise fashion_mnist.DataError(
                 f"profile {job.profile!r} trains on ImageNet: pass --data PATH with train/ and val/ class folders "
                 "(or use --profile quick, Fashion-MNIST)"
             )
-        norm = job.extra("normalize", {"mean": imagenet.MEAN, "std": imagenet.STD})
-        train, val = imagenet.folders(job.data, job.settings.input_size, int(job.extra("val_resize", 256)), norm)
+        # Normalisation statistics belong to the dataset: its module holds the default.
+        norm = job.settings.extra.get("normalize", {"mean": imagenet.MEAN, "std": imagenet.STD})
+        train, val = imagenet.folders(job.data, job.settings.input_size, int(job.extra("val_resize")), norm)
         return Folders(train, val, workers=min(8, os.cpu_count() or 1))
     if name != "fashion-mnist":
         raise fashion_mnist.DataError(f"settings.extra.dataset {name!r} is not known; use fashion-mnist or imagenet")
     train_x, train_y = fashion_mnist.load("train", job.data)
     val_x, val_y = fashion_mnist.load("test", job.data)
-    n, v = job.settings.dataset_size, int(job.extra("val_size", 1000))
-    norm = job.extra("normalize", {"mean": [0.2860], "std": [0.3530]})
+    n, v = job.settings.dataset_size, int(job.extra("val_size"))
+    norm = job.settings.extra.get("normalize", {"mean": fashion_mnist.MEAN, "std": fashion_mnist.STD})
     mean, std = float(norm["mean"][0]), float(norm["std"][0])
     size = job.settings.input_size
 
@@ -136,13 +137,13 @@ def batches(data: Data, batch: int, seed: int, epoch: int) -> Iterator[Tuple[Ten
 
 def lr_at(job: Job, batch: int, iteration: int, steps_per_epoch: int) -> float:
     """lr × B / lr_scale_batch, linear warm-up stepped per iteration, ×gamma at each milestone epoch."""
-    base = float(job.settings.optimizer.get("lr", 0.1)) * batch / float(job.extra("lr_scale_batch", 256))
-    warmup = int(job.extra("warmup_epochs", 0)) * steps_per_epoch
+    base = float(job.settings.optimizer.get("lr", 0.1)) * batch / float(job.extra("lr_scale_batch"))
+    warmup = int(job.extra("warmup_epochs")) * steps_per_epoch
     if iteration < warmup:
         return base * (iteration + 1) / warmup
     epoch = iteration // steps_per_epoch
-    drops = sum(1 for m in job.extra("lr_milestones", []) if epoch >= int(m))
-    return base * float(job.extra("lr_gamma", 0.1)) ** drops
+    drops = sum(1 for m in job.extra("lr_milestones") if epoch >= int(m))
+    return base * float(job.extra("lr_gamma")) ** drops
 
 
 def _build(job: Job, seed: int) -> nn.Sequential:
@@ -214,7 +215,7 @@ def train_pipeline(job: Job, data: Data, seed: int, progress: Optional[Progress]
         devices=list(job.devices)[: len(balance)],
         chunks=job.row.chunks,
         checkpoint=job.row.checkpoint,
-        deferred_batch_norm=bool(job.extra("deferred_batch_norm", False)),
+        deferred_batch_norm=bool(job.extra("deferred_batch_norm")),
     )
     first, last = pipe.devices[0], pipe.devices[-1]
     return _train_loop(

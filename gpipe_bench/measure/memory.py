@@ -65,7 +65,7 @@ def find_balance(job: Job, model: Optional[nn.Sequential] = None) -> Tuple[int, 
         return (len(model),)
     s = job.settings
     sample = torch.empty(job.row.batch, 3, s.input_size, s.input_size, device="meta")
-    copies = float(job.extra("parameter_copies", 3))
+    copies = float(job.extra("parameter_copies"))
     return tuple(
         balance_by_size(job.row.devices, model, sample, chunks=job.row.chunks, param_scale=copies, device="meta")
     )
@@ -117,9 +117,9 @@ def _model_memory(modules: Sequence[Tuple[int, nn.Module]], slots: int, width: i
 def measure(trainer: engines.Trainer, job: Job) -> List[int]:
     """Peak activation bytes per memory slot of this process over the configured training steps."""
     optimizer = optim.build(job.settings.optimizer, trainer.parameters())
-    with trainer.watch_memory(copies=int(job.extra("parameter_copies", 3))) as watch:
+    with trainer.watch_memory(copies=int(job.extra("parameter_copies"))) as watch:
         x, y = trainer.batch(watch)
-        for _ in range(int(job.extra("steps", 2))):
+        for _ in range(int(job.extra("steps"))):
             optimizer.zero_grad()
             trainer.step(x, y)
             optimizer.step()
@@ -151,8 +151,8 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
     row = job.row
     meta = _meta_model(job)  # built once: counted, balanced, predicted and sized from the same modules
     layers, params = len(meta), sum(p.numel() for p in meta.parameters())
-    width = int(job.extra("bytes_per_parameter", 4))
-    copies = int(job.extra("parameter_copies", 3))
+    width = int(job.extra("bytes_per_parameter"))
+    copies = int(job.extra("parameter_copies"))
     balance = find_balance(job, meta)
     local = job.engine != "distributed"
     prediction = predict(job, balance, meta) if local else None
@@ -198,7 +198,7 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
     settings = job.settings_record()
     if trainer is not None:
         settings.update(trainer.record_settings())
-    settings.update(balance=list(balance) if job.split else None, steps=int(job.extra("steps", 2)))
+    settings.update(balance=list(balance) if job.split else None, steps=int(job.extra("steps")))
     if local:
         settings["balance_found_by"] = None if row.balance is not None or not job.split else "balance_by_size"
     extra: Dict[str, Any] = {

@@ -19,14 +19,14 @@ the transfer returns, and a CPU has no stream to wait on.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .stream import CPU_STREAM, AbstractStream, Event, new_stream, record_event, record_stream, use_stream, wait_event
 
-__all__ = ["CopyStreams", "storage_device", "transfer"]
+__all__ = ["CopyStreams", "storage_device", "worker_groups", "transfer"]
 
 
 def storage_device(device: torch.device) -> torch.device:
@@ -38,8 +38,28 @@ def storage_device(device: torch.device) -> torch.device:
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
+        # Without CUDA (sizing a GPU row on a laptop) the current device would be the first.
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return device
+
+
+def worker_groups(devices: Sequence[torch.device]) -> Tuple[List[torch.device], List[int]]:
+    """The engine's workers for partitions on ``devices``: one per distinct device, and each partition's worker.
+
+    A GPU is one worker however it is spelled (``cuda``, ``cuda:0``); virtual
+    CPU devices are distinct workers although they share host memory, and
+    plain ``cpu`` repeated is one worker. Memory figures per device follow the
+    same grouping (partitions on one worker share its memory).
+    """
+    keys: List[torch.device] = []
+    index: List[int] = []
+    for device in devices:
+        place = storage_device(device)
+        key = place if place.type == "cuda" else device
+        if key not in keys:
+            keys.append(key)
+        index.append(keys.index(key))
+    return keys, index
 
 
 class CopyStreams:

@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import DeferredBatchNorm
 from .checkpoint import CPU_RNG_LOCK, RNGState, checkpointing, recomputing
-from .copy import CopyStreams, storage_device, transfer
+from .copy import CopyStreams, storage_device, transfer, worker_groups
 from .microbatch import TensorOrTensors, Tensors, unpack
 from .observe import Observer, StepRecord, observers
 from .schedule import Step, backward_steps, forward_steps
@@ -167,15 +167,7 @@ class Pipeline:
         self.places = [storage_device(d) for d in self.devices]
         self.skip_layout = skip_layout
         # One worker per distinct device; repeated devices share one (and one stream).
-        self.worker_devices: List[torch.device] = []
-        self.worker_of: List[int] = []
-        for device, place in zip(self.devices, self.places):
-            # A GPU is one worker however it is spelled ('cuda', 'cuda:0'); virtual CPU
-            # devices are distinct workers although they share host memory.
-            key = place if place.type == "cuda" else device
-            if key not in self.worker_devices:
-                self.worker_devices.append(key)
-            self.worker_of.append(self.worker_devices.index(key))
+        self.worker_devices, self.worker_of = worker_groups(self.devices)
         self._cpu_workers = sum(1 for d in self.worker_devices if d.type == "cpu")
         # With more than one worker, partitions' draws from the host's one generator (and a
         # recompute's swap of it, GPU partitions' too) could interleave with another worker's.

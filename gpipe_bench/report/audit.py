@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
+from gpipe_bench.config import extra_value
+
 from .format import as_float
 
 if TYPE_CHECKING:  # config imports models; rendering needs only the attributes
@@ -61,7 +63,8 @@ def published_inconsistencies(table: "Table") -> List[str]:
                 )
     if table.kind == "memory":
         extra = profile.settings.extra
-        width, copies = float(extra.get("bytes_per_parameter", 4)), float(extra.get("parameter_copies", 3))
+        width = float(extra_value("memory", extra, "bytes_per_parameter"))
+        copies = float(extra_value("memory", extra, "parameter_copies"))
         for row in profile.rows:
             memory = as_float(row.published.values.get("model_memory_gb"))
             params = row.published.values.get("parameters")
