@@ -1,9 +1,10 @@
-"""Pieces several test modules share: a stash/pop pair, the micro-batch reference run, a launch command line."""
+"""Pieces several test modules share: a stash/pop pair, the micro-batch reference run, a launch command line, two machines."""
 
 from __future__ import annotations
 
+import re
 import sys
-from typing import Any, List
+from typing import Any, Dict, List
 
 import torch
 from torch import Tensor, nn
@@ -38,3 +39,26 @@ def run_micro_batches(model: nn.Module, x: Tensor, weight: Tensor, chunks: int) 
 def launch_command(*args: str, nproc: int = 2) -> List[str]:
     """``gpipe-bench launch --nproc N -- ARGS`` as this interpreter runs it."""
     return [sys.executable, "-m", "gpipe_bench.cli", "launch", "--nproc", str(nproc), "--", *args]
+
+
+# Two machines as records describe them: the published tables' 8-GPU host, and a 2-core CPU.
+P40: Dict[str, Any] = {
+    "devices": ["cuda:0"],
+    "device_names": {"cuda:0": "Tesla P40"},
+    "gpus": ["Tesla P40"] * 8,
+    "hip": None,
+    "usable_cores": 48,
+    "cpu_model": "Intel(R) Xeon(R) CPU E5-2650 v4 @ 2.20GHz",
+    "torch": "1.3.0",
+}
+EPYC: Dict[str, Any] = {
+    "devices": ["cpu:0", "cpu:1"],
+    "device_names": {},
+    "gpus": [],
+    "hip": None,
+    "usable_cores": 2,
+    "cpu_count": 2,
+    "cpu_model": "AMD EPYC 7B13",
+    "torch": "2.14.1",
+}
+SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")

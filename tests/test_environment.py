@@ -4,34 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Dict
 
 import pytest
 
 import gpipe_bench
 from gpipe_bench.environment import environment, hardware_key, hosts
-
-P40: Dict[str, Any] = {
-    "devices": ["cuda:0"],
-    "device_names": {"cuda:0": "Tesla P40"},
-    "gpus": ["Tesla P40"] * 8,
-    "hip": None,
-    "usable_cores": 48,
-    "cpu_model": "Intel(R) Xeon(R) CPU E5-2650 v4 @ 2.20GHz",
-    "torch": "1.3.0",
-}
-EPYC: Dict[str, Any] = {
-    "devices": ["cpu:0", "cpu:1"],
-    "device_names": {},
-    "gpus": [],
-    "hip": None,
-    "usable_cores": 2,
-    "cpu_count": 2,
-    "cpu_model": "AMD EPYC 7B13",
-    "torch": "2.14.1",
-}
-SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-
+from helpers import EPYC, P40, SLUG
 
 # -- hardware keys -------------------------------------------------------------------------------------------------
 
