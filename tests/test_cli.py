@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from gpipe_bench.cli import main
+from helpers import tiny_configs
 
 
 def _run(args: List[str], **env: str) -> Result:
@@ -95,6 +96,7 @@ def test_unwritable_output_fails_before_measuring(tmp_path: Path) -> None:
 
 def test_a_row_end_to_end(tmp_path: Path) -> None:
     """One tiny row: measured, saved whole, and printed beside the published table."""
+    configs = tiny_configs(tmp_path / "cfg")
     result = _run(
         [
             "speed",
@@ -116,7 +118,8 @@ def test_a_row_end_to_end(tmp_path: Path) -> None:
             "--quiet",
             "--output",
             str(tmp_path),
-        ]
+        ],
+        GPIPE_BENCH_CONFIGS=configs,
     )
     assert result.exit_code == 0, result.output
     files = list(tmp_path.rglob("*.json"))
@@ -128,6 +131,7 @@ def test_a_row_end_to_end(tmp_path: Path) -> None:
 
 def test_torchgpipe_engine_on_the_same_settings(tmp_path: Path) -> None:
     pytest.importorskip("torchgpipe")
+    configs = tiny_configs(tmp_path / "cfg")
     result = _run(
         [
             "speed",
@@ -151,7 +155,8 @@ def test_torchgpipe_engine_on_the_same_settings(tmp_path: Path) -> None:
             "torchgpipe",
             "--output",
             str(tmp_path),
-        ]
+        ],
+        GPIPE_BENCH_CONFIGS=configs,
     )
     assert result.exit_code == 0, result.output
     assert [f.name for f in tmp_path.rglob("*.json")] == ["pipeline-2--torchgpipe.json"]

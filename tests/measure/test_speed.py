@@ -15,6 +15,7 @@ from gpipe_bench.cli import main
 from gpipe_bench.engines.local import LocalTrainer
 from gpipe_bench.jobs import Job
 from gpipe_bench.measure import speed
+from helpers import tiny_configs
 
 TABLE = config.load("resnet101-speed")
 QUICK = TABLE.profile("quick")
@@ -22,7 +23,7 @@ QUICK = TABLE.profile("quick")
 
 def _job(name: str, epochs: int = 3, skip: int = 1, **row_changes: Any) -> Job:
     row = replace(TABLE.row(name, "quick"), **row_changes)
-    settings = replace(QUICK.settings, epochs=epochs, skip_epochs=skip, dataset_size=32)
+    settings = replace(QUICK.settings, epochs=epochs, skip_epochs=skip, dataset_size=16, input_size=32)
     count = len(row.balance) if row.balance else 1
     return Job(TABLE, row, settings, "quick", [f"cpu:{k}" for k in range(count)])
 
@@ -45,7 +46,7 @@ def test_a_row_measures_every_epoch_after_the_warm_up() -> None:
     assert result.settings["balance"] == [140, 230] and result.settings["devices"] == ["cpu:0", "cpu:1"]
     assert result.settings["batch"] == 8 and result.settings["chunks"] == 2 and result.settings["epochs"] == 3
     assert result.environment["devices"] == ["cpu:0", "cpu:1"] and result.created.endswith("+00:00")
-    assert [s[:3] for s in steps] == [(e, k, 4) for e in range(3) for k in range(1, 5)]  # 32 / 8 = 4 steps an epoch
+    assert [s[:3] for s in steps] == [(e, k, 2) for e in range(3) for k in range(1, 3)]  # 16 / 8 = 2 steps an epoch
     json.dumps(result.to_json())
 
 
@@ -62,7 +63,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
     monkeypatch.setattr(LocalTrainer, "step", step)
 
 
-@pytest.mark.parametrize("calls, finished", [(1, 0), (4 * 2 + 1, 2)])
+@pytest.mark.parametrize("calls, finished", [(1, 0), (2 * 2 + 1, 2)])
 def test_ctrl_c_says_how_many_epochs_finished(monkeypatch: pytest.MonkeyPatch, calls: int, finished: int) -> None:
     """Interrupted in the warm-up epoch, it reported one epoch finished: the warm-up was counted as done."""
     _interrupt_after(monkeypatch, calls)
@@ -72,22 +73,12 @@ def test_ctrl_c_says_how_many_epochs_finished(monkeypatch: pytest.MonkeyPatch, c
 
 
 def test_cli_interrupt_writes_nothing_and_says_how_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _interrupt_after(monkeypatch, 2 * 8 + 3)  # quick naive-1: 128 / 16 = 8 steps an epoch
+    _interrupt_after(monkeypatch, 4)  # tiny quick naive-1: 16 / 8 = 2 steps an epoch; the third epoch is cut
+    monkeypatch.setenv("GPIPE_BENCH_CONFIGS", tiny_configs(tmp_path / "cfg"))
     result = CliRunner().invoke(
         main,
-        [
-            "speed",
-            "resnet101",
-            "--experiment",
-            "naive-1",
-            "--profile",
-            "quick",
-            "--devices",
-            "cpu",
-            "--output",
-            str(tmp_path),
-            "--quiet",
-        ],
+        ["speed", "resnet101", "--experiment", "naive-1", "--profile", "quick", "--devices", "cpu"]
+        + ["--output", str(tmp_path / "out"), "--quiet"],
     )
     assert result.exit_code == 130, result.output
     assert (
