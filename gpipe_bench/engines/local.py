@@ -35,7 +35,12 @@ def memory_slots(devices: Sequence[str]) -> Tuple[List[str], List[int]]:
     Partitions on one device share its memory, so figures are per device: the engine's own grouping of
     partitions into workers (:func:`gpipe_bench.pipe.copy.worker_groups`), named as strings.
     """
-    keys, slots = worker_groups([torch.device(d) for d in devices])
+    try:
+        parsed = [torch.device(d) for d in devices]
+    except RuntimeError:  # not devices of this process (a launch's ranks: 'rank0', 'rank1'): one slot each name
+        names = list(dict.fromkeys(devices))
+        return names, [names.index(d) for d in devices]
+    keys, slots = worker_groups(parsed)
     return [str(k) for k in keys], slots
 
 

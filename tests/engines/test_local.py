@@ -25,6 +25,8 @@ def _job(name: str, devices: list, engine: str = "gpipe-bench") -> Job:
 def test_memory_slots_count_shared_devices_once() -> None:
     assert memory_slots(["cpu:0", "cpu:1", "cpu:0"]) == (["cpu:0", "cpu:1"], [0, 1, 0])
     assert memory_slots(["cuda", "cuda:0"]) == (["cuda:0"], [0, 0])
+    # A launch's ranks are not devices of this process: one slot each (distributed memory rows).
+    assert memory_slots(["rank0", "rank1"]) == (["rank0", "rank1"], [0, 1])
 
 
 def test_plain_and_split_rows() -> None:
