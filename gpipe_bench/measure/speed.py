@@ -7,25 +7,38 @@ figure is the mean of the per-epoch throughputs of the rest, every device
 synchronised at each epoch's end (across processes: the slowest rank's time,
 what the whole pipeline sustained). The per-epoch figures are kept, so the
 spread is reported, not only the mean.
+
+A timeline of one step (``--timeline``) is recorded after the warm-up, as an
+extra step outside every timed epoch: a figure is never measured with the
+recorder attached. Only this process's engine can be recorded: our GPipe
+through its hook, and the plain model (a row that does not split it)
+through module hooks; :func:`check_timeline` says so before anything runs.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List, Optional
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from gpipe_bench import engines, optim
 from gpipe_bench.environment import environment, now
+from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.results import Result, Status, summarize
+from gpipe_bench.timeline import Timeline, TimelineRecorder
 
-__all__ = ["Progress", "Interrupted", "run"]
+__all__ = ["Progress", "Interrupted", "TimelineSink", "check_timeline", "run"]
 
 # Called after every step: (epoch, step, steps per epoch, samples/s so far this epoch).
 Progress = Callable[[int, int, int, float], None]
+# Given the timeline of one recorded step (see run's ``timeline``).
+TimelineSink = Callable[[Timeline], None]
+# The caller's work in a step, marked by label ('zero_grad', 'optimizer'): a no-op unless recorded.
+_Host = Callable[[str], AbstractContextManager[Any]]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -36,18 +49,48 @@ class Interrupted(KeyboardInterrupt):
         self.completed_epochs = completed_epochs
 
 
-def run(job: Job, progress: Optional[Progress] = None) -> Optional[Result]:
+def check_timeline(engine: str, planned: Sequence[Job] = ()) -> None:
+    """Raise :class:`HarnessError` unless every planned row of ``engine`` can record a timeline.
+
+    Our engine's rows can (its hook), and so can a row that does not split
+    the model, on any engine (the plain model). torchgpipe's pipeline and
+    torch's pipelining over processes have no hook to record.
+    """
+    if engine == "distributed":
+        raise HarnessError(
+            "--timeline records this process's engine, and --engine distributed runs its stages in other processes; "
+            "drop --timeline, or time the row with --engine gpipe-bench",
+            param="--timeline",
+        )
+    for job in planned:
+        if job.split and job.engine != "gpipe-bench":
+            raise HarnessError(
+                f"{job.row.name} on --engine {job.engine} cannot be recorded: only our engine has the hook; "
+                "use --engine gpipe-bench (or a row that does not split the model, e.g. naive-1)",
+                param="--timeline",
+            )
+
+
+def run(job: Job, progress: Optional[Progress] = None, timeline: Optional[TimelineSink] = None) -> Optional[Result]:
     """Train the row for ``epochs`` on the fixed batch; the Result (on the reporting process; None elsewhere).
 
     Out of memory in one process gives a Result with status ``"oom"``, not a
     crash (across processes the launch stops every rank instead). Ctrl-C
     raises :class:`Interrupted` with the number of epochs that finished.
+
+    ``timeline``: given the :class:`~gpipe_bench.timeline.Timeline` of one
+    extra step, recorded after the warm-up epochs (after the first epoch when
+    there are none), before the first measured one (check the row first with
+    :func:`check_timeline`).
     """
+    if timeline is not None:
+        check_timeline(job.engine, [job])
     s, row = job.settings, job.row
     steps = job.steps_per_epoch()
     throughputs: List[float] = []
     status: Status = "ok"
     completed = 0
+    record_after = min(max(s.skip_epochs, 1), s.epochs)
     trainer: Optional[engines.Trainer] = None
     try:
         trainer = engines.build(job)
@@ -67,6 +110,8 @@ def run(job: Job, progress: Optional[Progress] = None) -> Optional[Result]:
             completed += 1
             if epoch >= s.skip_epochs:
                 throughputs.append(steps * row.batch / elapsed)
+            if timeline is not None and completed == record_after:
+                timeline(_record_step(job, trainer, run_step))
         trainer.barrier()
     except KeyboardInterrupt:
         raise Interrupted(completed) from None
@@ -103,13 +148,53 @@ def run(job: Job, progress: Optional[Progress] = None) -> Optional[Result]:
     )
 
 
-def _stepper(trainer: engines.Trainer, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
-    """One training step on the row's fixed batch: zero the gradients, forward and backward, optimizer step."""
+def _untimed(label: str) -> AbstractContextManager[Any]:
+    return nullcontext()
+
+
+def _stepper(trainer: engines.Trainer, optimizer: torch.optim.Optimizer) -> Callable[..., None]:
+    """One training step on the row's fixed batch: zero the gradients, forward and backward, optimizer step.
+
+    ``host`` marks the caller's own work when the step is recorded.
+    """
     x, y = trainer.batch()
 
-    def run_step() -> None:
-        optimizer.zero_grad()
+    def run_step(host: _Host = _untimed) -> None:
+        with host("zero_grad"):
+            optimizer.zero_grad()
         trainer.step(x, y)
-        optimizer.step()
+        with host("optimizer"):
+            optimizer.step()
 
     return run_step
+
+
+def _record_step(job: Job, trainer: engines.Trainer, run_step: Callable[..., None]) -> Timeline:
+    """One more training step, recorded: the pipeline's cells through the engine's hook, or the plain model's."""
+    from gpipe_bench.engines.local import LocalTrainer
+
+    assert isinstance(trainer, LocalTrainer)  # check_timeline: this process's engine
+    row = job.row
+    devices = list(job.devices) if job.split else list(job.devices[:1])
+    recorder = TimelineRecorder(devices)
+    watch = nullcontext() if job.split else recorder.model(trainer.model, devices[0])
+    trainer.synchronize()
+    with watch, recorder.recording():
+        run_step(recorder.host)
+    if job.split:
+        how = f"{len(devices)} partitions, {row.chunks} micro-batches, checkpoint {row.checkpoint}"
+    else:
+        how = "the plain model"
+    meta: Dict[str, object] = {
+        "table": job.table.name,
+        "row": row.name,
+        "profile": job.profile,
+        "engine": job.record_engine,
+        "model": job.model_name,
+        "batch": row.batch,
+        "chunks": row.chunks if job.split else 1,
+        "checkpoint": row.checkpoint if job.split else "never",
+        "balance": list(trainer.balance) if job.split else None,
+        "devices": devices,
+    }
+    return recorder.timeline(f"{job.model_name} {row.name}: batch {row.batch}, {how}", meta)

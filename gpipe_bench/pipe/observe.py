@@ -11,12 +11,16 @@ pipeline that runs in the process meanwhile (like a profiler). Its
 :meth:`~Observer.worker` context is entered on each worker's thread around a
 phase (the forward pass, or the backward pass), so thread-local state it sets
 there (a meter's owner, a profiler range) applies to that worker's steps;
-:meth:`~Observer.step` receives a :class:`StepRecord` after each step. With
-no observer registered the engine pays one check per step.
+:meth:`~Observer.around` is entered on the same thread around each step, and
+:meth:`~Observer.step` receives a :class:`StepRecord` after each step, inside
+that context. With no observer registered the engine pays one check per step.
 
 Host times are ``time.perf_counter_ns()`` around the step's Python work: on
 a GPU that is the time spent issuing the cell's kernels, not their run time
-(the kernels are asynchronous; use CUDA events or the profiler for that).
+(the kernels are asynchronous). For device times, record CUDA events on the
+device's current stream in :meth:`~Observer.around`: that stream is the one
+the step's kernels go to, so two events there bracket them (what a timeline
+of a step on GPUs needs).
 """
 
 from __future__ import annotations
@@ -51,14 +55,26 @@ class StepRecord:
 
 
 class Observer:
-    """Base class: override what you need; both hooks default to doing nothing."""
+    """Base class: override what you need; every hook defaults to doing nothing."""
 
     def worker(self, worker: int, device: torch.device, phase: str) -> AbstractContextManager[Any]:
         """A context entered on worker ``worker``'s own thread around its part of ``phase``."""
         return nullcontext()
 
+    def around(
+        self, phase: str, kind: str, i: int, j: int, clock: int, worker: int, device: torch.device
+    ) -> AbstractContextManager[Any]:
+        """A context entered on the worker's thread around one step (arguments as in :class:`StepRecord`).
+
+        Entered inside :meth:`worker`'s context, just before the step's host
+        time starts; :meth:`step` is called inside it, and it is left right
+        after (also when the step raised). On a CUDA device the thread's
+        current stream there is the step's compute stream.
+        """
+        return nullcontext()
+
     def step(self, record: StepRecord) -> None:
-        """Called on the worker's thread after each step (also after a step that raised)."""
+        """Called on the worker's thread after each step (also after a step that raised), inside :meth:`around`."""
 
 
 _lock = threading.Lock()

@@ -568,13 +568,17 @@ def _reported(
     watching: Sequence[Observer],
 ) -> Callable[[], None]:
     def run() -> None:
-        start = time.perf_counter_ns()
-        try:
-            fn()
-        finally:
-            record = StepRecord(phase, step.kind, step.i, step.j, clock, worker, device, start, time.perf_counter_ns())
+        with ExitStack() as around:
             for observer in watching:
-                observer.step(record)
+                around.enter_context(observer.around(phase, step.kind, step.i, step.j, clock, worker, device))
+            start = time.perf_counter_ns()
+            try:
+                fn()
+            finally:
+                end = time.perf_counter_ns()
+                record = StepRecord(phase, step.kind, step.i, step.j, clock, worker, device, start, end)
+                for observer in watching:
+                    observer.step(record)
 
     return run
 

@@ -1,11 +1,11 @@
-"""measure/speed.py: the one speed loop, end to end on a real row, and how Ctrl-C ends it."""
+"""measure/speed.py: the one speed loop, end to end on a real row, how Ctrl-C ends it, and where a timeline is recorded."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 import pytest
 from click.testing import CliRunner
@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from gpipe_bench import config
 from gpipe_bench.cli import main
 from gpipe_bench.engines.local import LocalTrainer
+from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.measure import speed
+from gpipe_bench.timeline import Timeline
 from helpers import tiny_configs
 
 TABLE = config.load("resnet101-speed")
@@ -94,3 +96,31 @@ def test_out_of_memory_is_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(LocalTrainer, "step", oom)
     result = speed.run(_job("naive-1", batch=8))
     assert result is not None and result.status == "oom" and result.value is None and result.samples == []
+
+
+@pytest.mark.parametrize("skip", [1, 0])
+def test_a_timeline_is_one_extra_step_after_the_warm_up(skip: int) -> None:
+    """Recorded between the warm-up (or the first epoch, when there is none) and the next epoch, never inside one."""
+    seen: List[Any] = []
+    result = speed.run(
+        _job("naive-1", epochs=2, skip=skip, batch=8),
+        lambda epoch, step, steps, rate: seen.append((epoch, step)),
+        lambda timeline: seen.append(timeline),
+    )
+    assert result is not None and len(result.samples) == 2 - skip
+    assert [type(x) for x in seen] == [tuple, tuple, Timeline, tuple, tuple]  # 2 steps an epoch
+    timeline = seen[2]
+    assert timeline.lanes == ["cpu:0", "host"] and timeline.meta["row"] == "naive-1"
+    assert sorted(s.name for s in timeline.spans) == ["B0", "F0", "loss", "optimizer", "zero_grad"]
+
+
+def test_rows_that_cannot_be_recorded_are_refused_before_they_run() -> None:
+    speed.check_timeline("gpipe-bench", [_job("pipeline-2"), _job("naive-1")])
+    speed.check_timeline("torchgpipe", [replace(_job("naive-1"), engine="torchgpipe")])  # the plain model
+    with pytest.raises(HarnessError, match="pipeline-2 on --engine torchgpipe") as caught:
+        speed.check_timeline("torchgpipe", [replace(_job("pipeline-2"), engine="torchgpipe")])
+    assert caught.value.param == "--timeline"
+    with pytest.raises(HarnessError, match="--engine distributed"):
+        speed.check_timeline("distributed")
+    with pytest.raises(HarnessError, match="torchgpipe"):
+        speed.run(replace(_job("pipeline-2"), engine="torchgpipe"), timeline=lambda t: None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Set, Tuple
+from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import pytest
 import torch
@@ -103,3 +103,61 @@ def test_a_failing_step_is_still_reported_and_the_error_reaches_the_caller() -> 
         gpipe(torch.randn(4, 4))
     assert any(r.j == 1 for r, _ in recorder.records)
     assert observers() == ()
+
+
+class Around(Observer):
+    """Sees each step's context: entered on the step's thread, the step reported inside it, then left."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.log: List[Tuple[str, Tuple[str, str, int, int, int, int, str], int]] = []
+
+    @contextmanager
+    def _around(self, key: Tuple[str, str, int, int, int, int, str]) -> Iterator[None]:
+        with self.lock:
+            self.log.append(("enter", key, threading.get_ident()))
+        self.local.key = key
+        try:
+            yield
+        finally:
+            self.local.key = None
+            with self.lock:
+                self.log.append(("exit", key, threading.get_ident()))
+
+    def around(self, phase: str, kind: str, i: int, j: int, clock: int, worker: int, device: torch.device) -> Any:
+        return self._around((phase, kind, i, j, clock, worker, str(device)))
+
+    def step(self, record: StepRecord) -> None:
+        key = (record.phase, record.kind, record.i, record.j, record.clock, record.worker, str(record.device))
+        assert getattr(self.local, "key", None) == key  # reported inside its own step's context
+        with self.lock:
+            self.log.append(("step", key, threading.get_ident()))
+
+
+def test_around_wraps_each_step_on_its_thread_and_an_observer_without_it_still_works() -> None:
+    m = 3
+    gpipe = GPipe(_model(), [1, 1, 1], devices=["cpu:0", "cpu:1", "cpu:0"], chunks=m, checkpoint="except_last")
+    around, plain = Around(), Recorder()  # Recorder overrides worker() and step() only
+    with observing(around), observing(plain):
+        gpipe(torch.randn(6, 4)).sum().backward()
+    steps = [(key, thread) for what, key, thread in around.log if what == "step"]
+    assert len(steps) == len(plain.records) == 2 * m * 3 + (m - 1) * 3
+    for what in ("enter", "exit"):
+        assert sorted((k, t) for w, k, t in around.log if w == what) == sorted(steps)
+    # Per thread, each step's enter, report and exit come together, in that order.
+    by_thread: Dict[int, List[Tuple[str, Any]]] = {}
+    for what, key, thread in around.log:
+        by_thread.setdefault(thread, []).append((what, key))
+    for events in by_thread.values():
+        for k in range(0, len(events), 3):
+            (a, ka), (b, kb), (c, kc) = events[k : k + 3]
+            assert (a, b, c) == ("enter", "step", "exit") and ka == kb == kc
+    # The host time a record carries lies inside its context (the observer's own work is outside it).
+    assert all(r.start_ns <= r.end_ns for r, _ in plain.records)
+
+
+def test_the_default_around_is_a_no_op_context() -> None:
+    context = Observer().around("forward", "forward", 0, 0, 0, 0, torch.device("cpu"))
+    with context as value:
+        assert value is None
