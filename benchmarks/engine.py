@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import datetime
 import os
 import statistics
@@ -89,6 +88,7 @@ import torch.nn.functional as F
 from tabulate import tabulate  # type: ignore[import-untyped, unused-ignore]
 from torch import nn
 
+from gpipe_bench import hostalloc
 from gpipe_bench.environment import cpu_model, usable_cores
 from gpipe_bench.pipe import GPipe
 
@@ -393,25 +393,8 @@ def ratios_table(variants: Sequence[Variant], chunks: int, cores: int) -> str:
 
 
 def steady_host_allocator() -> str:
-    """Keep freed host memory in the process (glibc), so steps don't page-fault it back in.
-
-    glibc returns large freed blocks to the OS (``mmap``/trim thresholds), and a
-    training step then pays a page fault for every page it touches afresh. A
-    fill-drain pipeline holds every micro-batch's activations at once, gradient
-    accumulation one micro-batch's, so with the default allocator the two
-    variants differ by how much memory they fault in, not by engine overhead.
-    Fixing both thresholds (what PyTorch's CPU tuning guide achieves by
-    preloading jemalloc or tcmalloc) removes that term for every variant alike.
-    Returns a description for the environment header.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        ok = 0
-    if not ok:
-        return "default (mallopt unavailable: not glibc)"
-    return "steady: glibc mmap threshold 32 MiB, trim threshold 1 GiB (--malloc default to measure without)"
+    """The package's steady policy (:mod:`gpipe_bench.hostalloc`), for every variant alike; its description."""
+    return hostalloc.apply("steady") + " (--malloc default to measure without)"
 
 
 def environment(device: str, workload: Workload, chunks: int, repeats: int) -> List[str]:

@@ -18,9 +18,10 @@ from typing import Any, Callable, List, Optional, Tuple, TypeVar
 import click
 import torch
 
-from . import __version__, config, jobs, models, report, results
+from . import __version__, config, jobs, models, report, results, timeline
 from .config import Overrides
 from .errors import HarnessError
+from .timeline import Timeline
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -56,6 +57,7 @@ def main() -> None:
     gpipe-bench speed resnet101 --pipeline 8      one row of the ResNet-101 speed table
     gpipe-bench speed resnet101                   the whole table
     gpipe-bench memory amoebanetd --per-device    the memory table: measured and predicted
+    gpipe-bench predict resnet101 --hardware p40  speed predicted without running (--hardware list)
     gpipe-bench accuracy resnet101                the accuracy table (quick: Fashion-MNIST)
     gpipe-bench table resnet101-speed             saved results in the published layout
     gpipe-bench compare --check                   ours vs published; exit 1 on a regression
@@ -112,6 +114,27 @@ def _override_options(balance_default: str) -> Callable[[F], F]:
 
 _output_option = click.option(
     "--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
+)
+
+
+def _set_allocator(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    # Set while the options are parsed, before anything allocates, for every row of the command alike.
+    from . import hostalloc
+
+    hostalloc.apply(value)
+    return value
+
+
+_malloc_option = click.option(
+    "--malloc",
+    type=click.Choice(["steady", "default"]),
+    default="steady",
+    show_default=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_allocator,
+    help="Host allocator: steady keeps freed memory in the process (glibc's thresholds fixed) so steps do not "
+    "page-fault their memory back in; default leaves glibc as it is. Recorded with each result.",
 )
 
 
@@ -254,6 +277,7 @@ def list_command() -> None:
 
 @main.command("speed", context_settings=_CONTEXT)
 @click.argument("model")
+@_malloc_option
 @_row_options
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs, warm-up included [default: the config's].")
 @click.option(
@@ -273,6 +297,16 @@ def list_command() -> None:
     "--engine distributed: fill-drain (as published), one-forward-one-backward, or interleaved 1F1B "
     "(several stages per process, dealt round-robin)."
 )
+@click.option(
+    "--timeline",
+    "timeline_path",
+    type=click.Path(path_type=Path),
+    metavar="PATH",
+    help="Also record one training step after the warm-up (outside the timed epochs) and write PATH.png (a lane "
+    "per device, a bar per cell) and PATH.json (a Chrome trace: ui.perfetto.dev or chrome://tracing). Several "
+    "rows: PATH-<row>.png and PATH-<row>.json each. Our engine only (--engine gpipe-bench); a row that does not "
+    "split the model (naive-1) is the plain model's forward and backward on its device, on any engine.",
+)
 @click.option("--quiet", is_flag=True, help="Log lines instead of a progress bar.")
 def speed_command(
     model: str,
@@ -291,6 +325,7 @@ def speed_command(
     engine: str,
     schedule: str,
     timeout_s: int,
+    timeline_path: Optional[Path],
     quiet: bool,
 ) -> None:
     """Measure training throughput of a row of MODEL's speed table, or of the whole table.
@@ -320,15 +355,35 @@ def speed_command(
         rank0 = _rank() == 0
         label = job.row.name if job.engine != "distributed" else f"{job.row.name} ({job.schedule})"
         bar = _Bar(label, job.settings.epochs, quiet or not rank0)
+        written: List[str] = []  # said once the bar is done
+        sink: Optional[Callable[[Timeline], None]] = None
+        if timeline_path is not None:
+            target = timeline_path if len(planned) == 1 else timeline.row_path(timeline_path, job.row.name)
+
+            def sink(recorded: Timeline) -> None:
+                png, trace = timeline.paths(target)
+                try:
+                    timeline.write(recorded, target)
+                except ImportError as missing:
+                    written.append(f"{job.row.name}: timeline of one step: {trace} (no PNG: {missing})")
+                    return
+                written.append(
+                    f"{job.row.name}: timeline of one step: {png}, {trace} (open the JSON in ui.perfetto.dev)"
+                )
+
         try:
-            return speed.run(job, bar if rank0 else None)
+            return speed.run(job, bar if rank0 else None, sink)
         finally:
             bar.close()
+            for line in written:
+                click.echo(line, err=True)
 
     def saved(job: jobs.Job, result: results.Result, path: Path) -> None:
         figure = "Out of memory" if result.status == "oom" else f"{result.value:.3f} {result.unit}"
         click.echo(f"{_row_label(job)}: {figure}  -> {path}", err=True)
 
+    if timeline_path is not None:
+        speed.check_timeline(engine)
     if engine == "distributed":
         planned, notes = jobs.plan_distributed(
             table, profile_name, rows, overrides, named=named, schedule=schedule, timeout_s=timeout_s
@@ -343,6 +398,10 @@ def speed_command(
             if row_notes.get(id(job)) and not quiet:
                 click.echo(f"{job.row.name}: {row_notes[id(job)]}", err=True)
 
+    if timeline_path is not None:
+        # Before any row runs: a row that cannot be recorded, or a path that cannot be written, costs nothing.
+        speed.check_timeline(engine, planned)
+        timeline.check_writable(timeline_path)
     if _rank() == 0:
         for note in notes:
             click.echo(note, err=True)
@@ -411,6 +470,7 @@ def launch_command(
 
 
 @main.command("memory", context_settings=_CONTEXT)
+@_malloc_option
 @click.argument("model")
 @_row_options
 @_override_options(" [default: the row's, or found by balance_by_size]")
@@ -537,6 +597,7 @@ def memory_command(
 
 
 @main.command("accuracy", context_settings=_CONTEXT)
+@_malloc_option
 @click.argument("model")
 @click.option("--experiment", help="Train the row with this exact name (e.g. pipeline-256) [default: every row].")
 @click.option(
@@ -668,6 +729,153 @@ def table_command(
         click.echo(report.memory_per_device(table, saved, fmt=fmt))
 
 
+@main.command("predict", context_settings=_CONTEXT)
+@click.argument("model")
+@_malloc_option
+@_row_options
+@_override_options(", e.g. 26,22,33,44,44,66,66,69 [default: the row's]")
+@click.option(
+    "--hardware",
+    metavar="NAME",
+    help="Predict for a hardware preset; nothing runs (the model is counted on meta). "
+    "`--hardware list` shows the presets and their sources.",
+)
+@click.option(
+    "--costs",
+    "cost_source",
+    type=click.Choice(["measured"]),
+    help="Time every layer on the device at hand, at each row's micro-batch size and per-worker thread count "
+    "[the default without --hardware].",
+)
+@click.option(
+    "--calibrate",
+    metavar="ROW=THROUGHPUT",
+    help="Fit the preset's one efficiency factor so that ROW is predicted at THROUGHPUT samples/s "
+    "(e.g. naive-1=92.539); the output says what was fitted.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["gpipe-bench", "distributed"]),
+    default="gpipe-bench",
+    show_default=True,
+    help="Our engine, or torch.distributed.pipelining (one process per stage; --schedule, --nproc).",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(list(jobs.SCHEDULES)),
+    default="gpipe",
+    show_default=True,
+    help="--engine distributed: fill-drain, one-forward-one-backward, or interleaved 1F1B.",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    help="--engine distributed: processes [default: one per stage; half the stages with interleaved].",
+)
+@click.option(
+    "--timeline",
+    "timeline_path",
+    type=click.Path(path_type=Path),
+    metavar="PATH",
+    help="Write the simulated step as PATH.png and PATH.json (a Chrome trace), drawn as `speed --timeline` "
+    "draws a measured one; several rows: PATH-<row>.png/.json each.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["rst", "md", "json"]), default="rst", show_default=True, help="Output format."
+)
+@click.option(
+    "--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
+)
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def predict_command(
+    model: str,
+    pipeline: Optional[int],
+    naive: Optional[int],
+    experiment: Optional[str],
+    devices_spec: Optional[str],
+    profile: Optional[str],
+    batch_size: Optional[int],
+    chunks: Optional[int],
+    balance: Optional[str],
+    checkpoint: Optional[str],
+    hardware: Optional[str],
+    cost_source: Optional[str],
+    calibrate: Optional[str],
+    engine: str,
+    schedule: str,
+    nproc: Optional[int],
+    timeline_path: Optional[Path],
+    fmt: str,
+    root: Optional[Path],
+    quiet: bool,
+) -> None:
+    """Predict throughput, speedup, bubble and memory of MODEL's speed rows without running them.
+
+    Per-layer costs (counted on meta and put through a hardware preset's roofline, or timed on
+    this machine), then one training step simulated as the engine schedules it: clocks,
+    recomputation, copies, the shared interpreter, the host's cores. Printed beside the
+    results measured for the table on matching hardware and the published figures.
+
+    \b
+    Example: gpipe-bench predict resnet101 --hardware p40 --calibrate naive-1=92.539
+             gpipe-bench predict resnet101 --pipeline 2 --devices cpu:0,cpu:1 --timeline pipeline-2
+    """
+    from .environment import environment, hardware_key
+    from .predict import hardware as presets
+    from .predict.run import parse_calibration, predict_table
+    from .report import predicted
+
+    if hardware == "list":
+        click.echo(presets.describe())
+        return
+    if hardware is not None and cost_source is not None:
+        raise HarnessError("--hardware and --costs measured are two cost sources; give one", param="--costs")
+    calibration = parse_calibration(calibrate)
+    preset = presets.load(hardware) if hardware is not None else None
+    if profile is None and preset is not None:
+        profile = "quick" if preset.kind == "cpu" else "published"
+    table, profile_name, rows, _ = _rows("speed", model, profile, quiet or fmt == "json", pipeline, naive, experiment)
+    overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint)
+    if timeline_path is not None:
+        timeline.check_writable(timeline_path)
+
+    def progress(line: str) -> None:
+        if not quiet:
+            click.echo(line, err=True)
+
+    prediction = predict_table(
+        table,
+        profile_name,
+        rows,
+        overrides,
+        devices_spec,
+        hardware=hardware,
+        calibration=calibration,
+        engine=engine,
+        schedule=schedule,
+        nproc=nproc,
+        progress=progress,
+    )
+    if prediction.fitted is not None:
+        name, figure, efficiency = prediction.fitted
+        progress(f"fitted: efficiency {efficiency:.3f} of the {hardware} preset's peaks, from {name} = {figure:g}")
+    match = hardware if preset is not None and preset.kind != "cpu" else hardware_key(environment(["cpu"]))
+    saved = results.load_all(root or results.results_dir(), table=table.name, profile=profile_name, on_skip=_skipped)
+    if fmt != "json":
+        click.echo(f"{table.title}, {profile_name} profile, predicted from {prediction.costs}:")
+    click.echo(predicted.render(prediction, saved, match, fmt))
+    if timeline_path is not None:
+        for p in prediction.rows:
+            target = timeline_path if len(prediction.rows) == 1 else timeline.row_path(timeline_path, p.job.row.name)
+            png, trace = timeline.paths(target)
+            try:
+                timeline.write(p.outcome.timeline, target)
+            except ImportError as missing:
+                progress(f"{p.job.row.name}: simulated timeline: {trace} (no PNG: {missing})")
+                continue
+            progress(f"{p.job.row.name}: simulated timeline: {png}, {trace}")
+
+
 @main.command("compare", context_settings=_CONTEXT)
 @click.argument("table_name", metavar="[TABLE]", required=False)
 @click.option("--check", is_flag=True, help="Exit 1 when a row regresses beyond the table's tolerance.")
@@ -680,6 +888,10 @@ def table_command(
 def compare_command(table_name: Optional[str], check: bool, fmt: str, root: Optional[Path]) -> None:
     """Our results against the published numbers, row by row, with flags and inconsistencies.
 
+    Speed tables also show their published rows predicted on the published card
+    (`gpipe-bench predict`, nothing runs); where the table's config says so, --check
+    fails when a predicted speedup leaves the table's tolerance too.
+
     Example: gpipe-bench compare resnet101-speed --check
     """
     names = [table_name] if table_name else config.table_names()
@@ -687,7 +899,12 @@ def compare_command(table_name: Optional[str], check: bool, fmt: str, root: Opti
     for name in names:
         table = config.load(name)
         saved = results.load_all(root or results.results_dir(), table=table.name, on_skip=_skipped)
-        comparison = report.compare(table, saved, fmt=fmt)
+        predicted = None
+        if table.predicted:
+            from .predict.run import predicted_speedups
+
+            predicted = predicted_speedups(table)
+        comparison = report.compare(table, saved, fmt=fmt, predicted=predicted)
         click.echo(comparison.text)
         regressions += [f"{table.name}: {r}" for r in comparison.regressions]
     if check and regressions:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Mapping, NoReturn, Optional, Tuple, get_args
 
@@ -127,6 +127,7 @@ class Table:
     tolerance: float
     path: str
     profiles: Mapping[str, Profile]
+    predicted: Mapping[str, Any] = field(default_factory=dict)  # compare.predicted: hardware, calibrate, check
 
     def profile(self, name: str) -> Profile:
         """The profile ``name``; ConfigError naming the known profiles otherwise."""
@@ -327,6 +328,17 @@ _ROW: Dict[str, Tuple[Checker, Any]] = {
     "published": (_mapping, _MISSING),
     "note": (_text, ""),
 }
+# compare.predicted: the published rows predicted on a hardware preset beside the published speedups
+# (gpipe-bench predict); check: whether compare --check fails when a prediction leaves the tolerance.
+_PREDICTED: Dict[str, Tuple[Checker, Any]] = {
+    "hardware": (_text, _MISSING),
+    "calibrate": (_text, ""),
+    "check": (_flag, False),
+}
+_COMPARE: Dict[str, Tuple[Checker, Any]] = {
+    "tolerance": (_fraction, _MISSING),
+    "predicted": (lambda s, k, v: _fields(s, k, v, _PREDICTED), {}),
+}
 _TABLE: Dict[str, Tuple[Checker, Any]] = {
     "name": (_text, _MISSING),
     "title": (_text, _MISSING),
@@ -338,7 +350,7 @@ _TABLE: Dict[str, Tuple[Checker, Any]] = {
     "model": (_text, _MISSING),
     "model_args": (_model_args, {}),
     "source": (lambda s, k, v: _fields(s, k, v, _SOURCE), _MISSING),
-    "compare": (lambda s, k, v: _fields(s, k, v, {"tolerance": (_fraction, _MISSING)}), _MISSING),
+    "compare": (lambda s, k, v: _fields(s, k, v, _COMPARE), _MISSING),
     "settings": (lambda s, k, v: _fields(s, k, v, _SETTINGS), _MISSING),
     "rows": (lambda s, k, v: v, _MISSING),
     "profiles": (_mapping, _MISSING),
@@ -657,6 +669,7 @@ def load(name_or_path: str) -> Table:
         tolerance=top["compare"]["tolerance"],
         path=str(path),
         profiles=profiles,
+        predicted=top["compare"]["predicted"],
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, cast
 
 import torch
 
-from . import __version__
+from . import __version__, hostalloc
 
 __all__ = ["environment", "hardware_key", "cpu_model", "usable_cores", "hosts", "now"]
 
@@ -117,6 +117,7 @@ def environment(devices: Sequence[str]) -> Dict[str, Any]:
         "git_commit": _git_commit(),
         "date": now(),
         "hosts": hosts(),
+        "host_allocator": hostalloc.current(),
     }
 
 

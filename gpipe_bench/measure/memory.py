@@ -30,6 +30,7 @@ from gpipe_bench import engines, models, optim
 from gpipe_bench.environment import environment, now
 from gpipe_bench.jobs import Job
 from gpipe_bench.memory.predict import Prediction, nbytes, predict_pipeline, predict_plain
+from gpipe_bench.metakernels import FastMeta
 from gpipe_bench.perf import split
 from gpipe_bench.pipe.balance import balance_by_size
 from gpipe_bench.pipe.microbatch import as_tuple
@@ -85,7 +86,7 @@ def predict(job: Job, balance: Sequence[int], model: Optional[nn.Sequential] = N
     model = model if model is not None else _meta_model(job)
     model.train()
     sample = torch.empty(row.batch, 3, s.input_size, s.input_size, device="meta")
-    with torch.device("meta"):
+    with torch.device("meta"), FastMeta():
         out = model(sample[:1])
     head = 2 * nbytes(as_tuple(out)[0]) * row.batch + row.batch * 8  # joined output, its gradient, the labels
     if not job.split:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes, split
 from gpipe_bench.pipe.microbatch import Tensors, as_tuple, unpack
 from gpipe_bench.pipe.schedule import backward_steps, forward_steps
+from gpipe_bench.pipe.skip.tracker import ReplayingTracker, use_skip_tracker
 
 from .tracker import TensorMemory, storage_key
 
@@ -155,9 +156,12 @@ def profile(partitions: Sequence[nn.Module], sample: Tensors, atomic: bool) -> L
     """:func:`profile_partition` along the pipeline for one micro-batch ``sample`` (on ``meta``)."""
     costs: List[CellCost] = []
     inputs, in_atomic = sample, atomic
-    for j, partition in enumerate(partitions):
-        cost, inputs, in_atomic = profile_partition(partition, inputs, in_atomic, first=j == 0)
-        costs.append(cost)
+    # Each partition runs twice (no-grad, then with grad): a skip crossing a boundary is popped twice.
+    # The engine hands it over; its bytes are not charged here.
+    with use_skip_tracker(ReplayingTracker()):
+        for j, partition in enumerate(partitions):
+            cost, inputs, in_atomic = profile_partition(partition, inputs, in_atomic, first=j == 0)
+            costs.append(cost)
     return costs
 
 

@@ -44,6 +44,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from gpipe_bench.metakernels import meta_shapes
 from gpipe_bench.pipe.observe import Observer, observing
 
 __all__ = ["TensorMemory", "Curve", "storage_key"]
@@ -195,7 +196,9 @@ class TensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
 
 def _run_and_log(meter: TensorMemory, owner: Optional[int], func: Any, args: Any, kwargs: Any) -> Any:
     """Run the operator; log each output storage that is none of its inputs' (a new allocation)."""
-    out = func(*args, **(kwargs or {}))
+    out = meta_shapes(func, args, kwargs)
+    if out is None:
+        out = func(*args, **(kwargs or {}))
     inputs = {storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
     for t in tree_flatten(out)[0]:
         if isinstance(t, torch.Tensor):

@@ -8,7 +8,7 @@ show measured / ideal pipeline speedup by the performance model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Literal, Optional, Sequence
 
 from gpipe_bench import perf
 from gpipe_bench.results import Result
@@ -47,6 +47,20 @@ class CompareRow:
     spread: Optional[float] = None  # relative std of the per-epoch figures
     flag: Flag = "ok"
     note: str = ""
+
+
+@dataclass
+class PredictedSpeedups:
+    """Speedups predicted for the published rows on a hardware preset (``gpipe-bench predict``), to set beside them.
+
+    ``checked``: the table's config says the predictions meet their tolerance, so
+    one that leaves it is a regression of the engine's schedule or of the cost model.
+    """
+
+    hardware: str
+    costs: str
+    speedups: Dict[str, float]
+    checked: bool
 
 
 @dataclass
@@ -169,8 +183,10 @@ def _describe(table: "Table", entry: CompareRow) -> str:
     return f"{line}: {entry.note}"
 
 
-def compare(table: "Table", results: Sequence[Result], *, fmt: str = "rst") -> Comparison:
-    """Row by row against the published figures; see the module docstring."""
+def compare(
+    table: "Table", results: Sequence[Result], *, fmt: str = "rst", predicted: Optional[PredictedSpeedups] = None
+) -> Comparison:
+    """Row by row against the published figures; see the module docstring. ``predicted``: a block of its own."""
     entries: List[CompareRow] = []
 
     def block(profile: "Profile", group: Group) -> str:
@@ -184,6 +200,11 @@ def compare(table: "Table", results: Sequence[Result], *, fmt: str = "rst") -> C
     blocks = for_groups(table, results, block)
 
     regressions = [_describe(table, e) for e in entries if e.flag == "regression"]
+    if predicted is not None:
+        text, missed = _predicted_block(table, predicted, fmt)
+        blocks.append(text)
+        if predicted.checked:
+            regressions += missed
     inconsistencies = published_inconsistencies(table)
     flagged = [_describe(table, e) for e in entries if e.flag != "ok"]
     blocks.append(
@@ -244,3 +265,25 @@ def _compare_grid(table: "Table", entries: Sequence[CompareRow], fmt: str) -> st
         cells.append(e.flag)
         rows.append(cells)
     return render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 2) + ["left"], fmt)
+
+
+def _predicted_block(table: "Table", predicted: PredictedSpeedups, fmt: str) -> "tuple[str, List[str]]":
+    """The predicted speedups beside the published ones, and the rows outside the table's tolerance."""
+    rows, missed = [], []
+    for row in table.profile("published").rows:
+        ours = predicted.speedups.get(row.name)
+        theirs = as_float(row.published.values.get("speedup"))
+        ratio = ours / theirs if ours is not None and theirs else None
+        flag = DASH
+        if ratio is not None:
+            flag = "ok" if abs(ratio - 1) <= table.tolerance else "off"
+            if flag == "off":
+                missed.append(
+                    f"{table.name} {row.name} [predicted]: {ours:.3f}x on {predicted.hardware} is {ratio - 1:+.1%} "
+                    f"from the published {theirs:.3f}x (tolerance ±{table.tolerance:.0%})"
+                )
+        rows.append([row.name, fmt_num(ours, 3, "x"), fmt_num(theirs, 3, "x"), fmt_num(ratio, 3), flag])
+    headers = ["Experiment", "Predicted speedup", "Published speedup", "Ratio", "Within tolerance"]
+    grid = render_grid(headers, rows, ["left", "right", "right", "right", "left"], fmt)
+    checked = "checked by compare --check" if predicted.checked else "shown, not checked"
+    return f"Predicted on {predicted.hardware} ({predicted.costs}; {checked}):\n\n{grid}", missed

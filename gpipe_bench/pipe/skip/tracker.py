@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .namespace import Namespace
 
-__all__ = ["SkipKey", "SkipTracker", "current_skip_tracker", "use_skip_tracker"]
+__all__ = ["SkipKey", "SkipTracker", "ReplayingTracker", "current_skip_tracker", "use_skip_tracker"]
 
 SkipKey = Tuple[Namespace, str]
 
@@ -35,6 +35,20 @@ class SkipTracker:
     def load(self, key: SkipKey) -> Optional[Tensor]:
         """Take the tensor out; :class:`KeyError` if it was never stashed."""
         return self.tensors.pop(key)
+
+
+class ReplayingTracker(SkipTracker):
+    """A tracker whose pops leave the tensor in place, as a detached copy: for running layers more than once.
+
+    Profilers run a layer several times on the same input (with and without
+    autograd, forward then recompute); each run of a popping layer must find
+    the skip tensor again. The pop hands out a detached tensor so that every
+    run's graph starts at it, as it does at a partition boundary.
+    """
+
+    def load(self, key: SkipKey) -> Optional[Tensor]:
+        value = self.tensors[key]
+        return value.detach() if value is not None else None
 
 
 _local = threading.local()

@@ -1,0 +1,295 @@
+"""Where a prediction's per-layer seconds come from: a hardware preset's roofline, or timing on this machine.
+
+Why one interface for both: the simulator, the row predictions and the plan
+search must not care whether a layer's cost was counted on ``meta`` and put
+through a roofline (:class:`HardwareCosts`, nothing runs: any hardware) or
+timed on the device at hand (:class:`MeasuredCosts`). Both answer the same
+questions: each layer's forward and backward seconds at a micro-batch size
+and a thread count (device work and host work apart), what a copy between
+two devices costs, and what the step adds outside the cells (the optimizer
+step, a partition's gradient accumulation per micro-batch).
+
+Host work is charged per operator launched: on a GPU it is the time the
+interpreter spends issuing kernels (it overlaps the device's work); on a CPU
+the worker does it before the arithmetic. A measured CPU time includes it, so
+:class:`MeasuredCosts` splits the measured time into the two using the
+operator counts from :mod:`.count` and the per-operator time measured here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .count import ModelCounts, count_named
+from .hardware import Hardware, Link
+from .measured import LayerTimes, contention, threads, time_layers
+from .roofline import host_seconds, pass_seconds
+from .simulate import Host
+
+__all__ = ["LayerCost", "Costs", "HardwareCosts", "MeasuredCosts", "op_overhead"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer at one micro-batch size: device and host seconds of each pass."""
+
+    forward: float
+    backward: float
+    forward_host: float
+    backward_host: float
+    nograd: float = 1.0  # a no-grad forward (a checkpointed micro-batch's first) / a forward with autograd
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """Which model, at which input size: what counting and timing are cached by."""
+
+    name: str
+    args: Tuple[Tuple[str, Any], ...]
+    input_size: int
+
+    @staticmethod
+    def of(name: str, args: Mapping[str, Any], input_size: int) -> "ModelKey":
+        return ModelKey(name, tuple(sorted(args.items())), input_size)
+
+
+class Costs(ABC):
+    """Per-layer costs of one model, and the machine around the devices."""
+
+    #: how the figures were obtained, for the output ("p40 preset, efficiency 0.21 fitted on naive-1=92.539")
+    description: str
+    host: Host
+
+    def __init__(self, model: ModelKey, hardware: Hardware) -> None:
+        self.model = model
+        self.hardware = hardware
+        self.counts: ModelCounts = count_named(model.name, dict(model.args), model.input_size)
+
+    @abstractmethod
+    def layers(self, batch: int, thread_count: int, device: str) -> List[LayerCost]:
+        """Every layer's costs at micro-batch size ``batch`` with ``thread_count`` threads (CPU) on ``device``."""
+
+    @abstractmethod
+    def link(self, src: str, dst: str) -> Optional[Link]:
+        """The copy between two devices (None: nothing moves, as between virtual CPU devices)."""
+
+    @abstractmethod
+    def update(self, params: int, tensors: int, device: str, thread_count: int, kind: str) -> Tuple[float, float]:
+        """(host, device) seconds of a pass over ``params`` parameters in ``tensors`` tensors.
+
+        ``kind``: ``'optimizer'`` (plain SGD: read the weight and its gradient, write the weight)
+        or ``'accumulate'`` (add a micro-batch's gradients into the running sum).
+        """
+
+    @property
+    def device_type(self) -> str:
+        """'cuda' or 'cpu': what the devices of a prediction are."""
+        return "cpu" if self.hardware.kind == "cpu" else "cuda"
+
+    def process_link(self) -> Optional[Link]:
+        """The link between two CPU processes (gloo over TCP on one host), when the preset has one."""
+        return self.hardware.links.get("gloo")
+
+    def boundary_bytes(self, cut: int, batch: int) -> int:
+        """Bytes crossing a partition boundary before layer ``cut`` (its output and skips crossing it)."""
+        return self.counts.boundary_bytes(cut).at(batch)
+
+
+class HardwareCosts(Costs):
+    """Counted on ``meta``, turned into seconds by ``hardware``'s roofline, scaled by one efficiency."""
+
+    def __init__(self, model: ModelKey, hardware: Hardware, efficiency: float = 1.0, fitted: str = "") -> None:
+        super().__init__(model, hardware)
+        self.efficiency = efficiency
+        cores = float(hardware.cores or (os.cpu_count() or 1))
+        self.host = Host(cores=cores, threads=int(cores))
+        self.description = f"{hardware.name} preset" + (
+            f", efficiency {efficiency:.3f} fitted on {fitted}" if fitted else ""
+        )
+        self._cache: Dict[Tuple[int, int], List[LayerCost]] = {}
+
+    def layers(self, batch: int, thread_count: int, device: str) -> List[LayerCost]:
+        key = (batch, thread_count)
+        if key not in self._cache:
+            share = self._share(thread_count)
+            out = []
+            for layer in self.counts.at(batch):
+                out.append(
+                    LayerCost(
+                        forward=pass_seconds(layer.forward, self.hardware, self.efficiency) / share,
+                        backward=pass_seconds(layer.backward, self.hardware, self.efficiency) / share,
+                        forward_host=host_seconds(layer.forward, self.hardware),
+                        backward_host=host_seconds(layer.backward, self.hardware),
+                    )
+                )
+            self._cache[key] = out
+        return self._cache[key]
+
+    def _share(self, thread_count: int) -> float:
+        """The share of the device's peak a worker gets: a CPU's threads of its cores; a GPU is whole."""
+        if self.hardware.kind != "cpu":
+            return 1.0
+        return min(1.0, thread_count / self.host.cores)
+
+    def link(self, src: str, dst: str) -> Optional[Link]:
+        return _link(self.hardware, src, dst)
+
+    def update(self, params: int, tensors: int, device: str, thread_count: int, kind: str) -> Tuple[float, float]:
+        nbytes = 12 * params  # read a, read b, write a: float32
+        device_s = nbytes / (self.hardware.memory_bandwidth * self.efficiency * self._share(thread_count))
+        launches = _launches(tensors, device, kind)
+        return launches * self.hardware.op_overhead, device_s
+
+
+def _launches(tensors: int, device: str, kind: str) -> int:
+    """Operators a pass over ``tensors`` tensors launches.
+
+    Gradient accumulation uses multi-tensor adds (a few launches); PyTorch's SGD
+    uses them on CUDA and one operator per tensor on a CPU.
+    """
+    if kind == "accumulate" or device.startswith("cuda"):
+        return max(1, -(-tensors // 64))
+    return tensors
+
+
+def _link(hardware: Hardware, src: str, dst: str) -> Optional[Link]:
+    """The copy between two devices of our engine: none between virtual CPU devices (they share the host's
+    memory: the engine hands the tensor over), PCIe between a GPU and the host, else the preset's default."""
+    a, b = torch.device(src), torch.device(dst)
+    if src == dst or (a.type == "cpu" and b.type == "cpu"):
+        return None
+    if a.type != b.type:
+        return hardware.links.get("pcie") or hardware.link()
+    return hardware.link()
+
+
+# -- measured ---------------------------------------------------------------------------------------------------
+
+
+def op_overhead(samples: int = 2000) -> float:
+    """Seconds of host time per operator on this machine: the median of timed batches of tiny adds."""
+    x = torch.zeros(1)
+    times = []
+    for _ in range(7):
+        tick = time.perf_counter()
+        for _ in range(samples):
+            x.add_(1.0)
+        times.append((time.perf_counter() - tick) / samples)
+    times.sort()
+    return times[len(times) // 2]
+
+
+class MeasuredCosts(Costs):
+    """Timed on ``device`` (this machine), layer by layer, at each row's micro-batch size and thread count."""
+
+    def __init__(self, model: ModelKey, device: str, hardware: Hardware, rounds: int = 3) -> None:
+        super().__init__(model, hardware)  # the preset gives copies between devices and processes; cells are timed
+        self.device = torch.device(device)
+        self.rounds = rounds
+        self.overhead = op_overhead()
+        cores = float(torch.get_num_threads())
+        self.host = Host(cores=cores, threads=int(cores))
+        self.description = f"measured on this machine ({device}, {self.overhead * 1e6:.1f} µs per operator)"
+        self._times: Dict[Tuple[int, int], LayerTimes] = {}
+        self._update: Dict[Tuple[str, int], float] = {}
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    def _timed(self, batch: int, thread_count: int) -> LayerTimes:
+        key = (batch, thread_count)
+        if key not in self._times:
+            near = [b for (b, t) in self._times if t == thread_count]
+            # A smaller last micro-batch (10 in 4 chunks: 3, 3, 3, 1) is scaled from the main size rather than timed.
+            if near and min(near) > batch:
+                return self._times[(min(near), thread_count)].scaled(batch)
+            self._times[key] = _time_model(self.model, batch, self.device, thread_count, self.rounds)
+        return self._times[key]
+
+    def prepare(
+        self,
+        sizes: Sequence[Tuple[int, int]],
+        progress: Callable[[str], None] = lambda line: None,
+        concurrent: bool = True,
+    ) -> None:
+        """Time every (batch, threads) pair now, largest batch first (smaller last pieces are then scaled).
+
+        ``concurrent``: whether any row runs CPU workers side by side (several micro-batches on several
+        workers); only then is the contention between them measured.
+        """
+        for batch, thread_count in sorted(set(sizes), key=lambda s: (-s[0], s[1])):
+            if (batch, thread_count) not in self._times:
+                progress(f"timing every layer of {self.model.name} at micro-batch {batch}, {thread_count} thread(s)")
+            self._timed(batch, thread_count)
+        shared = [(b, t) for b, t in sizes if t < self.host.threads]
+        if concurrent and shared and self.device.type == "cpu" and self.host.contention == 0.0:
+            batch, thread_count = max(shared)
+            workers = max(2, self.host.threads // thread_count)
+            progress(f"timing {workers} workers of {thread_count} thread(s) at once against one alone")
+            sample = torch.rand(batch, 3, self.model.input_size, self.model.input_size)
+            slower = contention(_model(self.model), sample, thread_count, workers, rounds=2)
+            self.host = replace(self.host, contention=slower)
+            self.description += f", {slower:.0%} slower per worker while {workers} compute at once"
+
+    def layers(self, batch: int, thread_count: int, device: str) -> List[LayerCost]:
+        """Timed seconds, split into host work (the fixed part per call) and the rest.
+
+        Where the fixed part could not be measured (a micro-batch of 3 or less), the
+        host part is the layer's operator count times the time of a bare operator.
+        """
+        timed = self._timed(batch, thread_count)
+        fixed_f = timed.forward_fixed or [layer.forward.launches * self.overhead for layer in self.counts.at(batch)]
+        fixed_b = timed.backward_fixed or [layer.backward.launches * self.overhead for layer in self.counts.at(batch)]
+        nograd = timed.nograd or [1.0] * len(timed.forward)
+        out = []
+        for f, b, hf, hb, n in zip(timed.forward, timed.backward, fixed_f, fixed_b, nograd):
+            hf, hb = min(f, hf), min(b, hb)
+            out.append(LayerCost(forward=f - hf, backward=b - hb, forward_host=hf, backward_host=hb, nograd=n))
+        return out
+
+    def link(self, src: str, dst: str) -> Optional[Link]:
+        return _link(self.hardware, src, dst)
+
+    def update(self, params: int, tensors: int, device: str, thread_count: int, kind: str) -> Tuple[float, float]:
+        key = (kind, thread_count)
+        if key not in self._update:
+            self._update[key] = _time_update(kind, thread_count)
+        launches = _launches(tensors, device, kind)
+        host = launches * self.overhead
+        return host, self._update[key] * params
+
+
+def _time_update(kind: str, thread_count: int, numel: int = 1 << 22) -> float:
+    """Seconds per parameter of an SGD step or a gradient accumulation over a 4M-element tensor."""
+    a, g = torch.zeros(numel), torch.ones(numel)
+    best = float("inf")
+    with threads(thread_count):
+        for _ in range(5):
+            tick = time.perf_counter()
+            if kind == "optimizer":
+                a.add_(g, alpha=-0.1)
+            else:
+                torch._foreach_add_([a], [g])
+            best = min(best, time.perf_counter() - tick)
+    return best / numel
+
+
+@lru_cache(maxsize=32)
+def _model(key: ModelKey) -> torch.nn.Sequential:
+    from gpipe_bench import models
+
+    torch.manual_seed(0)
+    return models.build(key.name, **dict(key.args))
+
+
+def _time_model(key: ModelKey, batch: int, device: torch.device, thread_count: int, rounds: int) -> LayerTimes:
+    sample = torch.rand(batch, 3, key.input_size, key.input_size)
+    return time_layers(_model(key), sample, device, thread_count, rounds)

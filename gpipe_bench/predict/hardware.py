@@ -1,0 +1,237 @@
+"""Hardware presets for the speed predictor: peak rates, memory, links and host overhead per device kind.
+
+Why presets and not a device query: the point of predicting is to answer for
+hardware the user does not have (the published tables ran on eight Tesla
+P40s). The figures live in ``hardware.yaml`` next to this module, each preset
+with the spec sheets it was taken from, so a number can be checked and a new
+card added without touching code. The file sits here rather than in
+``gpipe_bench/configs/``, where every ``*.yaml`` is a benchmark table.
+
+Units are SI throughout: FLOP/s, bytes/s, bytes, seconds. Link bandwidths
+are per direction (what one transfer between two neighbours can use), not
+the bidirectional totals spec sheets like to print.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import yaml  # type: ignore[import-untyped, unused-ignore]
+
+from ..errors import HarnessError
+
+__all__ = ["LINK_KINDS", "DEVICE_KINDS", "PRESETS_FILE", "Link", "Hardware", "load", "names", "describe"]
+
+#: How two devices can be connected. ``host``: tensors stay in host memory (virtual CPU devices
+#: of one process share it); ``gloo``: TCP between distributed CPU ranks.
+LINK_KINDS = ("pcie", "nvlink", "host", "gloo")
+DEVICE_KINDS = ("gpu", "cpu")
+PRESETS_FILE = Path(__file__).with_name("hardware.yaml")
+
+_FIELDS = {
+    "description",
+    "kind",
+    "cores",
+    "fp32_flops",
+    "tf32_flops",
+    "tf32_convs",
+    "memory_bandwidth",
+    "memory",
+    "op_overhead",
+    "links",
+    "default_link",
+    "sources",
+}
+
+
+@dataclass(frozen=True)
+class Link:
+    """A connection between two devices: ``latency + bytes / bandwidth`` seconds per transfer."""
+
+    kind: str
+    bandwidth: float  # bytes/s per direction; infinite: no copy is made (shared memory)
+    latency: float  # seconds per transfer, whatever its size
+
+    def seconds(self, nbytes: float) -> float:
+        """Time to move ``nbytes`` over this link."""
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One device kind: its peak rates, memory, host overhead per operator and links."""
+
+    name: str
+    description: str
+    kind: str  # "gpu" | "cpu"
+    cores: Optional[int]  # CPU cores of the host (the compute of a cpu preset); None: unknown
+    fp32_flops: float  # FLOP/s
+    tf32_flops: Optional[float]  # FLOP/s on tensor cores in TF32, dense; None: no TF32
+    tf32_convs: bool  # PyTorch's fp32 defaults run convolutions in TF32 on this device
+    memory_bandwidth: float  # bytes/s
+    memory: int  # bytes per device
+    op_overhead: float  # seconds of host time per operator (kernel launch on a GPU, dispatch on a CPU)
+    # Read-only, and left out of the hash so presets stay usable as cache keys.
+    links: Mapping[str, Link] = field(hash=False)
+    default_link: str  # the kind that connects two devices of this preset unless told otherwise
+    sources: Tuple[str, ...]
+
+    def link(self, kind: Optional[str] = None) -> Link:
+        """The link of ``kind`` (the default link if None); HarnessError if this preset has none of that kind."""
+        wanted = self.default_link if kind is None else kind
+        try:
+            return self.links[wanted]
+        except KeyError:
+            have = ", ".join(self.links)
+            raise HarnessError(f"hardware {self.name!r} has no {wanted!r} link; it has: {have}") from None
+
+    def conv_flops(self) -> float:
+        """The peak a convolution gets under PyTorch's fp32 defaults: TF32 where they allow it."""
+        if self.tf32_convs and self.tf32_flops is not None:
+            return self.tf32_flops
+        return self.fp32_flops
+
+
+def _number(value: object, where: str, positive: bool = True, infinite: bool = False) -> float:
+    # bool is an int to Python; a flag where a rate belongs is a mistake. PyYAML reads 1e9 (no dot,
+    # no exponent sign) as a string, hence the hint.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or (math.isinf(value) and not (infinite and value > 0))
+    ):
+        raise HarnessError(f"{where} must be a number, not {value!r}; write floats like 1.0e+9 in YAML")
+    if value < 0 or (positive and value == 0):
+        raise HarnessError(f"{where} must be {'positive' if positive else 'non-negative'} (got {value!r})")
+    return float(value)
+
+
+def _link(kind: object, spec: object, where: str) -> Link:
+    if kind not in LINK_KINDS:
+        raise HarnessError(f"{where}: link kind {kind!r} is not one of {', '.join(LINK_KINDS)}")
+    if not isinstance(spec, Mapping) or set(spec) != {"bandwidth", "latency"}:
+        raise HarnessError(f"{where}.{kind} must have exactly 'bandwidth' and 'latency' (got {spec!r})")
+    return Link(
+        kind=str(kind),
+        bandwidth=_number(spec["bandwidth"], f"{where}.{kind}.bandwidth", infinite=True),
+        latency=_number(spec["latency"], f"{where}.{kind}.latency", positive=False),
+    )
+
+
+def _preset(name: str, spec: object, file: Path) -> Hardware:
+    where = f"{file.name}: {name}"
+    if not isinstance(spec, Mapping):
+        raise HarnessError(f"{where} must be a mapping of fields, not {type(spec).__name__}")
+    missing, unknown = _FIELDS - set(spec), set(spec) - _FIELDS
+    if missing or unknown:
+        raise HarnessError(
+            f"{where}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}; fields are {sorted(_FIELDS)}"
+        )
+    if spec["kind"] not in DEVICE_KINDS:
+        raise HarnessError(f"{where}.kind {spec['kind']!r} is not one of {', '.join(DEVICE_KINDS)}")
+    if not isinstance(spec["tf32_convs"], bool):
+        raise HarnessError(f"{where}.tf32_convs must be true or false (got {spec['tf32_convs']!r})")
+    tf32 = spec["tf32_flops"]
+    if spec["tf32_convs"] and tf32 is None:
+        raise HarnessError(f"{where}: tf32_convs is true but tf32_flops is null; give the TF32 peak")
+    links = spec["links"]
+    if not isinstance(links, Mapping) or not links:
+        raise HarnessError(f"{where}.links must map link kinds to {{bandwidth, latency}}")
+    parsed = {str(kind): _link(kind, link, f"{where}.links") for kind, link in links.items()}
+    if spec["default_link"] not in links:
+        raise HarnessError(f"{where}.default_link {spec['default_link']!r} is not one of its links: {', '.join(links)}")
+    cores = spec["cores"]
+    if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):
+        raise HarnessError(f"{where}.cores must be a positive whole number or null (got {cores!r})")
+    sources = spec["sources"]
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s for s in sources):
+        raise HarnessError(f"{where}.sources must be a non-empty list of spec sheets (titles and URLs)")
+    return Hardware(
+        name=name,
+        description=str(spec["description"]),
+        kind=str(spec["kind"]),
+        cores=cores,
+        fp32_flops=_number(spec["fp32_flops"], f"{where}.fp32_flops"),
+        tf32_flops=None if tf32 is None else _number(tf32, f"{where}.tf32_flops"),
+        tf32_convs=spec["tf32_convs"],
+        memory_bandwidth=_number(spec["memory_bandwidth"], f"{where}.memory_bandwidth"),
+        memory=int(_number(spec["memory"], f"{where}.memory")),
+        op_overhead=_number(spec["op_overhead"], f"{where}.op_overhead", positive=False),
+        links=MappingProxyType(parsed),
+        default_link=str(spec["default_link"]),
+        sources=tuple(sources),
+    )
+
+
+def _read(file: Path) -> Dict[str, Hardware]:
+    try:
+        data: Any = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise HarnessError(f"cannot read hardware presets {file}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise HarnessError(f"hardware presets {file} are not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, Mapping) or not isinstance(data.get("presets"), Mapping):
+        raise HarnessError(f"hardware presets {file} must have a top-level 'presets' mapping")
+    return {str(name): _preset(str(name), spec, file) for name, spec in data["presets"].items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _presets(file: Path) -> Dict[str, Hardware]:
+    return _read(file)
+
+
+def names(file: Optional[Path] = None) -> List[str]:
+    """The preset names, in file order (the packaged presets unless ``file`` is given)."""
+    return list(_presets(file or PRESETS_FILE))
+
+
+def load(name: str, file: Optional[Path] = None) -> Hardware:
+    """The preset ``name``; HarnessError naming the known presets otherwise."""
+    presets = _presets(file or PRESETS_FILE)
+    try:
+        return presets[name]
+    except KeyError:
+        known = ", ".join(presets)
+        raise HarnessError(
+            f"unknown hardware {name!r}; known: {known} (gpipe-bench predict --hardware list)", param="--hardware"
+        ) from None
+
+
+def _rate(value: Optional[float], unit: str) -> str:
+    if value is None:
+        return "–"
+    return f"{value / 1e12:.1f} T{unit}" if value >= 1e12 else f"{value / 1e9:.0f} G{unit}"
+
+
+def describe(file: Optional[Path] = None) -> str:
+    """The presets as a table a user reads (``gpipe-bench predict --hardware list``), with each one's sources."""
+    from gpipe_bench.report.format import render_grid
+
+    presets = _presets(file or PRESETS_FILE)
+    headers = ["Name", "fp32", "Convolutions", "Memory bandwidth", "Memory", "Per operator", "Between devices"]
+    rows = []
+    for hw in presets.values():
+        link = hw.link()
+        between = "shared memory" if link.bandwidth == float("inf") else f"{link.kind} {_rate(link.bandwidth, 'B/s')}"
+        rows.append(
+            [
+                hw.name,
+                _rate(hw.fp32_flops, "FLOP/s"),
+                ("TF32 " if hw.conv_flops() != hw.fp32_flops else "fp32 ") + _rate(hw.conv_flops(), "FLOP/s"),
+                _rate(hw.memory_bandwidth, "B/s"),
+                f"{hw.memory / (1 << 30):.0f} GiB",
+                f"{hw.op_overhead * 1e6:.0f} µs",
+                between,
+            ]
+        )
+    lines = [render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 1), "rst"), ""]
+    for hw in presets.values():
+        lines.append(f"{hw.name}: {hw.description}")
+        lines += [f"    {source}" for source in hw.sources]
+    return "\n".join(lines)

@@ -1,0 +1,474 @@
+"""One training step of each engine, simulated task by task from per-cell costs.
+
+Why simulate rather than use the ideal-speedup formula: the formula assumes
+equal partitions, free copies and a host with nothing to do. What actually
+bounds a run is the slowest partition at every clock (our engine's workers
+meet at a barrier after each clock), recomputation one clock before its
+gradient, copies on their own streams, and the host: every worker of our
+engine issues its work from one Python interpreter (its lock is one shared
+resource), virtual CPU devices share the host's cores, while the distributed
+engine's ranks are processes with an interpreter each. Each of those is a
+task or a resource in :class:`~.events.Simulator`, placed as the engine
+places it:
+
+- **our engine** (:func:`gpipe`): the clocks of :mod:`gpipe_bench.pipe.schedule`
+  (the functions the engine runs), one worker per distinct device
+  (:func:`gpipe_bench.pipe.copy.worker_groups`), a barrier after every clock
+  on the host, the loss between the two phases, the optimizer after them;
+- **torch.distributed.pipelining** (:func:`pipelining`): each rank runs its
+  actions (:mod:`.orders`) in order, waiting for the activations or gradients
+  it receives; sends are asynchronous.
+
+How a cell runs depends on its device. On a GPU the worker's host thread
+issues the kernels (``host`` seconds) and the device runs them (``device``
+seconds) on its stream, in issue order, once the inputs have arrived; the
+host returns before the device is done. On a CPU the worker does both
+itself, one after the other. A forward's host work (Python: module calls,
+argument parsing) holds the interpreter lock, so the workers' forwards take
+turns at it; a backward's runs in autograd's C++ engine with the lock
+released, so it is the worker's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from gpipe_bench.pipe.copy import worker_groups
+from gpipe_bench.pipe.schedule import backward_steps, forward_steps
+from gpipe_bench.timeline import Span, Timeline
+
+from .events import Simulator
+from .orders import Action
+
+__all__ = ["CellCost", "Link", "Host", "Extra", "Outcome", "worker_threads", "gpipe", "plain", "pipelining"]
+
+
+@dataclass(frozen=True)
+class CellCost:
+    """Seconds of one partition on one micro-batch (a recompute costs a forward), and its output's bytes."""
+
+    forward: float
+    backward: float
+    forward_host: float = 0.0
+    backward_host: float = 0.0
+    out_bytes: int = 0  # what crosses to the next partition (its gradient crosses back)
+    nograd: float = 1.0  # a checkpointed micro-batch's first forward runs without autograd: this share of a forward
+
+
+class Link(Protocol):
+    """A copy between two devices (:class:`gpipe_bench.predict.hardware.Link`): its seconds for a size."""
+
+    def seconds(self, nbytes: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class Host:
+    """The machine's host: how many threads its cores run at once, and the caller's intra-op threads.
+
+    ``contention``: how much slower each CPU worker computes while another one
+    computes too (measured by :mod:`.measured`; 0 for a preset).
+    """
+
+    cores: float
+    threads: int
+    contention: float = 0.0
+
+
+@dataclass(frozen=True)
+class Extra:
+    """Work of a step outside the cells: the loss (on the last device) and the optimizer (per device)."""
+
+    loss: Tuple[float, float] = (0.0, 0.0)  # (host, device) seconds
+    # (host, device) seconds per device lane of our engine ('cuda:1'), or per rank ('rank1') of the distributed one
+    optimizer: Optional[Dict[str, Tuple[float, float]]] = None
+
+    def optimizer_on(self, device: str) -> Tuple[float, float]:
+        return (self.optimizer or {}).get(device, (0.0, 0.0))
+
+
+@dataclass
+class Outcome:
+    """A simulated step: its duration, the timeline, and each device's busy fraction."""
+
+    seconds: float
+    timeline: Timeline
+    devices: List[str]
+
+    @property
+    def utilisation(self) -> Dict[str, float]:
+        return self.timeline.utilisation(self.devices)
+
+    @property
+    def busiest(self) -> float:
+        """The busiest device's busy fraction of the step."""
+        return max(self.utilisation.values(), default=0.0)
+
+    @property
+    def bubble(self) -> float:
+        """The share of device time the step leaves idle: 1 - mean busy fraction over the devices."""
+        u = self.utilisation
+        return 1.0 - sum(u.values()) / len(u) if u else 0.0
+
+
+LinkOf = Callable[[str, str], Optional[Link]]
+
+
+def _is_cpu(device: str) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+class _Builder:
+    """Places cells on a :class:`Simulator` the way a device runs them (see the module docstring)."""
+
+    def __init__(self, host: Host) -> None:
+        self.sim = Simulator()
+        self.sim.shared("cores", host.cores, host.contention)
+        self.spans: List[Tuple[int, int, str, str, int, int]] = []  # (first task, last task, lane, phase, i, j)
+        self.cpu_lanes: set[str] = set()
+        self.last_device: Dict[str, int] = {}  # per worker lane: the last device task (streams run in order)
+        self.last_host: Dict[str, int] = {}  # per thread: the last task it ran
+
+    def cell(
+        self,
+        thread: str,
+        lock: Optional[str],
+        lane: str,
+        cpu: bool,
+        threads: int,
+        host: float,
+        device: float,
+        after_host: Sequence[Optional[int]],
+        after_data: Sequence[Optional[int]],
+        phase: str,
+        i: int,
+        j: int,
+    ) -> Tuple[int, int]:
+        """One step on ``lane``, run by ``thread``: (the task its thread returns after, the device task)."""
+        sim = self.sim
+        previous = self.last_host.get(thread)
+        lock = lock or f"thread {thread}"  # host work outside the interpreter: the thread's own
+        if cpu:
+            self.cpu_lanes.add(lane)
+            h = sim.add(lock, host, [previous, *after_host, *after_data])
+            d = sim.add("cores", device, [h], weight=threads)
+            returns = d
+        else:
+            h = sim.add(lock, host, [previous, *after_host])
+            d = sim.add(lane, device, [h, self.last_device.get(lane), *after_data])
+            returns = h
+        self.last_host[thread] = returns
+        self.last_device[lane] = d
+        self.spans.append((h, d, lane, phase, i, j))
+        return returns, d
+
+    def copy(
+        self, link: Optional[Link], src: str, dst: str, nbytes: int, after: Sequence[Optional[int]], i: int, j: int
+    ) -> Optional[int]:
+        if link is None or src == dst:
+            return None
+        lane = f"copy {src}->{dst}"
+        c = self.sim.add(lane, link.seconds(nbytes), list(after))
+        self.spans.append((c, c, lane, "copy", i, j))
+        return c
+
+    def outcome(self, title: str, devices: Sequence[str], meta: Dict[str, object]) -> Outcome:
+        seconds = self.sim.run()
+        tasks = self.sim.tasks
+        spans: List[Span] = []
+        for first, last, lane, phase, i, j in self.spans:
+            start = tasks[first].start if lane in self.cpu_lanes else tasks[last].start
+            spans.append(Span(lane, phase, i, j, start, tasks[last].end))
+        lanes = list(dict.fromkeys([*devices, *sorted({s.lane for s in spans if s.lane not in devices})]))
+        timeline = Timeline(title, spans, lanes, source="simulated", meta=meta)
+        return Outcome(seconds, timeline, list(dict.fromkeys(devices)))
+
+
+def worker_threads(devices: Sequence[str], host: Host) -> int:
+    """Intra-op threads of each CPU worker of our engine: the caller's, split among CPU workers when there are several."""
+    workers, _ = worker_groups([torch.device(d) for d in devices])
+    cpu_workers = sum(1 for d in workers if d.type == "cpu")
+    if len(workers) > 1:
+        return max(1, host.threads // max(1, cpu_workers))
+    return host.threads
+
+
+def gpipe(
+    cells: Sequence[Sequence[CellCost]],
+    devices: Sequence[str],
+    checkpoint_stop: int,
+    host: Host,
+    link: LinkOf,
+    extra: Extra = Extra(),
+    title: str = "",
+) -> Outcome:
+    """One step of our engine: ``cells[i][j]`` is micro-batch ``i`` on partition ``j`` (on ``devices[j]``)."""
+    m, n = len(cells), len(devices)
+    workers, worker_of = worker_groups([torch.device(d) for d in devices])
+    lanes = [str(d) for d in workers]
+    lane_of = [lanes[worker_of[j]] for j in range(n)]
+    threads = worker_threads(devices, host)
+    barrier = len(lanes) > 1  # one worker runs its steps inline, without clocks
+    b = _Builder(host)
+    lock = "interpreter"
+    fwd_task: Dict[Tuple[int, int], int] = {}
+    bwd_task: Dict[Tuple[int, int], int] = {}
+
+    def run_clocks(clocks: Sequence[Sequence[Tuple[str, int, int]]], start: Optional[int]) -> Optional[int]:
+        gate = start
+        for steps in clocks:
+            returns: List[int] = []
+            for kind, i, j in steps:
+                lane = lane_of[j]
+                cost = cells[i][j]
+                data: List[Optional[int]] = []
+                if kind == "forward":
+                    if j > 0:
+                        data.append(fwd_task[(i, j - 1)])
+                        data.append(
+                            b.copy(
+                                link(devices[j - 1], devices[j]),
+                                devices[j - 1],
+                                devices[j],
+                                cells[i][j - 1].out_bytes,
+                                [fwd_task[(i, j - 1)]],
+                                i,
+                                j,
+                            )
+                        )
+                    share = cost.nograd if i < checkpoint_stop else 1.0  # checkpointed: no autograd graph
+                    r, d = b.cell(
+                        lane,
+                        lock,
+                        lane,
+                        _is_cpu(lane),
+                        threads,
+                        cost.forward_host * share,
+                        cost.forward * share,
+                        [gate],
+                        data,
+                        "forward",
+                        i,
+                        j,
+                    )
+                    fwd_task[(i, j)] = d
+                elif kind == "recompute":
+                    r, d = b.cell(
+                        lane,
+                        lock,
+                        lane,
+                        _is_cpu(lane),
+                        threads,
+                        cost.forward_host,
+                        cost.forward,
+                        [gate],
+                        [],
+                        "recompute",
+                        i,
+                        j,
+                    )
+                else:
+                    if j < n - 1:
+                        data.append(bwd_task[(i, j + 1)])
+                        data.append(
+                            b.copy(
+                                link(devices[j + 1], devices[j]),
+                                devices[j + 1],
+                                devices[j],
+                                cost.out_bytes,
+                                [bwd_task[(i, j + 1)]],
+                                i,
+                                j,
+                            )
+                        )
+                    else:
+                        data.append(loss_device)
+                    # torch.autograd.grad runs in C++ with the interpreter released: its host work is the worker's own.
+                    r, d = b.cell(
+                        lane,
+                        None,
+                        lane,
+                        _is_cpu(lane),
+                        threads,
+                        cost.backward_host,
+                        cost.backward,
+                        [gate],
+                        data,
+                        "backward",
+                        i,
+                        j,
+                    )
+                    bwd_task[(i, j)] = d
+                returns.append(r)
+            if barrier:
+                gate = b.sim.add(None, 0.0, returns)
+        return gate
+
+    forward = [[(s.kind, s.i, s.j) for s in steps] for steps in forward_steps(m, n)]
+    gate = run_clocks(forward, None)
+    # The caller joins the last partition's outputs and computes the loss on the last device.
+    caller = "caller"
+    loss_lane = lane_of[-1]
+    b.last_host[caller] = gate if gate is not None else b.last_host.get(lane_of[0], None)  # type: ignore[assignment]
+    loss_host, loss_device_s = extra.loss
+    loss_ret, loss_device = b.cell(
+        caller,
+        lock,
+        loss_lane,
+        _is_cpu(loss_lane),
+        host.threads,
+        loss_host,
+        loss_device_s,
+        [],
+        [fwd_task[(i, n - 1)] for i in range(m)],
+        "other",
+        -1,
+        -1,
+    )
+    backward = [[(s.kind, s.i, s.j) for s in steps] for steps in backward_steps(m, n, lambda i: i < checkpoint_stop)]
+    for w in lanes:
+        b.last_host[w] = loss_ret
+    gate = run_clocks(backward, loss_ret)
+    # The optimizer steps each device's parameters on the caller's thread.
+    b.last_host[caller] = gate if gate is not None else b.last_host[lanes[0]]
+    for lane in lanes:
+        h, d = extra.optimizer_on(lane)
+        if h or d:
+            b.cell(
+                caller,
+                lock,
+                lane,
+                _is_cpu(lane),
+                host.threads,
+                h,
+                d,
+                [],
+                [bwd_task[(i, j)] for i in range(m) for j in range(n) if lane_of[j] == lane],
+                "other",
+                -1,
+                -1,
+            )
+    return b.outcome(title, lanes, {"engine": "gpipe-bench", "micro_batches": m, "partitions": n})
+
+
+def plain(cost: CellCost, device: str, host: Host, extra: Extra = Extra(), title: str = "") -> Outcome:
+    """One step of the plain model on one device: forward, loss, backward, optimizer."""
+    b = _Builder(host)
+    lock = "interpreter"
+    _, f = b.cell(
+        device, lock, device, _is_cpu(device), host.threads, cost.forward_host, cost.forward, [], [], "forward", 0, 0
+    )
+    lh, ld = extra.loss
+    _, loss = b.cell(device, lock, device, _is_cpu(device), host.threads, lh, ld, [], [f], "other", -1, -1)
+    _, bwd = b.cell(
+        device,
+        lock,
+        device,
+        _is_cpu(device),
+        host.threads,
+        cost.backward_host,
+        cost.backward,
+        [],
+        [loss],
+        "backward",
+        0,
+        0,
+    )
+    oh, od = extra.optimizer_on(device)
+    if oh or od:
+        b.cell(device, lock, device, _is_cpu(device), host.threads, oh, od, [], [bwd], "other", -1, -1)
+    return b.outcome(title, [device], {"engine": "plain"})
+
+
+def pipelining(
+    orders: Dict[int, List[Action]],
+    cells: Callable[[int, int], CellCost],
+    stage_rank: Sequence[int],
+    rank_device: Sequence[str],
+    host: Host,
+    link: LinkOf,
+    extra: Extra = Extra(),
+    title: str = "",
+) -> Outcome:
+    """One step of torch.distributed.pipelining: each rank a process running ``orders[rank]`` in order.
+
+    ``cells(stage, i)`` is stage ``stage`` on micro-batch ``i``; the last stage's
+    forward includes the loss (torch computes it there). Every rank has its own
+    interpreter; CPU ranks share the host's cores, each with its share of threads.
+    """
+    ranks = len(rank_device)
+    threads = max(1, host.threads // ranks) if all(_is_cpu(d) for d in rank_device) else host.threads
+    b = _Builder(host)
+    lanes = [f"rank{r} {rank_device[r]}" if ranks > 1 else rank_device[r] for r in range(ranks)]
+    done: Dict[Tuple[str, int, int], int] = {}
+    stages = len(stage_rank)
+    position = {r: 0 for r in range(ranks)}
+    # Ranks wait on each other: walk all their programs together, taking each rank's next action once
+    # what it waits for has been placed (the actions are valid schedules, so this always progresses).
+    remaining = sum(len(o) for o in orders.values())
+    while remaining:
+        progressed = False
+        for r in range(ranks):
+            order = orders.get(r, [])
+            while position[r] < len(order):
+                a = order[position[r]]
+                need = (a.kind, a.stage - 1, a.micro_batch) if a.kind == "F" else (a.kind, a.stage + 1, a.micro_batch)
+                has_peer = (a.kind == "F" and a.stage > 0) or (a.kind == "B" and a.stage < stages - 1)
+                if has_peer and need not in done:
+                    break
+                data: List[Optional[int]] = []
+                cost = cells(a.stage, a.micro_batch)
+                if has_peer:
+                    peer = need[1]
+                    data.append(done[need])
+                    src, dst = rank_device[stage_rank[peer]], rank_device[r]
+                    nbytes = cells(peer, a.micro_batch).out_bytes if a.kind == "F" else cost.out_bytes
+                    if stage_rank[peer] != r:
+                        data.append(
+                            b.copy(
+                                link(src, dst),
+                                lanes[stage_rank[peer]],
+                                lanes[r],
+                                nbytes,
+                                [done[need]],
+                                a.micro_batch,
+                                a.stage,
+                            )
+                        )
+                if a.kind == "B" and a.stage == stages - 1:
+                    data.append(done[("F", a.stage, a.micro_batch)])
+                host_s, device_s = (
+                    (cost.forward_host, cost.forward) if a.kind == "F" else (cost.backward_host, cost.backward)
+                )
+                if a.kind == "F" and a.stage == stages - 1:
+                    host_s, device_s = host_s + extra.loss[0], device_s + extra.loss[1]
+                phase = "forward" if a.kind == "F" else "backward"
+                _, d = b.cell(
+                    lanes[r],
+                    f"interpreter{r}",
+                    lanes[r],
+                    _is_cpu(rank_device[r]),
+                    threads,
+                    host_s,
+                    device_s,
+                    [],
+                    data,
+                    phase,
+                    a.micro_batch,
+                    a.stage,
+                )
+                done[(a.kind, a.stage, a.micro_batch)] = d
+                position[r] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ValueError("the pipeline orders wait on each other: not a valid schedule")
+    for r in range(ranks):
+        oh, od = extra.optimizer_on(f"rank{r}")
+        if oh or od:
+            b.cell(
+                lanes[r], f"interpreter{r}", lanes[r], _is_cpu(rank_device[r]), threads, oh, od, [], [], "other", -1, -1
+            )
+    return b.outcome(title, lanes, {"engine": "distributed", "ranks": ranks})

@@ -1,0 +1,137 @@
+"""Predicted rows beside what was measured for them and what was published.
+
+Why beside each other: a prediction is only worth reading next to the
+figure it claims to foresee. Each predicted row shows its throughput,
+speedup, bubble, busiest device and peak memory per device, then the
+newest measured record of the same table, profile and hardware (speedups
+within that machine's records, as everywhere), then the published figures.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+from gpipe_bench.results import DEFAULT_ENGINE, Result
+
+from .format import DASH, fmt_num, render_grid
+from .groups import group_results, speedup_of
+
+if TYPE_CHECKING:
+    from gpipe_bench.predict.run import TablePrediction
+
+__all__ = ["measured_for", "render", "as_records"]
+
+_MIB = 1 << 20
+
+
+def measured_for(
+    prediction: "TablePrediction", results: Sequence[Result], hardware: Optional[str]
+) -> Dict[str, Result]:
+    """The newest measured record of each row of the predicted table and profile on ``hardware`` (a key or a part of one)."""
+    table = prediction.table
+    out: Dict[str, Result] = {}
+    for group in group_results(table, results):
+        if group.profile != prediction.profile or group.hardware is None:
+            continue
+        if hardware is None or hardware not in group.hardware:
+            continue
+        for (experiment, engine), result in group.results.items():
+            if engine == DEFAULT_ENGINE:
+                out[experiment] = result
+    return out
+
+
+def _measured_speedup(
+    prediction: "TablePrediction", results: Sequence[Result], hardware: Optional[str], name: str
+) -> Optional[float]:
+    table = prediction.table
+    profile = table.profiles.get(prediction.profile)
+    if profile is None:
+        return None
+    for group in group_results(table, results):
+        if group.profile != prediction.profile or group.hardware is None:
+            continue
+        if hardware is None or hardware not in group.hardware:
+            continue
+        return speedup_of(table, profile, group, group.get(name, DEFAULT_ENGINE))
+    return None
+
+
+def _memory(per_device: Optional[List[int]]) -> str:
+    if not per_device:
+        return DASH
+    peak = max(per_device)
+    if peak >= 1 << 30:
+        return f"{peak / (1 << 30):.2f} GiB"
+    return f"{peak / _MIB:.1f} MiB"
+
+
+def as_records(
+    prediction: "TablePrediction", results: Sequence[Result], hardware: Optional[str]
+) -> List[Dict[str, Any]]:
+    """One object per row: the predicted figures, then the measured and published ones (None where absent)."""
+    measured = measured_for(prediction, results, hardware)
+    out = []
+    for p in prediction.rows:
+        row = p.job.row
+        m = measured.get(row.name)
+        published = row.published.values
+        out.append(
+            {
+                "experiment": row.name,
+                "throughput": p.throughput,
+                "speedup": p.speedup,
+                "step_seconds": p.outcome.seconds,
+                "bubble": p.outcome.bubble,
+                "busiest_utilisation": p.outcome.busiest,
+                "peak_activation_bytes_per_device": p.memory,
+                "devices": list(p.job.devices),
+                "engine": p.job.record_engine,
+                "batch": row.batch,
+                "chunks": row.chunks,
+                "balance": list(row.balance) if row.balance else None,
+                "checkpoint": row.checkpoint,
+                "measured_throughput": m.value if m is not None and m.status == "ok" else None,
+                "measured_speedup": _measured_speedup(prediction, results, hardware, row.name),
+                "published_throughput": published.get("throughput"),
+                "published_speedup": published.get("speedup"),
+                "costs": prediction.costs,
+            }
+        )
+    return out
+
+
+def render(prediction: "TablePrediction", results: Sequence[Result], hardware: Optional[str], fmt: str = "rst") -> str:
+    """The predicted table in ``fmt`` ('rst', 'md' or 'json')."""
+    records = as_records(prediction, results, hardware)
+    if fmt == "json":
+        return json.dumps(records, indent=2)
+    unit = prediction.table.unit
+    headers = [
+        "Experiment",
+        "Predicted",
+        "Speedup",
+        "Bubble",
+        "Busiest device",
+        "Peak activation / device",
+        "Measured",
+        "Measured speedup",
+        "Published speedup",
+    ]
+    rows = []
+    for r in records:
+        rows.append(
+            [
+                r["experiment"],
+                f"{r['throughput']:.3f} {unit}",
+                fmt_num(r["speedup"], 3, "x"),
+                f"{100 * r['bubble']:.1f}%",
+                f"{100 * r['busiest_utilisation']:.1f}%",
+                _memory(r["peak_activation_bytes_per_device"]),
+                fmt_num(r["measured_throughput"], 3),
+                fmt_num(r["measured_speedup"], 3, "x"),
+                fmt_num(r["published_speedup"], 3, "x"),
+            ]
+        )
+    return render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 1), fmt)

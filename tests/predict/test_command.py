@@ -1,0 +1,148 @@
+"""`gpipe-bench predict` as a user runs it: presets, formats, calibration, timelines, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+import pytest
+from click.testing import CliRunner, Result
+
+from gpipe_bench.cli import main
+
+
+def _run(args: List[str]) -> Result:
+    return CliRunner().invoke(main, args)
+
+
+def _one_line_error(result: Result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_hardware_list_shows_every_preset_with_its_sources() -> None:
+    result = _run(["predict", "resnet101", "--hardware", "list"])
+    assert result.exit_code == 0, result.output
+    for name in ("p40", "v100", "a100", "h100", "h200", "cpu"):
+        assert f"\n{name}" in result.output
+    assert "https://" in result.output
+
+
+def test_a_published_row_on_a_preset_as_json(tmp_path: Path) -> None:
+    result = _run(
+        [
+            "predict",
+            "resnet101",
+            "--pipeline",
+            "2",
+            "--hardware",
+            "p40",
+            "--calibrate",
+            "naive-1=92.539",
+            "--format",
+            "json",
+            "--results",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["experiment"] for r in rows] == ["pipeline-2"]
+    row = rows[0]
+    assert row["throughput"] > 0 and row["speedup"] > 1.0
+    assert row["published_speedup"] == 1.489
+    assert 0.0 <= row["bubble"] < 1.0
+    assert len(row["peak_activation_bytes_per_device"]) == 2
+    assert "efficiency" in row["costs"] and "naive-1=92.539" in row["costs"]
+
+
+def test_calibration_hits_its_figure(tmp_path: Path) -> None:
+    result = _run(
+        [
+            "predict",
+            "resnet101",
+            "--naive",
+            "1",
+            "--hardware",
+            "v100",
+            "--calibrate",
+            "naive-1=100",
+            "--format",
+            "json",
+            "--results",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)[0]["throughput"] == pytest.approx(100, rel=1e-3)
+
+
+def test_simulated_timeline_files(tmp_path: Path) -> None:
+    target = tmp_path / "sim"
+    result = _run(
+        [
+            "predict",
+            "amoebanetd",
+            "--pipeline",
+            "2",
+            "--hardware",
+            "a100",
+            "--timeline",
+            str(target),
+            "--results",
+            str(tmp_path),
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    trace = json.loads((tmp_path / "sim.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"F0", "B0"} <= names
+    assert (tmp_path / "sim.png").stat().st_size > 0
+    assert "simulated timeline" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--hardware", "tpu"], ["tpu", "p40", "h200"]),
+        (["--hardware", "p40", "--calibrate", "pipeline-16=3"], ["pipeline-16", "naive-1"]),
+        (["--hardware", "p40", "--calibrate", "naive-1"], ["--calibrate", "ROW=THROUGHPUT"]),
+        (["--hardware", "p40", "--calibrate", "naive-1=-4"], ["--calibrate"]),
+        (["--hardware", "p40", "--costs", "measured"], ["--costs", "give one"]),
+        (["--calibrate", "naive-1=92.5"], ["--calibrate", "--hardware"]),
+        (["--hardware", "p40", "--pipeline", "2", "--balance", "1,2"], ["balance", "370"]),
+        (["--hardware", "p40", "--engine", "torchgpipe"], ["--engine", "torchgpipe"]),
+        (
+            [
+                "--hardware",
+                "p40",
+                "--pipeline",
+                "2",
+                "--engine",
+                "distributed",
+                "--schedule",
+                "interleaved",
+                "--nproc",
+                "2",
+            ],
+            ["interleaved"],
+        ),
+    ],
+)
+def test_bad_input_is_one_line(args: List[str], needles: List[str], tmp_path: Path) -> None:
+    result = _run(["predict", "resnet101", *args, "--results", str(tmp_path)])
+    _one_line_error(result, *needles)
+
+
+def test_unwritable_timeline_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = _run(["predict", "resnet101", "--pipeline", "2", "--hardware", "p40", "--timeline", str(blocker / "t")])
+    _one_line_error(result, "timeline", str(blocker))

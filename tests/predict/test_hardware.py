@@ -1,0 +1,103 @@
+"""hardware.py: the packaged presets load and say where their numbers come from; bad files and names fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpipe_bench.errors import HarnessError
+from gpipe_bench.predict import hardware
+from gpipe_bench.predict.hardware import Link, load, names
+
+
+def test_the_packaged_presets_load_with_sources() -> None:
+    assert {"p40", "v100", "a100", "h100", "h200", "cpu"} <= set(names())
+    for name in names():
+        preset = load(name)
+        assert preset.name == name
+        assert preset.sources and all("http" in s or "Measured" in s for s in preset.sources)
+        assert preset.kind in hardware.DEVICE_KINDS
+        assert preset.fp32_flops > 0 and preset.memory_bandwidth > 0 and preset.memory > 0
+        assert preset.default_link in preset.links
+        assert preset.link() is preset.links[preset.default_link]
+        hash(preset)  # usable as a cache key
+
+
+def test_published_figures() -> None:
+    p40 = load("p40")
+    assert p40.tf32_flops is None and not p40.tf32_convs
+    assert p40.conv_flops() == p40.fp32_flops == pytest.approx(11.76e12)
+    assert p40.memory_bandwidth == pytest.approx(346e9)
+    a100 = load("a100")
+    assert a100.conv_flops() == a100.tf32_flops == pytest.approx(156e12)
+    assert a100.fp32_flops == pytest.approx(19.5e12)
+    h100, h200 = load("h100"), load("h200")
+    assert h100.tf32_flops == h200.tf32_flops == pytest.approx(494.7e12)  # dense, not the sparse 989
+    assert h200.memory_bandwidth > h100.memory_bandwidth
+    assert load("cpu").kind == "cpu" and load("cpu").links["host"].bandwidth == float("inf")
+
+
+def test_unknown_preset_names_the_known_ones() -> None:
+    with pytest.raises(HarnessError) as error:
+        load("x")
+    assert error.value.message == (
+        f"unknown hardware 'x'; known: {', '.join(names())} (gpipe-bench predict --hardware list)"
+    )
+    with pytest.raises(HarnessError, match="has no 'nvlink' link; it has: pcie"):
+        load("p40").link("nvlink")
+
+
+def test_link_seconds() -> None:
+    assert Link("pcie", 10e9, 1e-5).seconds(1e9) == pytest.approx(0.1 + 1e-5)
+    assert Link("host", float("inf"), 2e-5).seconds(1e12) == 2e-5  # shared memory: nothing copied
+
+
+GOOD = """
+presets:
+  toy:
+    description: a toy
+    kind: gpu
+    cores: 4
+    fp32_flops: 1.0e+12
+    tf32_flops: null
+    tf32_convs: false
+    memory_bandwidth: 1.0e+11
+    memory: 1024
+    op_overhead: 1.0e-5
+    links: {pcie: {bandwidth: 1.0e+10, latency: 1.0e-5}}
+    default_link: pcie
+    sources: ["made up"]
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "presets.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_presets_file_of_ones_own(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD)
+    assert names(path) == ["toy"]
+    assert load("toy", path).fp32_flops == 1e12
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("fp32_flops: 1.0e+12", "fp32_flops: 1e12", "must be a number"),  # PyYAML reads 1e12 as a string
+        ("memory: 1024", "memory: -1", "must be positive"),
+        ("memory: 1024", "memory: .inf", "must be a number"),
+        ("kind: gpu", "kind: tpu", "is not one of gpu, cpu"),
+        ("tf32_convs: false", "tf32_convs: true", "tf32_flops is null"),
+        ("default_link: pcie", "default_link: nvlink", "is not one of its links"),
+        ('sources: ["made up"]', "sources: []", "sources must be"),
+        ("    cores: 4\n", "", "missing fields \\['cores'\\]"),
+        ("links: {pcie:", "links: {warp:", "link kind 'warp'"),
+    ],
+)
+def test_bad_presets_are_harness_errors(tmp_path: Path, old: str, new: str, message: str) -> None:
+    assert old in GOOD
+    with pytest.raises(HarnessError, match=message):
+        load("toy", _write(tmp_path, GOOD.replace(old, new)))

@@ -1,0 +1,85 @@
+"""roofline.py: seconds from hand-made counts, per operator, with the peak PyTorch's fp32 defaults give each kind."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from gpipe_bench.errors import HarnessError
+from gpipe_bench.predict import roofline
+from gpipe_bench.predict.count import Affine, LayerCounts, ModelCounts, OpCost, OpGroup, PassCounts, count_model
+from gpipe_bench.predict.hardware import load
+
+P40, A100 = load("p40"), load("a100")
+
+
+def test_a_compute_bound_operator_runs_at_peak_flops() -> None:
+    op = OpCost("aten.mm", "matmul", 1, flops=int(1e12), bytes=1000)
+    assert roofline.op_seconds(op, P40) == pytest.approx(1e12 / 11.76e12)
+
+
+def test_a_bandwidth_bound_operator_runs_at_memory_bandwidth() -> None:
+    op = OpCost("aten.relu", "other", 3, flops=0, bytes=int(346e6))
+    assert roofline.op_seconds(op, P40) == pytest.approx(3 * 1e-3)
+
+
+def test_convolutions_get_tf32_on_ampere_matrix_products_do_not() -> None:
+    flops = int(156e12)
+    conv = OpCost("aten.convolution", "conv", 1, flops, 0)
+    mm = OpCost("aten.mm", "matmul", 1, flops, 0)
+    assert roofline.op_seconds(conv, A100) == pytest.approx(1.0)  # 156 TFLOPS in TF32
+    assert roofline.op_seconds(mm, A100) == pytest.approx(156 / 19.5)  # fp32 by default
+    # No TF32 on a P40: both at the fp32 peak.
+    assert roofline.op_seconds(conv, P40) == roofline.op_seconds(mm, P40)
+
+
+def test_the_roofline_is_taken_per_operator_not_on_sums() -> None:
+    compute = OpCost("aten.convolution", "conv", 1, flops=int(11.76e9), bytes=0)  # 1 ms of arithmetic
+    memory = OpCost("aten.relu", "other", 1, flops=0, bytes=int(346e6))  # 1 ms of traffic
+    both = PassCounts((compute, memory), views=0)
+    assert roofline.pass_seconds(both, P40) == pytest.approx(2e-3)  # not max(1 ms, 1 ms)
+
+
+def test_efficiency_scales_device_time_not_host_time() -> None:
+    ops = PassCounts((OpCost("aten.mm", "matmul", 2, int(1e9), int(1e6)),), views=5)
+    full = roofline.pass_seconds(ops, P40)
+    assert roofline.pass_seconds(ops, P40, efficiency=0.5) == pytest.approx(2 * full)
+    assert roofline.host_seconds(ops, P40) == pytest.approx(2 * 10e-6)  # views are not charged
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(HarnessError, match="efficiency"):
+            roofline.pass_seconds(ops, P40, efficiency=bad)
+
+
+def _layer() -> LayerCounts:
+    return LayerCounts(
+        name="toy",
+        forward=(OpGroup("aten.convolution", "conv", 1, Affine(0, int(1e9)), Affine(1000, int(1e6))),),
+        backward=(OpGroup("aten.convolution_backward", "conv", 1, Affine(0, int(2e9)), Affine(2000, int(2e6))),),
+        forward_views=0,
+        backward_views=1,
+        out_bytes=Affine(0, 4096),
+    )
+
+
+def test_layer_and_model_seconds() -> None:
+    counts = ModelCounts(layers=(_layer(),), sample_shape=(3, 8, 8), dtype=torch.float32)
+    (seconds,) = roofline.model_seconds(counts, 4, P40, efficiency=0.5)
+    assert seconds.name == "toy" and seconds.batch == 4
+    assert seconds.forward_s == pytest.approx(4e9 / 11.76e12 / 0.5)
+    assert seconds.backward_s == pytest.approx(8e9 / 11.76e12 / 0.5)
+    assert seconds.forward_host_s == seconds.backward_host_s == pytest.approx(10e-6)
+    assert seconds.out_bytes == 4 * 4096
+    with pytest.raises(HarnessError, match="float32"):
+        roofline.model_seconds(dataclasses.replace(counts, dtype=torch.float16), 4, P40)
+
+
+def test_counted_models_get_positive_times() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    counts = count_model(model.to("meta"), (3, 8, 8))
+    for preset in (P40, A100, load("cpu")):
+        times = roofline.model_seconds(counts, 8, preset)
+        assert all(t.forward_s > 0 and t.forward_host_s > 0 for t in times if t.name != "3")
+        assert times[3].forward_s == 0  # Flatten is a view

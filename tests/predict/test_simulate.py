@@ -1,0 +1,133 @@
+"""The simulated schedules against schedules worked out by hand."""
+
+from typing import List
+
+import pytest
+
+from gpipe_bench.predict.hardware import Link
+from gpipe_bench.predict.orders import orders, stage_ranks
+from gpipe_bench.predict.simulate import CellCost, Extra, Host, gpipe, pipelining, plain, worker_threads
+
+HOST = Host(cores=64, threads=64)
+
+
+def _none(a: str, b: str) -> None:
+    return None
+
+
+def _equal(m: int, k: int, f: float = 1.0, b: float = 2.0) -> List[List[CellCost]]:
+    return [[CellCost(f, b)] * k for _ in range(m)]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+@pytest.mark.parametrize("k,m", [(2, 1), (2, 4), (4, 8), (8, 32), (3, 5)])
+def test_fill_drain_bubble(kind: str, k: int, m: int) -> None:
+    """Equal partitions, no recompute: (M + K - 1) clocks each way; bubble (K - 1) / (M + K - 1)."""
+    out = gpipe(_equal(m, k), [f"{kind}:{j}" for j in range(k)], 0, HOST, _none)
+    assert out.seconds == pytest.approx(3.0 * (m + k - 1))
+    assert out.bubble == pytest.approx((k - 1) / (m + k - 1))
+    assert out.busiest == pytest.approx(m / (m + k - 1))
+
+
+def test_recompute_placement_costs_one_forward_per_clock_on_the_last_partition() -> None:
+    """K=2, M=4, all checkpointed, F=1, B=2.
+
+    Forward: 5 clocks of 1. Backward clocks (5): the last partition recomputes and backwards (i, 1) in
+    the same clock (3 each, 4 clocks); partition 0 recomputes (i, 0) one clock before its backward,
+    beside partition 1's work (1 + 2 = 3 <= 3 in clocks 1-3) and backwards micro-batch 0 alone last (2).
+    """
+    out = gpipe(_equal(4, 2), ["cuda:0", "cuda:1"], 4, HOST, _none)
+    assert out.seconds == pytest.approx(5 * 1 + 4 * 3 + 2)
+    recomputes = [s for s in out.timeline.spans if s.phase == "recompute"]
+    assert len(recomputes) == 8
+    # recompute of (i, 0) ends before the backward of (i, 0) starts, and after the backward (i + 1, 1) began
+    for i in range(4):
+        r = next(s for s in recomputes if (s.micro_batch, s.partition) == (i, 0))
+        b = next(s for s in out.timeline.spans if s.phase == "backward" and (s.micro_batch, s.partition) == (i, 0))
+        assert r.end <= b.start
+
+
+def test_except_last_skips_one_recompute() -> None:
+    always = gpipe(_equal(4, 2), ["cuda:0", "cuda:1"], 4, HOST, _none)
+    except_last = gpipe(_equal(4, 2), ["cuda:0", "cuda:1"], 3, HOST, _none)
+    assert except_last.seconds == pytest.approx(always.seconds - 1)
+
+
+def test_the_slowest_partition_sets_every_clock() -> None:
+    cells = [[CellCost(1.0, 2.0), CellCost(3.0, 6.0)] for _ in range(4)]
+    out = gpipe(cells, ["cpu:0", "cpu:1"], 0, HOST, _none)
+    # forward: clock 0 only partition 0 (1), clocks 1-3 both (3), clock 4 only partition 1 (3); backward doubled
+    assert out.seconds == pytest.approx((1 + 3 * 3 + 3) * 3)
+
+
+def test_copies_between_gpus_delay_the_next_partition() -> None:
+    cells = [[CellCost(1.0, 2.0, out_bytes=100)] * 2]
+    link = Link("pcie", bandwidth=100.0, latency=0.5)  # 1.5 s per copy
+    out = gpipe(cells, ["cuda:0", "cuda:1"], 0, HOST, lambda a, b: link)
+    assert out.seconds == pytest.approx(1 + 1.5 + 1 + 2 + 1.5 + 2)
+    copies = [s for s in out.timeline.spans if s.phase == "copy"]
+    assert {s.lane for s in copies} == {"copy cuda:0->cuda:1", "copy cuda:1->cuda:0"}
+
+
+def test_virtual_cpu_devices_share_the_cores() -> None:
+    """Two one-thread workers on one core take twice as long as on two cores."""
+    cells = _equal(8, 2)
+    two = gpipe(cells, ["cpu:0", "cpu:1"], 0, Host(cores=2, threads=2), _none)
+    one = gpipe(cells, ["cpu:0", "cpu:1"], 0, Host(cores=1, threads=2), _none)
+    # on one core, clocks where both run take twice as long; fill and drain clocks do not
+    assert one.seconds == pytest.approx(3 * (1 + 2 * 7 + 1))
+    assert two.seconds == pytest.approx(3 * 9)
+
+
+def test_forward_host_work_of_gpu_workers_shares_one_interpreter() -> None:
+    """GPU cells issued from one interpreter: forwards take turns at its lock, backwards (C++) do not.
+
+    K=2, M=4, host 1 s per cell, device time negligible: the 8 forwards run one at a time (8 s); the
+    backward clocks run both workers at once (5 clocks of 1 s).
+    """
+    cells = [[CellCost(0.01, 0.01, forward_host=1.0, backward_host=1.0)] * 2 for _ in range(4)]
+    out = gpipe(cells, ["cuda:0", "cuda:1"], 0, HOST, _none)
+    assert out.seconds == pytest.approx(8.0 + 5.0, abs=0.1)
+
+
+def test_threads_per_worker() -> None:
+    host = Host(cores=2, threads=2)
+    assert worker_threads(["cpu:0", "cpu:1"], host) == 1
+    assert worker_threads(["cpu:0"], host) == 2
+    assert worker_threads(["cpu:0", "cpu:0"], host) == 2
+    assert worker_threads(["cuda:0", "cpu:0"], host) == 2
+
+
+def test_plain_step_adds_everything() -> None:
+    out = plain(CellCost(1.0, 2.0), "cpu", HOST, Extra(loss=(0.0, 0.5), optimizer={"cpu": (0.0, 0.25)}))
+    assert out.seconds == pytest.approx(3.75)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipelining_single_stage_schedules_match_fill_drain(schedule: str) -> None:
+    k, m = 4, 8
+    out = pipelining(
+        orders(schedule, k, k, m),
+        lambda s, i: CellCost(1.0, 2.0),
+        stage_ranks(schedule, k, k),
+        [f"cuda:{r}" for r in range(k)],
+        HOST,
+        _none,
+    )
+    assert out.seconds == pytest.approx(3.0 * (m + k - 1))
+
+
+def test_interleaved_shrinks_the_bubble() -> None:
+    k, p, m = 8, 4, 8
+    cost = CellCost(0.5, 1.0)
+    out = pipelining(
+        orders("interleaved", k, p, m),
+        lambda s, i: cost,
+        stage_ranks("interleaved", k, p),
+        [f"cuda:{r}" for r in range(p)],
+        HOST,
+        _none,
+    )
+    one_stage_each = 3.0 * (m + p - 1)
+    assert out.seconds < one_stage_each
+    assert out.seconds >= 3.0 * m  # never faster than no bubble at all
