@@ -12,11 +12,10 @@ here only, and drawn with the Agg canvas (no display, no global pyplot state).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Sequence, Set
 
+from .atomic import write_atomically
 from .results import Result
 
 if TYPE_CHECKING:
@@ -151,18 +150,7 @@ def memory_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
 
 
 def _save(figure: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            figure.savefig(out, format="png", dpi=120)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make committed plots private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=120))
 
 
 def accuracy_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:

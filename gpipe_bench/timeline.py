@@ -23,7 +23,6 @@ it, the trace does not.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from gpipe_bench.atomic import write_atomically
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.pipe.observe import Observer, StepRecord, observing
 
@@ -198,23 +198,11 @@ def write(timeline: Timeline, path: Path) -> List[Path]:
 
 
 def _atomic(path: Path, write_to: Any) -> Path:
-    """Write through ``write_to(binary file)`` to a temporary file beside ``path``, then move it in place."""
-    path = Path(path)
+    """Write ``path`` whole or not at all; a directory that cannot be written is the user's to fix."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        return write_atomically(Path(path), write_to)
     except OSError as error:
-        raise _unwritable(path, error.strerror or type(error).__name__) from None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write_to(out)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shared trace private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+        raise _unwritable(Path(path), error.strerror or type(error).__name__) from None
 
 
 def _lanes(timeline: Timeline) -> List[str]:

@@ -86,3 +86,13 @@ def tiny_configs(directory: Any) -> str:
         quick.setdefault("rows", {}).setdefault(row["name"], {})["batch"] = 8
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(folder)
+
+
+def one_line_error(result: Any, *needles: str) -> None:
+    """A click result that is a user error: exit 2, one `Error` line naming every needle, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])

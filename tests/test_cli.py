@@ -13,20 +13,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from gpipe_bench.cli import main
-from helpers import tiny_configs
+from helpers import one_line_error, tiny_configs
 
 
 def _run(args: List[str], **env: str) -> Result:
     return CliRunner().invoke(main, args, env=env or None)
-
-
-def _one_line_error(result: Result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def test_help_reads_like_a_man_page() -> None:
@@ -64,14 +55,14 @@ def test_list() -> None:
 )
 def test_bad_input(args: List[str], needles: List[str], tmp_path: Path) -> None:
     result = _run([*args[:1], *args[1:], *(["--output", str(tmp_path / "out")] if args[0] == "speed" else [])])
-    _one_line_error(result, *needles)
+    one_line_error(result, *needles)
     assert not list(tmp_path.rglob("*.json"))
 
 
 def test_malformed_yaml(tmp_path: Path) -> None:
     (tmp_path / "resnet101-speed.yaml").write_text("name: resnet101-speed\nrows: [\n")
     result = _run(["table", "resnet101-speed"], GPIPE_BENCH_CONFIGS=str(tmp_path))
-    _one_line_error(result, "resnet101-speed.yaml")
+    one_line_error(result, "resnet101-speed.yaml")
 
 
 def test_unwritable_output_fails_before_measuring(tmp_path: Path) -> None:
@@ -91,7 +82,7 @@ def test_unwritable_output_fails_before_measuring(tmp_path: Path) -> None:
             str(blocker / "results"),
         ]
     )
-    _one_line_error(result, "cannot write")
+    one_line_error(result, "cannot write")
 
 
 def test_a_row_end_to_end(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from gpipe_bench.cli import main
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.timeline import Span, Timeline, TimelineRecorder
-from helpers import tiny_configs
+from helpers import one_line_error, tiny_configs
 
 
 def _example() -> Timeline:
@@ -262,15 +262,6 @@ def _speed(tmp_path: Path, *args: str) -> Result:
     )
 
 
-def _one_line_error(result: Result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 def test_speed_writes_the_timeline_of_a_pipeline_row(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     result = _speed(
@@ -328,5 +319,5 @@ def test_speed_refuses_a_timeline_it_cannot_write_before_anything_runs(
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     result = _speed(tmp_path, *(a.format(blocker=blocker, dir=tmp_path / "tl") for a in args))
-    _one_line_error(result, *needles)
+    one_line_error(result, *needles)
     assert not (tmp_path / "out").exists() and not (tmp_path / "tl").exists()

@@ -10,19 +10,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from gpipe_bench.cli import main
+from helpers import one_line_error
 
 
 def _run(args: List[str]) -> Result:
     return CliRunner().invoke(main, args)
-
-
-def _one_line_error(result: Result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def test_hardware_list_shows_every_preset_with_its_sources() -> None:
@@ -138,11 +130,11 @@ def test_simulated_timeline_files(tmp_path: Path) -> None:
 )
 def test_bad_input_is_one_line(args: List[str], needles: List[str], tmp_path: Path) -> None:
     result = _run(["predict", "resnet101", *args, "--results", str(tmp_path)])
-    _one_line_error(result, *needles)
+    one_line_error(result, *needles)
 
 
 def test_unwritable_timeline_path(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     result = _run(["predict", "resnet101", "--pipeline", "2", "--hardware", "p40", "--timeline", str(blocker / "t")])
-    _one_line_error(result, "timeline", str(blocker))
+    one_line_error(result, "timeline", str(blocker))
