@@ -150,11 +150,14 @@ def _medians(
 
 
 def _fixed(big: List[float], small: List[float], b: int) -> List[float]:
-    """Intercepts of the lines through (SMALL, small) and (b, big), kept within [0, small]."""
+    """Intercepts of the lines through (SMALL, small) and (b, big), kept within [0, min(small, big)].
+
+    The fixed part of a time cannot exceed the time itself, whatever the noise between the two sizes.
+    """
     out = []
     for t_big, t_small in zip(big, small):
         per_sample = (t_big - t_small) / (b - SMALL)
-        out.append(min(t_small, max(0.0, t_small - per_sample * SMALL)))
+        out.append(min(t_small, t_big, max(0.0, t_small - per_sample * SMALL)))
     return out
 
 

@@ -18,9 +18,11 @@ def test_every_layer_is_timed_both_ways_with_a_fixed_part_within_it() -> None:
     times = time_layers(_model(), torch.rand(6, 3, 8, 8), torch.device("cpu"), thread_count=1, rounds=2)
     assert times.batch == 6 and times.threads == 1
     assert len(times.forward) == len(times.backward) == len(times.forward_fixed) == len(times.backward_fixed) == 5
-    assert all(t > 0 for t in times.forward + times.backward)
+    assert all(t > 0 for t in times.forward)
+    # a backward's figure has one empty autograd call taken off: a tiny layer's may reach 0, never below
+    assert all(t >= 0 for t in times.backward)
     for total, fixed in zip(times.forward + times.backward, times.forward_fixed + times.backward_fixed):
-        assert 0.0 <= fixed <= total * 1.0000001 + 1e-3  # the intercept is clamped to the small batch's time
+        assert 0.0 <= fixed <= total  # the intercept is clamped to the time itself
 
 
 def test_small_batches_have_no_fixed_part() -> None:
