@@ -24,7 +24,7 @@ from .costs import Costs, LayerCost, ModelKey
 from .orders import orders, stage_ranks
 from .simulate import CellCost, Extra, Host, Link, Outcome, gpipe, pipelining, plain, worker_threads
 
-__all__ = ["RowPrediction", "model_key", "step", "predict", "calibrate", "cost_sizes", "SCHEDULES"]
+__all__ = ["RowPrediction", "model_key", "meta_model", "step", "predict", "calibrate", "cost_sizes", "SCHEDULES"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
@@ -47,15 +47,21 @@ def model_key(job: Job) -> ModelKey:
     return ModelKey.of(job.model_name, job.model_args, job.settings.input_size)
 
 
-@lru_cache(maxsize=16)
-def _parameters(key: ModelKey) -> Tuple[Tuple[int, int], ...]:
-    """(parameters, parameter tensors) per layer, counted on ``meta``."""
+@lru_cache(maxsize=4)
+def meta_model(key: ModelKey) -> torch.nn.Sequential:
+    """The model on ``meta`` (shapes only), built once per model: parameter counts and the memory predictor read it."""
     from gpipe_bench import models
 
     with torch.device("meta"):
-        model = models.build(key.name, **dict(key.args))
+        return models.build(key.name, **dict(key.args))
+
+
+@lru_cache(maxsize=16)
+def _parameters(key: ModelKey) -> Tuple[Tuple[int, int], ...]:
+    """(parameters, parameter tensors) per layer."""
     return tuple(
-        (sum(p.numel() for p in layer.parameters()), sum(1 for _ in layer.parameters())) for layer in model.children()
+        (sum(p.numel() for p in layer.parameters()), sum(1 for _ in layer.parameters()))
+        for layer in meta_model(key).children()
     )
 
 
@@ -159,7 +165,7 @@ def step(job: Job, costs: Costs) -> Outcome:
                 for r in range(processes)
             }
         )
-        link = _rank_link(costs, rank_device)
+        link = _rank_link(costs)
         return pipelining(
             orders(job.schedule, stages, processes, len(sizes)),
             stage_cell,
@@ -200,7 +206,7 @@ def _merge(parts: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
     return (sum(h for h, _ in parts), sum(d for _, d in parts))
 
 
-def _rank_link(costs: Costs, rank_device: Sequence[str]) -> Callable[[str, str], Optional[Link]]:
+def _rank_link(costs: Costs) -> Callable[[str, str], Optional[Link]]:
     """Links between ranks: NCCL over the preset's link between GPUs, gloo (TCP) between CPU processes."""
 
     def link(src: str, dst: str) -> Optional[Link]:

@@ -19,8 +19,8 @@ from gpipe_bench.errors import HarnessError
 from gpipe_bench.report.compare import PredictedSpeedups
 
 from . import hardware as presets
-from .costs import Costs, HardwareCosts, MeasuredCosts, ModelKey
-from .rows import RowPrediction, calibrate, cost_sizes, model_key, predict
+from .costs import Costs, HardwareCosts, MeasuredCosts
+from .rows import RowPrediction, calibrate, cost_sizes, meta_model, model_key, predict
 
 __all__ = ["TablePrediction", "parse_calibration", "predict_table", "predicted_speedups", "ENGINES"]
 
@@ -176,17 +176,10 @@ def predict_table(
     predictions = predict(planned, costs, baseline)
     if memory:
         progress("predicting peak memory per device (meta)")
-        meta = _meta_model(key)
+        meta = meta_model(key)
         for p in predictions:
             p.memory = _memory(p.job, meta)
     return TablePrediction(table, profile, costs.description, hardware, predictions, fitted)
-
-
-def _meta_model(key: ModelKey) -> torch.nn.Sequential:
-    from gpipe_bench import models
-
-    with torch.device("meta"):
-        return models.build(key.name, **dict(key.args))
 
 
 def _memory(job: jobs.Job, meta: torch.nn.Sequential) -> Optional[List[int]]:
