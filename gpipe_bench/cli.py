@@ -138,6 +138,37 @@ _malloc_option = click.option(
 )
 
 
+def _cost_options(measured_help: str, engine_help: str) -> Callable[[F], F]:
+    """Where per-layer costs come from (predict, plan), and which engine is modelled."""
+    return _options(
+        click.option(
+            "--hardware",
+            metavar="NAME",
+            help="A hardware preset; nothing runs (the model is counted on meta). "
+            "`gpipe-bench predict --hardware list` shows the presets and their sources.",
+        ),
+        click.option(
+            "--costs",
+            "cost_source",
+            type=click.Choice(["measured"]),
+            help=f"{measured_help} [the default without --hardware].",
+        ),
+        click.option(
+            "--calibrate",
+            metavar="ROW=THROUGHPUT",
+            help="With --hardware: fit the preset's one efficiency factor so that the table's ROW is predicted at "
+            "THROUGHPUT samples/s (e.g. naive-1=92.539); the output says what was fitted.",
+        ),
+        click.option(
+            "--engine",
+            type=click.Choice(["gpipe-bench", "distributed"]),
+            default="gpipe-bench",
+            show_default=True,
+            help=engine_help,
+        ),
+    )
+
+
 def _distributed_options(schedule_help: str) -> Callable[[F], F]:
     return _options(
         click.option(
@@ -390,6 +421,12 @@ def speed_command(
         )
         before: Optional[Callable[[jobs.Job], None]] = None
     else:
+        if not quiet and overrides.balance is None:
+            for row in rows:
+                if row.planned:
+                    click.echo(
+                        f"{row.name}: planning its balance for the devices at hand (timing the layers)", err=True
+                    )
         pairs = jobs.plan(table, profile_name, rows, overrides, devices_spec, engine=engine)
         planned, notes = [job for job, _ in pairs], []
         row_notes = {id(job): note for job, note in pairs}
@@ -734,31 +771,9 @@ def table_command(
 @_malloc_option
 @_row_options
 @_override_options(", e.g. 26,22,33,44,44,66,66,69 [default: the row's]")
-@click.option(
-    "--hardware",
-    metavar="NAME",
-    help="Predict for a hardware preset; nothing runs (the model is counted on meta). "
-    "`--hardware list` shows the presets and their sources.",
-)
-@click.option(
-    "--costs",
-    "cost_source",
-    type=click.Choice(["measured"]),
-    help="Time every layer on the device at hand, at each row's micro-batch size and per-worker thread count "
-    "[the default without --hardware].",
-)
-@click.option(
-    "--calibrate",
-    metavar="ROW=THROUGHPUT",
-    help="Fit the preset's one efficiency factor so that ROW is predicted at THROUGHPUT samples/s "
-    "(e.g. naive-1=92.539); the output says what was fitted.",
-)
-@click.option(
-    "--engine",
-    type=click.Choice(["gpipe-bench", "distributed"]),
-    default="gpipe-bench",
-    show_default=True,
-    help="Our engine, or torch.distributed.pipelining (one process per stage; --schedule, --nproc).",
+@_cost_options(
+    "Time every layer on the device at hand, at each row's micro-batch size and per-worker thread count",
+    "Our engine, or torch.distributed.pipelining (one process per stage; --schedule, --nproc).",
 )
 @click.option(
     "--schedule",
@@ -874,6 +889,92 @@ def predict_command(
                 progress(f"{p.job.row.name}: simulated timeline: {trace} (no PNG: {missing})")
                 continue
             progress(f"{p.job.row.name}: simulated timeline: {png}, {trace}")
+
+
+@main.command("plan", context_settings=_CONTEXT)
+@click.argument("model")
+@_malloc_option
+@click.option(
+    "--devices",
+    "devices_spec",
+    metavar="LIST",
+    required=True,
+    help="The devices to plan for, one stage each: e.g. 0,1,2,3 or cpu:0,cpu:1 (with --hardware, "
+    "cuda:0,...,cuda:7 names eight of the preset's cards).",
+)
+@click.option("--batch", type=click.IntRange(min=1), help="Mini-batch size [default: the table's pipeline-N row's].")
+@click.option(
+    "--profile",
+    type=click.Choice(["published", "quick"]),
+    help="Input size and model of the table's profile [default: published for a GPU, quick for a CPU].",
+)
+@_cost_options(
+    "Time the layers on the device at hand (once, at the table row's micro-batch size; other sizes scaled)",
+    "Plan for our engine (checkpoint modes) or torch.distributed.pipelining (schedules, one process per device).",
+)
+@click.option(
+    "--memory-per-device",
+    "memory",
+    metavar="SIZE",
+    help="Keep only plans whose predicted peak fits, e.g. 16GiB [default: the GPU's or the preset's memory; "
+    "on a CPU, 80%% of the available host memory shared by the devices].",
+)
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="How many plans to print.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["rst", "md", "json"]), default="rst", show_default=True, help="Output format."
+)
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def plan_command(
+    model: str,
+    devices_spec: str,
+    batch: Optional[int],
+    profile: Optional[str],
+    hardware: Optional[str],
+    cost_source: Optional[str],
+    memory: Optional[str],
+    engine: str,
+    calibrate: Optional[str],
+    top: int,
+    fmt: str,
+    quiet: bool,
+) -> None:
+    """Choose balance, micro-batches and checkpointing (or schedule) for MODEL on the given devices.
+
+    Every micro-batch count and checkpoint mode gets the exact balance that minimises the
+    slowest stage (layers, recomputation and copies at its cuts); the most promising are
+    simulated step by step as `gpipe-bench predict` does, and those whose predicted peak
+    memory fits the cap are printed, fastest first, each with the `gpipe-bench speed`
+    command that runs it, beside the published configuration predicted the same way.
+
+    \b
+    Example: gpipe-bench plan resnet101 --devices cpu:0,cpu:1 --batch 64
+             gpipe-bench plan resnet101 --hardware p40 --devices 0,1,2,3,4,5,6,7
+    """
+    from .predict.plan import parse_size, plan
+    from .predict.run import parse_calibration
+    from .report import planned
+
+    if hardware is not None and cost_source is not None:
+        raise HarnessError("--hardware and --costs measured are two cost sources; give one", param="--costs")
+    cap = parse_size(memory) if memory is not None else None
+
+    def progress(line: str) -> None:
+        if not quiet:
+            click.echo(line, err=True)
+
+    answer = plan(
+        model,
+        devices_spec,
+        batch=batch,
+        hardware=hardware,
+        profile=profile,
+        engine=engine,
+        cap=cap,
+        top=top,
+        calibration=parse_calibration(calibrate),
+        progress=progress,
+    )
+    click.echo(planned.render(answer, fmt))
 
 
 @main.command("compare", context_settings=_CONTEXT)

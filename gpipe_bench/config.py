@@ -29,6 +29,7 @@ from gpipe_bench import models
 from gpipe_bench.errors import HarnessError
 
 __all__ = [
+    "PLANNED",
     "ConfigError",
     "Published",
     "Row",
@@ -83,6 +84,9 @@ class Row:
     model_args: Mapping[str, Any]  # merged: table -> row -> profile -> profile row
     published: Published
     note: str
+    #: ``balance: planned``: the balance is chosen for the devices at hand when the row runs
+    #: (:func:`gpipe_bench.predict.plan.planned_balance`); ``balance`` holds it once resolved
+    planned: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,11 +267,17 @@ def _optimizer(src: _Src, key: str, value: Any) -> Dict[str, Any]:
     return optimizer
 
 
-def _balance(src: _Src, key: str, value: Any) -> Optional[Tuple[int, ...]]:
-    if value is None:
-        return None
+def _balance(src: _Src, key: str, value: Any) -> Any:
+    """A list of layer counts, null, or ``planned`` (the planner chooses it for the devices at hand)."""
+    if value is None or value == PLANNED:
+        return value
     if not isinstance(value, (list, tuple)) or not value:
-        src.fail(key, value, "not a list of layer counts", "write e.g. [140, 230] (one entry per partition)")
+        src.fail(
+            key,
+            value,
+            "not a list of layer counts",
+            f"write e.g. [140, 230] (one entry per partition), or {PLANNED} to plan it when the row runs",
+        )
     return tuple(_int(1)(src, f"{key}[{i}]", v) for i, v in enumerate(value))
 
 
@@ -309,6 +319,9 @@ _SETTINGS: Dict[str, Tuple[Checker, Any]] = {
     "classes": (_int(1), _MISSING),
     "extra": (_mapping, {}),
 }
+#: ``balance: planned`` in a row.
+PLANNED = "planned"
+
 _ROW_OVERRIDES: Dict[str, Tuple[Checker, Any]] = {
     "batch": (_int(1), _ABSENT),
     "chunks": (_int(1), _ABSENT),
@@ -545,6 +558,18 @@ def _check_row(src: _Src, key: str, table: Mapping[str, Any], row: Row, settings
             f"use batch <= {settings.dataset_size} or a larger settings.dataset_size",
         )
     length = _model_length(src, k("model_args"), table["model"], row.model_args, settings.classes)
+    if row.planned:
+        if row.mode != "pipeline" or table["kind"] != "speed":
+            src.fail(
+                k("balance"),
+                PLANNED,
+                f"only pipeline rows of speed tables are planned (this is a {row.mode} row of a {table['kind']} table)",
+                "give the layer counts",
+            )
+        if length is not None and row.devices > length:
+            src.fail(k("devices"), row.devices, f"more partitions than {length} layers", f"use at most {length}")
+        if row.balance is None:
+            return
     if row.balance is None:
         if row.mode == "pipeline" or (row.mode == "naive" and row.devices > 1):
             if table["kind"] != "memory":
@@ -724,6 +749,8 @@ def _profile(src: _Src, top: Mapping[str, Any], rows: Mapping[str, Dict[str, Any
         )
         merged.setdefault("checkpoint", "except_last" if base["mode"] == "pipeline" else "never")
         merged["published"] = Published(base["published"])
+        if merged.get("balance") == PLANNED:
+            merged["balance"], merged["planned"] = None, True
         row = Row(**merged)
         _check_row(src, f"{key}.rows.{row_name}" if name != "published" else f"rows.{row_name}", top, row, settings)
         built.append(row)
@@ -768,6 +795,8 @@ def find_row(
     mode = flag.lstrip("-")
     rows = table.profile(profile).rows
     found = [r for r in rows if r.mode == mode and r.devices == devices]
+    if len(found) > 1:  # the published row, not one planned beside it (--experiment NAME names that)
+        found = [r for r in found if not r.planned] or found
     if len(found) != 1:
         options = [
             f"--{m} " + "/".join(str(d) for d in sorted({r.devices for r in rows if r.mode == m}))
@@ -798,6 +827,8 @@ def apply(table: Table, row: Row, settings: Settings, overrides: Overrides, mode
     model = model or table.model
     given = {f: v for f, v in vars(overrides).items() if v is not None}
     row = replace(row, **{f: _ROW[f][0](src, f"{key}.{f}", v) for f, v in given.items() if f in _ROW})
+    if "balance" in given:  # a balance given replaces a planned one
+        row = replace(row, planned=False)
     settings = replace(
         settings, **{f: _SETTINGS[f][0](src, f"settings.{f}", v) for f, v in given.items() if f in _SETTINGS}
     )

@@ -38,6 +38,7 @@ __all__ = [
     "plan_distributed",
     "plan_accuracy",
     "accuracy_placement",
+    "resolve_planned",
     "in_torchrun",
     "ENGINES",
     "SCHEDULES",
@@ -120,6 +121,7 @@ class Job:
             "batch": row.batch,
             "chunks": row.chunks,
             "balance": list(row.balance) if row.balance else None,
+            **({"balance_planned": True} if row.planned else {}),
             "checkpoint": row.checkpoint,
             "input_size": s.input_size,
             "dataset_size": s.dataset_size,
@@ -212,8 +214,26 @@ def plan(
             )
             continue
         placement = devices.resolve(devices_spec, count)
-        jobs.append((Job(table, row, settings, profile, placement.devices, engine), placement.note))
+        job = Job(table, row, settings, profile, placement.devices, engine)
+        note = placement.note
+        if row.planned and row.balance is None:
+            job, how = resolve_planned(job)
+            note = "; ".join(n for n in (note, f"balance {list(job.row.balance or ())} {how}") if n)
+        jobs.append((job, note))
     return jobs
+
+
+def resolve_planned(job: Job, costs: Any = None) -> Tuple[Job, str]:
+    """``job`` with its ``balance: planned`` chosen for its devices (timed here unless ``costs`` are given).
+
+    The row keeps ``planned`` so its record says the balance was planned, not published.
+    """
+    from dataclasses import replace
+
+    from .predict.plan import planned_balance
+
+    balance, how = planned_balance(job, costs)
+    return replace(job, row=replace(job.row, balance=balance)), how
 
 
 def in_torchrun() -> bool:
@@ -249,6 +269,17 @@ def plan_distributed(
     for row in rows:
         row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
         stages = partitions(row)
+        if row.planned and row.balance is None:
+            # Every rank would time the layers on its own and might plan another balance: the ranks must agree.
+            if named:
+                raise HarnessError(
+                    f"{row.name}: a planned balance is not planned inside a launch (each rank would time its own); "
+                    f"plan it with `gpipe-bench plan {table.model} --engine distributed --devices ...` and pass "
+                    "--balance",
+                    param="--balance",
+                )
+            notes.append(f"{row.name}: skipped: its balance is planned (run it with --balance from gpipe-bench plan)")
+            continue
         if row.batch % row.chunks:
             raise HarnessError(
                 f"{row.name}: batch {row.batch} is not divisible by chunks {row.chunks} (torch's "

@@ -127,9 +127,10 @@ def test_amoebanetd_speed_published_rows() -> None:
     p8 = table.row("pipeline-8")
     assert (p8.batch, p8.chunks) == (216, 32) and len(_chunk_sizes(216, 32)) == 31
     assert "31 micro-batches" in p8.note
-    rerun = [r.published.values["throughput_pytorch_1_3"] for r in table.profile("published").rows]
+    published = [r for r in table.profile("published").rows if not r.planned]
+    rerun = [r.published.values["throughput_pytorch_1_3"] for r in published]
     assert rerun == [13.884, 20.334, 30.893, 42.263]
-    assert [r.published.values["speedup"] for r in table.profile("published").rows] == [1.0, 1.434, 2.049, 2.424]
+    assert [r.published.values["speedup"] for r in published] == [1.0, 1.434, 2.049, 2.424]
     quick = table.row("pipeline-8", "quick")
     assert quick.model_args["num_layers"] == 4 and quick.model_args["num_filters"] < 512
 
@@ -233,6 +234,14 @@ BAD = {
     "string devices": (
         _set("rows", "pipeline-8", "devices", value="8"),
         ["rows.pipeline-8.devices", "'8'", "whole number"],
+    ),
+    "planned naive row": (
+        _set("rows", "naive-2", "balance", value="planned"),
+        ["rows.naive-2.balance", "'planned'", "only pipeline rows of speed tables are planned"],
+    ),
+    "balance a word": (
+        _set("rows", "pipeline-2", "balance", value="auto"),
+        ["rows.pipeline-2.balance", "'auto'", "planned"],
     ),
     "zero balance entry": (
         _set("rows", "pipeline-2", "balance", value=[0, 370]),
@@ -389,7 +398,7 @@ def test_find_row_errors_name_the_available_rows() -> None:
     message = _error(lambda: config.find_row(table, pipeline=16))
     assert "--pipeline = 16" in message and "no pipeline row over 16 device(s)" in message
     assert "use one of --naive 1/2, --pipeline 1/2/4/8, --experiment NAME" in message
-    assert "(rows: naive-1, naive-2, pipeline-1, pipeline-2, pipeline-4, pipeline-8)" in message
+    assert "(rows: naive-1, naive-2, pipeline-1, pipeline-2, pipeline-2-planned, pipeline-4, pipeline-8)" in message
     assert "--naive 1/2" in _error(lambda: config.find_row(table, naive=4))
     assert "'pipeline-3'" in _error(lambda: config.find_row(table, experiment="pipeline-3"))
     assert "exactly one" in _error(lambda: config.find_row(table))
@@ -499,3 +508,41 @@ def test_settings_extra_is_validated(tmp_path: Path, table: str, extra: Dict[str
     message = _error(lambda: config.load(str(_write(tmp_path, mutate, table))))
     for needle in needles:
         assert needle in message, (needle, message)
+
+
+# -- balance: planned --------------------------------------------------------------------------------------------
+
+
+def test_a_planned_row_has_no_balance_until_it_runs() -> None:
+    for name in ("resnet101-speed", "amoebanetd-speed"):
+        table = config.load(name)
+        for profile in ("published", "quick"):
+            row = table.row("pipeline-2-planned", profile)
+            published = table.row("pipeline-2", profile)
+            assert row.planned and row.balance is None and not published.planned
+            assert (row.batch, row.chunks, row.checkpoint) == (published.batch, published.chunks, published.checkpoint)
+
+
+def test_pipeline_n_names_the_published_row_not_the_planned_one() -> None:
+    table = config.load("resnet101-speed")
+    assert config.find_row(table, pipeline=2, profile="quick").name == "pipeline-2"
+    assert config.find_row(table, experiment="pipeline-2-planned", profile="quick").planned
+
+
+def test_a_balance_given_replaces_the_planned_one() -> None:
+    table = config.load("resnet101-speed")
+    quick = table.profile("quick")
+    row = table.row("pipeline-2-planned", "quick")
+    given, _ = config.apply(table, row, quick.settings, Overrides(balance=(100, 270)))
+    assert given.balance == (100, 270) and not given.planned
+    kept, _ = config.apply(table, row, quick.settings, Overrides(chunks=8))
+    assert kept.planned and kept.balance is None and kept.chunks == 8
+
+
+def test_memory_tables_do_not_plan(tmp_path: Path) -> None:
+    message = _error(
+        lambda: config.load(
+            str(_write(tmp_path, _set("rows", "pipeline-2", "balance", value="planned"), "amoebanetd-memory"))
+        )
+    )
+    assert "only pipeline rows of speed tables are planned" in message

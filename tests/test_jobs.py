@@ -45,7 +45,7 @@ def test_pick_rows() -> None:
     rows, named = jobs.pick_rows(SPEED, "quick", pipeline=2)
     assert [r.name for r in rows] == ["pipeline-2"] and named
     rows, named = jobs.pick_rows(SPEED, "quick")
-    assert len(rows) == 6 and not named
+    assert len(rows) == 7 and not named  # the published six and pipeline-2-planned
     with pytest.raises(HarnessError, match="--pipeline and --naive both name a row"):
         jobs.pick_rows(SPEED, "quick", pipeline=2, naive=1)
 
@@ -84,7 +84,10 @@ def test_distributed_rows_that_fit_the_launch(monkeypatch: pytest.MonkeyPatch) -
     planned, notes = jobs.plan_distributed(
         SPEED, "quick", rows, Overrides(), named=False, schedule="gpipe", timeout_s=10
     )
-    assert [j.row.name for j in planned] == ["naive-2", "pipeline-2"] and notes == []
+    assert [j.row.name for j in planned] == ["naive-2", "pipeline-2"]
+    assert notes == [
+        "pipeline-2-planned: skipped: its balance is planned (run it with --balance from gpipe-bench plan)"
+    ]
     assert all(j.record_engine == "distributed-gpipe" and j.timeout_s == 10 for j in planned)
     with pytest.raises(HarnessError, match="pipeline-4: 4 stage"):
         jobs.plan_distributed(

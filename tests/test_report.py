@@ -617,3 +617,18 @@ def test_the_newer_record_of_a_row_wins_by_time_not_by_text() -> None:
     for records in ([older, newer], [newer, older]):
         text = report.render(table, records + [result(table, "naive-1", 100.0)])
         assert "222.000" in text and "111.000" not in text
+
+
+def test_a_planned_row_is_set_against_the_published_one_it_was_planned_beside() -> None:
+    rows = speed_rows(RESNET)
+    planned = dataclasses.replace(
+        rows[2], name="pipeline-2-planned", balance=None, planned=True, published=Published(values={})
+    )
+    table = make_table("resnet101-speed", rows[:3] + [planned] + rows[3:])
+    tuned = result(table, "pipeline-2-planned", 180.0)
+    tuned.settings["balance"] = [170, 200]
+    results = [result(table, "naive-1", 100.0), result(table, "pipeline-2", 150.0), tuned]
+    text = report.speed_table(table, results)
+    assert "Planned balance against the published one: pipeline-2-planned [170,200] / pipeline-2 [140,230] " in text
+    assert "(gpipe-bench): 1.200x." in text
+    assert "pipeline-2-planned  180.000 samples/sec   1.800x" in text

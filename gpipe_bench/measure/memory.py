@@ -80,8 +80,13 @@ def _optimizer_temp(part: nn.Module, device: str) -> int:
     return sum(sizes) if device.startswith("cuda") else max(sizes)
 
 
-def predict(job: Job, balance: Sequence[int], model: Optional[nn.Sequential] = None) -> Prediction:
-    """Peak activation bytes per device for the row, from ``meta`` (see :mod:`gpipe_bench.memory.predict`)."""
+def predict(
+    job: Job, balance: Sequence[int], model: Optional[nn.Sequential] = None, cache: Optional[Dict[Any, Any]] = None
+) -> Prediction:
+    """Peak activation bytes per device for the row, from ``meta`` (see :mod:`gpipe_bench.memory.predict`).
+
+    ``cache``: partition profiles kept across calls (:func:`~gpipe_bench.memory.predict.predict_pipeline`).
+    """
     row, s = job.row, job.settings
     model = model if model is not None else _meta_model(job)
     model.train()
@@ -104,6 +109,7 @@ def predict(job: Job, balance: Sequence[int], model: Optional[nn.Sequential] = N
         slots=slots,
         head_bytes=head,
         optimizer_temp=temps,
+        cache=cache,
     )
 
 

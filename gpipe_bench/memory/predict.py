@@ -28,7 +28,7 @@ may release in either order, so the prediction takes the later one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,7 @@ __all__ = [
     "nbytes",
     "predict_pipeline",
     "predict_plain",
+    "layer_held",
 ]
 
 
@@ -163,6 +164,31 @@ def profile(partitions: Sequence[nn.Module], sample: Tensors, atomic: bool) -> L
             cost, inputs, in_atomic = profile_partition(partition, inputs, in_atomic, first=j == 0)
             costs.append(cost)
     return costs
+
+
+def layer_held(model: nn.Sequential, sample: Tensor) -> Tuple[List[int], List[int]]:
+    """Per layer: what it adds to the bytes a forward with autograd keeps, and its output's bytes (one ``meta`` pass).
+
+    The planner weighs every contiguous block of layers; profiling each block
+    (:func:`profile`) would take a pass per block. Instead the whole model runs
+    once and the meter is read after every layer: the bytes a block
+    ``[s, e)`` keeps for its backward are the live bytes after layer ``e - 1``
+    less those after layer ``s - 1``, a difference of prefix sums. A layer's
+    figure can be negative (it frees an input it did not save).
+    """
+    meter = TensorMemory()
+    marks: List[int] = []
+    outs: List[int] = []
+    with meter, torch.enable_grad():
+        start = meter.mark()
+        x: Any = sample
+        for layer in model.children():
+            x = layer(x)
+            marks.append(meter.mark())
+            outs.append(nbytes(as_tuple(x)[0]))
+        live = meter.live_at([start, *marks])
+        del x
+    return [b - a for a, b in zip(live, live[1:])], outs
 
 
 class _Slots:
@@ -279,14 +305,21 @@ def predict_pipeline(
     slots: Optional[Sequence[int]] = None,
     head_bytes: int = 0,
     optimizer_temp: Optional[Sequence[int]] = None,
+    cache: Optional[Dict[Tuple[Tuple[int, ...], int], List[CellCost]]] = None,
 ) -> Prediction:
     """Peak activation bytes per device of a GPipe training step of ``model`` (on ``meta``) on ``sample``.
 
     ``sample`` is the whole mini-batch (a ``meta`` tensor); it counts on the first device.
+    ``cache``: profiles by (balance, micro-batch size), kept by a caller that predicts many
+    configurations of one model (the planner: checkpoint modes share them).
     """
     parts = split(model, balance)
     sizes = micro_batch_sizes(sample.size(0), chunks)
-    by_size = {size: profile(parts, (sample[:size],), True) for size in set(sizes)}
+    cache = cache if cache is not None else {}
+    for size in set(sizes):
+        if (tuple(balance), size) not in cache:
+            cache[(tuple(balance), size)] = profile(parts, (sample[:size],), True)
+    by_size = {size: cache[(tuple(balance), size)] for size in set(sizes)}
     return simulate(
         [by_size[size] for size in sizes],
         checkpoint_stop(checkpoint, chunks),

@@ -38,7 +38,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -160,6 +160,34 @@ class TensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
         """A point in the log: :meth:`curves` ``(since=mark)`` gives the peaks after it."""
         with self._lock:
             return len(self._log)
+
+    def live_at(self, marks: Sequence[int]) -> List[int]:
+        """Live bytes of every owner together (model state excluded) at each of ``marks`` (from :meth:`mark`).
+
+        One pass over the log for all marks: a caller marking after each of many layers
+        (the planner's per-layer memory) would pay a pass per mark with :meth:`curves`.
+        """
+        with self._lock:
+            log = list(self._log)
+            excluded = set(self._excluded)
+        wanted = sorted(set(marks))
+        at: Dict[int, int] = {}
+        size: Dict[int, int] = {}
+        live = 0
+        k = 0
+        for index, (serial, nbytes, _) in enumerate(log):
+            while k < len(wanted) and wanted[k] == index:
+                at[wanted[k]] = live
+                k += 1
+            if nbytes >= 0:
+                size[serial] = nbytes
+                if serial not in excluded:
+                    live += nbytes
+            elif serial in size and serial not in excluded:
+                live -= size[serial]
+        for mark in wanted[k:]:
+            at[mark] = live
+        return [at[m] for m in marks]
 
     def curves(self, since: int = 0) -> Dict[int, Curve]:
         """Peak and final live bytes per owner, model state excluded.

@@ -198,19 +198,35 @@ class MeasuredCosts(Costs):
         self.host = Host(cores=cores, threads=int(cores))
         self.description = f"measured on this machine ({device}, {self.overhead * 1e6:.1f} µs per operator)"
         self._times: Dict[Tuple[int, int], LayerTimes] = {}
+        #: scale every untimed size from the nearest timed one (see :meth:`_scaled_from`)
+        self.affine = False
         self._update: Dict[Tuple[str, int], float] = {}
 
     @property
     def device_type(self) -> str:
         return self.device.type
 
+    def _scaled_from(self, batch: int, thread_count: int) -> Optional[int]:
+        """The timed size ``batch`` is scaled from instead of being timed, or None (time it).
+
+        A smaller last micro-batch (10 in 4 chunks: 3, 3, 3, 1) is scaled from the
+        main size. With :attr:`affine` (the planner, which weighs many sizes), any
+        size is scaled from the nearest one timed: each layer's time is its fixed
+        part plus a part proportional to the batch.
+        """
+        near = [b for (b, t) in self._times if t == thread_count]
+        if not near:
+            return None
+        if self.affine:
+            return min(near, key=lambda b: (abs(b - batch), -b))
+        return min(near) if min(near) > batch else None
+
     def _timed(self, batch: int, thread_count: int) -> LayerTimes:
         key = (batch, thread_count)
         if key not in self._times:
-            near = [b for (b, t) in self._times if t == thread_count]
-            # A smaller last micro-batch (10 in 4 chunks: 3, 3, 3, 1) is scaled from the main size rather than timed.
-            if near and min(near) > batch:
-                return self._times[(min(near), thread_count)].scaled(batch)
+            source = self._scaled_from(batch, thread_count)
+            if source is not None:
+                return self._times[(source, thread_count)].scaled(batch)
             self._times[key] = _time_model(self.model, batch, self.device, thread_count, self.rounds)
         return self._times[key]
 
@@ -226,7 +242,7 @@ class MeasuredCosts(Costs):
         workers); only then is the contention between them measured.
         """
         for batch, thread_count in sorted(set(sizes), key=lambda s: (-s[0], s[1])):
-            if (batch, thread_count) not in self._times:
+            if (batch, thread_count) not in self._times and self._scaled_from(batch, thread_count) is None:
                 progress(f"timing every layer of {self.model.name} at micro-batch {batch}, {thread_count} thread(s)")
             self._timed(batch, thread_count)
         shared = [(b, t) for b, t in sizes if t < self.host.threads]

@@ -19,10 +19,10 @@ from gpipe_bench.errors import HarnessError
 from gpipe_bench.report.compare import PredictedSpeedups
 
 from . import hardware as presets
-from .costs import Costs, HardwareCosts, MeasuredCosts
+from .costs import Costs, HardwareCosts, MeasuredCosts, ModelKey
 from .rows import RowPrediction, calibrate, cost_sizes, meta_model, model_key, predict
 
-__all__ = ["TablePrediction", "parse_calibration", "predict_table", "predicted_speedups", "ENGINES"]
+__all__ = ["TablePrediction", "parse_calibration", "predict_table", "predicted_speedups", "preset_costs", "ENGINES"]
 
 ENGINES = ("gpipe-bench", "distributed")
 
@@ -136,30 +136,11 @@ def predict_table(
             baseline = _plan(
                 table, profile, [base_row], Overrides(), devices_spec, preset, "gpipe-bench", schedule, None
             )[0]
-    calibrated: Optional[jobs.Job] = None
-    if calibration is not None:
-        name, _ = calibration
-        match = [r for r in chosen.rows if r.name == name]
-        if not match:
-            raise HarnessError(
-                f"no row {name!r} in {table.name} ({profile}); calibrate on one of: "
-                + ", ".join(r.name for r in chosen.rows),
-                param="--calibrate",
-            )
-        calibrated = _plan(table, profile, match, Overrides(), devices_spec, preset, "gpipe-bench", schedule, None)[0]
-
     key = model_key(planned[0])
     fitted: Optional[Tuple[str, float, float]] = None
     costs: Costs
     if preset is not None:
-        costs = HardwareCosts(key, preset)
-        if calibration is not None and calibrated is not None:
-            efficiency, costs = calibrate(
-                calibrated,
-                calibration[1],
-                lambda e: HardwareCosts(key, preset, e, f"{calibration[0]}={calibration[1]:g}"),
-            )
-            fitted = (calibration[0], calibration[1], efficiency)
+        costs, fitted = preset_costs(table, profile, key, preset, calibration, devices_spec)
     else:
         if calibration is not None:
             raise HarnessError(
@@ -172,6 +153,8 @@ def predict_table(
         sizes = [s for job in [*planned, *([baseline] if baseline else [])] for s in cost_sizes(job, costs.host)]
         concurrent = any(job.split and job.row.chunks > 1 and len(set(job.devices)) > 1 for job in planned)
         costs.prepare(sizes, progress, concurrent)
+    # Rows whose balance is planned get it from these costs, as a run would from its own timing.
+    planned = [jobs.resolve_planned(j, costs)[0] if j.row.planned and j.row.balance is None else j for j in planned]
     progress(f"simulating {len(planned)} row(s)")
     predictions = predict(planned, costs, baseline)
     if memory:
@@ -193,10 +176,36 @@ def _memory(job: jobs.Job, meta: torch.nn.Sequential) -> Optional[List[int]]:
     return list(prediction.per_device)
 
 
+def preset_costs(
+    table: Table,
+    profile: str,
+    key: ModelKey,
+    preset: presets.Hardware,
+    calibration: Optional[Tuple[str, float]],
+    devices_spec: Optional[str] = None,
+) -> Tuple[HardwareCosts, Optional[Tuple[str, float, float]]]:
+    """(costs, (row, throughput, efficiency) fitted or None): a preset's costs, calibrated on a row of the table."""
+    if calibration is None:
+        return HardwareCosts(key, preset), None
+    name, figure = calibration
+    chosen = table.profile(profile)
+    match = [r for r in chosen.rows if r.name == name]
+    if not match:
+        raise HarnessError(
+            f"no row {name!r} in {table.name} ({profile}); calibrate on one of: "
+            + ", ".join(r.name for r in chosen.rows),
+            param="--calibrate",
+        )
+    job = _plan(table, profile, match, Overrides(), devices_spec, preset, "gpipe-bench", "gpipe", None)[0]
+    efficiency, costs = calibrate(job, figure, lambda e: HardwareCosts(key, preset, e, f"{name}={figure:g}"))
+    assert isinstance(costs, HardwareCosts)
+    return costs, (name, figure, efficiency)
+
+
 def predicted_speedups(table: Table) -> PredictedSpeedups:
     """The published rows predicted as the table's ``compare.predicted`` says (no memory column: seconds)."""
     spec = table.predicted
-    rows = list(table.profile("published").rows)
+    rows = [r for r in table.profile("published").rows if not r.planned]  # nothing published to check them by
     prediction = predict_table(
         table,
         "published",

@@ -59,7 +59,47 @@ def speed_table(table: "Table", results: Sequence[Result], *, fmt: str = "rst", 
             rows.append(cells)
         return headers, rows, ["left"] + ["right"] * (len(headers) - 1)
 
-    return render_groups(table, results, fmt, grid, lambda profile, group: _same_devices(table, profile, group))
+    return render_groups(
+        table,
+        results,
+        fmt,
+        grid,
+        lambda profile, group: _same_devices(table, profile, group) + _planned(profile, group),
+    )
+
+
+def _planned(profile: "Profile", group: Group) -> List[str]:
+    """A ``balance: planned`` row over the published row it was planned beside: what the balance alone buys.
+
+    The two rows share every setting but the balance (the config says so), so
+    their ratio on the same machine and engine is the planner's gain.
+    """
+    found = []
+    for row in profile.rows:
+        if not row.planned:
+            continue
+        published = next(
+            (
+                r
+                for r in profile.rows
+                if not r.planned and r.mode == row.mode and r.devices == row.devices and r.batch == row.batch
+            ),
+            None,
+        )
+        if published is None:
+            continue
+        for engine in group.engines():
+            ours, base = group.get(row.name, engine), group.get(published.name, engine)
+            if ours is None or base is None or ours.status != "ok" or base.status != "ok":
+                continue
+            if not ours.value or not base.value:
+                continue
+            balance = ",".join(str(b) for b in ours.settings.get("balance") or [])
+            found.append(
+                f"{row.name} [{balance}] / {published.name} [{','.join(map(str, published.balance or ()))}] "
+                f"({engine}): {ours.value / base.value:.3f}x"
+            )
+    return [f"Planned balance against the published one: {'; '.join(found)}."] if found else []
 
 
 def _same_devices(table: "Table", profile: "Profile", group: Group) -> List[str]:

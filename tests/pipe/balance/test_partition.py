@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpipe_bench.pipe.balance.partition import bottleneck, solve
+from gpipe_bench.pipe.balance.partition import block_cost, bottleneck, solve, solve_blocks
 
 
 def brute_force(costs: Sequence[int], partitions: int) -> int:
@@ -158,3 +159,82 @@ def test_medium_sequences_with_skewed_costs(partitions: int) -> None:
     sizes = solve(costs, partitions)
     check_shape(sizes, 200, partitions)
     assert bottleneck(costs, sizes) == optimal_by_search(costs, partitions)
+
+
+# -- blocks whose cost depends on where they are cut -------------------------------------------------------------
+
+
+def brute_force_blocks(
+    weights: Sequence[int], partitions: int, enter: Sequence[int], leave: Sequence[int], allowed: Any = None
+) -> float:
+    """The optimal largest block cost over every placement of the cuts, blocks not allowed left out."""
+    n = len(weights)
+    best = math.inf
+    for cuts in itertools.combinations(range(1, n), partitions - 1):
+        bounds = (0, *cuts, n)
+        if allowed is not None and not all(bool(allowed[a, b]) for a, b in zip(bounds, bounds[1:])):
+            continue
+        worst = max(sum(weights[a:b]) + enter[a] + leave[b] for a, b in zip(bounds, bounds[1:]))
+        best = min(best, worst)
+    return best
+
+
+@st.composite
+def block_problems(draw: st.DrawFn) -> tuple[list[int], int, list[int], list[int]]:
+    weights = draw(st.lists(st.integers(min_value=-5, max_value=20), min_size=1, max_size=9))
+    n = len(weights)
+    partitions = draw(st.integers(min_value=1, max_value=n))
+    enter = draw(st.lists(st.integers(min_value=0, max_value=15), min_size=n + 1, max_size=n + 1))
+    leave = draw(st.lists(st.integers(min_value=0, max_value=15), min_size=n + 1, max_size=n + 1))
+    return weights, partitions, enter, leave
+
+
+@settings(max_examples=300, deadline=None)
+@given(block_problems())
+def test_solve_blocks_matches_brute_force_with_cut_costs(problem: tuple[list[int], int, list[int], list[int]]) -> None:
+    weights, partitions, enter, leave = problem
+    sizes = solve_blocks(weights, partitions, enter, leave)
+    assert sizes is not None
+    check_shape(sizes, len(weights), partitions)
+    assert max(block_cost(weights, sizes, enter, leave)) == brute_force_blocks(weights, partitions, enter, leave)
+
+
+@settings(max_examples=200, deadline=None)
+@given(block_problems(), st.integers(min_value=0, max_value=60))
+def test_solve_blocks_under_a_cap_matches_brute_force(
+    problem: tuple[list[int], int, list[int], list[int]], cap: int
+) -> None:
+    """A second cost (memory) caps which blocks may be used; the optimum is over the allowed splits only."""
+    weights, partitions, enter, leave = problem
+    n = len(weights)
+    rng = random.Random(cap)
+    memory = [rng.randint(0, 20) for _ in range(n)]
+    prefix = [0, *itertools.accumulate(memory)]
+    allowed = torch.tensor([[s < e and prefix[e] - prefix[s] <= cap for e in range(n + 1)] for s in range(n + 1)])
+    sizes = solve_blocks(weights, partitions, enter, leave, allowed)
+    expected = brute_force_blocks(weights, partitions, enter, leave, allowed)
+    if expected == math.inf:
+        assert sizes is None
+        return
+    assert sizes is not None
+    check_shape(sizes, n, partitions)
+    bounds = [0, *itertools.accumulate(sizes)]
+    assert all(prefix[b] - prefix[a] <= cap for a, b in zip(bounds, bounds[1:]))
+    assert max(block_cost(weights, sizes, enter, leave)) == expected
+
+
+def test_solve_blocks_without_cut_costs_is_the_plain_optimum() -> None:
+    rng = random.Random(7)
+    for _ in range(50):
+        costs = [rng.randint(0, 30) for _ in range(rng.randint(1, 40))]
+        k = rng.randint(1, len(costs))
+        sizes = solve_blocks(costs, k)
+        assert sizes is not None
+        assert bottleneck(costs, sizes) == bottleneck(costs, solve(costs, k))
+
+
+def test_solve_blocks_refuses_bad_input() -> None:
+    with pytest.raises(ValueError, match="between 1 and"):
+        solve_blocks([1.0, 2.0], 3)
+    with pytest.raises(ValueError, match="finite"):
+        solve_blocks([1.0, math.nan], 1)
