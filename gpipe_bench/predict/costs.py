@@ -200,6 +200,8 @@ class MeasuredCosts(Costs):
         self._times: Dict[Tuple[int, int], LayerTimes] = {}
         #: scale every untimed size from the nearest timed one (see :meth:`_scaled_from`)
         self.affine = False
+        #: time each size's fixed part too (needed to scale sizes; a single-size use may skip it)
+        self.fixed = True
         self._update: Dict[Tuple[str, int], float] = {}
 
     @property
@@ -227,7 +229,7 @@ class MeasuredCosts(Costs):
             source = self._scaled_from(batch, thread_count)
             if source is not None:
                 return self._times[(source, thread_count)].scaled(batch)
-            self._times[key] = _time_model(self.model, batch, self.device, thread_count, self.rounds)
+            self._times[key] = _time_model(self.model, batch, self.device, thread_count, self.rounds, self.fixed)
         return self._times[key]
 
     def prepare(
@@ -306,6 +308,8 @@ def _model(key: ModelKey) -> torch.nn.Sequential:
     return models.build(key.name, **dict(key.args))
 
 
-def _time_model(key: ModelKey, batch: int, device: torch.device, thread_count: int, rounds: int) -> LayerTimes:
+def _time_model(
+    key: ModelKey, batch: int, device: torch.device, thread_count: int, rounds: int, fixed: bool = True
+) -> LayerTimes:
     sample = torch.rand(batch, 3, key.input_size, key.input_size)
-    return time_layers(_model(key), sample, device, thread_count, rounds)
+    return time_layers(_model(key), sample, device, thread_count, rounds, fixed)

@@ -188,8 +188,13 @@ def time_layers(
     device: torch.device,
     thread_count: int,
     rounds: int = 3,
+    fixed: bool = True,
 ) -> LayerTimes:
     """Forward and backward seconds of each layer of ``model`` on ``sample`` (one micro-batch), medians of ``rounds``.
+
+    ``fixed``: also time a batch of :data:`SMALL` to split each time into its fixed part
+    and the rest (what scaling to other sizes and the host's share need); a caller that
+    uses this one size alone (a planned balance) saves that pass.
 
     ``model`` is moved to ``device`` and trained on (BatchNorm statistics move):
     pass a model built for the measurement. The random streams are restored.
@@ -209,7 +214,7 @@ def time_layers(
             bwd = [max(0.0, b - call) for b in bwd]
             fixed_f: List[float] = []
             fixed_b: List[float] = []
-            if batch > SMALL + 1:
+            if fixed and batch > SMALL + 1:
                 small_f, small_b, _ = _medians(layers, sample[:SMALL], device, rounds)
                 small_b = [max(0.0, b - call) for b in small_b]
                 fixed_f, fixed_b = _fixed(fwd, small_f, batch), _fixed(bwd, small_b, batch)

@@ -352,6 +352,10 @@ class _Search:
                 per = stages // processes if schedule == "interleaved" else 1
                 fill = (stages / per - 1) / per if schedule == "interleaved" else stages - 1
                 estimate = (chunks + fill) * slowest * per
+                if not self.gpu and chunks > 1 and stages > 1:
+                    # CPU workers computing side by side slow each other down (measured: Host.contention);
+                    # one micro-batch never overlaps, so naive splitting escapes it.
+                    estimate *= 1 + self.costs.host.contention
                 if self.engine != "distributed":
                     estimate = max(estimate, self.interpreter(chunks, checkpoint, threads))
                 out.append((estimate, Choice(tuple(balance), chunks, checkpoint, schedule, processes)))
@@ -442,8 +446,13 @@ def _costs(template: jobs.Job, hardware: Optional[str], calibration: Optional[Tu
         raise HarnessError(
             "--calibrate fits a hardware preset's efficiency; give --hardware NAME with it", param="--calibrate"
         )
+    return MeasuredCosts(key, *_measured_device())
+
+
+def _measured_device() -> Tuple[str, presets.Hardware]:
+    """Where measured costs are timed, and the preset that prices its copies and processes."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return MeasuredCosts(key, device, presets.load("cpu" if device == "cpu" else "h100"))
+    return device, presets.load("cpu" if device == "cpu" else "h100")
 
 
 def default_cap(hardware: Optional[str], devices: Sequence[str]) -> Tuple[Optional[int], str]:
@@ -649,7 +658,11 @@ def planned_balance(job: jobs.Job, costs: Optional[Costs] = None) -> Tuple[Tuple
     its workers' thread count); the balance is the exact optimum of the
     slowest stage (:func:`solve_blocks`), which is what the row then runs.
     """
-    costs = costs if costs is not None else _costs(job, None)
+    if costs is None:
+        # One size, used as timed: two rounds and no fixed-part pass keep a table run's planning short.
+        measured = MeasuredCosts(model_key(job), *_measured_device(), rounds=2)
+        measured.fixed = False
+        costs = measured
     stages = jobs.partitions(job.row)
     devices = list(job.devices)
     if stages > len(meta_model(model_key(job))):
