@@ -91,7 +91,6 @@ class Planned:
     prediction: RowPrediction
     memory: Optional[List[int]]  # peak bytes per device (activations + parameters and gradients); None: unknown
     command: str
-    label: str = ""
 
     @property
     def throughput(self) -> float:
@@ -555,7 +554,7 @@ def plan(
         if not planned:
             need, choice = search.smallest_cap()
             if need <= cap:  # the leanest configuration fits where the estimates said none would
-                leanest = _planned(search, search.job(choice), "")
+                leanest = _planned(search, search.job(choice))
                 planned, simulated = [leanest], simulated + 1
         if not planned:
             raise HarnessError(
@@ -569,7 +568,7 @@ def plan(
     planned.sort(key=lambda p: -p.throughput)
     published = None
     if published_job is not None:
-        published = _planned(search, published_job, f"published {template.row.name}")
+        published = _planned(search, published_job)
     base_row = next((r for r in table.profile(profile).rows if r.name == "naive-1"), None)
     base_batch = base_row.batch if base_row is not None else template.row.batch
     base_job = replace(
@@ -611,7 +610,7 @@ def _simulate(search: _Search, ranked: Sequence[Tuple[float, Choice]], top: int)
         ranked = [(e, c) for e, c in ranked if search.estimated_peak(c) <= OVER * search.cap]
 
     def simulated(choice: Choice) -> Planned:
-        return _planned(search, search.job(choice), "", memory=False)
+        return _planned(search, search.job(choice), memory=False)
 
     def fits(p: Planned) -> bool:
         p.memory = search.memory(p.prediction.job)
@@ -639,7 +638,7 @@ def _simulate(search: _Search, ranked: Sequence[Tuple[float, Choice]], top: int)
     return out, tried
 
 
-def _planned(search: _Search, job: jobs.Job, label: str, memory: bool = True) -> Planned:
+def _planned(search: _Search, job: jobs.Job, memory: bool = True) -> Planned:
     choice = Choice(
         tuple(job.row.balance or ()),
         job.row.chunks,
@@ -648,7 +647,7 @@ def _planned(search: _Search, job: jobs.Job, label: str, memory: bool = True) ->
         len(job.devices) if job.engine == "distributed" else 0,
     )
     prediction = RowPrediction(job, step(job, search.costs))
-    return Planned(choice, prediction, search.memory(job) if memory else None, command(job, search.devices), label)
+    return Planned(choice, prediction, search.memory(job) if memory else None, command(job, search.devices))
 
 
 def planned_balance(job: jobs.Job, costs: Optional[Costs] = None) -> Tuple[Tuple[int, ...], str]:
