@@ -16,7 +16,7 @@ from gpipe_bench.results import Result
 from .audit import count_interval, published_inconsistencies
 from .format import DASH, as_float, fmt_num, join_blocks, published_value, render_grid
 from .groups import Group, for_groups, group_heading, ideal_speedup_of, on_row_devices, row_label, row_slots, speedup_of
-from .tables import transparency
+from .tables import transparency, transparency_outside
 
 if TYPE_CHECKING:  # config imports models; rendering needs only the attributes
     from gpipe_bench.config import Profile, Row, Table
@@ -205,6 +205,8 @@ def compare(
         blocks.append(text)
         if predicted.checked:
             regressions += missed
+    if table.kind == "accuracy":  # a pipeline row that learns something else than data parallelism regresses
+        regressions += transparency_outside(table, results)
     inconsistencies = published_inconsistencies(table)
     flagged = [_describe(table, e) for e in entries if e.flag != "ok"]
     blocks.append(

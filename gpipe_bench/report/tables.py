@@ -7,7 +7,7 @@ meaningless without them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Sequence
+from typing import TYPE_CHECKING, List, Sequence, Tuple
 
 from gpipe_bench.results import DEFAULT_ENGINE, Result
 
@@ -240,16 +240,33 @@ def _accuracy_table(table: "Table", results: Sequence[Result], fmt: str, publish
     return render_groups(table, results, fmt, grid)
 
 
+#: A pipeline row learns what data parallelism learns when its mean error differs from the data-parallel
+#: row of its batch by less than this many of the larger standard deviation ...
+SPREAD_STDS = 2.0
+#: ... or than this many points, whichever is more (three seeds can agree by luck far closer than the noise).
+SPREAD_FLOOR = 0.5
+
+
 def transparency(table: "Table", results: Sequence[Result]) -> List[str]:
-    """Whether each pipeline row's mean error sits within the data-parallel rows' spread (accuracy tables).
+    """Each pipeline row against the data-parallel row of its batch: difference, the spread it is judged by, verdict."""
+    return [line for line, _ in _judge_transparency(table, results)]
+
+
+def transparency_outside(table: "Table", results: Sequence[Result]) -> List[str]:
+    """The pipeline rows whose error leaves the data-parallel spread: what ``compare --check`` fails on."""
+    return [line for line, outside in _judge_transparency(table, results) if outside]
+
+
+def _judge_transparency(table: "Table", results: Sequence[Result]) -> List[Tuple[str, bool]]:
+    """(line, outside) per pipeline row of an accuracy table.
 
     A pipeline row is compared with the data-parallel row of the same batch;
     one without such a row (pipeline-4k) is named and not judged: with a
     fixed number of epochs the batch sets the number of steps, which is not
-    what pipelining changes. "Within" means the means differ by less than two
-    standard deviations of either row.
+    what pipelining changes. "Within" means the means differ by less than
+    max(:data:`SPREAD_STDS` x the larger standard deviation, :data:`SPREAD_FLOOR` points).
     """
-    lines: List[str] = []
+    out: List[Tuple[str, bool]] = []
     for group in group_results(table, results):
         profile = profile_of(table, group.profile)
         if profile is None or group.hardware is None:
@@ -263,23 +280,30 @@ def transparency(table: "Table", results: Sequence[Result]) -> List[str]:
             peers = [d for d in dp if d.batch == row.batch]
             if not peers:
                 what = "measured" if not dp else f"at batch {row.batch}"
-                lines.append(
-                    f"{row.name} ({group.profile}, {group.hardware}): no data-parallel row {what} to compare "
-                    "with; not judged (the batch, not the pipeline, sets the number of steps)"
+                out.append(
+                    (
+                        f"{row.name} ({group.profile}, {group.hardware}): no data-parallel row {what} to compare "
+                        "with; not judged (the batch, not the pipeline, sets the number of steps)",
+                        False,
+                    )
                 )
                 continue
             mean, std, n = seed_stats(ok[row.name])
             for peer in peers:
                 pmean, pstd, pn = seed_stats(ok[peer.name])
-                bound = 2 * max(std, pstd)
-                within = abs(mean - pmean) < bound
-                lines.append(
-                    f"{row.name} {mean:.2f}±{std:.2f} (n={n}) vs {peer.name} {pmean:.2f}±{pstd:.2f} (n={pn}) "
-                    f"({group.profile}, {group.hardware}): difference {abs(mean - pmean):.2f} "
-                    f"{'<' if within else '>='} 2 std {bound:.2f}: "
-                    f"{'within' if within else 'OUTSIDE'} the data-parallel spread"
+                bound = max(SPREAD_STDS * max(std, pstd), SPREAD_FLOOR)
+                difference = mean - pmean
+                within = abs(difference) < bound
+                out.append(
+                    (
+                        f"{row.name} {mean:.2f}±{std:.2f} (n={n}) vs {peer.name} {pmean:.2f}±{pstd:.2f} (n={pn}) "
+                        f"({group.profile}, {group.hardware}): difference {difference:+.2f} points, judged by "
+                        f"max({SPREAD_STDS:g} std, {SPREAD_FLOOR:g}) = {bound:.2f}: "
+                        f"{'within' if within else 'OUTSIDE'} the data-parallel spread",
+                        not within,
+                    )
                 )
-    return lines
+    return out
 
 
 def render(table: "Table", results: Sequence[Result], *, fmt: str = "rst", published: bool = True) -> str:

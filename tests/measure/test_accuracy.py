@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 import torch
@@ -243,3 +243,47 @@ def test_a_failing_replica_stops_the_row_with_its_error() -> None:
         accuracy.train(job, _data(32), seed=0)
     assert time.monotonic() - start < 120
     assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+def test_compare_judges_each_pipeline_row_and_check_fails_when_one_leaves_the_spread(tmp_path: Path) -> None:
+    """The bound is max(2 std, 0.5 points); a row outside it makes `compare --check` exit 1."""
+    from click.testing import CliRunner
+
+    from gpipe_bench import results
+    from gpipe_bench.cli import main
+    from gpipe_bench.results import Result
+
+    env = {"cpu_model": "Test CPU", "usable_cores": 2, "cpu_count": 2, "gpus": [], "torch": "2.14.1"}
+
+    def save(name: str, samples: List[float], mode: str, root: Path) -> None:
+        record = Result(
+            table=TABLE.name,
+            experiment=name,
+            profile="quick",
+            engine="gpipe-bench",
+            kind="accuracy",
+            metric=TABLE.metric,
+            unit=TABLE.unit,
+            value=sum(samples) / len(samples),
+            status="ok",
+            samples=samples,
+            settings={"mode": mode},
+            environment=env,
+        )
+        results.save(record, root)
+
+    def check(root: Path) -> Any:
+        return CliRunner().invoke(main, ["compare", TABLE.name, "--check", "--results", str(root)])
+
+    tight = tmp_path / "tight"
+    save("dataparallel-256", [10.0, 10.1, 9.9], "dataparallel", tight)  # std 0.1: 2 std = 0.2, the floor 0.5 rules
+    save("pipeline-256", [10.4, 10.5, 10.3], "pipeline", tight)  # +0.40 points: within
+    result = check(tight)
+    assert result.exit_code == 0, result.output
+    assert "difference +0.40 points, judged by max(2 std, 0.5) = 0.50: within" in result.output
+
+    save("pipeline-256", [10.6, 10.7, 10.5], "pipeline", tight)  # +0.60 points: outside
+    result = check(tight)
+    assert result.exit_code == 1, result.output
+    assert "judged by max(2 std, 0.5) = 0.50: OUTSIDE the data-parallel spread" in result.output
+    assert "1 regression(s)" in result.output
