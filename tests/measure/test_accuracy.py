@@ -287,3 +287,54 @@ def test_compare_judges_each_pipeline_row_and_check_fails_when_one_leaves_the_sp
     assert result.exit_code == 1, result.output
     assert "judged by max(2 std, 0.5) = 0.50: OUTSIDE the data-parallel spread" in result.output
     assert "1 regression(s)" in result.output
+
+
+def test_the_published_recipe_runs_end_to_end_through_the_command_line(tmp_path: Path) -> None:
+    """`gpipe-bench accuracy resnet101 --profile published --data DIR` on a generated ImageFolder of JPEGs.
+
+    A copy of the configs keeps the published recipe (SGD with Nesterov momentum and weight
+    decay, warm-up, lr scaling, the ImageNet transforms, the pipeline row's balance and
+    checkpointing) and shrinks what only sets the scale: 32x32 crops, 2 classes, one epoch of
+    two optimizer steps (8 training images in batches of 4, 2 micro-batches each).
+    """
+    import yaml
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from gpipe_bench import config
+    from gpipe_bench.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    data = tmp_path / "imagenet"
+    for split, n in (("train", 4), ("val", 2)):
+        for label in ("n01", "n02"):
+            (data / split / label).mkdir(parents=True)
+            for k in range(n):
+                pixels = torch.randint(0, 256, (48, 40, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(data / split / label / f"{k}.JPEG", format="JPEG")
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in config.table_names():
+        text = (config.config_dir() / f"{name}.yaml").read_text()
+        if name == "resnet101-accuracy":
+            spec = yaml.safe_load(text)
+            spec["settings"].update(input_size=32, dataset_size=8, epochs=1, classes=2)
+            spec["settings"]["extra"].update(val_size=4, val_resize=36, warmup_epochs=1, lr_milestones=[1])
+            for row in spec["rows"]:
+                row["batch"] = 4
+                row["chunks"] = 2 if row["mode"] == "pipeline" else 1
+            text = yaml.safe_dump(spec, sort_keys=False)
+        (configs / f"{name}.yaml").write_text(text)
+    out = tmp_path / "out"
+    args = ["accuracy", "resnet101", "--profile", "published", "--experiment", "pipeline-256", "--seeds", "1"]
+    result = CliRunner().invoke(
+        main, [*args, "--data", str(data), "--output", str(out)], env={"GPIPE_BENCH_CONFIGS": str(configs)}
+    )
+    assert result.exit_code == 0, result.output
+    files = list(out.rglob("pipeline-256.json"))
+    assert len(files) == 1
+    import json
+
+    record = json.loads(files[0].read_text())
+    assert record["status"] == "ok" and len(record["samples"]) == 1 and 0.0 <= record["samples"][0] <= 100.0
+    assert record["settings"]["optimizer"]["nesterov"] is True and record["settings"]["balance"] == [140, 230]
