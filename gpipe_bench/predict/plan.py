@@ -46,7 +46,7 @@ from gpipe_bench.pipe.balance.partition import block_cost, solve_blocks
 from . import hardware as presets
 from .costs import Costs, LayerCost, MeasuredCosts, ModelKey
 from .rows import RowPrediction, cost_sizes, meta_model, model_key, step
-from .simulate import worker_threads
+from .simulate import Link, worker_threads
 
 __all__ = [
     "Choice",
@@ -157,15 +157,11 @@ def _layer_weights(layers: Sequence[LayerCost], recomputed: float, gpu: bool) ->
     return out
 
 
-def _cut_costs(costs: Costs, devices: Sequence[str], size: int, layers: int) -> List[float]:
+def _cut_costs(costs: Costs, link: Optional[Link], size: int, layers: int) -> List[float]:
     """Seconds a stage spends copying at each cut (the activation forward, its gradient back), per micro-batch."""
-    out = [0.0] * (layers + 1)
-    link = costs.link(devices[0], devices[1]) if len(devices) > 1 else None
     if link is None:
-        return out
-    for cut in range(1, layers):
-        out[cut] = link.seconds(costs.boundary_bytes(cut, size))
-    return out
+        return [0.0] * (layers + 1)
+    return [0.0] + [link.seconds(costs.boundary_bytes(cut, size)) for cut in range(1, layers)] + [0.0]
 
 
 @dataclass(frozen=True)
@@ -234,12 +230,11 @@ class _Search:
         size = micro_batch_sizes(self.template.row.batch, chunks)[0]
         layers = self.costs.layers(size, threads, self.devices[0])
         recomputed = checkpoint_stop(checkpoint, chunks) / chunks
-        cuts = _cut_costs(self.costs, self.devices, size, self.layers) if self.engine != "distributed" else []
-        if self.engine == "distributed":
-            link = self.costs.process_link() if not self.gpu else self.costs.link("cuda:0", "cuda:1")
-            cuts = [0.0] * (self.layers + 1)
-            if link is not None:
-                cuts = [0.0] + [link.seconds(self.costs.boundary_bytes(c, size)) for c in range(1, self.layers)] + [0.0]
+        if self.engine == "distributed":  # between ranks: NCCL over the GPUs' link, gloo between CPU processes
+            link = self.costs.link("cuda:0", "cuda:1") if self.gpu else self.costs.process_link()
+        else:
+            link = self.costs.link(self.devices[0], self.devices[1]) if len(self.devices) > 1 else None
+        cuts = _cut_costs(self.costs, link, size, self.layers)
         return _layer_weights(layers, recomputed, self.gpu), cuts, size
 
     # -- memory

@@ -216,6 +216,11 @@ def gpipe(
     fwd_task: Dict[Tuple[int, int], int] = {}
     bwd_task: Dict[Tuple[int, int], int] = {}
 
+    def arrived(source: int, src: int, dst: int, nbytes: int, i: int) -> List[Optional[int]]:
+        """What a cell on partition ``dst`` waits for from ``src``: its task, and the copy between their devices."""
+        copy = b.copy(link(devices[src], devices[dst]), devices[src], devices[dst], nbytes, [source], i, dst)
+        return [source, copy]
+
     def run_clocks(clocks: Sequence[Sequence[Tuple[str, int, int]]], start: Optional[int]) -> Optional[int]:
         gate = start
         for steps in clocks:
@@ -224,82 +229,22 @@ def gpipe(
                 lane = lane_of[j]
                 cost = cells[i][j]
                 data: List[Optional[int]] = []
+                held: Optional[str] = lock  # a forward's host work holds the interpreter
                 if kind == "forward":
                     if j > 0:
-                        data.append(fwd_task[(i, j - 1)])
-                        data.append(
-                            b.copy(
-                                link(devices[j - 1], devices[j]),
-                                devices[j - 1],
-                                devices[j],
-                                cells[i][j - 1].out_bytes,
-                                [fwd_task[(i, j - 1)]],
-                                i,
-                                j,
-                            )
-                        )
+                        data = arrived(fwd_task[(i, j - 1)], j - 1, j, cells[i][j - 1].out_bytes, i)
                     share = cost.nograd if i < checkpoint_stop else 1.0  # checkpointed: no autograd graph
-                    r, d = b.cell(
-                        lane,
-                        lock,
-                        lane,
-                        _is_cpu(lane),
-                        threads,
-                        cost.forward_host * share,
-                        cost.forward * share,
-                        [gate],
-                        data,
-                        "forward",
-                        i,
-                        j,
-                    )
-                    fwd_task[(i, j)] = d
+                    host_s, device_s = cost.forward_host * share, cost.forward * share
                 elif kind == "recompute":
-                    r, d = b.cell(
-                        lane,
-                        lock,
-                        lane,
-                        _is_cpu(lane),
-                        threads,
-                        cost.forward_host,
-                        cost.forward,
-                        [gate],
-                        [],
-                        "recompute",
-                        i,
-                        j,
-                    )
+                    host_s, device_s = cost.forward_host, cost.forward
                 else:
-                    if j < n - 1:
-                        data.append(bwd_task[(i, j + 1)])
-                        data.append(
-                            b.copy(
-                                link(devices[j + 1], devices[j]),
-                                devices[j + 1],
-                                devices[j],
-                                cost.out_bytes,
-                                [bwd_task[(i, j + 1)]],
-                                i,
-                                j,
-                            )
-                        )
-                    else:
-                        data.append(loss_device)
+                    data = arrived(bwd_task[(i, j + 1)], j + 1, j, cost.out_bytes, i) if j < n - 1 else [loss_device]
                     # torch.autograd.grad runs in C++ with the interpreter released: its host work is the worker's own.
-                    r, d = b.cell(
-                        lane,
-                        None,
-                        lane,
-                        _is_cpu(lane),
-                        threads,
-                        cost.backward_host,
-                        cost.backward,
-                        [gate],
-                        data,
-                        "backward",
-                        i,
-                        j,
-                    )
+                    host_s, device_s, held = cost.backward_host, cost.backward, None
+                r, d = b.cell(lane, held, lane, _is_cpu(lane), threads, host_s, device_s, [gate], data, kind, i, j)
+                if kind == "forward":
+                    fwd_task[(i, j)] = d
+                elif kind == "backward":
                     bwd_task[(i, j)] = d
                 returns.append(r)
             if barrier:
