@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import importlib
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
-__all__ = ["resnet101", "resnet14", "flatten_resnet", "LAYERS_PER_BOTTLENECK"]
+__all__ = ["resnet101", "resnet14", "flatten_resnet", "LAYERS_PER_BOTTLENECK", "STEMS"]
 
 LAYERS_PER_BOTTLENECK = 11
 
@@ -90,9 +90,9 @@ def _bottleneck(block: tv_resnet.Bottleneck, prefix: str, inplace: bool, api: st
 
 
 def flatten_resnet(
-    base: tv_resnet.ResNet, inplace: bool = False, skip_api: str = "gpipe_bench.pipe.skip"
+    base: Union[tv_resnet.ResNet, _Family], inplace: bool = False, skip_api: str = "gpipe_bench.pipe.skip"
 ) -> nn.Sequential:
-    """Any torchvision bottleneck ResNet as the flat sequence: stem 4, 11 per bottleneck, avgpool, flatten, fc."""
+    """Any bottleneck ResNet (torchvision's, or a :class:`_Family`) as the flat sequence: stem 4, 11 per bottleneck, avgpool, flatten, fc."""
     layers: "OrderedDict[str, nn.Module]" = OrderedDict(
         [("conv1", base.conv1), ("bn1", base.bn1), ("relu", nn.ReLU(inplace=inplace)), ("maxpool", base.maxpool)]
     )
@@ -105,14 +105,74 @@ def flatten_resnet(
     return nn.Sequential(layers)
 
 
-def resnet14(num_classes: int = 10, inplace: bool = False, skip_api: str = "gpipe_bench.pipe.skip") -> nn.Sequential:
+def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """One stage as torchvision builds it: the first bottleneck strides and projects the identity."""
+    expansion = tv_resnet.Bottleneck.expansion
+    out = []
+    for k in range(blocks):
+        downsample = None
+        if k == 0 and (stride != 1 or inplanes != planes * expansion):
+            downsample = nn.Sequential(
+                tv_resnet.conv1x1(inplanes, planes * expansion, stride), nn.BatchNorm2d(planes * expansion)
+            )
+        out.append(tv_resnet.Bottleneck(inplanes, planes, stride if k == 0 else 1, downsample))
+        inplanes = planes * expansion
+    return nn.Sequential(*out)
+
+
+class _Family(nn.Module):
+    """The parts of a bottleneck ResNet that :func:`flatten_resnet` reads, at any width and stem.
+
+    torchvision's ``ResNet`` fixes the stage widths at 64-128-256-512 (its
+    ``width_per_group`` scales only a bottleneck's inner convolution), so a
+    member of the family small enough to converge on a CPU is built here from
+    torchvision's own ``Bottleneck`` and initialised as torchvision does.
+    """
+
+    def __init__(self, blocks: Sequence[int], width: int, stem_kernel: int, stem_stride: int, classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, stem_kernel, stem_stride, stem_kernel // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = width
+        for s, count in enumerate(blocks):
+            stage = _stage(inplanes, width * 2**s, count, 1 if s == 0 else 2)
+            setattr(self, f"layer{s + 1}", stage)
+            inplanes = width * 2**s * tv_resnet.Bottleneck.expansion
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(inplanes, classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
+#: The stems of the family: ImageNet's (7x7 convolution, stride 2) and one for 28x28 or 32x32 images
+#: (3x3, stride 1), which keeps the layers after the max-pool at 14x14 instead of 7x7.
+STEMS: Dict[str, Tuple[int, int]] = {"imagenet": (7, 2), "small": (3, 1)}
+
+
+def resnet14(
+    num_classes: int = 10,
+    inplace: bool = False,
+    skip_api: str = "gpipe_bench.pipe.skip",
+    width: int = 64,
+    stem: str = "imagenet",
+) -> nn.Sequential:
     """ResNet-101's family shrunk for a CPU: one bottleneck per stage (depth 14), 51 layers, flattened the same way.
 
-    The accuracy table's quick profile trains it: the same blocks, widths,
+    The accuracy table's quick profile trains it: the same blocks, layers,
     initialisation and skip layers as ResNet-101, so what pipelining does to
     BatchNorm, residuals and recompute is what it does to the big model.
+    ``width`` is the first stage's width (64 as in ResNet-101; the stages
+    double it and a bottleneck's output is four times it); ``stem`` is a key
+    of :data:`STEMS`.
     """
-    base = tv_resnet.ResNet(tv_resnet.Bottleneck, [1, 1, 1, 1], num_classes=num_classes)
+    if width < 1:
+        raise ValueError(f"width must be a positive channel count, not {width}")
+    if stem not in STEMS:
+        raise ValueError(f"stem {stem!r} is not known; use one of: {', '.join(STEMS)}")
+    kernel, stride = STEMS[stem]
+    base = _Family([1, 1, 1, 1], width, kernel, stride, num_classes)
     return flatten_resnet(base, inplace, skip_api)
 
 

@@ -131,3 +131,62 @@ def test_inplace_option() -> None:
 
 def test_fork_and_residual_are_skippable() -> None:
     assert Fork.stashable_names == {"identity"} and Residual.poppable_names == {"identity"}
+
+
+def test_resnet14_is_resnet101s_family_at_any_width() -> None:
+    """Width 64 with ImageNet's stem has torchvision's shapes; the quick profile's width 8 keeps every layer."""
+    from torchvision.models import resnet as tv_resnet
+
+    from gpipe_bench.models.resnet import flatten_resnet, resnet14
+
+    with torch.device("meta"):
+        ours = resnet14(num_classes=10)
+        theirs = flatten_resnet(tv_resnet.ResNet(tv_resnet.Bottleneck, [1, 1, 1, 1], num_classes=10))
+        narrow = resnet14(num_classes=10, width=8, stem="small")
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+    assert [type(m).__name__ for m in narrow] == [type(m).__name__ for m in ours] and len(narrow) == 51
+    assert models.count("resnet14", width=8, stem="small") == (51, 130_002)
+    assert (narrow[0].kernel_size, narrow[0].stride, narrow[0].out_channels) == ((3, 3), (1, 1), 8)
+    assert narrow[-1].in_features == 8 * 8 * 4  # the last stage: 8 doubled three times, times the expansion
+    for kwargs, needle in (({"width": 0}, "width"), ({"stem": "cifar"}, "imagenet, small")):
+        with pytest.raises(ValueError, match=needle):
+            resnet14(**kwargs)  # type: ignore[arg-type]
+
+
+def test_resnet14_initialisation_is_torchvisions() -> None:
+    from gpipe_bench.models.resnet import resnet14
+
+    torch.manual_seed(0)
+    model = resnet14(width=16, stem="small")
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.all(bn.weight == 1) and torch.all(bn.bias == 0) for bn in bns)
+    conv = model[4 + 4]  # the first bottleneck's 3x3 convolution
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert abs(conv.weight.std().item() - (2.0 / fan_out) ** 0.5) < 0.02
+
+
+def test_gpipe_on_channels_last_equals_the_plain_model_on_contiguous_input() -> None:
+    """The quick accuracy profile runs channels_last: same outputs and gradients as the plain contiguous model."""
+    from gpipe_bench.models.resnet import resnet14
+
+    torch.manual_seed(0)
+    plain = resnet14(width=4, stem="small").double()
+    gpipe = GPipe(
+        copy.deepcopy(plain).to(memory_format=torch.channels_last),
+        [19, 32],
+        devices=["cpu:0", "cpu:1"],
+        chunks=2,
+        checkpoint="except_last",
+    )
+    torch.manual_seed(2)
+    x = torch.randn(8, 3, 28, 28, dtype=torch.float64)
+    weight = torch.randn(8, 10, dtype=torch.float64)
+    expected = run_micro_batches(plain, x, weight, 2)
+    out = gpipe(x.contiguous(memory_format=torch.channels_last))
+    (out * weight).sum().backward()
+    assert (out.detach() - expected).norm() <= 1e-10 * expected.norm()
+    for p, q in zip(gpipe.parameters(), plain.parameters()):
+        assert p.grad is not None and q.grad is not None
+        assert (p.grad - q.grad).norm() <= 1e-9 * max(float(q.grad.norm()), 1e-12)
+    for (name, a), b in zip(gpipe.named_buffers(), plain.buffers()):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
