@@ -154,44 +154,72 @@ def _save(figure: Any, path: Path) -> Path:
 
 
 def accuracy_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
-    """Validation error per epoch, one line per row (mean over seeds, a band of ± one std), as a PNG.
+    """Validation error per row as a PNG: each seed's final error beside the row's mean ± one std and,
+    when the rows ran more than one epoch, the error per epoch (mean over seeds, a band of ± one std).
 
-    Data-parallel rows are solid, pipeline rows dashed in the same colour family,
-    so "pipelining learns what data parallelism learns" is a matter of lines overlapping.
+    One colour per batch, data-parallel rows solid (circles), pipeline rows dashed
+    (squares), so "pipelining learns what data parallelism learns" is a matter of
+    marks of one colour overlapping. A one-epoch run (the quick profile) has no
+    curve to draw: its seeds are the picture.
     """
     rows = [r for r in _ordered(table, results) if r.extra.get("curves")]
     if not rows:
         raise ValueError(f"no {table.name} results with per-epoch curves to plot")
+    curves_of = {r.experiment: [list(map(float, c)) for c in r.extra["curves"].values() if c] for r in rows}
+    epochs = max(min(len(c) for c in curves) for curves in curves_of.values())
     Figure, FigureCanvasAgg, _ = _figure_tools()
-    figure = Figure(figsize=(7.5, 4.8))
+    figure = Figure(figsize=(10.5 if epochs > 1 else 7.0, 4.8))
     FigureCanvasAgg(figure)
-    ax = figure.add_subplot(1, 1, 1)
     palette = ["#3b6ea8", "#d0743c", "#5a9e5a", "#8c5fa8", "#b8a03c", "#c44e52"]
     batches = sorted({int(r.settings.get("batch", 0)) for r in rows})  # one colour per batch: DP and pipeline pair up
-    for r in rows:
-        curves = [list(map(float, c)) for c in r.extra["curves"].values() if c]
-        epochs = min(len(c) for c in curves)
-        xs = list(range(1, epochs + 1))
-        means = [sum(c[e] for c in curves) / len(curves) for e in range(epochs)]
-        stds = [(sum((c[e] - means[e]) ** 2 for c in curves) / max(1, len(curves) - 1)) ** 0.5 for e in range(epochs)]
-        colour = palette[batches.index(int(r.settings.get("batch", 0))) % len(palette)]
-        style = "--" if r.settings.get("mode") == "pipeline" else "-"
-        ax.plot(xs, means, style, color=colour, marker="o", markersize=3, label=f"{r.experiment} (n={len(curves)})")
-        ax.fill_between(
-            xs,
-            [m - s for m, s in zip(means, stds)],
-            [m + s for m, s in zip(means, stds)],
-            color=colour,
-            alpha=0.15,
-            linewidth=0,
+
+    def colour(r: Result) -> str:
+        return palette[batches.index(int(r.settings.get("batch", 0))) % len(palette)]
+
+    def stats(values: Sequence[float]) -> "tuple[float, float]":
+        mean = sum(values) / len(values)
+        return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+    if epochs > 1:
+        ax = figure.add_subplot(1, 2, 1)
+        for r in rows:
+            curves = curves_of[r.experiment]
+            n = min(len(c) for c in curves)
+            xs = list(range(1, n + 1))
+            means, stds = zip(*(stats([c[e] for c in curves]) for e in range(n)))
+            style = "--" if r.settings.get("mode") == "pipeline" else "-"
+            ax.plot(
+                xs, means, style, color=colour(r), marker="o", markersize=3, label=f"{r.experiment} (n={len(curves)})"
+            )
+            lows, highs = [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)]
+            ax.fill_between(xs, lows, highs, color=colour(r), alpha=0.15, linewidth=0)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("validation top-1 error (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("per epoch", fontsize=9)
+    ax = figure.add_subplot(1, 2, 2) if epochs > 1 else figure.add_subplot(1, 1, 1)
+    for k, r in enumerate(rows):
+        finals = [c[-1] for c in curves_of[r.experiment]]
+        mean, std = stats(finals)
+        pipeline = r.settings.get("mode") == "pipeline"
+        offsets = [(j - (len(finals) - 1) / 2) * 0.08 for j in range(len(finals))]
+        ax.scatter([k + o for o in offsets], finals, color=colour(r), marker="s" if pipeline else "o", s=22, zorder=3)
+        ax.errorbar(
+            [k + 0.3], [mean], yerr=[std], color=colour(r), capsize=3, marker="_", markersize=14, linestyle="none"
         )
-    ax.set_xlabel("epoch")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.annotate(f"{mean:.2f}±{std:.2f}", (k + 0.36, mean), fontsize=7, va="center")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r.experiment}\n(batch {r.settings.get('batch', '?')})" for r in rows], fontsize=7)
+    ax.set_xlim(-0.5, len(rows) - 0.2)
     ax.set_ylabel("validation top-1 error (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(
-        f"{table.title}: validation error per epoch ({rows[0].profile} profile, {rows[0].hardware_key()})", fontsize=9
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title("after the last epoch: each seed, mean ± std", fontsize=9)
+    figure.suptitle(
+        f"{table.title}: validation error ({rows[0].profile} profile, {rows[0].hardware_key()}, "
+        f"{epochs} epoch{'s' if epochs > 1 else ''})",
+        fontsize=9,
     )
     figure.tight_layout()
     return _save(figure, path)

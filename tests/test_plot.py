@@ -69,7 +69,9 @@ def test_no_results_is_an_error(tmp_path: Path) -> None:
         memory_plot(TABLE, [], tmp_path / "x.png")
 
 
-def test_accuracy_plot(tmp_path: Path) -> None:
+@pytest.mark.parametrize("epochs", [3, 1])
+def test_accuracy_plot(tmp_path: Path, epochs: int) -> None:
+    """Curves per epoch beside each seed's final error; a one-epoch run (the quick profile) has only the latter."""
     from gpipe_bench.plot import accuracy_plot
 
     table = config.load("resnet101-accuracy")
@@ -87,7 +89,7 @@ def test_accuracy_plot(tmp_path: Path) -> None:
             samples=[40.0, 41.0],
             settings={"mode": mode},
             environment=dict(ENV),
-            extra={"curves": {"0": [70.0, 50.0, 40.0], "1": [72.0, 52.0, 41.0]}},
+            extra={"curves": {"0": [70.0, 50.0, 40.0][-epochs:], "1": [72.0, 52.0, 41.0][-epochs:]}},
         )
         for name, mode in (("pipeline-256", "pipeline"), ("dataparallel-256", "dataparallel"))
     ]
