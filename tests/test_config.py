@@ -78,8 +78,12 @@ def test_quick_profile_fits_a_small_cpu(name: str) -> None:
     table = config.load(name)
     quick, published = table.profile("quick"), table.profile("published")
     s = quick.settings
-    # Accuracy rows train a small model of the family on a real subset: more samples, still minutes.
-    assert s.input_size <= 64 and s.dataset_size <= (4096 if table.kind == "accuracy" else 512)
+    assert s.input_size <= 64
+    if table.kind == "accuracy":  # a small model of the family, one pass over a real dataset: minutes a row
+        params = models.count(chosen_model(table, "quick"), **quick.rows[0].model_args)[1]
+        assert params <= 250_000 and s.dataset_size * s.epochs <= 60_000
+    else:
+        assert s.dataset_size <= 512
     assert s.epochs <= 3 and s.skip_epochs < s.epochs
     for row, pub in zip(quick.rows, published.rows):
         assert row.batch <= pub.batch and row.chunks <= row.batch <= s.dataset_size
@@ -182,7 +186,10 @@ def test_resnet101_accuracy_published_rows() -> None:
     assert (s.extra["lr_scale_batch"], s.extra["warmup_epochs"], s.extra["lr_milestones"]) == (256, 4, [30, 60, 80])
     assert s.extra["reference"]["top1_error"] == 22.08
     quick = table.profile("quick").settings
-    assert quick.extra["lr_milestones"] == [2] and quick.extra["warmup_step"] == "iteration"  # merged, not replaced
+    assert quick.extra["lr_milestones"] == [0.6, 0.85] and quick.extra["warmup_step"] == "iteration"  # merged
+    assert config.transforms(quick.extra, "train_transforms") == ["horizontal_flip", "normalize"]
+    assert config.transforms(s.extra, "train_transforms") == ["random_resized_crop", "horizontal_flip", "normalize"]
+    assert config.transforms({}, "train_transforms") == ["random_crop", "horizontal_flip", "normalize"]
 
 
 # -- bad configs: one line naming file, key, value and the fix -----------------------------------
@@ -497,6 +504,10 @@ def test_a_model_that_cannot_be_imported_is_an_error_not_a_skipped_check(monkeyp
         ("amoebanetd-memory", {"steps": 0}, ["settings.extra.steps", "at least 1"]),
         ("resnet101-accuracy", {"warmup_step": "epoch"}, ["warmup_step", "iteration"]),
         ("resnet101-accuracy", {"train_transforms": ["random_crop"]}, ["train_transforms", "random_resized_crop"]),
+        ("resnet101-accuracy", {"lr_milestones": [60, 30]}, ["lr_milestones", "increasing order"]),
+        ("resnet101-accuracy", {"lr_milestones": [-1]}, ["lr_milestones[0]", "must not be negative"]),
+        ("resnet101-accuracy", {"warmup_epochs": "four"}, ["warmup_epochs", "not a number"]),
+        ("resnet101-accuracy", {"memory_format": "nhwc"}, ["memory_format", "'nhwc'", "contiguous, channels_last"]),
     ],
 )
 def test_settings_extra_is_validated(tmp_path: Path, table: str, extra: Dict[str, Any], needles: List[str]) -> None:
@@ -508,6 +519,23 @@ def test_settings_extra_is_validated(tmp_path: Path, table: str, extra: Dict[str
     message = _error(lambda: config.load(str(_write(tmp_path, mutate, table))))
     for needle in needles:
         assert needle in message, (needle, message)
+
+
+def test_fashion_mnist_may_train_without_the_random_crop(tmp_path: Path) -> None:
+    """The quick profile leaves the crop out; any other list is refused naming both that the harness applies."""
+
+    def quick(transforms: List[str]) -> Callable[[Dict[str, Any]], None]:
+        def mutate(data: Dict[str, Any]) -> None:
+            data["profiles"]["quick"]["settings"]["extra"]["train_transforms"] = transforms
+
+        return mutate
+
+    table = config.load(
+        str(_write(tmp_path, quick(["random_crop", "horizontal_flip", "normalize"]), "resnet101-accuracy"))
+    )
+    assert config.transforms(table.profile("quick").settings.extra, "train_transforms")[0] == "random_crop"
+    message = _error(lambda: config.load(str(_write(tmp_path, quick(["normalize"]), "resnet101-accuracy"))))
+    assert "train_transforms" in message and "['horizontal_flip', 'normalize']" in message, message
 
 
 # -- balance: planned --------------------------------------------------------------------------------------------

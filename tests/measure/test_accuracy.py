@@ -45,13 +45,38 @@ def test_every_row_sees_the_same_mini_batches_and_replicas_split_them() -> None:
 
 
 def test_learning_rate_warms_up_per_iteration_then_steps_down() -> None:
-    job = _job("pipeline-256")  # lr 0.1 x 32 / 32, warm-up 1 epoch, x0.1 from epoch 2
-    steps = 64
-    assert accuracy.lr_at(job, 32, 0, steps) == pytest.approx(0.1 / steps)
-    assert accuracy.lr_at(job, 32, steps - 1, steps) == pytest.approx(0.1)
-    assert accuracy.lr_at(job, 32, steps, steps) == pytest.approx(0.1)
-    assert accuracy.lr_at(job, 32, 2 * steps, steps) == pytest.approx(0.01)
-    assert accuracy.lr_at(job, 256, steps, steps) == pytest.approx(0.8)  # scaled with the batch
+    job = _job("pipeline-256")  # lr 0.1 x B / 128, warm-up 0.2 epochs, x0.1 at 0.6 and 0.85 epochs
+    steps = 100  # warm-up: 20 iterations; decays at iterations 60 and 85
+    assert accuracy.lr_at(job, 32, 0, steps) == pytest.approx(0.025 / 20)
+    assert accuracy.lr_at(job, 32, 19, steps) == pytest.approx(0.025)
+    assert accuracy.lr_at(job, 32, 59, steps) == pytest.approx(0.025)
+    assert accuracy.lr_at(job, 32, 60, steps) == pytest.approx(0.0025)
+    assert accuracy.lr_at(job, 32, 85, steps) == pytest.approx(0.00025)
+    assert accuracy.lr_at(job, 512, 30, steps) == pytest.approx(0.4)  # scaled with the batch
+    published = replace(job, settings=TABLE.profile("published").settings)  # 4 of 90 epochs, x0.1 at 30/60/80
+    assert accuracy.lr_at(published, 256, 4 * steps - 1, steps) == pytest.approx(0.1)
+    assert accuracy.lr_at(published, 256, 30 * steps - 1, steps) == pytest.approx(0.1)
+    assert accuracy.lr_at(published, 256, 30 * steps, steps) == pytest.approx(0.01)
+    assert accuracy.lr_at(published, 256, 80 * steps, steps) == pytest.approx(0.0001)
+
+
+def test_grey_images_are_kept_in_one_channel_and_batches_widen_them() -> None:
+    """The full Fashion-MNIST set is held once in one channel; the crop may be left out, the flips stay the same."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    data = accuracy.Dataset(x, y, x[:16], y[:16])
+    cropped = list(accuracy.batches(data, 32, seed=3, epoch=0))
+    whole = list(accuracy.batches(data, 32, seed=3, epoch=0, crop=False))
+    assert cropped[0][0].shape == whole[0][0].shape == (32, 3, 28, 28)
+    assert torch.equal(cropped[0][1], whole[0][1])  # same order
+    for image, _ in cropped + whole:
+        assert torch.equal(image[:, 0], image[:, 2])  # grey in every channel
+    index = torch.randperm(64, generator=torch.Generator().manual_seed(3 * 100_003))[:32]
+    flipped = [torch.equal(whole[0][0][k, 0], x[i, 0].flip(-1)) for k, i in enumerate(index.tolist())]
+    kept = [torch.equal(whole[0][0][k, 0], x[i, 0]) for k, i in enumerate(index.tolist())]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+    assert not torch.equal(cropped[0][0], whole[0][0])
 
 
 def _states(deferred: bool) -> Dict[str, Dict[str, torch.Tensor]]:
