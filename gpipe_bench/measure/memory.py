@@ -38,7 +38,7 @@ from gpipe_bench.results import Result, Status
 
 from ..engines.local import memory_slots
 
-__all__ = ["GIB", "METHODS", "find_balance", "predict", "measure", "run"]
+__all__ = ["GIB", "METHODS", "available_host_bytes", "find_balance", "predict", "measure", "run"]
 
 GIB = float(2**30)
 
@@ -135,8 +135,12 @@ def measure(trainer: engines.Trainer, job: Job) -> List[int]:
     return watch.peaks
 
 
-def _available_host_bytes() -> Optional[int]:
-    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
+def available_host_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo (Linux); None where unknown.
+
+    The memory table's guard against a row that cannot fit and the planner's default
+    cap on a CPU both read it here.
+    """
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
@@ -173,7 +177,7 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
     trainer: Optional[engines.Trainer] = None
     if not predict_only:
         status = "ok"
-        available = _available_host_bytes()
+        available = available_host_bytes()
         needed = (prediction.total if prediction is not None else 0) + sum(model_bytes)
         on_cpu = not any(d.startswith("cuda") for d in distinct)
         if local and on_cpu and available is not None and needed > 0.9 * available:

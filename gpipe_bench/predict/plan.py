@@ -459,9 +459,9 @@ def default_cap(hardware: Optional[str], devices: Sequence[str]) -> Tuple[Option
         total = torch.cuda.get_device_properties(torch.device(devices[0])).total_memory
         return int(total), "the device's memory"
     from gpipe_bench.engines.local import memory_slots
-    from gpipe_bench.measure.memory import _available_host_bytes
+    from gpipe_bench.measure.memory import available_host_bytes
 
-    available = _available_host_bytes()
+    available = available_host_bytes()
     if available is None:
         return None, "unknown (no /proc/meminfo)"
     distinct, _ = memory_slots(list(devices))

@@ -83,7 +83,7 @@ def test_out_of_memory_is_a_row_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_a_row_that_cannot_fit_the_host_is_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memory, "_available_host_bytes", lambda: 1024)
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 1024)
     monkeypatch.setattr(memory, "measure", lambda *_: pytest.fail("must not run"))
     result = memory.run(_job("pipeline-2"))
     assert result is not None and result.status == "oom" and "predicted to need" in result.extra["note"]
