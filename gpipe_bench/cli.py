@@ -652,7 +652,7 @@ def memory_command(
     help="quick: Fashion-MNIST directory (the four IDX files) [default: Debian's /usr/share/datasets/fashion-mnist]; published: ImageNet with train/ and val/ class folders.",
 )
 @_output_option
-@click.option("--quiet", is_flag=True, help="No per-epoch lines.")
+@click.option("--quiet", is_flag=True, help="No progress lines (each quarter epoch, each seed).")
 def accuracy_command(
     model: str,
     experiment: Optional[str],
@@ -684,13 +684,15 @@ def accuracy_command(
     root = output if output is not None else results.results_dir()
 
     def progress_for(job: jobs.Job) -> Any:
-        def progress(seed: int, epoch: int, total: int, error: float, seconds: float) -> None:
-            if not quiet:
-                click.echo(
-                    f"{job.row.name} seed {seed + 1}/{len(job.seeds)} epoch {epoch}/{total}: validation error "
-                    f"{error:.2f}% ({seconds:.0f} s)",
-                    err=True,
-                )
+        def progress(r: accuracy.Report) -> None:
+            if quiet:
+                return
+            where = f"{job.row.name} seed {r.seed + 1}/{len(job.seeds)} epoch {r.epoch}/{r.epochs}"
+            if r.error is None:
+                done = f"{100 * r.step // r.steps}% ({r.step}/{r.steps} steps)"
+                click.echo(f"{where}: {done}, training loss {r.loss:.3f} ({r.seconds:.0f} s)", err=True)
+            else:
+                click.echo(f"{where}: validation error {r.error:.2f}% ({r.seconds:.0f} s)", err=True)
 
         return progress
 

@@ -41,10 +41,32 @@ from gpipe_bench.jobs import Job
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.results import Result
 
-__all__ = ["Dataset", "Folders", "load_dataset", "batches", "lr_at", "train", "run"]
+__all__ = ["Dataset", "Folders", "Report", "REPORTS_PER_EPOCH", "load_dataset", "batches", "lr_at", "train", "run"]
 
-# Called after every epoch: (seed, epoch, epochs, validation error %, seconds so far for this seed).
-Progress = Callable[[int, int, int, float, float], None]
+#: Progress reports per epoch: after each quarter of its steps, the last one with the validation error.
+REPORTS_PER_EPOCH = 4
+
+
+@dataclass(frozen=True)
+class Report:
+    """Where a seed's training stands: sent to the progress callback (from replica 0 for data-parallel rows).
+
+    ``loss`` is the mean training loss over the steps since the previous report
+    (for a data-parallel row, of replica 0's share of each mini-batch); ``error``
+    is the validation error (%) at the end of an epoch, None before it.
+    """
+
+    seed: int
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    seconds: float
+    loss: float
+    error: Optional[float] = None
+
+
+Progress = Callable[[Report], None]
 
 
 @dataclass(frozen=True)
@@ -208,26 +230,35 @@ def _train_loop(
     optimizer = optim.build(job.settings.optimizer, model.parameters())
     errors: List[float] = []
     start = time.perf_counter()
+    marks = {round(steps * k / REPORTS_PER_EPOCH) for k in range(1, REPORTS_PER_EPOCH)} - {0, steps}
     share = batch // replicas
     crop = "random_crop" in config.transforms(job.settings.extra, "train_transforms")
     layout = _memory_format(job)
-    for epoch in range(job.settings.epochs):
+    epochs = job.settings.epochs
+    for epoch in range(epochs):
+        running, count = 0.0, 0
         for step, (x, y) in enumerate(batches(data, batch, seed, epoch, crop)):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(job, batch, epoch * steps + step, steps)
             x, y = x[replica * share : (replica + 1) * share], y[replica * share : (replica + 1) * share]
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x.to(first).contiguous(memory_format=layout)), y.to(last))
-            if not math.isfinite(float(loss.detach())):
+            value = float(loss.detach())
+            if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"{job.row.name} seed {seed}: loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1}"
+                    f"{job.row.name} seed {seed}: loss is {value} at epoch {epoch + 1} step {step + 1}"
                 )
             torch.autograd.backward(loss)
             optimizer.step()
+            running, count = running + value, count + 1
+            if progress is not None and step + 1 in marks:
+                progress(Report(seed, epoch + 1, epochs, step + 1, steps, time.perf_counter() - start, running / count))
+                running, count = 0.0, 0
         if evaluate is not None:
             errors.append(evaluate())
             if progress is not None:
-                progress(seed, epoch + 1, job.settings.epochs, errors[-1], time.perf_counter() - start)
+                seconds, loss_mean = time.perf_counter() - start, running / max(count, 1)
+                progress(Report(seed, epoch + 1, epochs, steps, steps, seconds, loss_mean, errors[-1]))
     return errors
 
 
@@ -286,7 +317,7 @@ def _replica(rank: int, world: int, port: int, job: Job, data: Data, seed: int, 
             first=device,
             last=device,
             evaluate=(lambda: _error(model, data, device, _memory_format(job))) if rank == 0 else None,
-            progress=(lambda *a: queue.put(("progress", a))) if rank == 0 else None,
+            progress=(lambda report: queue.put(("progress", report))) if rank == 0 else None,
         )
         if rank == 0:
             queue.put(("done", errors))
@@ -326,7 +357,7 @@ def train_dataparallel(job: Job, data: Data, seed: int, progress: Optional[Progr
                     )
                 continue
             if kind == "progress" and progress is not None:
-                progress(*payload)
+                progress(payload)
             elif kind == "done":
                 errors = list(payload)
             elif kind == "error":

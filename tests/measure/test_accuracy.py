@@ -168,8 +168,13 @@ def test_a_data_parallel_and_a_pipeline_row_train_end_to_end() -> None:
     for name, devices in (("dataparallel-256", ["cpu", "cpu"]), ("pipeline-256", ["cpu:0", "cpu:1"])):
         row = replace(TABLE.row(name, "quick"), batch=16)
         job = Job(TABLE, row, settings, "quick", devices, seeds=[0], timeout_s=300)
-        errors = accuracy.train(job, data, seed=0)
+        reports: List[accuracy.Report] = []
+        errors = accuracy.train(job, data, seed=0, progress=reports.append)
         assert len(errors) == 1 and 0.0 <= errors[0] <= 100.0
+        # A report after each quarter of the epoch's 4 steps (from replica 0 across processes), the last with the error.
+        assert [(r.epoch, r.step, r.steps) for r in reports] == [(1, 1, 4), (1, 2, 4), (1, 3, 4), (1, 4, 4)], name
+        assert [r.error for r in reports[:-1]] == [None] * 3 and reports[-1].error == errors[0]
+        assert all(0.0 < r.loss < 100.0 for r in reports) and reports[-1].seconds >= reports[0].seconds
 
 
 def test_published_profile_needs_imagenet_folders(tmp_path: Path) -> None:
