@@ -12,11 +12,12 @@ here only, and drawn with the Agg canvas (no display, no global pyplot state).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Sequence, Set
 
 from .atomic import write_atomically
-from .results import Result
+from .results import Result, summarize
 
 if TYPE_CHECKING:
     from .config import Table
@@ -177,8 +178,7 @@ def accuracy_plot(table: "Table", results: Sequence[Result], path: Path) -> Path
         return palette[batches.index(int(r.settings.get("batch", 0))) % len(palette)]
 
     def stats(values: Sequence[float]) -> "tuple[float, float]":
-        mean = sum(values) / len(values)
-        return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+        return math.fsum(values) / len(values), summarize(values)["std"]
 
     if epochs > 1:
         ax = figure.add_subplot(1, 2, 1)

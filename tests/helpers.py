@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -96,3 +96,28 @@ def one_line_error(result: Any, *needles: str) -> None:
     assert len(lines) == 1, result.output
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def accuracy_record(name: str, samples: List[float], mode: str, curves: Optional[Dict[str, List[float]]] = None) -> Any:
+    """A quick-profile record of the ResNet-101 accuracy table: ``samples`` (one final error per seed) on a test
+    CPU, with per-epoch ``curves`` by seed when given."""
+    from gpipe_bench import config
+    from gpipe_bench.results import Result
+
+    table = config.load("resnet101-accuracy")
+    env = {"cpu_model": "Test CPU", "usable_cores": 2, "cpu_count": 2, "gpus": [], "torch": "2.14.1"}
+    return Result(
+        table=table.name,
+        experiment=name,
+        profile="quick",
+        engine="gpipe-bench",
+        kind="accuracy",
+        metric=table.metric,
+        unit=table.unit,
+        value=sum(samples) / len(samples),
+        status="ok",
+        samples=samples,
+        settings={"mode": mode},
+        environment=env,
+        extra={"curves": curves} if curves is not None else {},
+    )

@@ -9,6 +9,7 @@ import pytest
 
 from gpipe_bench import config
 from gpipe_bench.results import Result
+from helpers import accuracy_record
 
 pytest.importorskip("matplotlib")
 from gpipe_bench.plot import memory_plot  # noqa: E402
@@ -75,22 +76,9 @@ def test_accuracy_plot(tmp_path: Path, epochs: int) -> None:
     from gpipe_bench.plot import accuracy_plot
 
     table = config.load("resnet101-accuracy")
+    curves = {"0": [70.0, 50.0, 40.0][-epochs:], "1": [72.0, 52.0, 41.0][-epochs:]}
     results = [
-        Result(
-            table=table.name,
-            experiment=name,
-            profile="quick",
-            engine="gpipe-bench",
-            kind="accuracy",
-            metric=table.metric,
-            unit=table.unit,
-            value=40.0,
-            status="ok",
-            samples=[40.0, 41.0],
-            settings={"mode": mode},
-            environment=dict(ENV),
-            extra={"curves": {"0": [70.0, 50.0, 40.0][-epochs:], "1": [72.0, 52.0, 41.0][-epochs:]}},
-        )
+        accuracy_record(name, [40.0, 41.0], mode, curves)
         for name, mode in (("pipeline-256", "pipeline"), ("dataparallel-256", "dataparallel"))
     ]
     path = accuracy_plot(table, results, tmp_path / "error.png")

@@ -155,18 +155,17 @@ def batches(data: Data, batch: int, seed: int, epoch: int, crop: bool = True) ->
     n = data.train_x.size(0)
     shuffled = torch.randperm(n, generator=generator)
     size = data.train_x.size(-1)
+    background = float(data.train_x.min())  # the padding: once per epoch, not per batch (a pass over the set)
     for start in range(0, n - batch + 1, batch):
         index = shuffled[start : start + batch]
-        x = F.pad(data.train_x[index], (4, 4, 4, 4), value=float(data.train_x.min()))
         # Drawn even without the crop, so the flips (and the next batch's draws) stay the same either way.
         shifts = torch.randint(0, 9, (batch, 2), generator=generator)
-        if not crop:
-            shifts.fill_(4)
         flips = torch.rand(batch, generator=generator) < 0.5
-        crops = [
-            x[k, :, int(dy) : int(dy) + size, int(dx) : int(dx) + size] for k, (dy, dx) in enumerate(shifts.tolist())
-        ]
-        out = torch.stack(crops)
+        if crop:
+            x = F.pad(data.train_x[index], (4, 4, 4, 4), value=background)
+            out = torch.stack([x[k, :, dy : dy + size, dx : dx + size] for k, (dy, dx) in enumerate(shifts.tolist())])
+        else:
+            out = data.train_x[index]  # the centred crop of the padded image: the image itself (a copy)
         out[flips] = out[flips].flip(-1)
         yield _three(out), data.train_y[index]
 

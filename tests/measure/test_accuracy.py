@@ -17,6 +17,7 @@ from gpipe_bench.cli import main
 from gpipe_bench.jobs import Job
 from gpipe_bench.measure import accuracy
 from gpipe_bench.pipe import GPipe
+from helpers import accuracy_record
 
 TABLE = config.load("resnet101-accuracy")
 QUICK = TABLE.profile("quick")
@@ -224,31 +225,10 @@ def test_imagenet_folders_train_end_to_end(tmp_path: Path) -> None:
         imagenet.check_layout(tmp_path)
 
 
-def _seed_record(name: str, samples: List[float], mode: str) -> Any:
-    """A quick-profile accuracy record of ``samples`` (one error per seed) on a test CPU."""
-    from gpipe_bench.results import Result
-
-    env = {"cpu_model": "Test CPU", "usable_cores": 2, "cpu_count": 2, "gpus": [], "torch": "2.14.1"}
-    return Result(
-        table=TABLE.name,
-        experiment=name,
-        profile="quick",
-        engine="gpipe-bench",
-        kind="accuracy",
-        metric=TABLE.metric,
-        unit=TABLE.unit,
-        value=sum(samples) / len(samples),
-        status="ok",
-        samples=samples,
-        settings={"mode": mode},
-        environment=env,
-    )
-
-
 def test_transparency_pairs_rows_of_the_same_batch() -> None:
     from gpipe_bench import report
 
-    res = _seed_record
+    res = accuracy_record
 
     lines = report.transparency(
         TABLE,
@@ -287,7 +267,7 @@ def test_compare_judges_each_pipeline_row_and_check_fails_when_one_leaves_the_sp
     from gpipe_bench.cli import main
 
     def save(name: str, samples: List[float], mode: str, root: Path) -> None:
-        results.save(_seed_record(name, samples, mode), root)
+        results.save(accuracy_record(name, samples, mode), root)
 
     def check(root: Path) -> Any:
         return CliRunner().invoke(main, ["compare", TABLE.name, "--check", "--results", str(root)])
