@@ -12,6 +12,10 @@ saying what went wrong; the rest live here. Fixed so far:
   random draws outside dropout modules were not replayed on virtual CPU devices.
 - ``tests/pipe/test_worker.py::test_barrier_across_an_empty_clock``: the clock barrier
   waited only for the previous clock.
+- ``test_a_failed_steps_activations_are_freed_at_once`` (here) and
+  ``tests/pipe/test_worker.py::test_a_failed_steps_locals_are_freed_without_the_cycle_collector``:
+  a failed step's tensors lived until the cycle collector ran (the re-raised error and its frame
+  held each other).
 - ``tests/pipe/test_cuda.py`` (GPU only): GPU-to-host copies read before they landed;
   a non-default caller stream joined on one device only; a tuple's ready event recorded
   only when its first tensor was on a GPU. Their CPU-visible halves are below.
@@ -39,6 +43,7 @@ Harness bugs, beside their modules' tests:
 
 from __future__ import annotations
 
+import gc
 import threading
 import weakref
 from typing import Any, Dict, List, Tuple
@@ -226,3 +231,32 @@ class _Null:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+@pytest.mark.parametrize("devices", [["cpu", "cpu"], ["cpu:0", "cpu:1"]])
+def test_a_failed_steps_activations_are_freed_at_once(devices: List[str]) -> None:
+    """A failed step's activations stayed alive until Python's cycle collector ran.
+
+    The re-raised error and the frame that raised it referred to each other, so after an
+    out-of-memory step the next row could start with the failed one's tensors still held.
+    """
+    made: List["weakref.ref[Tensor]"] = []
+
+    class Keep(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            y = x * 2
+            made.append(weakref.ref(y))
+            return y
+
+    class Fail(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            raise RuntimeError("out of memory (simulated)")
+
+    gpipe = GPipe(nn.Sequential(Keep(), Keep(), Fail()), [2, 1], devices=devices, chunks=4)
+    gc.disable()
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            gpipe(torch.rand(8, 3, requires_grad=True))
+        assert made and all(ref() is None for ref in made)
+    finally:
+        gc.enable()

@@ -121,8 +121,16 @@ def execute(
         clocks.fail(-1, interrupt)
         for t in threads:
             t.join()
-        raise
-    if clocks.error is not None:
-        error = clocks.error
         clocks.error = None
-        raise error
+        raise
+    error = clocks.error
+    if error is not None:
+        # The raised exception's traceback holds this frame; were ``clocks`` or the local
+        # ``error`` still to hold the exception, the two would form a cycle that keeps the
+        # failed step's frames, and with them its activations, alive until Python's cycle
+        # collector happens to run: after an out-of-memory step, long enough to fail the next.
+        clocks.error = None
+        try:
+            raise error
+        finally:
+            del error

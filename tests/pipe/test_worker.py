@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
 import traceback
+import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, List, Tuple
 
@@ -266,3 +268,31 @@ def test_barrier_across_an_empty_clock() -> None:
     plan = [[(0, log.step(0, 0, 0.05))], [(2, log.step(2, 1))]]
     execute(plan, _null_contexts(2), 3)
     _assert_barrier(log.events)
+
+
+# Regression (fixed): the re-raised error kept itself alive through the caller's frame (its
+# traceback holds the frame, the frame's local held the error), so a failed step's frames and
+# what they referenced stayed alive until Python's cycle collector happened to run.
+def test_a_failed_steps_locals_are_freed_without_the_cycle_collector() -> None:
+    class Payload:
+        pass
+
+    refs: List["weakref.ref[Payload]"] = []
+
+    def failing() -> None:
+        held = Payload()  # a failed step's local, as a cell's activations are
+        refs.append(weakref.ref(held))
+        explode()
+
+    plan = [[(0, _nothing), (1, failing)], [(0, _nothing), (1, _nothing)]]
+    gc.disable()
+    try:
+        with pytest.raises(ValueError, match="boom from a step"):
+            execute(plan, _null_contexts(2), 2)
+        assert refs and refs[0]() is None
+    finally:
+        gc.enable()
+
+
+def _nothing() -> None:
+    pass
