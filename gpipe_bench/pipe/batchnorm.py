@@ -61,8 +61,9 @@ class DeferredBatchNorm(_BatchNorm):
         dims = [d for d in range(input.dim()) if d != 1]
         x = input.detach().to(acc_mean.dtype)
         count = x.numel() // x.size(1)
-        mean = x.mean(dims)
-        m2 = (x - mean.view(1, -1, *([1] * (x.dim() - 2)))).pow(2).sum(dims)
+        # One fused reduction: ``(x - mean).pow(2)`` made two full-size temporaries per call.
+        var, mean = torch.var_mean(x, dims, correction=0)
+        m2 = var * count
         total = self.acc_count + count
         delta = mean - acc_mean
         acc_mean.add_(delta * (count / total))

@@ -106,17 +106,20 @@ def transfer(
         return tensors
     dst_copy = streams.incoming(device)
     wait_event(dst_copy, ready)
-    moved = []
-    for t in tensors:
-        if _same_place(t, device):
-            moved.append(t)
-            continue
-        src_copy = streams.outgoing(t.device)
+    moved = list(tensors)
+    # The stream contexts are entered once per source device, not once per tensor.
+    by_source: Dict[torch.device, List[int]] = {}
+    for k, t in enumerate(tensors):
+        if not _same_place(t, device):
+            by_source.setdefault(t.device, []).append(k)
+    for source, indices in by_source.items():
+        src_copy = streams.outgoing(source)
         wait_event(src_copy, ready)
         with use_stream(src_copy), use_stream(dst_copy):
-            record_stream(t, src_copy)
-            # Into host memory: blocking (the source's copy stream is synchronised), see above.
-            moved.append(t.to(device, non_blocking=device.type == "cuda"))
+            for k in indices:
+                record_stream(tensors[k], src_copy)
+                # Into host memory: blocking (the source's copy stream is synchronised), see above.
+                moved[k] = tensors[k].to(device, non_blocking=device.type == "cuda")
     wait_event(compute_stream, record_event(dst_copy))
     for t in moved:
         record_stream(t, compute_stream)

@@ -40,7 +40,7 @@ from .observe import Observer, StepRecord, observers
 from .schedule import Step, backward_steps, forward_steps
 from .skip.layout import SkipLayout
 from .skip.tracker import SkipKey, SkipTracker, use_skip_tracker
-from .stream import Event, current_stream, record_event, record_ready, record_stream, wait_event
+from .stream import AbstractStream, Event, current_stream, record_event, record_ready, record_stream, wait_event
 from .worker import execute
 
 __all__ = ["Pipeline"]
@@ -169,6 +169,7 @@ class Pipeline:
         # One worker per distinct device; repeated devices share one (and one stream).
         self.worker_devices, self.worker_of = worker_groups(self.devices)
         self._cpu_workers = sum(1 for d in self.worker_devices if d.type == "cpu")
+        self._one_worker = len(self.worker_devices) == 1
         # With more than one worker, partitions' draws from the host's one generator (and a
         # recompute's swap of it, GPU partitions' too) could interleave with another worker's.
         self._rng_shared = len(self.worker_devices) > 1
@@ -228,6 +229,23 @@ class Pipeline:
                     fn = _reported(fn, phase, step, clock, w, self.devices[step.j], watching)
                 plan[w].append((clock, fn))
         return plan
+
+    def _record(self, compute: AbstractStream) -> Event:
+        """A cell's event, for whoever uses its tensors on another stream.
+
+        With one worker every cell runs inline on the caller's thread, so producer,
+        consumer and caller share one stream per device: an event there orders nothing
+        and costs a record (and a wait) per cell.
+        """
+        return None if self._one_worker else record_event(compute)
+
+    def _handed(self, producer: int, consumer: int, event: Event) -> Event:
+        """The event partition ``consumer`` waits for before reading ``producer``'s tensors.
+
+        Partitions of one worker share its compute stream, so their order is the
+        stream's own: no wait.
+        """
+        return None if self.worker_of[producer] == self.worker_of[consumer] else event
 
     @staticmethod
     def _join_caller(places: Sequence[torch.device], events: Sequence[Event]) -> None:
@@ -312,7 +330,7 @@ class Pipeline:
                 wants = tuple(t.requires_grad for t in source)
             else:
                 prev = run.cells[(i, j - 1)]
-                source, ready, in_atomic = prev.outputs, prev.event, prev.out_atomic
+                source, ready, in_atomic = prev.outputs, self._handed(j - 1, j, prev.event), prev.out_atomic
                 wants = prev.out_grad
             inputs = transfer(source, place, ready, streams, compute)
             checkpointed = i < run.checkpoint_stop
@@ -325,7 +343,7 @@ class Pipeline:
                 origin = run.cells[(i, src)]
                 value = origin.skips_out.pop(key) if checkpointed else origin.skips_out[key]
                 if value is not None:
-                    (value,) = transfer((value,), place, origin.event, streams, compute)
+                    (value,) = transfer((value,), place, self._handed(src, j, origin.event), streams, compute)
                     if grad:
                         value = _leaf(value, True)
                 skips[key] = value
@@ -349,8 +367,9 @@ class Pipeline:
             else:
                 cell.out_grad = tuple(t.requires_grad for t in cell.outputs)
             cell.skips_out = tracker.leaving
-            cell.event = record_event(compute)
+            cell.event = self._record(compute)
             run.cells[(i, j)] = cell
+            run.last_event[place] = cell.event
 
         clocks = forward_steps(m, n)
         watching = observers()
@@ -360,14 +379,18 @@ class Pipeline:
             len(clocks),
         )
 
+        # The caller's streams may differ from the workers': order each device's after the last
+        # cell its worker ran there, before committing BatchNorm statistics (the commit runs on
+        # the caller's stream and reads what every worker accumulated) and before the caller
+        # reads the outputs. The last partition's device alone is not enough: a commit on
+        # another GPU would race that GPU's worker.
+        self._join_caller(self.places, list(run.last_event.values()))
         if any(p.training for p in self.partitions):
             for layers in self._deferred:
                 for bn in layers:
                     bn.commit()
 
-        # The caller's stream may differ from the workers': order it after the last partition,
-        # and tell the allocator that it reads the outputs the last worker made.
-        self._join_caller([self.places[-1]], [run.cells[(i, n - 1)].event for i in range(m)])
+        # Tell the allocator that the caller's stream reads the outputs the last worker made.
         outputs = [run.cells[(i, n - 1)].outputs for i in range(m)]
         if self.places[-1].type == "cuda":
             caller = current_stream(self.places[-1])
@@ -443,7 +466,7 @@ class Pipeline:
                 take(cell.outputs, slices[i], grads_ready)
             else:
                 nxt = run.cells[(i, j + 1)]
-                take(cell.outputs, nxt.grads_in, nxt.grad_event)
+                take(cell.outputs, nxt.grads_in, self._handed(j + 1, j, nxt.grad_event))
             for key, tensor in cell.skips_out.items():
                 if tensor is None:
                     continue
@@ -451,7 +474,7 @@ class Pipeline:
                 popper = run.cells[(i, dst)]
                 # Consumed here, so released here: held to the end of the backward, a skip's
                 # gradient would pile up once per micro-batch on the popping device.
-                take((tensor,), (popper.skip_grads_in.pop(key, None),), popper.grad_event)
+                take((tensor,), (popper.skip_grads_in.pop(key, None),), self._handed(dst, j, popper.grad_event))
 
             leaves = [t for t in cell.inputs if t.requires_grad]
             skip_leaves = [(k, t) for k, t in cell.skips_in.items() if t is not None and t.requires_grad]
@@ -471,7 +494,7 @@ class Pipeline:
             cell.outputs, cell.skips_out, cell.inputs, cell.skips_in = (), {}, (), {}
             if j < n - 1:
                 run.cells[(i, j + 1)].grads_in = ()
-            cell.grad_event = record_event(compute)
+            cell.grad_event = self._record(compute)
             run.last_event[place] = cell.grad_event
 
         def step(s: Step) -> None:

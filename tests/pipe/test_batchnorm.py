@@ -254,3 +254,30 @@ def test_deferred_batch_norm_flag_off_keeps_plain() -> None:
     model = nn.Sequential(nn.BatchNorm1d(3))
     gpipe = GPipe(model, [1], devices=["cpu"], chunks=2)
     assert type(gpipe[0]) is nn.BatchNorm1d
+
+
+# Regression (fixed): the forward ordered only the last partition's device after the workers
+# before committing, so on two GPUs a commit on the first ran on the caller's stream while that
+# GPU's worker could still be accumulating (CUDA half: tests/pipe/test_cuda.py).
+def test_commit_comes_after_every_device_is_joined(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpipe_bench.pipe.pipeline import Pipeline
+
+    events: List[Tuple[str, object]] = []
+    join, commit = Pipeline._join_caller, DeferredBatchNorm.commit
+
+    def joining(places: List[torch.device], ready: List[object]) -> None:
+        events.append(("join", frozenset(places)))
+        join(places, ready)  # type: ignore[arg-type]
+
+    def committing(self: DeferredBatchNorm) -> None:
+        events.append(("commit", None))
+        commit(self)
+
+    monkeypatch.setattr(Pipeline, "_join_caller", staticmethod(joining))
+    monkeypatch.setattr(DeferredBatchNorm, "commit", committing)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3), nn.BatchNorm1d(3))
+    gpipe = GPipe(model, [2, 2], devices=["cpu:0", "cpu:1"], chunks=2, deferred_batch_norm=True)
+    gpipe(torch.randn(4, 3))
+    first_commit = events.index(("commit", None))
+    joined = set().union(*(places for kind, places in events[:first_commit] if kind == "join"))  # type: ignore[arg-type]
+    assert set(gpipe._pipeline.places) <= joined

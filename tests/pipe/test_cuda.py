@@ -172,3 +172,31 @@ def test_streams_do_not_leak_memory() -> None:
         gpipe(x).sum().backward()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= before * 1.05 + 1024
+
+
+class _Busy(nn.Module):
+    """Keeps its stream busy for a while before handing its input on unchanged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        work = torch.ones(1024, 1024, device=x.device, dtype=x.dtype)
+        for _ in range(20):
+            work = work @ work / 1024
+        return x + 0 * work[0, 0]
+
+
+def test_deferred_batchnorm_commit_waits_for_every_gpu_under_a_caller_stream() -> None:
+    """Regression: the commit (on the caller's stream) was ordered after the last GPU only."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    torch.manual_seed(0)
+    plain = nn.Sequential(_Busy(), nn.BatchNorm1d(16), nn.Linear(16, 16), nn.BatchNorm1d(16)).double().cuda()
+    gpipe = GPipe(copy.deepcopy(plain).cpu(), [2, 2], devices=["cuda:0", "cuda:1"], chunks=4, deferred_batch_norm=True)
+    x = torch.randn(32, 16, dtype=torch.float64, device="cuda:0")
+    with torch.cuda.stream(torch.cuda.Stream("cuda:0")), torch.cuda.stream(torch.cuda.Stream("cuda:1")):
+        gpipe(x).sum().backward()
+    torch.cuda.synchronize()
+    plain(x).sum().backward()
+    ours = [b for name, b in gpipe.named_buffers() if not name.endswith(("acc_mean", "acc_m2"))]
+    assert len(ours) == len(list(plain.buffers()))
+    for a, b in zip(ours, plain.buffers()):
+        assert torch.allclose(a.to(b.device).double(), b.double(), rtol=1e-9, atol=1e-12)
