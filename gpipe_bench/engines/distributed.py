@@ -6,18 +6,29 @@ The measurement loops see one :class:`~gpipe_bench.engines.base.Trainer` per
 rank: rank 0 feeds the inputs and writes the record, the last rank holds the
 labels, and the loops' barriers, maxima and gathers are the process group's.
 The first step infers the stages' shapes, so it is run before any figure.
+
+The process group outlives each trainer: a launch's rows run one after the
+other in the same processes and share it (one per row would cost a rendezvous
+and, on GPUs, new NCCL communicators each time). It is destroyed when the
+process is done with it, at exit (:func:`leave_process_group`), so NCCL's
+communicators are torn down while the interpreter is whole rather than by a
+destructor that warns and may abort.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed import distributed_c10d
 
 from gpipe_bench import models
 from gpipe_bench.distributed.schedule import make_schedule, step
@@ -27,7 +38,74 @@ from gpipe_bench.jobs import Job
 
 from .base import MemoryWatch, Trainer
 
-__all__ = ["DistributedTrainer", "rank_device"]
+__all__ = ["DistributedTrainer", "join_process_group", "leave_process_group", "rank_device"]
+
+
+@dataclass
+class _Ownership:
+    """What this process knows of its default group: whether it was made here, and whether it may be broken."""
+
+    #: Made by :func:`join_process_group`: destroyed here too (a group made by someone else is theirs to destroy).
+    made: bool = False
+    #: A step or a collective raised: a peer may still be blocked in it, and this rank may have work queued.
+    failed: bool = False
+    #: :func:`leave_process_group` is registered to run at exit (once per process).
+    registered: bool = False
+
+
+_GROUP = _Ownership()
+
+
+def join_process_group(device: torch.device, timeout_s: float) -> None:
+    """Make this process's default group (NCCL on a GPU, gloo on a CPU) unless one exists; it is left at exit."""
+    if dist.is_initialized():
+        return
+    # NCCL: bind the group to this rank's GPU (collectives on device tensors, no guessing).
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    _GROUP.made, _GROUP.failed = True, False
+    if not _GROUP.registered:
+        atexit.register(leave_process_group)
+        _GROUP.registered = True
+
+
+def leave_process_group() -> None:
+    """Destroy the default group if :func:`join_process_group` made it; a no-op otherwise, and when called again.
+
+    After a failure the group is aborted instead: a destroy first flushes this
+    rank's queued collectives, which wait for peers that may never come (the
+    failing rank would hang on its way out, and the launch would wait for it).
+    An abort drops them; one that fails is not reported over the error that
+    ended the run.
+    """
+    if not _GROUP.made:
+        return
+    _GROUP.made = False
+    if not dist.is_initialized():
+        return
+    if not _GROUP.failed:
+        dist.destroy_process_group()
+        return
+    # torch's abort is not public API: without it the group is left to its destructor, as before.
+    abort = getattr(distributed_c10d, "_abort_process_group", None)
+    try:
+        if abort is not None:
+            abort()
+    except (RuntimeError, ValueError):
+        pass  # the process is ending on an error already: that one is the one to report
+
+
+@contextmanager
+def _collective() -> Iterator[None]:
+    """Mark the group broken when the block (a step or a collective) raises, Ctrl-C included."""
+    try:
+        yield
+    except BaseException:
+        _GROUP.failed = True
+        raise
 
 
 def rank_device() -> torch.device:
@@ -53,13 +131,7 @@ class DistributedTrainer(Trainer):
     def __init__(self, job: Job) -> None:
         super().__init__(job)
         self.device = rank_device()
-        if not dist.is_initialized():
-            # NCCL: bind the group to this rank's GPU (collectives on device tensors, no guessing).
-            dist.init_process_group(
-                "nccl" if self.device.type == "cuda" else "gloo",
-                timeout=timedelta(seconds=job.timeout_s),
-                device_id=self.device if self.device.type == "cuda" else None,
-            )
+        join_process_group(self.device, job.timeout_s)
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.reporter = self.rank == 0
         name, args = job.model_name, job.model_args
@@ -89,24 +161,28 @@ class DistributedTrainer(Trainer):
         return x, y
 
     def step(self, x: Optional[Tensor], y: Optional[Tensor]) -> None:
-        step(self.pipe, self.rank, self.size, x, y)
+        with _collective():
+            step(self.pipe, self.rank, self.size, x, y)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def barrier(self) -> None:
-        dist.barrier()
+        with _collective():
+            dist.barrier()
 
     def slowest(self, seconds: float) -> float:
         # On the rank's device: an NCCL group has no CPU backend.
         elapsed = torch.tensor([seconds], dtype=torch.float64, device=self.device)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        return float(elapsed.item())
+        with _collective():
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            return float(elapsed.item())
 
     def gather(self, value: Any) -> List[Any]:
         out: List[Any] = [None] * self.size
-        dist.all_gather_object(out, value)
+        with _collective():
+            dist.all_gather_object(out, value)
         return out
 
     def memory_devices(self) -> List[str]:
