@@ -18,11 +18,13 @@ operator counts from :mod:`.count` and the per-operator time measured here.
 
 from __future__ import annotations
 
+import copy
+import gc
 import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -173,15 +175,37 @@ def _link(hardware: Hardware, src: str, dst: str) -> Optional[Link]:
 # -- measured ---------------------------------------------------------------------------------------------------
 
 
-def op_overhead(samples: int = 2000) -> float:
-    """Seconds of host time per operator on this machine: the median of timed batches of tiny adds."""
-    x = torch.zeros(1)
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    """Give the memory a timing freed back to a GPU: the caching allocator would otherwise hold it for the process."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def op_overhead(samples: int = 2000, device: torch.device = torch.device("cpu")) -> float:
+    """Seconds per operator launched on ``device``: the median of timed batches of tiny adds.
+
+    On a GPU an operator's host time is its launch, which is what a prediction on
+    that GPU charges per operator; a CPU tensor's add would time the CPU kernel
+    instead. Each batch starts and ends with the device idle, so its queue holds
+    no earlier work and every launch of the batch is counted.
+    """
+    x = torch.zeros(1, device=device)
     times = []
     for _ in range(7):
+        _synchronize(device)
         tick = time.perf_counter()
         for _ in range(samples):
             x.add_(1.0)
+        _synchronize(device)
         times.append((time.perf_counter() - tick) / samples)
+    del x
+    _release(device)
     times.sort()
     return times[len(times) // 2]
 
@@ -193,7 +217,7 @@ class MeasuredCosts(Costs):
         super().__init__(model, hardware)  # the preset gives copies between devices and processes; cells are timed
         self.device = torch.device(device)
         self.rounds = rounds
-        self.overhead = op_overhead()
+        self.overhead = op_overhead(device=self.device)
         cores = float(torch.get_num_threads())
         self.host = Host(cores=cores, threads=int(cores))
         self.description = f"measured on this machine ({device}, {self.overhead * 1e6:.1f} µs per operator)"
@@ -279,25 +303,56 @@ class MeasuredCosts(Costs):
     def update(self, params: int, tensors: int, device: str, thread_count: int, kind: str) -> Tuple[float, float]:
         key = (kind, thread_count)
         if key not in self._update:
-            self._update[key] = _time_update(kind, thread_count)
+            self._update[key] = _time_update(kind, thread_count, device=self.device)
         launches = _launches(tensors, device, kind)
         host = launches * self.overhead
         return host, self._update[key] * params
 
 
-def _time_update(kind: str, thread_count: int, numel: int = 1 << 22) -> float:
-    """Seconds per parameter of an SGD step or a gradient accumulation over a 4M-element tensor."""
-    a, g = torch.zeros(numel), torch.ones(numel)
-    best = float("inf")
+def _time_update(
+    kind: str, thread_count: int, numel: int = 1 << 22, device: torch.device = torch.device("cpu")
+) -> float:
+    """Seconds per parameter of an SGD step or a gradient accumulation over a 4M-element tensor on ``device``.
+
+    The tensors live where the parameters will (a GPU's memory bandwidth, not the host's),
+    and the GPU's own time is taken (:func:`_device_seconds`); the best of five passes.
+    """
+    a, g = torch.zeros(numel, device=device), torch.ones(numel, device=device)
     with threads(thread_count):
-        for _ in range(5):
-            tick = time.perf_counter()
-            if kind == "optimizer":
-                a.add_(g, alpha=-0.1)
-            else:
-                torch._foreach_add_([a], [g])
-            best = min(best, time.perf_counter() - tick)
+        best = min(_device_seconds(partial(_update_pass, kind, a, g), device) for _ in range(5))
+    del a, g
+    _release(device)
     return best / numel
+
+
+def _update_pass(kind: str, a: torch.Tensor, g: torch.Tensor) -> None:
+    """One pass of ``kind`` over the weight ``a`` and its gradient ``g``."""
+    if kind == "optimizer":
+        a.add_(g, alpha=-0.1)
+    else:
+        torch._foreach_add_([a], [g])
+
+
+def _device_seconds(work: Callable[[], None], device: torch.device) -> float:
+    """Seconds ``work`` takes on ``device``: the host's clock on a CPU; CUDA events around it on a GPU.
+
+    A CUDA launch returns before the kernel runs, so the host's clock would time the
+    launch alone; the events are recorded on the device's stream around the work,
+    after the device has finished everything queued before it.
+    """
+    if device.type != "cuda":
+        tick = time.perf_counter()
+        work()
+        return time.perf_counter() - tick
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.current_stream(device)
+    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    start.record(stream)
+    work()
+    end.record(stream)
+    end.synchronize()
+    return float(start.elapsed_time(end)) / 1000.0  # milliseconds
 
 
 @lru_cache(maxsize=32)
@@ -311,5 +366,19 @@ def _model(key: ModelKey) -> torch.nn.Sequential:
 def _time_model(
     key: ModelKey, batch: int, device: torch.device, thread_count: int, rounds: int, fixed: bool = True
 ) -> LayerTimes:
+    """Every layer of ``key``'s model timed on ``device`` at micro-batch ``batch``.
+
+    :func:`time_layers` moves the model it is given to ``device``, in place. The
+    cached model is the host's, shared by every timing (and the contention
+    measurement) of the process: a GPU times a copy of it, which is freed with
+    the memory the timing used once the figures are taken.
+    """
     sample = torch.rand(batch, 3, key.input_size, key.input_size)
-    return time_layers(_model(key), sample, device, thread_count, rounds, fixed)
+    if device.type == "cpu":
+        return time_layers(_model(key), sample, device, thread_count, rounds, fixed)
+    model = copy.deepcopy(_model(key))
+    try:
+        return time_layers(model, sample, device, thread_count, rounds, fixed)
+    finally:
+        del model, sample
+        _release(device)
