@@ -41,7 +41,18 @@ from gpipe_bench.jobs import Job
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.results import Result
 
-__all__ = ["Dataset", "Folders", "Report", "REPORTS_PER_EPOCH", "load_dataset", "batches", "lr_at", "train", "run"]
+__all__ = [
+    "Dataset",
+    "Folders",
+    "Report",
+    "REPORTS_PER_EPOCH",
+    "RunningLoss",
+    "load_dataset",
+    "batches",
+    "lr_at",
+    "train",
+    "run",
+]
 
 #: Progress reports per epoch: after each quarter of its steps, the last one with the validation error.
 REPORTS_PER_EPOCH = 4
@@ -211,6 +222,43 @@ def _error(model: nn.Module, data: Data, device: torch.device, layout: torch.mem
     return 100.0 * (1 - correct / total)
 
 
+class RunningLoss:
+    """The training loss summed where it is computed; read as a float only when a report needs it.
+
+    Why: reading each step's loss (``float(loss)``) waits for the device between
+    the forward and the backward, a host synchronisation per step on CUDA. The
+    sum stays on the loss's device, detached, in float64 so that the mean read
+    at a report equals the sum of the per-step floats the loop used to add up
+    (each float32 loss is exact in float64, added in the same order). A loss
+    that is not finite is caught when the sum is read: the report names the
+    steps it lies between.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.total: Optional[Tensor] = None
+        self.count = 0
+        self.first = 1  # the first step (1-based) since the last read
+
+    def add(self, loss: Tensor) -> None:
+        """Add one step's loss on its device; nothing waits for it."""
+        value = loss.detach().to(torch.float64)
+        self.total = value if self.total is None else self.total + value
+        self.count += 1
+
+    def mean(self, step: int) -> float:
+        """The mean since the last read (0.0 with none), read at ``step`` (1-based); the sum starts again.
+
+        Raises :class:`FloatingPointError` when a loss since the last read was not finite.
+        """
+        total = 0.0 if self.total is None else float(self.total)  # the one host synchronisation
+        count, first = self.count, self.first
+        self.total, self.count, self.first = None, 0, step + 1
+        if not math.isfinite(total):
+            raise FloatingPointError(f"{self.where}: loss is {total} in steps {first}-{step}")
+        return total / max(count, 1)
+
+
 def _train_loop(
     job: Job,
     model: nn.Module,
@@ -235,29 +283,25 @@ def _train_loop(
     layout = _memory_format(job)
     epochs = job.settings.epochs
     for epoch in range(epochs):
-        running, count = 0.0, 0
+        running = RunningLoss(f"{job.row.name} seed {seed}, epoch {epoch + 1}")
         for step, (x, y) in enumerate(batches(data, batch, seed, epoch, crop)):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(job, batch, epoch * steps + step, steps)
             x, y = x[replica * share : (replica + 1) * share], y[replica * share : (replica + 1) * share]
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x.to(first).contiguous(memory_format=layout)), y.to(last))
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"{job.row.name} seed {seed}: loss is {value} at epoch {epoch + 1} step {step + 1}"
-                )
+            running.add(loss)
             torch.autograd.backward(loss)
             optimizer.step()
-            running, count = running + value, count + 1
-            if progress is not None and step + 1 in marks:
-                progress(Report(seed, epoch + 1, epochs, step + 1, steps, time.perf_counter() - start, running / count))
-                running, count = 0.0, 0
+            if step + 1 in marks:
+                mean = running.mean(step + 1)  # read (and checked) every quarter, printed or not
+                if progress is not None:
+                    progress(Report(seed, epoch + 1, epochs, step + 1, steps, time.perf_counter() - start, mean))
+        mean = running.mean(steps)
         if evaluate is not None:
             errors.append(evaluate())
             if progress is not None:
-                seconds, loss_mean = time.perf_counter() - start, running / max(count, 1)
-                progress(Report(seed, epoch + 1, epochs, steps, steps, seconds, loss_mean, errors[-1]))
+                progress(Report(seed, epoch + 1, epochs, steps, steps, time.perf_counter() - start, mean, errors[-1]))
     return errors
 
 

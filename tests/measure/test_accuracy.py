@@ -178,6 +178,79 @@ def test_a_data_parallel_and_a_pipeline_row_train_end_to_end() -> None:
         assert all(0.0 < r.loss < 100.0 for r in reports) and reports[-1].seconds >= reports[0].seconds
 
 
+def _pipeline_row(batch: int = 4) -> Job:
+    settings = replace(QUICK.settings, epochs=1, dataset_size=32)
+    row = replace(TABLE.row("pipeline-256", "quick"), batch=batch, chunks=2)
+    return Job(TABLE, row, settings, "quick", ["cpu:0", "cpu:1"], seeds=[0], timeout_s=300)
+
+
+def test_reported_losses_are_the_means_of_the_step_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each report's loss is the mean of the per-step losses since the previous one, to the last bit."""
+    losses: List[torch.Tensor] = []
+    cross_entropy = F.cross_entropy
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = cross_entropy(*args, **kwargs)
+        losses.append(loss.detach().clone())
+        return loss
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    reports: List[accuracy.Report] = []
+    accuracy.train(_pipeline_row(), _data(32), seed=0, progress=reports.append)
+    values = [float(loss) for loss in losses]
+    assert len(values) == 8 and [r.step for r in reports] == [2, 4, 6, 8]
+    expected = []
+    for start in range(0, 8, 2):  # a report after every 2 of the 8 steps
+        running = 0.0
+        for value in values[start : start + 2]:
+            running += value
+        expected.append(running / 2)
+    assert [r.loss for r in reports] == expected
+
+
+def test_the_loss_is_read_on_the_host_only_when_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No step waits for its loss: tensors are read as numbers a few times an epoch, not once a step."""
+    reads = {"n": 0}
+    to_float, item = torch.Tensor.__float__, torch.Tensor.item
+
+    def counted_float(self: torch.Tensor) -> float:
+        reads["n"] += 1
+        return to_float(self)
+
+    def counted_item(self: torch.Tensor) -> Any:
+        reads["n"] += 1
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "__float__", counted_float)
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    reports: List[accuracy.Report] = []
+    accuracy.train(_pipeline_row(batch=2), _data(32), seed=0, progress=reports.append)  # 16 steps
+    assert len(reports) == accuracy.REPORTS_PER_EPOCH
+    # One read per report, and one for the batches' padding value: not one per step.
+    assert reads["n"] <= accuracy.REPORTS_PER_EPOCH + 1 < 16
+
+
+def test_a_loss_that_is_not_finite_names_its_steps() -> None:
+    running = accuracy.RunningLoss("pipeline-256 seed 0, epoch 1")
+    assert running.mean(0) == 0.0
+    running.add(torch.tensor(1.0, requires_grad=True) * 2)
+    running.add(torch.tensor(3.0))
+    assert running.mean(2) == 2.5  # the sum starts again after each read
+    running.add(torch.tensor(float("nan")))
+    running.add(torch.tensor(1.0))
+    with pytest.raises(FloatingPointError, match=r"pipeline-256 seed 0, epoch 1: loss is nan in steps 3-4"):
+        running.mean(4)
+
+
+@pytest.mark.cuda
+def test_the_running_loss_stays_on_the_gpu_until_read() -> None:
+    running = accuracy.RunningLoss("pipeline-256 seed 0, epoch 1")
+    for value in (0.5, 1.25):
+        running.add(torch.tensor(value, device="cuda"))
+    assert running.total is not None and running.total.device.type == "cuda"
+    assert running.mean(2) == 0.875
+
+
 def test_published_profile_needs_imagenet_folders(tmp_path: Path) -> None:
     for args, needle in (
         (["--profile", "published"], "--data"),
