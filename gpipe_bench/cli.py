@@ -601,6 +601,8 @@ def memory_command(
             figure = "not measured"
         else:
             figure = f"{report.format_gib(result.value)} measured"
+            if extra.get("allocated_gib") is not None:  # CUDA: what the prediction is compared with
+                figure += f" ({report.format_gib(extra['allocated_gib'])} allocated)"
         click.echo(
             f"{job.row.name}: {figure}, {report.format_gib(extra['predicted_gib'])} predicted  -> {path}", err=True
         )

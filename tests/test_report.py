@@ -11,6 +11,7 @@ import pytest
 from gpipe_bench import report
 from gpipe_bench.config import Profile, Published, Row, Settings, Table
 from gpipe_bench.results import Result, summarize
+from helpers import EPYC
 
 P40 = {
     "devices": ["cuda:0"],
@@ -421,6 +422,57 @@ def test_memory_table_shows_predictions_and_units() -> None:
     assert "cuda:1" in per_device and "9.96 GiB" in per_device and "backward 126 on partition 0" in per_device
     entry = row_of(report.compare(table, results), "pipeline-8")
     assert entry.flag == "differs" and "predicted (not measured)" in entry.note  # never a regression
+
+
+def test_cuda_memory_rows_show_the_allocated_peak_and_the_prediction_against_it() -> None:
+    """The measured column stays reserved; the allocated peak is shown per device, and the ratio is against it."""
+    table = memory()
+    cuda = {
+        "parameters": 612_770_042,
+        "model_memory_gib": 6.848,
+        "predicted_gib": 5.7,
+        "devices": ["cuda:0", "cuda:1"],
+        "model_memory_per_device_gib": [3.4, 3.448],
+        "predicted_per_device_gib": [3.0, 2.7],
+        "measured_per_device_gib": [3.5, 3.1],
+        "allocated_per_device_gib": [3.1, 2.9],
+        "allocated_gib": 6.0,
+        "predicted_over_measured": 0.95,
+        "predicted_compared_with": "CUDA max_memory_allocated minus model memory",
+        "predicted_peak_at": ["backward 126 on partition 0", "backward 127 on partition 1"],
+        "method": "CUDA max_memory_reserved minus model memory",
+    }
+    results = [result(table, "pipeline-2", 6.6, extra=cuda)]
+    text = report.render(table, results)
+    line = next(line for line in text.splitlines() if line.startswith("pipeline-2"))
+    assert "6.60 GiB" in line and "5.70 GiB" in line and "0.950" in line
+    assert "Predicted / measured: the prediction over CUDA max_memory_allocated minus model memory" in text
+    per_device = report.memory_per_device(table, results)
+    header = next(line for line in per_device.splitlines() if line.startswith("Experiment"))
+    assert header.split()[:6] == ["Experiment", "Device", "Model", "memory", "Peak", "activation"]
+    assert "Allocated" in header and header.index("Allocated") < header.index("Predicted")
+    rows = [line for line in per_device.splitlines() if "cuda:" in line]
+    assert "3.50 GiB" in rows[0] and "3.10 GiB" in rows[0] and "3.00 GiB" in rows[0]
+    assert "3.10 GiB" in rows[1] and "2.90 GiB" in rows[1] and "2.70 GiB" in rows[1]
+
+
+def test_cpu_memory_rows_have_one_measured_figure() -> None:
+    table = memory()
+    cpu = {
+        "parameters": 612_770_042,
+        "model_memory_gib": 6.848,
+        "predicted_gib": 5.7,
+        "devices": ["cpu:0"],
+        "model_memory_per_device_gib": [6.848],
+        "predicted_per_device_gib": [5.7],
+        "measured_per_device_gib": [6.0],
+        "predicted_over_measured": 0.95,
+        "predicted_compared_with": "bytes held by tensors (TensorMemory), model state excluded",
+        "method": "bytes held by tensors (TensorMemory), model state excluded",
+    }
+    results = [result(table, "pipeline-2", 6.0, extra=cpu, env=EPYC)]
+    assert "Allocated" not in report.memory_per_device(table, results)
+    assert "0.950" in report.render(table, results)
 
 
 def test_format_gib_switches_to_mib_below_one_gib() -> None:

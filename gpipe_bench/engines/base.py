@@ -19,7 +19,7 @@ from __future__ import annotations
 import gc
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -46,10 +46,18 @@ def is_oom(error: BaseException) -> bool:
 
 @dataclass
 class MemoryWatch:
-    """Peak activation bytes per memory slot of this process, filled in when the watch ends."""
+    """Peak activation bytes per memory slot of this process, filled in when the watch ends.
+
+    ``peaks``: the published method's figure (CUDA: peak reserved; CPU: the meter's).
+    ``allocated``: on CUDA, the peak allocated by tensors, model memory taken off too:
+    the reserved peak grows in the allocator's 2 and 20 MiB segments and holds cuDNN's
+    workspaces, so the predictor (tensors only) is compared with this one. Empty on a CPU,
+    whose meter has one figure.
+    """
 
     meter: Optional[TensorMemory]
     peaks: List[int]
+    allocated: List[int] = field(default_factory=list)
 
     def exclude(self, tensors: Sequence[Optional[Tensor]]) -> None:
         """Leave model state (gradients, optimizer buffers) out of the figures (the CPU meter; CUDA subtracts it)."""
@@ -140,8 +148,10 @@ class Trainer(ABC):
 
         CUDA: the allocator's peak reserved memory of each device minus its
         model memory (the published method), after emptying what an earlier
-        row left. CPU: the bytes held by tensors (the memory meter), model state
-        excluded by the caller through :meth:`MemoryWatch.exclude`.
+        row left; its peak allocated memory minus model memory beside it
+        (:attr:`MemoryWatch.allocated`). CPU: the bytes held by tensors (the
+        memory meter), model state excluded by the caller through
+        :meth:`MemoryWatch.exclude`.
         """
         devices = self.memory_devices()
         if any(d.startswith("cuda") for d in devices):
@@ -156,6 +166,7 @@ class Trainer(ABC):
             for d, model in zip(devices, held):
                 torch.cuda.synchronize(d)
                 watch.peaks.append(torch.cuda.max_memory_reserved(d) - model)
+                watch.allocated.append(torch.cuda.max_memory_allocated(d) - model)
             return
         meter = TensorMemory(default_owner=self.meter_owner())
         watch = MemoryWatch(meter, [])

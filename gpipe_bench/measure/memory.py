@@ -17,10 +17,18 @@ Beside the measurement of an engine in this process, the prediction of
 :mod:`gpipe_bench.memory.predict` for the same row, from ``meta`` alone;
 ``predict_only`` skips the measurement, so rows too big for this machine
 still get their columns.
+
+On CUDA the record also keeps the peak *allocated* memory minus model memory
+per device. The reserved peak grows in the caching allocator's 2 and 20 MiB
+segments and holds cuDNN's workspaces, neither of which the predictor (bytes
+held by tensors) models: the prediction is compared with the allocated peak
+there (``predicted_over_measured``), and with the meter's one figure on a CPU.
+The table's measured column stays the published method's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -38,7 +46,18 @@ from gpipe_bench.results import Result, Status
 
 from ..engines.local import memory_slots
 
-__all__ = ["GIB", "METHODS", "available_host_bytes", "find_balance", "predict", "measure", "run"]
+__all__ = [
+    "GIB",
+    "METHODS",
+    "COMPARED_WITH",
+    "Peaks",
+    "available_host_bytes",
+    "compared",
+    "find_balance",
+    "predict",
+    "measure",
+    "run",
+]
 
 GIB = float(2**30)
 
@@ -47,6 +66,35 @@ METHODS = {
     "cuda": "CUDA max_memory_reserved minus model memory",
     "cpu": "bytes held by tensors (TensorMemory), model state excluded",
 }
+
+#: What the prediction is compared with, by where (``predicted_over_measured``): what tensors held.
+COMPARED_WITH = {
+    "cuda": "CUDA max_memory_allocated minus model memory",
+    "cpu": METHODS["cpu"],
+}
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """Peak activation bytes per memory slot of this process (model memory left out).
+
+    ``reported``: the published method's figure (CUDA: peak reserved; CPU: the meter's).
+    ``allocated``: CUDA's peak allocated by tensors; empty on a CPU.
+    """
+
+    reported: List[int]
+    allocated: List[int] = field(default_factory=list)
+
+
+def compared(predicted: int, reported: Sequence[int], allocated: Sequence[int]) -> Optional[float]:
+    """Predicted / measured activation memory, summed over devices; None when nothing was measured.
+
+    Against the allocated peak where there is one (CUDA): the predictor counts what
+    tensors hold, not the allocator's segments or cuDNN's workspaces. Otherwise
+    against the reported figure (the CPU meter's, which counts the same as the predictor).
+    """
+    measured = sum(allocated) if allocated else sum(reported)
+    return predicted / measured if measured > 0 else None
 
 
 def _meta_model(job: Job) -> nn.Sequential:
@@ -121,7 +169,20 @@ def _model_memory(modules: Sequence[Tuple[int, nn.Module]], slots: int, width: i
     return out
 
 
-def measure(trainer: engines.Trainer, job: Job) -> List[int]:
+def _comparison(
+    prediction: Optional[Prediction], measured: List[int], allocated: List[int], where: str
+) -> Dict[str, Any]:
+    """The record's allocated peak (CUDA) and the prediction against the measurement, by :func:`compared`."""
+    out: Dict[str, Any] = {}
+    if allocated:
+        out.update(allocated_gib=sum(allocated) / GIB, allocated_per_device_gib=[b / GIB for b in allocated])
+    ratio = compared(prediction.total, measured, allocated) if prediction is not None else None
+    if ratio is not None:
+        out.update(predicted_over_measured=ratio, predicted_compared_with=COMPARED_WITH[where])
+    return out
+
+
+def measure(trainer: engines.Trainer, job: Job) -> Peaks:
     """Peak activation bytes per memory slot of this process over the configured training steps."""
     optimizer = optim.build(job.settings.optimizer, trainer.parameters())
     with trainer.watch_memory(copies=int(job.extra("parameter_copies"))) as watch:
@@ -132,7 +193,7 @@ def measure(trainer: engines.Trainer, job: Job) -> List[int]:
             optimizer.step()
             watch.exclude(optim.model_state(trainer.parameters(), optimizer))
         del x, y
-    return watch.peaks
+    return Peaks(list(watch.peaks), list(watch.allocated))
 
 
 def available_host_bytes() -> Optional[int]:
@@ -174,6 +235,7 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
     status: Status = "predicted"
     note = ""
     measured: Optional[List[int]] = None
+    allocated: List[int] = []
     trainer: Optional[engines.Trainer] = None
     if not predict_only:
         status = "ok"
@@ -189,11 +251,12 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
             try:
                 trainer = engines.build(job, balance)
                 here = measure(trainer, job)
-                mine = _model_memory(trainer.memory_parts(), len(here), width, copies)
+                mine = _model_memory(trainer.memory_parts(), len(here.reported), width, copies)
                 gathered = trainer.gather((here, mine, trainer.memory_devices()))
                 if not trainer.reporter:
                     return None
-                measured = [p for peaks, _, _ in gathered for p in peaks]
+                measured = [p for peaks, _, _ in gathered for p in peaks.reported]
+                allocated = [p for peaks, _, _ in gathered for p in peaks.allocated]
                 if not local:  # per rank: its own model memory and device
                     model_bytes = [m for _, held, _ in gathered for m in held]
                     distinct = [f"rank {r}" for r in range(len(gathered))]
@@ -230,6 +293,7 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
         cuda = trainer is not None and any(d.startswith("cuda") for d in trainer.memory_devices())
         extra["method"] = METHODS["cuda" if cuda else "cpu"]
         extra["measured_per_device_gib"] = [b / GIB for b in measured]
+        extra.update(_comparison(prediction, measured, allocated, "cuda" if cuda else "cpu"))
     if note:
         extra["note"] = note
     if trainer is not None:

@@ -17,6 +17,7 @@ through module hooks; :func:`check_timeline` says so before anything runs.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -120,10 +121,7 @@ def run(job: Job, progress: Optional[Progress] = None, timeline: Optional[Timeli
             raise
         status, throughputs = "oom", []
     finally:
-        if trainer is not None:
-            trainer.close()
-        elif torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _release(trainer)
     if trainer is not None and not trainer.reporter:
         return None
     settings = job.settings_record()
@@ -146,6 +144,22 @@ def run(job: Job, progress: Optional[Progress] = None, timeline: Optional[Timeli
         extra=trainer.record_extra() if trainer is not None else {},
         created=now(),
     )
+
+
+def _release(trainer: Optional[engines.Trainer]) -> None:
+    """Free what the row held before the next row starts.
+
+    An out-of-memory row leaves its activations in reference cycles (the
+    error's traceback, the frames of the engine's workers) that only a
+    collection frees; without one they would still hold memory when the next
+    row builds its model and push it out too. Collected first, then CUDA's
+    cache is emptied, so the freed blocks go back to the device.
+    """
+    if trainer is not None:
+        trainer.close()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _untimed(label: str) -> AbstractContextManager[Any]:

@@ -144,6 +144,7 @@ def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published
             "Total Model Parameter Memory",
             "Total Peak Activation Memory",
             "Predicted",
+            "Predicted / measured",
         ]
         if published:
             headers += ["Published model memory", "Published peak activation"]
@@ -157,6 +158,7 @@ def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published
                 format_gib(extra.get("model_memory_gib")),
                 memory_cell(result),
                 format_gib(extra.get("predicted_gib")),
+                fmt_num(extra.get("predicted_over_measured"), 3),
             ]
             if published:
                 values = row.published.values
@@ -169,27 +171,39 @@ def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published
         return headers, rows, ["left", "left"] + ["right"] * (len(headers) - 2)
 
     text = render_groups(table, results, fmt, grid)
-    methods = sorted(
-        {
-            str(r.extra["method"])
-            for r in results
-            if r.table == table.name and r.status == "ok" and r.extra.get("method")
-        }
-    )
+    methods = _recorded(table, results, "method")
     if methods:
         text += (
             "\nPeak activation memory: the sum over devices of each device's peak during the training steps, "
             "model memory excluded; measured as " + "; ".join(methods) + ". Predicted from the meta device "
             "(gpipe_bench.memory.predict). Published columns are labelled GB but are GiB.\n"
         )
+    bases = _recorded(table, results, "predicted_compared_with")
+    if bases:
+        text += (
+            "Predicted / measured: the prediction over " + "; ".join(bases) + " (on CUDA the allocated peak: "
+            "the reserved one grows in the allocator's 2 and 20 MiB segments and holds cuDNN's workspaces, "
+            "which the prediction does not count).\n"
+        )
     return text
+
+
+def _recorded(table: "Table", results: Sequence[Result], key: str) -> List[str]:
+    """The distinct values of ``extra[key]`` over the table's measured records, sorted."""
+    return sorted(
+        {str(r.extra[key]) for r in results if r.table == table.name and r.status == "ok" and r.extra.get(key)}
+    )
 
 
 def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "rst") -> str:
     """Each device of each row: model memory, measured and predicted peak activation, and when the peak falls."""
 
     def grid(profile: "Profile", group: Group) -> Grid:
-        headers = ["Experiment", "Device", "Model memory", "Peak activation", "Predicted", "Predicted peak at"]
+        # CUDA records have the allocated peak too (what the prediction is compared with); CPU ones one figure.
+        cuda = any(r.extra.get("allocated_per_device_gib") for r in group.results.values())
+        headers = ["Experiment", "Device", "Model memory", "Peak activation"]
+        headers += ["Allocated"] if cuda else []
+        headers += ["Predicted", "Predicted peak at"]
         rows: List[List[str]] = []
         for row, engine, result in row_slots(profile, group):
             if result is None:
@@ -198,6 +212,7 @@ def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "
             names = list(extra.get("devices") or [])
             model = list(extra.get("model_memory_per_device_gib") or [])
             measured = list(extra.get("measured_per_device_gib") or [])
+            allocated = list(extra.get("allocated_per_device_gib") or [])
             predicted = list(extra.get("predicted_per_device_gib") or [])
             when = list(extra.get("predicted_peak_at") or [])
             for k, name in enumerate(names):
@@ -205,17 +220,19 @@ def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "
                     ours = format_gib(measured[k]) if k < len(measured) else DASH
                 else:
                     ours = "Out of memory" if result.status == "oom" else "not measured"
-                rows.append(
-                    [
-                        row_label(row.name, engine) if k == 0 else "",
-                        str(name),
-                        format_gib(model[k]) if k < len(model) else DASH,
-                        ours,
-                        format_gib(predicted[k]) if k < len(predicted) else DASH,
-                        str(when[k]) if k < len(when) else DASH,
-                    ]
-                )
-        return headers, rows, ["left", "left", "right", "right", "right", "left"]
+                cells = [
+                    row_label(row.name, engine) if k == 0 else "",
+                    str(name),
+                    format_gib(model[k]) if k < len(model) else DASH,
+                    ours,
+                ]
+                cells += [format_gib(allocated[k]) if k < len(allocated) else DASH] if cuda else []
+                cells += [
+                    format_gib(predicted[k]) if k < len(predicted) else DASH,
+                    str(when[k]) if k < len(when) else DASH,
+                ]
+                rows.append(cells)
+        return headers, rows, ["left", "left"] + ["right"] * (len(headers) - 3) + ["left"]
 
     return render_groups(table, results, fmt, grid)
 

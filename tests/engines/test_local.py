@@ -62,3 +62,45 @@ def test_cpu_memory_watch_charges_each_device() -> None:
         x, y = trainer.batch(watch)
         trainer.step(x, y)
     assert len(watch.peaks) == 2 and all(p > 0 for p in watch.peaks)
+
+
+def test_cuda_memory_watch_keeps_reserved_and_allocated_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each device's peak reserved (the published method) and peak allocated memory, both less its model memory."""
+    reserved = {"cuda:0": 900 << 20, "cuda:1": 700 << 20}
+    allocated = {"cuda:0": 500 << 20, "cuda:1": 600 << 20}
+    monkeypatch.setattr(LocalTrainer, "memory_devices", lambda self: ["cuda:0", "cuda:1"])
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: reserved[device])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated[device])
+    trainer = LocalTrainer(_job("pipeline-2", ["cpu:0", "cpu:1"]))
+    with trainer.watch_memory(copies=3) as watch:
+        x, y = trainer.batch(watch)
+        trainer.step(x, y)
+    model = trainer.model_bytes(3)
+    assert watch.peaks == [reserved["cuda:0"] - model[0], reserved["cuda:1"] - model[1]]
+    assert watch.allocated == [allocated["cuda:0"] - model[0], allocated["cuda:1"] - model[1]]
+
+
+def test_cpu_memory_watch_has_one_figure() -> None:
+    trainer = LocalTrainer(_job("naive-1", ["cpu"]))
+    with trainer.watch_memory(copies=3) as watch:
+        x, y = trainer.batch(watch)
+        trainer.step(x, y)
+    assert len(watch.peaks) == 1 and watch.allocated == []
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(120)
+def test_cuda_memory_watch_on_a_gpu() -> None:
+    """The allocated peak is what tensors took: never above the reserved one, which holds it in segments."""
+    trainer = LocalTrainer(_job("naive-1", ["cuda:0"]))
+    try:
+        with trainer.watch_memory(copies=3) as watch:
+            x, y = trainer.batch(watch)
+            trainer.step(x, y)
+        assert len(watch.peaks) == len(watch.allocated) == 1
+        assert watch.peaks[0] >= watch.allocated[0] > 0
+    finally:
+        trainer.close()

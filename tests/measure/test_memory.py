@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import List
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from gpipe_bench import config, models, report
 from gpipe_bench.cli import main
+from gpipe_bench.engines.local import LocalTrainer
 from gpipe_bench.jobs import Job
 from gpipe_bench.measure import memory
 
@@ -71,8 +73,49 @@ def test_recorded_quick_balances_are_what_balance_by_size_finds(name: str) -> No
     assert memory.find_balance(_job(name, balance=None)) == recorded
 
 
+def test_the_prediction_is_compared_with_allocated_memory_on_cuda_and_the_meter_on_cpu() -> None:
+    mib = 2**20
+    # CUDA: reserved is the published column's figure; the prediction is held against what tensors took.
+    assert memory.compared(30 * mib, [40 * mib, 44 * mib], [25 * mib, 35 * mib]) == pytest.approx(0.5)
+    assert memory.compared(30 * mib, [40 * mib, 20 * mib], []) == pytest.approx(0.5)  # CPU: the meter's one figure
+    assert memory.compared(30 * mib, [0], []) is None
+
+
+def test_a_cuda_row_records_reserved_and_allocated_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real loop on host tensors, with the allocator's counters of a pretended GPU."""
+    reserved, allocated = 2 * 2**30, 3 * 2**29
+    calls: List[str] = []
+    monkeypatch.setattr(LocalTrainer, "memory_devices", lambda self: ["cuda:0"])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated)
+    result = memory.run(_job("naive-1"))
+    assert result is not None and result.status == "ok" and "reset" in calls
+    extra = result.extra
+    model = extra["model_memory_per_device_gib"][0]
+    assert extra["method"] == memory.METHODS["cuda"]
+    assert result.value == pytest.approx(reserved / memory.GIB - model)  # the table's column: reserved
+    assert extra["measured_per_device_gib"] == [pytest.approx(reserved / memory.GIB - model)]
+    assert extra["allocated_per_device_gib"] == [pytest.approx(allocated / memory.GIB - model)]
+    assert extra["allocated_gib"] == pytest.approx(allocated / memory.GIB - model)
+    assert extra["predicted_over_measured"] == pytest.approx(extra["predicted_gib"] / extra["allocated_gib"])
+    assert extra["predicted_compared_with"] == memory.COMPARED_WITH["cuda"]
+    json.dumps(result.to_json())
+
+
+def test_a_cpu_row_compares_the_prediction_with_the_meter() -> None:
+    result = memory.run(_job("naive-1"))
+    assert result is not None and result.status == "ok" and result.value is not None
+    extra = result.extra
+    assert "allocated_gib" not in extra and "allocated_per_device_gib" not in extra
+    assert extra["predicted_over_measured"] == pytest.approx(extra["predicted_gib"] / result.value)
+    assert extra["predicted_compared_with"] == memory.COMPARED_WITH["cpu"] == memory.METHODS["cpu"]
+
+
 def test_out_of_memory_is_a_row_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
-    def oom(*_: object) -> List[int]:
+    def oom(*_: object) -> memory.Peaks:
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(memory, "measure", oom)

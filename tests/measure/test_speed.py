@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, List
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from gpipe_bench import config
@@ -96,6 +99,40 @@ def test_out_of_memory_is_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(LocalTrainer, "step", oom)
     result = speed.run(_job("naive-1", batch=8))
     assert result is not None and result.status == "oom" and result.value is None and result.samples == []
+
+
+def test_an_out_of_memory_row_frees_its_activations_before_the_next_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a failed step left in reference cycles is collected when the row ends, after the trainer is closed."""
+    held: List[Any] = []
+    events: List[str] = []
+
+    def oom(self: LocalTrainer, x: Any, y: Any) -> None:
+        activations: List[Any] = [torch.ones(1024)]
+        activations.append(activations)  # a cycle: freed only by a collection
+        held.append(weakref.ref(activations[0]))
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    collect, close = gc.collect, LocalTrainer.close
+
+    def closing(self: LocalTrainer) -> None:
+        events.append("close")
+        close(self)
+
+    def collecting(*args: Any) -> int:
+        events.append("collect")
+        return collect(*args)
+
+    monkeypatch.setattr(LocalTrainer, "step", oom)
+    monkeypatch.setattr(LocalTrainer, "close", closing)
+    monkeypatch.setattr(gc, "collect", collecting)
+    gc.disable()  # no automatic collection in between: only the row's own frees the cycle
+    try:
+        result = speed.run(_job("naive-1", batch=8))
+        assert held and held[0]() is None
+    finally:
+        gc.enable()
+    assert result is not None and result.status == "oom"
+    assert events[-2:] == ["close", "collect"]
 
 
 @pytest.mark.parametrize("skip", [1, 0])
