@@ -1,11 +1,12 @@
-"""benchmarks/gpu_check.py as far as a CPU can run it: the driver with fake steps, and the timed helpers on CPU.
+"""benchmarks/gpu_check.py and gpu_steps.py as far as a CPU can run them: the driver with fake steps, the timed steps on CPU.
 
 The driver's job is to end in time and keep its results on a machine that is
-taken back when its time is up, so most tests here are about processes: a
-step that hangs, ignores SIGTERM or leaves a process in a session of its own
-behind, and a driver stopped by SIGTERM. Fake steps are small ``python -c``
-scripts with caps of a few seconds; every test kills what it started, also
-when it fails.
+taken back when its time is up, so most tests here are about its verdicts on
+steps that hang, ignore SIGTERM or leave a process in a session of its own
+behind, and about a driver stopped by SIGTERM. How such processes are found
+and stopped is tested on its own in tests/test_processes.py. Fake steps are
+small ``python -c`` scripts with caps of a few seconds; every test kills what
+it started, also when it fails.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import torch
 
+from gpipe_bench.processes import KILL_WAIT_S
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmarks_gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -37,7 +40,8 @@ def _load() -> ModuleType:
     return module
 
 
-gpu_check = _load()
+gpu_check = _load("gpu_check")
+gpu_steps = _load("gpu_steps")
 
 # A step that starts a process in a session of its own (as torchrun starts its ranks) which
 # sleeps and holds the step's output, writes that process's pid, then hangs or exits.
@@ -105,6 +109,32 @@ def test_gpu_check_without_cuda_is_one_line_and_exit_2() -> None:
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and "no CUDA device" in done.stderr
+
+
+def test_a_step_in_a_child_finds_gpu_steps_beside_the_script() -> None:
+    # As the driver starts it, but also with no PYTHONPATH and without the script's folder on
+    # sys.path (PYTHONSAFEPATH): the probe answers 0 with CUDA, 4 without.
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--child", "probe"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONSAFEPATH": "1"},
+    )
+    assert done.returncode == (0 if torch.cuda.is_available() else 4), done.stderr
+    assert done.stderr == ""
+
+
+def test_the_driver_imports_neither_the_steps_nor_torch() -> None:
+    script = (
+        "import importlib.util, sys;"
+        f"spec = importlib.util.spec_from_file_location('g', {str(ROOT / 'benchmarks' / 'gpu_check.py')!r});"
+        "m = importlib.util.module_from_spec(spec); sys.modules['g'] = m; spec.loader.exec_module(m);"
+        "print(sorted({'torch', 'gpu_steps'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 # -- one step: caps, budget, stray processes -----------------------------------------------------
@@ -293,7 +323,7 @@ def test_the_makefile_timeout_leaves_room_for_the_budget_and_the_last_stop() -> 
     assert match, recipe
     kill_after, limit = int(match.group(1)), int(match.group(2))
     assert limit + kill_after <= 480  # 8 minutes
-    assert gpu_check.BUDGET_S + gpu_check.GRACE_S + gpu_check.KILL_WAIT_S + 5 <= limit
+    assert gpu_check.BUDGET_S + gpu_check.GRACE_S + KILL_WAIT_S + 5 <= limit
 
 
 # -- the pieces ---------------------------------------------------------------------------------------
@@ -369,12 +399,12 @@ def test_engine_figures_are_its_ratio_rows() -> None:
 
 
 def test_gpu_busy_time_is_the_union_of_the_kernels_intervals() -> None:
-    assert gpu_check.busy_seconds([(0, 10), (5, 15), (20, 30), (21, 22)]) == pytest.approx(25e-6)
-    assert gpu_check.busy_seconds([]) == 0.0
+    assert gpu_steps.busy_seconds([(0, 10), (5, 15), (20, 30), (21, 22)]) == pytest.approx(25e-6)
+    assert gpu_steps.busy_seconds([]) == 0.0
 
 
 def test_mixed_timed_checks_and_times_on_virtual_cpu_devices() -> None:
-    ok, figures = gpu_check.mixed_timed(["cpu:0", "cpu:1", "cpu:0"], chunks=4, micro=4, repeats=2)
+    ok, figures = gpu_steps.mixed_timed(["cpu:0", "cpu:1", "cpu:0"], chunks=4, micro=4, repeats=2)
     assert ok, figures
     assert "largest difference to the plain model" in figures[0]
     assert re.search(r"4 micro-batches of 4, float64: training step median [\d.]+ ms", figures[1])
@@ -383,7 +413,7 @@ def test_mixed_timed_checks_and_times_on_virtual_cpu_devices() -> None:
 def test_profile_figures_on_the_cpu() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    figures = gpu_check.profile_figures(model, [2, 1], ["cpu", "cpu"], 2, 4, (8,), 4, "tiny", repeats=1)
+    figures = gpu_steps.profile_figures(model, [2, 1], ["cpu", "cpu"], 2, 4, (8,), 4, "tiny", repeats=1)
     assert figures[0].startswith("tiny: step ") and "GPU busy 0.0% of it" in figures[0]
     assert re.match(r"host time per micro-batch: engine [\d.]+ ms .*, plain model [\d.]+ ms", figures[1])
     assert [f.split(" cell:")[0] for f in figures[2:]] == [
