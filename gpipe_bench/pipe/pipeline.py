@@ -35,15 +35,19 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .batchnorm import DeferredBatchNorm
 from .checkpoint import CPU_RNG_LOCK, RNGState, checkpointing, recomputing
 from .copy import CopyStreams, storage_device, transfer, worker_groups
+from .grad import cell_grad
 from .microbatch import TensorOrTensors, Tensors, unpack
 from .observe import Observer, StepRecord, observers
 from .schedule import Step, backward_steps, forward_steps
 from .skip.layout import SkipLayout
+from .skip.skippable import Skippable
 from .skip.tracker import SkipKey, SkipTracker, use_skip_tracker
 from .stream import AbstractStream, Event, current_stream, record_event, record_ready, record_stream, wait_event
 from .worker import execute
 
 __all__ = ["Pipeline"]
+
+_NO_CONTEXT = nullcontext()
 
 
 class _CellTracker(SkipTracker):
@@ -179,6 +183,8 @@ class Pipeline:
             for p in partitions
         ]
         self._copy_streams: Optional[CopyStreams] = None
+        # Partitions with no skippable layer never read a skip tracker: theirs is not set up.
+        self._skippable = [any(isinstance(m, Skippable) for m in p.modules()) for p in partitions]
 
     # -- plumbing -------------------------------------------------------
 
@@ -229,6 +235,10 @@ class Pipeline:
                     fn = _reported(fn, phase, step, clock, w, self.devices[step.j], watching)
                 plan[w].append((clock, fn))
         return plan
+
+    def _guarded(self, j: int, run: _Run) -> bool:
+        """Whether partition ``j``'s forward needs its skip tracker or the host-generator watch."""
+        return self._skippable[j] or (self._rng_shared and run.checkpoint_stop > 0)
 
     def _record(self, compute: AbstractStream) -> Event:
         """A cell's event, for whoever uses its tensors on another stream.
@@ -351,22 +361,32 @@ class Pipeline:
                 inputs = tuple(_leaf(t, w) for t, w in zip(inputs, wants))
             cell.inputs, cell.in_atomic, cell.skips_in = inputs, in_atomic, skips
 
-            tracker = _CellTracker(skips, list(self.skip_layout.outgoing(j)))
-            with self._forward_rng(i, j, run), use_skip_tracker(tracker):
+            # Each context below is entered only where it changes something: a host-bound
+            # step pays for every one of them once per cell.
+            with ExitStack() if self._guarded(j, run) else _NO_CONTEXT as guards:
+                tracker = None
+                if guards is not None:
+                    guards.enter_context(self._forward_rng(i, j, run))
+                    if self._skippable[j]:
+                        tracker = _CellTracker(skips, list(self.skip_layout.outgoing(j)))
+                        guards.enter_context(use_skip_tracker(tracker))
                 if checkpointed:
                     cell.rng = RNGState(place)
                     with torch.no_grad(), checkpointing():
                         output = self.partitions[j](unpack(inputs, in_atomic))
-                else:
+                elif torch.is_grad_enabled() != grad:
                     with torch.set_grad_enabled(grad):
                         output = self.partitions[j](unpack(inputs, in_atomic))
+                else:
+                    output = self.partitions[j](unpack(inputs, in_atomic))
             cell.outputs, cell.out_atomic = _check_output(output, j)
             if checkpointed:
                 # The graph is rebuilt later; until then assume every float output carries gradient.
                 cell.out_grad = tuple(_differentiable(t) for t in cell.outputs)
             else:
                 cell.out_grad = tuple(t.requires_grad for t in cell.outputs)
-            cell.skips_out = tracker.leaving
+            if tracker is not None:
+                cell.skips_out = tracker.leaving
             cell.event = self._record(compute)
             run.cells[(i, j)] = cell
             run.last_event[place] = cell.event
@@ -435,19 +455,21 @@ class Pipeline:
         def recompute(i: int, j: int) -> None:
             cell = run.cells[(i, j)]
             assert cell.rng is not None
-            tracker = _CellTracker(cell.skips_in, list(self.skip_layout.outgoing(j)))
+            tracker = _CellTracker(cell.skips_in, list(self.skip_layout.outgoing(j))) if self._skippable[j] else None
             lock, host = self._recompute_rng(j, run)
+            plain_bn = self._plain_bn[j]
             with (
                 lock,
-                use_skip_tracker(tracker),
+                use_skip_tracker(tracker) if tracker is not None else _NO_CONTEXT,
                 cell.rng.replay(host),
-                torch.enable_grad(),
+                torch.enable_grad() if not torch.is_grad_enabled() else _NO_CONTEXT,
                 recomputing(),
-                _frozen_running_stats(self._plain_bn[j]),
+                _frozen_running_stats(plain_bn) if plain_bn else _NO_CONTEXT,
             ):
                 output = self.partitions[j](unpack(cell.inputs, cell.in_atomic))
             cell.outputs, _ = _check_output(output, j)
-            cell.skips_out = tracker.leaving
+            if tracker is not None:
+                cell.skips_out = tracker.leaving
 
         def backward(i: int, j: int) -> None:
             cell = run.cells[(i, j)]
@@ -482,7 +504,7 @@ class Pipeline:
             wrt: List[Tensor] = leaves + [t for _, t in skip_leaves] + list(params)
             grads: Sequence[Optional[Tensor]]
             if pairs and wrt:
-                grads = torch.autograd.grad([t for t, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                grads = cell_grad([t for t, _ in pairs], wrt, [g for _, g in pairs])
             else:
                 grads = (None,) * len(wrt)
 

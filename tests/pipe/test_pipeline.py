@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from gpipe_bench.pipe import GPipe, copy, pipeline
+from gpipe_bench.pipe import GPipe, copy, pipeline, stream
 from gpipe_bench.pipe.stream import CPU_STREAM, AbstractStream, Event
 
 
@@ -57,12 +57,12 @@ def test_a_hand_off_within_one_worker_waits_for_nothing() -> None:
     marker = object()
     assert pipe._handed(0, 1, marker) is None  # type: ignore[arg-type]
     assert pipe._handed(1, 2, marker) is marker  # type: ignore[arg-type]
-    assert pipe._handed(2, 1, marker) is marker  # type: ignore[arg-type]
+    assert pipe._handed(2, 1, marker) is marker
 
 
 def test_transfer_enters_the_stream_contexts_once_per_source_device(monkeypatch: pytest.MonkeyPatch) -> None:
     entered: List[AbstractStream] = []
-    real = copy.use_stream
+    real = stream.use_stream
 
     @contextmanager
     def counting(stream: AbstractStream) -> Iterator[None]:
