@@ -58,6 +58,33 @@ the ratios with their targets:
   2M/(M+1), and how much of it was reached.
 * (e)/(b) is information only: the price of ``checkpoint='except_last'``.
 
+The host-bound suite (``--suite host``, run by default after the one above)
+------------------------------------------------------------------------------
+On a current GPU a micro-batch of 16 finishes on the device faster than the
+host can issue it, so what the engine adds to eager PyTorch's host time per
+cell (micro-batch x partition) is what limits pipeline rows with small
+micro-batches. It is measured where the host is the whole cost: 369 layers
+(122 blocks of Conv2d(16, 16, 3) / BatchNorm2d / ReLU at 8x8, then pool,
+flatten, linear), micro-batches of 2, 32 micro-batches, 8 partitions on one
+device, one intra-op thread (set for every variant alike, and printed):
+
+(ha) plain ``nn.Sequential``, gradient accumulation over the 32 micro-batches;
+(hb) our GPipe, ``checkpoint='never'``; (hc) torchgpipe 0.0.7, ``'never'``;
+(he) our GPipe, ``'except_last'``; (hf) torchgpipe 0.0.7, ``'except_last'``;
+and two rows that say what no engine can remove: (hh) the plain model holding
+every micro-batch's graph until one backward (a fill-drain pipeline's memory
+footprint, which makes the host's allocator and caches slower than in (ha)),
+and (hn) the plain model's no-grad forward of the 31 micro-batches that
+``'except_last'`` checkpoints (that forward comes on top of the plain step's
+work, so ``1 + t(hn)/t(ha)`` is the floor of (he)/(ha) on the machine at hand).
+
+Targets, as step-time ratios in one run: (hb)/(ha) <= 1.05, (he)/(ha) <= 1.35
+(the recompute itself is about a third of a step), (hb)/(hc) <= 1.0 and
+(he)/(hf) <= 1.0; beside each, the time added per cell. With ``--device
+cuda`` the same rows run on ``cuda:0`` (``['cuda:0'] * 8``): a host-bound CUDA
+workload, where the suite above is GPU-bound and its ratio reads ~1.0 whatever
+the engine costs.
+
 Host memory: by default the benchmark fixes glibc's allocator thresholds
 (``--malloc steady``) so freed memory stays in the process; see
 :func:`steady_host_allocator` for why, and ``--malloc default`` to measure
@@ -81,7 +108,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, TextIO
+from typing import Callable, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +145,26 @@ CPU_WORKLOAD = Workload(channels=32, blocks=6, spatial=36, batch=64, classes=10)
 CUDA_WORKLOAD = Workload(channels=256, blocks=6, spatial=56, batch=64, classes=1000)
 # --quick: a seconds-long smoke run of the same code paths.
 QUICK_WORKLOAD = Workload(channels=8, blocks=2, spatial=8, batch=16, classes=10)
+
+
+@dataclass(frozen=True)
+class HostBound:
+    """The host-bound suite's workload: many tiny layers, small micro-batches, partitions on one device."""
+
+    blocks: int  # Conv2d/BatchNorm2d/ReLU blocks; with pool/flatten/linear, 3 * blocks + 3 layers
+    channels: int
+    spatial: int
+    micro: int  # samples per micro-batch
+    chunks: int  # micro-batches
+    partitions: int
+    threads: int  # intra-op threads, for every variant alike
+
+
+HOST_BOUND = HostBound(blocks=122, channels=16, spatial=8, micro=2, chunks=32, partitions=8, threads=1)
+QUICK_HOST_BOUND = HostBound(blocks=4, channels=8, spatial=8, micro=2, chunks=4, partitions=2, threads=1)
+TARGET_HOST_NEVER = 1.05
+TARGET_HOST_EXCEPT_LAST = 1.35
+TARGET_HOST_VS_TORCHGPIPE = 1.0
 
 DEFAULT_CHUNKS = 8
 DEFAULT_REPEATS = 5
@@ -199,10 +246,16 @@ def full_batch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
 
 
 def torchgpipe_variant(
-    base: nn.Sequential, x: torch.Tensor, y: torch.Tensor, devices: List[str], chunks: int
+    base: nn.Sequential,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    devices: List[str],
+    chunks: int,
+    checkpoint: str = "never",
+    balance: Optional[List[int]] = None,
 ) -> Variant:
     """(c): torchgpipe 0.0.7 with the settings of (b), or a row saying why it cannot run."""
-    variant = Variant("(c)", "torchgpipe 0.0.7", ", ".join(devices), chunks, "never", None, fallible=True)
+    variant = Variant("(c)", "torchgpipe 0.0.7", ", ".join(devices), chunks, checkpoint, None, fallible=True)
     try:
         import torchgpipe  # type: ignore[import-not-found, import-untyped, unused-ignore]
     except ImportError:
@@ -212,7 +265,11 @@ def torchgpipe_variant(
     variant.engine = f"torchgpipe {version}"
     try:
         model = torchgpipe.GPipe(
-            copy.deepcopy(base), balance=halves(base), devices=devices, chunks=chunks, checkpoint="never"
+            copy.deepcopy(base),
+            balance=balance or halves(base),
+            devices=devices,
+            chunks=chunks,
+            checkpoint=checkpoint,
         )
     except Exception as error:  # noqa: BLE001 - a third-party engine failing on this torch is a result
         variant.note = f"failed: {type(error).__name__}: {error}"[:120]
@@ -273,6 +330,157 @@ def build_variants(base: nn.Sequential, x: torch.Tensor, y: torch.Tensor, device
             ours(one, chunks, "except_last"),
         ),
     ]
+
+
+def host_bound_model(workload: HostBound) -> nn.Sequential:
+    """``blocks`` x (Conv2d, BatchNorm2d, ReLU) without a stem, then pool/flatten/linear to 10 classes."""
+    c = workload.channels
+    layers: List[nn.Module] = []
+    for _ in range(workload.blocks):
+        layers += [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
+    return nn.Sequential(*layers)
+
+
+def even_balance(layers: int, partitions: int) -> List[int]:
+    """``layers`` over ``partitions`` as evenly as possible, the larger shares first."""
+    share, extra = divmod(layers, partitions)
+    return [share + (1 if k < extra else 0) for k in range(partitions)]
+
+
+def held_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunks: int) -> Step:
+    """(hh): every micro-batch's forward first, one backward of their summed losses, one SGD step.
+
+    The same arithmetic as (ha), holding every micro-batch's activations until the
+    backward as any GPipe must: the part of a pipeline's cost that is its memory
+    footprint, not its engine.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    parts = list(zip(torch.chunk(x, chunks), torch.chunk(y, chunks)))
+    total = x.size(0)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        losses = [F.cross_entropy(model(xs), ys) * (xs.size(0) / total) for xs, ys in parts]
+        torch.autograd.backward(torch.stack(losses).sum())
+        optimizer.step()
+
+    return step
+
+
+def no_grad_forward(model: nn.Module, x: torch.Tensor, chunks: int) -> Step:
+    """(hn): the forward of the ``chunks - 1`` micro-batches 'except_last' checkpoints, without a graph.
+
+    Checkpointing runs that forward on top of the plain step's work (the recompute
+    then is the plain step's forward), so ``1 + t(hn) / t(ha)`` is the lowest
+    (he)/(ha) any engine can reach on the machine at hand.
+    """
+    parts = torch.chunk(x, chunks)[: chunks - 1]
+
+    def step() -> None:
+        with torch.no_grad():
+            for xs in parts:
+                model(xs)
+
+    return step
+
+
+def build_host_variants(workload: HostBound, device: str) -> Tuple[List[Variant], int]:
+    """Rows (ha)-(hf) of the host-bound suite on ``device`` ('cpu' or 'cuda'), and the batch size."""
+    torch.manual_seed(0)
+    base = host_bound_model(workload)
+    target = "cuda:0" if device == "cuda" else "cpu"
+    batch = workload.micro * workload.chunks
+    x = torch.rand(batch, workload.channels, workload.spatial, workload.spatial).to(target)
+    y = torch.randint(0, 10, (batch,)).to(target)
+    balance = even_balance(len(base), workload.partitions)
+    devices = [target] * workload.partitions
+    shown = f"{target} x{workload.partitions}"
+    m = workload.chunks
+
+    def ours(checkpoint: str) -> Step:
+        model = GPipe(copy.deepcopy(base), balance, devices=devices, chunks=m, checkpoint=checkpoint)
+        return full_batch_step(model, x, y)
+
+    def theirs(key: str, checkpoint: str) -> Variant:
+        variant = torchgpipe_variant(base, x, y, devices, m, checkpoint, balance)
+        return Variant(key, variant.engine, shown, m, checkpoint, variant.step, variant.note, fallible=True)
+
+    plain = copy.deepcopy(base).to(target)
+    variants = [
+        Variant("(ha)", "nn.Sequential, grad accumulation", target, m, "-", accumulation_step(plain, x, y, m)),
+        Variant(
+            "(hh)",
+            "nn.Sequential, every graph held [info]",
+            target,
+            m,
+            "-",
+            held_step(copy.deepcopy(base).to(target), x, y, m),
+        ),
+        Variant(
+            "(hn)",
+            "nn.Sequential, no-grad forward [info]",
+            target,
+            m - 1,
+            "-",
+            no_grad_forward(copy.deepcopy(base).to(target), x, m),
+        ),
+        Variant("(hb)", "our GPipe", shown, m, "never", ours("never")),
+        theirs("(hc)", "never"),
+        Variant("(he)", "our GPipe", shown, m, "except_last", ours("except_last")),
+        theirs("(hf)", "except_last"),
+    ]
+    return variants, batch
+
+
+def host_ratios_table(variants: Sequence[Variant], workload: HostBound) -> str:
+    """Step-time ratios of the host-bound suite against their targets, and the time added per cell."""
+    t = {v.key: v.median() for v in variants}
+    notes = {v.key: v.note for v in variants}
+    cells = workload.chunks * workload.partitions
+    rows: List[List[str]] = []
+
+    def add(name: str, slow: str, fast: str, target: float) -> None:
+        num, den = t.get(slow), t.get(fast)
+        if num is None or den is None:
+            why = notes.get(slow) or notes.get(fast) or "not measured"
+            rows.append([name, "-", f"<= {target:.2f}", "-", f"SKIP ({why})"])
+            return
+        value = num / den
+        added = (num - den) / cells * 1e6
+        verdict = "PASS" if value <= target else "MISS"
+        rows.append([name, f"{value:.3f}", f"<= {target:.2f}", f"{added:+.0f} us", verdict])
+
+    def info(name: str, value: Optional[float], note: str) -> None:
+        rows.append([name, "-" if value is None else f"{value:.3f}", "-", note, "info"])
+
+    add("(hb)/(ha) step time: ours, never, vs plain", "(hb)", "(ha)", TARGET_HOST_NEVER)
+    held, plain, floor = t.get("(hh)"), t.get("(ha)"), t.get("(hn)")
+    info(
+        "(hh)/(ha): every graph held, plain",
+        held / plain if held and plain else None,
+        "the footprint's share",
+    )
+    add("(he)/(ha) step time: ours, except_last, vs plain", "(he)", "(ha)", TARGET_HOST_EXCEPT_LAST)
+    info(
+        "1 + (hn)/(ha): except_last's floor",
+        1 + floor / plain if floor and plain else None,
+        "no-grad forward",
+    )
+    add("(hb)/(hc) step time: ours vs torchgpipe, never", "(hb)", "(hc)", TARGET_HOST_VS_TORCHGPIPE)
+    add("(he)/(hf) step time: ours vs torchgpipe, except_last", "(he)", "(hf)", TARGET_HOST_VS_TORCHGPIPE)
+    headers = ["ratio", "measured", "target", "added per cell", "verdict"]
+    return str(tabulate(rows, headers=headers, tablefmt="rst", disable_numparse=True))
+
+
+def host_bound_description(workload: HostBound) -> str:
+    layers = 3 * workload.blocks + 3
+    return (
+        f"host-bound suite: {layers} layers ({workload.blocks} blocks of Conv2d({workload.channels}, "
+        f"{workload.channels}, 3)/BatchNorm2d/ReLU at {workload.spatial}x{workload.spatial}, then pool/flatten/linear), "
+        f"{workload.chunks} micro-batches of {workload.micro}, {workload.partitions} partitions on one device, "
+        f"{workload.threads} intra-op thread(s) for every variant"
+    )
 
 
 def _time_step(step: Step, sync: Callable[[], None]) -> float:
@@ -435,14 +643,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             "Engine micro-benchmark: seconds per training step of the plain model (gradient\n"
             "accumulation), our GPipe, torchgpipe 0.0.7 and our GPipe over two virtual CPU\n"
             "devices, measured interleaved in one process, then the ratios against their\n"
-            "targets: (b)/(a) >= 0.95, (b)/(c) >= 1.0, (d)/(d0) >= 1.4, each PASS or MISS."
+            "targets: (b)/(a) >= 0.95, (b)/(c) >= 1.0, (d)/(d0) >= 1.4, each PASS or MISS.\n"
+            "Then the host-bound suite: 369 tiny layers, 32 micro-batches of 2 over 8\n"
+            "partitions on one device, one thread: step time against plain accumulation\n"
+            "((hb)/(ha) <= 1.05 with checkpoint 'never', (he)/(ha) <= 1.35 with\n"
+            "'except_last') and against torchgpipe (<= 1.0 in both modes)."
         ),
         epilog=(
             "examples:\n"
             "  python benchmarks/engine.py                    # CPU, the `make bench-engine` run\n"
             "  python benchmarks/engine.py --repeats 9 --chunks 4\n"
             "  python benchmarks/engine.py --device cuda      # on a GPU machine (make gpu-check)\n"
-            "  python benchmarks/engine.py --quick --repeats 1  # seconds-long smoke run"
+            "  python benchmarks/engine.py --quick --repeats 1  # seconds-long smoke run\n"
+            "  python benchmarks/engine.py --suite host --repeats 7  # only the host-bound suite"
         ),
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30),
     )
@@ -466,6 +679,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--quick", action="store_true", help=f"tiny model and batch ({QUICK_WORKLOAD.batch}) for a smoke test"
+    )
+    parser.add_argument(
+        "--suite",
+        choices=["all", "overlap", "host"],
+        default="all",
+        help="overlap: rows (a)-(e); host: the host-bound rows (ha)-(hf); all: both, in that order "
+        "(default: %(default)s)",
     )
     parser.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
     parser.add_argument(
@@ -498,27 +718,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = None if args.quiet else sys.stderr
 
     allocator = steady_host_allocator() if args.malloc == "steady" else "default (glibc as configured)"
-    print("\n".join(environment(device, workload, chunks, args.repeats)), flush=True)
+    lines = environment(device, workload, chunks, args.repeats)
+    if args.suite == "host":  # the workload line describes the overlap suite
+        lines = [line for line in lines if not line.startswith("workload:")]
+    print("\n".join(lines), flush=True)
     print(f"malloc:   {allocator}", flush=True)
 
-    torch.manual_seed(0)
-    base = build_model(workload)
-    target = "cuda:0" if device == "cuda" else "cpu"
-    x = torch.rand(workload.batch, 3, workload.spatial, workload.spatial).to(target)
-    y = torch.randint(0, workload.classes, (workload.batch,)).to(target)
-    variants = build_variants(base, x, y, device, chunks)
-
     sync: Callable[[], None] = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    measure(variants, args.repeats, sync, log)
+    if args.suite in ("all", "overlap"):
+        torch.manual_seed(0)
+        base = build_model(workload)
+        target = "cuda:0" if device == "cuda" else "cpu"
+        x = torch.rand(workload.batch, 3, workload.spatial, workload.spatial).to(target)
+        y = torch.randint(0, workload.classes, (workload.batch,)).to(target)
+        variants = build_variants(base, x, y, device, chunks)
+        measure(variants, args.repeats, sync, log)
+        print()
+        print(results_table(variants, workload.batch))
+        print()
+        print(ratios_table(variants, chunks, usable_cores()))
+        warning = noise_warning(variants)
+        if warning:
+            print(warning)
+    if args.suite in ("all", "host"):
+        run_host_suite(QUICK_HOST_BOUND if args.quick else HOST_BOUND, device, args.repeats, sync, log)
+    return 0
 
+
+def run_host_suite(
+    workload: HostBound, device: str, repeats: int, sync: Callable[[], None], log: Optional[TextIO]
+) -> None:
+    """Measure and print the host-bound suite; the intra-op thread count is restored afterwards."""
     print()
-    print(results_table(variants, workload.batch))
+    print(host_bound_description(workload), flush=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(workload.threads)
+    try:
+        variants, batch = build_host_variants(workload, device)
+        measure(variants, repeats, sync, log)
+    finally:
+        torch.set_num_threads(threads)
     print()
-    print(ratios_table(variants, chunks, usable_cores()))
+    print(results_table(variants, batch))
+    print()
+    print(host_ratios_table(variants, workload))
     warning = noise_warning(variants)
     if warning:
         print(warning)
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +34,27 @@ def test_engine_quick_run_prints_tables(capsys: pytest.CaptureFixture[str]) -> N
         assert f"\n{row} " in out, f"row {row} missing from:\n{out}"
     assert "(b)/(a) throughput" in out and "(d)/(d0) speedup" in out
     assert "PASS" in out or "MISS" in out
+    assert "host-bound suite:" in out
+    for row in ("(ha)", "(hh)", "(hn)", "(hb)", "(hc)", "(he)", "(hf)"):
+        assert f"\n{row} " in out, f"row {row} missing from:\n{out}"
+    assert "(hb)/(ha) step time" in out and "(he)/(ha) step time" in out and "except_last's floor" in out
+
+
+def test_engine_host_suite_alone_restores_the_thread_count(capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()
+    assert engine.main(["--quick", "--repeats", "1", "--quiet", "--malloc", "default", "--suite", "host"]) == 0
+    out = capsys.readouterr().out
+    assert torch.get_num_threads() == threads
+    assert "(a) " not in out and "workload:" not in out
+    assert "1 intra-op thread(s) for every variant" in out
+
+
+def test_host_bound_workload_is_the_issue_sized_one() -> None:
+    workload = engine.HOST_BOUND
+    model = engine.host_bound_model(workload)
+    assert len(model) == 369
+    assert workload.micro == 2 and workload.chunks == 32 and workload.partitions == 8 and workload.threads == 1
+    assert engine.even_balance(369, 8) == [47, 46, 46, 46, 46, 46, 46, 46]
 
 
 def test_engine_chunks_must_divide_batch() -> None:
