@@ -388,14 +388,14 @@ def test_engine_figures_are_its_ratio_rows() -> None:
             "(b)/(a) throughput: our GPipe vs plain          0.987       >= 0.95   -   -   PASS",
             "(h) host-bound: our GPipe vs plain              0.91        >= 0.90   -   -   PASS",
         ]
-        + [f"(x{i})/(y) more {i}" for i in range(10)]
+        + [f"(x{i})/(y) more {i}" for i in range(14)]
     )
     rows = gpu_check._ratios(out)
     assert rows[:2] == [
         "(b)/(a) throughput: our GPipe vs plain          0.987       >= 0.95   -   -   PASS",
         "(h) host-bound: our GPipe vs plain              0.91        >= 0.90   -   -   PASS",
     ]
-    assert len(rows) == 8
+    assert len(rows) == 12
 
 
 def test_gpu_busy_time_is_the_union_of_the_kernels_intervals() -> None:
