@@ -81,7 +81,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check gpipe_bench tests benchmarks
 	$(PY) -m mypy
 
-# The engine's CPU benchmark (plain model, our GPipe, torchgpipe 0.0.7, two virtual CPU devices).
+# The engine's CPU benchmark (plain model, our GPipe, torchgpipe 0.0.7, two virtual CPU devices),
+# then the host-bound suite (369 tiny layers, 32 micro-batches of 2, 8 partitions on one device).
 bench-engine: $(STAMP)
 	$(PY) benchmarks/engine.py
 
