@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
+import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -121,3 +125,56 @@ def accuracy_record(name: str, samples: List[float], mode: str, curves: Optional
         environment=env,
         extra={"curves": curves} if curves is not None else {},
     )
+
+
+# A command that starts a "rank": a process in a session of its own (as torchrun starts its
+# ranks) that sleeps and holds the command's output, which a signal to the command's process
+# group does not reach. It writes the rank's pid, prints a figure line, then hangs or exits.
+# argv: pid file, "hang" or "exit", "1" to ignore SIGTERM, and the exit code (default 0).
+RANK_SCRIPT = """
+import os, signal, subprocess, sys, time
+pid_file, mode, deaf = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+code = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+if deaf:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+with open(pid_file + ".part", "w") as f:
+    f.write(str(rank.pid))
+os.replace(pid_file + ".part", pid_file)
+print("FIGURE: started", flush=True)
+if mode == "hang":
+    time.sleep(300)
+sys.exit(code)
+"""
+
+
+def rank_command(
+    pid_file: Path, mode: str, deaf: bool = False, code: int = 0, python: str = sys.executable
+) -> List[str]:
+    """``RANK_SCRIPT`` as a command line."""
+    return [python, "-c", RANK_SCRIPT, str(pid_file), mode, "1" if deaf else "0", str(code)]
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or a zombie (dead; its parent, maybe init, has not collected it yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def wait_for_file(path: Path, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def kill_recorded(pid_file: Path) -> None:
+    """Kill the process whose pid ``pid_file`` holds, if it was written and the process is alive."""
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass

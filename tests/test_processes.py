@@ -19,52 +19,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, Optional
 
 import pytest
 
 from gpipe_bench import processes
+from helpers import kill_recorded, process_gone, rank_command, wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="walks /proc; subreapers are Linux's")
-
-# Starts a rank that sleeps and holds the command's output, writes the rank's pid, then hangs
-# or exits with a given code. argv: pid file, "hang" or "exit", "1" to ignore SIGTERM, exit code.
-COMMAND = """
-import os, signal, subprocess, sys, time
-pid_file, mode, deaf, code = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
-if deaf:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
-with open(pid_file + ".part", "w") as f:
-    f.write(str(rank.pid))
-os.replace(pid_file + ".part", pid_file)
-print("started", flush=True)
-if mode == "hang":
-    time.sleep(300)
-sys.exit(code)
-"""
-
-
-def _command(pid_file: Path, mode: str, deaf: bool = False, code: int = 0) -> List[str]:
-    return [sys.executable, "-c", COMMAND, str(pid_file), mode, "1" if deaf else "0", str(code)]
-
-
-def _gone(pid: int) -> bool:
-    """No such process, or a zombie (dead; its parent, maybe init, has not collected it yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
-
-
-def _wait_for(path: Path, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -72,11 +36,7 @@ def rank_pid_file(tmp_path: Path) -> Iterator[Path]:
     """Where the command writes its rank's pid; the rank is killed afterwards whatever happened."""
     path = tmp_path / "rank.pid"
     yield path
-    if path.exists():
-        try:
-            os.kill(int(path.read_text()), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_recorded(path)
 
 
 def test_a_command_runs_to_its_end_with_its_output_in_the_log(tmp_path: Path) -> None:
@@ -98,12 +58,12 @@ def test_past_its_limit_a_deaf_command_and_its_rank_in_another_session_are_kille
 ) -> None:
     # SIGTERM is ignored, so only SIGKILL ends the command; its rank is out of the process group.
     started = time.monotonic()
-    run = processes.run_process(_command(rank_pid_file, "hang", deaf=True), tmp_path / "log", 2, grace_s=1)
+    run = processes.run_process(rank_command(rank_pid_file, "hang", deaf=True), tmp_path / "log", 2, grace_s=1)
     elapsed = time.monotonic() - started
     assert elapsed < 2 + 1 + 2, f"took {elapsed:.1f} s for a 2 s limit and 1 s grace"
     assert run.stopped == "time" and run.returncode == -signal.SIGKILL and run.notes == []
-    assert _gone(int(rank_pid_file.read_text()))
-    assert (tmp_path / "log").read_text().splitlines()[-1] == "started"
+    assert process_gone(int(rank_pid_file.read_text()))
+    assert (tmp_path / "log").read_text().splitlines()[-1] == "FIGURE: started"
 
 
 @linux_only
@@ -113,10 +73,10 @@ def test_stopped_ends_the_command_at_once_and_kills_the_rank_it_orphans(tmp_path
     def stopped() -> Optional[str]:
         return "SIGTERM" if rank_pid_file.exists() else None
 
-    run = processes.run_process(_command(rank_pid_file, "hang"), tmp_path / "log", 30, grace_s=5, stopped=stopped)
+    run = processes.run_process(rank_command(rank_pid_file, "hang"), tmp_path / "log", 30, grace_s=5, stopped=stopped)
     assert run.stopped == "SIGTERM" and run.returncode == -signal.SIGTERM
     assert run.seconds < 5, "the command ends on SIGTERM: no wait for the grace period"
-    assert _gone(int(rank_pid_file.read_text()))
+    assert process_gone(int(rank_pid_file.read_text()))
 
 
 # A child interpreter that becomes a subreaper, runs a command that exits leaving its rank, and
@@ -137,7 +97,7 @@ print(json.dumps({"before": before, "became": became, "now": processes.is_subrea
 @linux_only
 @pytest.mark.timeout(60)
 def test_a_subreaper_adopts_and_kills_the_rank_a_command_leaves_running(tmp_path: Path, rank_pid_file: Path) -> None:
-    command = json.dumps(_command(rank_pid_file, "exit", code=3))
+    command = json.dumps(rank_command(rank_pid_file, "exit", code=3))
     done = subprocess.run(
         [sys.executable, "-c", SUBREAPER, command, str(tmp_path / "log")],
         capture_output=True,
@@ -152,7 +112,7 @@ def test_a_subreaper_adopts_and_kills_the_rank_a_command_leaves_running(tmp_path
     assert seen["returncode"] == 3, "the command's own exit status, not one collected while reaping"
     assert seen["notes"] == [f"killed 1 process(es) the step left running: pid {pid}"]
     assert seen["zombies"] == []
-    assert _gone(pid)
+    assert process_gone(pid)
 
 
 @linux_only
@@ -160,10 +120,10 @@ def test_a_subreaper_adopts_and_kills_the_rank_a_command_leaves_running(tmp_path
 def test_a_commands_processes_include_its_ranks_and_stop_ends_them(tmp_path: Path, rank_pid_file: Path) -> None:
     with open(tmp_path / "log", "wb") as out:
         child = subprocess.Popen(
-            _command(rank_pid_file, "hang", deaf=True), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            rank_command(rank_pid_file, "hang", deaf=True), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        _wait_for(rank_pid_file)
+        wait_for_file(rank_pid_file)
         rank = int(rank_pid_file.read_text())
         found = processes.step_processes(child.pid, subreaper=False)
         assert {child.pid, rank} <= set(found)
@@ -171,7 +131,7 @@ def test_a_commands_processes_include_its_ranks_and_stop_ends_them(tmp_path: Pat
         started = time.monotonic()
         assert processes.stop(child, 0.5, subreaper=False) == []
         assert time.monotonic() - started < 0.5 + processes.KILL_WAIT_S
-        assert child.returncode == -signal.SIGKILL and _gone(rank)
+        assert child.returncode == -signal.SIGKILL and process_gone(rank)
     finally:
         if child.poll() is None:
             child.kill()
@@ -185,7 +145,7 @@ def test_a_command_name_with_spaces_and_parentheses_is_read(tmp_path: Path) -> N
     script = f"import time; open('/proc/self/comm', 'w').write('a) (b c'); open({str(ready)!r}, 'w'); time.sleep(30)"
     child = subprocess.Popen([sys.executable, "-c", script])
     try:
-        _wait_for(ready)
+        wait_for_file(ready)
         proc = processes._stat(child.pid)
         assert proc is not None
         assert (proc.pid, proc.ppid, proc.pgrp) == (child.pid, os.getpid(), os.getpgrp()) and proc.state in ("R", "S")

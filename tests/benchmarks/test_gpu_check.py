@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import signal
 import subprocess
@@ -27,6 +26,7 @@ import pytest
 import torch
 
 from gpipe_bench.processes import KILL_WAIT_S
+from helpers import kill_recorded, process_gone, rank_command, wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -43,55 +43,19 @@ def _load(name: str) -> ModuleType:
 gpu_check = _load("gpu_check")
 gpu_steps = _load("gpu_steps")
 
-# A step that starts a process in a session of its own (as torchrun starts its ranks) which
-# sleeps and holds the step's output, writes that process's pid, then hangs or exits.
-# argv: pid file, "hang" or "exit", "1" to ignore SIGTERM.
-FAKE_STEP = """
-import os, signal, subprocess, sys, time
-pid_file, mode, deaf = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-if deaf:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
-with open(pid_file + ".part", "w") as f:
-    f.write(str(rank.pid))
-os.replace(pid_file + ".part", pid_file)
-print("FIGURE: started", flush=True)
-if mode == "hang":
-    time.sleep(300)
-"""
-
-
-def _gone(pid: int) -> bool:
-    """No such process, or a zombie (dead; its parent, maybe init, has not collected it yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
-
 
 @pytest.fixture
 def rank_pid_file(tmp_path: Path) -> Iterator[Path]:
     """Where the fake step writes its stray process's pid; that process is killed afterwards whatever happened."""
     path = tmp_path / "rank.pid"
     yield path
-    if path.exists():
-        try:
-            os.kill(int(path.read_text()), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_recorded(path)
 
 
 def _fake_step(name: str, cap_s: float, pid_file: Path, mode: str, deaf: bool = False) -> Any:
-    argv = [FAKE_STEP, str(pid_file), mode, "1" if deaf else "0"]
-    return gpu_check.Step(name, cap_s, lambda py, scratch: [py, "-c", *argv], gpu_check._tagged)
-
-
-def _wait_for(path: Path, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+    return gpu_check.Step(
+        name, cap_s, lambda py, scratch: rank_command(pid_file, mode, deaf, python=py), gpu_check._tagged
+    )
 
 
 # -- without CUDA ---------------------------------------------------------------------------------
@@ -151,7 +115,7 @@ def test_a_step_past_its_cap_fails_and_its_stray_process_is_killed(tmp_path: Pat
     assert elapsed < 2 + 1 + 2, f"took {elapsed:.1f} s for a 2 s cap and 1 s grace"
     assert outcome.status == "fail"
     assert outcome.figures == ["started", "timed out after 2 s (its cap)"]
-    assert _gone(int(rank_pid_file.read_text()))
+    assert process_gone(int(rank_pid_file.read_text()))
     assert Path(outcome.log) == tmp_path / "sleepy.log" and "FIGURE: started" in Path(outcome.log).read_text()
     assert outcome.tail and outcome.tail[-1] == "FIGURE: started"
 
@@ -164,7 +128,7 @@ def test_a_step_cut_by_the_budget_is_cut_not_failed(tmp_path: Path, rank_pid_fil
     assert outcome.figures[0] == "started"
     assert outcome.figures[1].startswith("cut (budget): stopped after 2 s")
     assert not any("timed out" in f for f in outcome.figures)
-    assert _gone(int(rank_pid_file.read_text()))
+    assert process_gone(int(rank_pid_file.read_text()))
 
 
 def test_gpu_check_runs_only_what_is_left_of_the_budget(tmp_path: Path) -> None:
@@ -213,7 +177,7 @@ def _driver(tmp_path: Path, steps: List[Dict[str, object]], *args: str) -> subpr
 
 
 def _fake(name: str, cap_s: float, pid_file: Path, mode: str) -> Dict[str, object]:
-    return {"name": name, "cap_s": cap_s, "argv": ["{python}", "-c", FAKE_STEP, str(pid_file), mode, "0"]}
+    return {"name": name, "cap_s": cap_s, "argv": rank_command(pid_file, mode, python="{python}")}
 
 
 QUICK = {"name": "quick", "cap_s": 10, "argv": ["{python}", "-c", "print('FIGURE: quick done')"]}
@@ -233,7 +197,7 @@ def test_sigterm_mid_step_stops_the_step_and_prints_the_summary_so_far(tmp_path:
         "1",
     )
     try:
-        _wait_for(rank_pid_file)
+        wait_for_file(rank_pid_file)
         time.sleep(0.2)
         driver.send_signal(signal.SIGTERM)
         stdout, stderr = driver.communicate(timeout=20)
@@ -242,7 +206,7 @@ def test_sigterm_mid_step_stops_the_step_and_prints_the_summary_so_far(tmp_path:
             driver.kill()
             driver.communicate()
     assert driver.returncode == 128 + signal.SIGTERM, stderr
-    assert _gone(int(rank_pid_file.read_text()))
+    assert process_gone(int(rank_pid_file.read_text()))
     text = stdout[stdout.index("\ngpu-check\n") + 1 :].rstrip("\n")
     lines = text.splitlines()
     assert any(line.startswith("PASS  quick") for line in lines)
@@ -281,7 +245,7 @@ def test_the_budget_ends_the_check_in_time_cutting_and_skipping_steps(tmp_path: 
     elapsed = time.monotonic() - started
     assert elapsed < 3 + 3.5, f"a 3 s budget took {elapsed:.1f} s"
     assert driver.returncode == 1, stderr
-    assert _gone(int(rank_pid_file.read_text()))
+    assert process_gone(int(rank_pid_file.read_text()))
     assert re.search(r"^CUT   hang .*\n      started\n      cut \(budget\): stopped after", stdout, re.M)
     assert re.search(r"^SKIP  quick .*\n      not run: the check's time budget is spent$", stdout, re.M)
     assert stdout.rstrip("\n").endswith("gpu-check: 0 passed, 0 failed, 1 cut, 1 skipped")
@@ -302,7 +266,7 @@ def test_a_process_a_step_leaves_running_is_killed(tmp_path: Path, rank_pid_file
     assert driver.returncode == 0, stdout + stderr
     assert "\nPASS  leaky" in stdout
     assert f"      killed 1 process(es) the step left running: pid {pid}\n" in stdout
-    assert _gone(pid)
+    assert process_gone(pid)
 
 
 def test_the_budget_counts_from_the_start_of_the_process() -> None:
