@@ -22,7 +22,31 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["is_checkpointing", "is_recomputing", "checkpointing", "recomputing", "RNGState", "CPU_RNG_LOCK"]
+__all__ = [
+    "CHECKPOINT_MODES",
+    "checkpoint_stop",
+    "is_checkpointing",
+    "is_recomputing",
+    "checkpointing",
+    "recomputing",
+    "RNGState",
+    "CPU_RNG_LOCK",
+]
+
+CHECKPOINT_MODES = ("always", "except_last", "never")
+
+
+def checkpoint_stop(checkpoint: str, chunks: int) -> int:
+    """Micro-batches ``i < stop`` are checkpointed in training.
+
+    Counted from the *requested* chunks, as torchgpipe 0.0.7 did: with
+    ``except_last`` and a batch that gives fewer micro-batches than chunks,
+    every micro-batch is checkpointed.
+    """
+    if checkpoint not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpoint is not one of {', '.join(CHECKPOINT_MODES)} (checkpoint: {checkpoint!r})")
+    return {"always": chunks, "except_last": chunks - 1, "never": 0}[checkpoint]
+
 
 _local = threading.local()
 

@@ -13,12 +13,12 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from gpipe_bench.perf import CHECKPOINT_MODES, checkpoint_stop, layer_ranges
-
 from . import microbatch
 from .batchnorm import DeferredBatchNorm
+from .checkpoint import CHECKPOINT_MODES, checkpoint_stop
 from .copy import storage_device
 from .microbatch import TensorOrTensors
+from .partitions import layer_ranges
 from .pipeline import Pipeline, join
 from .skip.layout import inspect_skip_layout, verify_skippables
 

@@ -14,12 +14,25 @@ from typing import Any, List, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from gpipe_bench.perf import micro_batch_sizes
-
-__all__ = ["Tensors", "TensorOrTensors", "check", "as_tuple", "unpack", "scatter", "gather"]
+__all__ = ["Tensors", "TensorOrTensors", "micro_batch_sizes", "check", "as_tuple", "unpack", "scatter", "gather"]
 
 Tensors = Tuple[Tensor, ...]
 TensorOrTensors = Union[Tensor, Tensors]
+
+
+def micro_batch_sizes(batch: int, chunks: int) -> List[int]:
+    """The micro-batch sizes of a batch of ``batch`` in ``chunks`` chunks, as :func:`torch.chunk` cuts it.
+
+    Pieces of ``ceil(batch / chunks)``, the last one smaller; a batch that does
+    not fill every chunk gives fewer micro-batches: 10 in 4 is 3, 3, 3, 1, and
+    216 in 32 is 31 pieces of 7 (the last of 6). An empty batch is one empty piece.
+    """
+    if batch < 0 or chunks < 1:
+        raise ValueError(f"batch must not be negative and chunks must be positive (batch: {batch}, chunks: {chunks})")
+    if batch == 0:
+        return [0]
+    size = -(-batch // chunks)
+    return [min(size, batch - start) for start in range(0, batch, size)]
 
 
 def check(input: Any) -> None:
