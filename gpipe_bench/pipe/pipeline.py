@@ -43,7 +43,7 @@ from .skip.layout import SkipLayout
 from .skip.skippable import Skippable
 from .skip.tracker import SkipKey, SkipTracker, use_skip_tracker
 from .stream import AbstractStream, Event, current_stream, record_event, record_ready, record_stream, wait_event
-from .worker import execute
+from .worker import cpu_worker_threads, execute
 
 __all__ = ["Pipeline"]
 
@@ -172,7 +172,6 @@ class Pipeline:
         self.skip_layout = skip_layout
         # One worker per distinct device; repeated devices share one (and one stream).
         self.worker_devices, self.worker_of = worker_groups(self.devices)
-        self._cpu_workers = sum(1 for d in self.worker_devices if d.type == "cpu")
         self._one_worker = len(self.worker_devices) == 1
         # With more than one worker, partitions' draws from the host's one generator (and a
         # recompute's swap of it, GPU partitions' too) could interleave with another worker's.
@@ -195,7 +194,7 @@ class Pipeline:
         return self._copy_streams
 
     def _contexts(self, state: _ThreadState, phase: str, watching: Sequence[Observer]) -> List[Callable[[], ExitStack]]:
-        threads = max(1, torch.get_num_threads() // max(1, self._cpu_workers))
+        threads = cpu_worker_threads(self.worker_devices, torch.get_num_threads())
         parallel = len(self.worker_devices) > 1
 
         def make(w: int, device: torch.device) -> Callable[[], ExitStack]:

@@ -21,10 +21,26 @@ import threading
 from contextlib import AbstractContextManager
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-__all__ = ["Plan", "execute"]
+import torch
+
+__all__ = ["Plan", "cpu_worker_threads", "execute"]
 
 # For each worker, its steps in order as (clock, function).
 Plan = Sequence[Sequence[Tuple[int, Callable[[], None]]]]
+
+
+def cpu_worker_threads(workers: Sequence[torch.device], threads: int) -> int:
+    """Intra-op threads of each CPU worker, out of the caller's ``threads``.
+
+    Next to other workers, the CPU workers share the caller's threads out, so
+    that partitions running at once do not oversubscribe the cores; a lone
+    worker runs inline on the caller's thread with all of them. The engine
+    sets this count on its workers, and a model of the engine (the simulator,
+    the planner) asks this function rather than keep a copy of the rule.
+    """
+    if len(workers) <= 1:
+        return threads
+    return max(1, threads // max(1, sum(1 for d in workers if d.type == "cpu")))
 
 
 class _Clocks:

@@ -38,6 +38,7 @@ import torch
 
 from gpipe_bench.pipe.copy import worker_groups
 from gpipe_bench.pipe.schedule import backward_steps, forward_steps
+from gpipe_bench.pipe.worker import cpu_worker_threads
 from gpipe_bench.timeline import Span, Timeline
 
 from .events import Simulator
@@ -187,12 +188,9 @@ class _Builder:
 
 
 def worker_threads(devices: Sequence[str], host: Host) -> int:
-    """Intra-op threads of each CPU worker of our engine: the caller's, split among CPU workers when there are several."""
+    """Intra-op threads of each CPU worker of our engine on ``devices``: the engine's own rule."""
     workers, _ = worker_groups([torch.device(d) for d in devices])
-    cpu_workers = sum(1 for d in workers if d.type == "cpu")
-    if len(workers) > 1:
-        return max(1, host.threads // max(1, cpu_workers))
-    return host.threads
+    return cpu_worker_threads(workers, host.threads)
 
 
 def gpipe(

@@ -12,9 +12,10 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, List, Tuple
 
 import pytest
+import torch
 
 from gpipe_bench.pipe.schedule import forward_steps
-from gpipe_bench.pipe.worker import execute
+from gpipe_bench.pipe.worker import cpu_worker_threads, execute
 
 
 def _null_contexts(n: int) -> List[Callable[[], object]]:
@@ -296,3 +297,13 @@ def test_a_failed_steps_locals_are_freed_without_the_cycle_collector() -> None:
 
 def _nothing() -> None:
     pass
+
+
+def test_cpu_workers_share_the_callers_threads_when_there_are_several() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert cpu_worker_threads([torch.device("cpu")], 8) == 8  # a lone worker runs inline with all
+    assert cpu_worker_threads([torch.device("cpu", 0), torch.device("cpu", 1)], 8) == 4
+    assert cpu_worker_threads([torch.device("cpu", k) for k in range(3)], 8) == 2
+    assert cpu_worker_threads([torch.device("cpu", k) for k in range(16)], 8) == 1  # at least one
+    assert cpu_worker_threads([gpu, cpu], 8) == 8  # the GPU's worker takes no share
+    assert cpu_worker_threads([gpu, torch.device("cuda", 1)], 8) == 8

@@ -90,12 +90,35 @@ def test_forward_host_work_of_gpu_workers_shares_one_interpreter() -> None:
     assert out.seconds == pytest.approx(8.0 + 5.0, abs=0.1)
 
 
-def test_threads_per_worker() -> None:
-    host = Host(cores=2, threads=2)
-    assert worker_threads(["cpu:0", "cpu:1"], host) == 1
-    assert worker_threads(["cpu:0"], host) == 2
-    assert worker_threads(["cpu:0", "cpu:0"], host) == 2
-    assert worker_threads(["cuda:0", "cpu:0"], host) == 2
+@pytest.mark.parametrize(
+    "devices", [["cpu:0", "cpu:1"], ["cpu:0"], ["cpu:0", "cpu:0"], ["cpu", "cpu"], ["cpu:0", "cpu:1", "cpu:2"]]
+)
+def test_threads_per_worker_are_what_the_engine_sets(devices: List[str]) -> None:
+    """The simulator's threads per CPU worker are the ones the engine's workers really run with."""
+    import torch
+    from torch import Tensor, nn
+
+    from gpipe_bench.pipe import GPipe
+
+    seen: List[int] = []
+
+    class Threads(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            seen.append(torch.get_num_threads())
+            return x
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(6)
+    try:
+        GPipe(nn.Sequential(*[Threads() for _ in devices]), [1] * len(devices), devices=devices)(torch.ones(2, 1))
+        expected = worker_threads(devices, Host(cores=6, threads=6))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [expected] * len(devices)
+
+
+def test_a_gpu_worker_does_not_take_a_share_of_the_threads() -> None:
+    assert worker_threads(["cuda:0", "cpu:0"], Host(cores=2, threads=2)) == 2
 
 
 def test_plain_step_adds_everything() -> None:
