@@ -260,3 +260,9 @@ def test_a_failed_steps_activations_are_freed_at_once(devices: List[str]) -> Non
         assert made and all(ref() is None for ref in made)
     finally:
         gc.enable()
+
+
+def test_the_suite_has_a_global_timeout_that_dumps_every_thread(request: pytest.FixtureRequest) -> None:
+    """A deadlocked test (a CPU pipeline's workers waiting on each other) hung `make test` until CI's limit."""
+    assert float(request.config.getini("timeout")) > 0
+    assert request.config.getini("timeout_method") == "thread"
