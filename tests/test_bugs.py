@@ -16,6 +16,12 @@ saying what went wrong; the rest live here. Fixed so far:
   ``tests/pipe/test_worker.py::test_a_failed_steps_locals_are_freed_without_the_cycle_collector``:
   a failed step's tensors lived until the cycle collector ran (the re-raised error and its frame
   held each other).
+- ``tests/pipe/test_batchnorm.py::test_commit_comes_after_every_device_is_joined`` (CUDA half:
+  ``tests/pipe/test_cuda.py::test_deferred_batchnorm_commit_waits_for_every_gpu_under_a_caller_stream``):
+  deferred BatchNorm statistics were committed on the caller's stream ordered after the last
+  partition's device only.
+- ``test_the_suite_has_a_global_timeout_that_dumps_every_thread`` (here): a deadlocked test hung
+  ``make test`` until CI's limit.
 - ``tests/pipe/test_cuda.py`` (GPU only): GPU-to-host copies read before they landed;
   a non-default caller stream joined on one device only; a tuple's ready event recorded
   only when its first tensor was on a GPU. Their CPU-visible halves are below.
