@@ -26,16 +26,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from statistics import median
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from gpipe_bench.pipe.microbatch import as_tuple
 from gpipe_bench.pipe.skip.tracker import ReplayingTracker, use_skip_tracker
 
 __all__ = ["LayerTimes", "time_layers", "threads", "contention"]
-
-Tensors = Tuple[Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -77,12 +76,6 @@ class LayerTimes:
 SMALL = 2
 
 
-def _as_tuple(value: Union[Tensor, Tensors]) -> Tuple[Tensors, bool]:
-    if isinstance(value, Tensor):
-        return (value,), True
-    return tuple(value), False
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -106,7 +99,7 @@ class threads:
 
 def _round(layers: Sequence[nn.Module], sample: Tensor, device: torch.device) -> Iterator[Tuple[float, float, float]]:
     """Each layer's (forward, backward, no-grad forward) seconds, the layers fed one after the other."""
-    batch, atomic = _as_tuple(sample)
+    batch, atomic = as_tuple(sample)
     for layer in layers:
         leaves = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in batch)
         fed = tuple(t.clone() if t.requires_grad else t for t in leaves)
@@ -118,7 +111,7 @@ def _round(layers: Sequence[nn.Module], sample: Tensor, device: torch.device) ->
         nograd = time.perf_counter() - tick
         _sync(device)
         tick = time.perf_counter()
-        out, atomic = _as_tuple(layer(fed[0] if atomic else fed))
+        out, atomic = as_tuple(layer(fed[0] if atomic else fed))
         _sync(device)
         forward = time.perf_counter() - tick
         roots = [t for t in out if t.requires_grad]
