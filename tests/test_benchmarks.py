@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Dict
 
 import pytest
 import torch
@@ -33,7 +34,6 @@ def test_engine_quick_run_prints_tables(capsys: pytest.CaptureFixture[str]) -> N
     for row in ("(a)", "(b)", "(c)", "(d0)", "(d)", "(e)"):
         assert f"\n{row} " in out, f"row {row} missing from:\n{out}"
     assert "(b)/(a) throughput" in out and "(d)/(d0) speedup" in out
-    assert "PASS" in out or "MISS" in out
     assert "host-bound suite:" in out
     for row in ("(ha)", "(hh)", "(hn)", "(hb)", "(hc)", "(he)", "(hf)"):
         assert f"\n{row} " in out, f"row {row} missing from:\n{out}"
@@ -61,3 +61,51 @@ def test_engine_chunks_must_divide_batch() -> None:
     with pytest.raises(SystemExit) as exit_info:
         engine.main(["--quick", "--chunks", "3"])
     assert exit_info.value.code == 2
+
+
+def _timed(key: str, seconds: float, note: str = "") -> Any:
+    return engine.Variant(key, "-", "-", 1, "-", None, note, times=[seconds])
+
+
+def _verdicts(table: str) -> Dict[str, str]:
+    """Each ratio row's first words -> its verdict (the last column)."""
+    return {line.split()[0]: line.split()[-1] for line in table.splitlines() if line.startswith(("(", "1 + "))}
+
+
+def test_overlap_verdicts_follow_the_measured_ratios() -> None:
+    variants = [_timed("(a)", 1.0), _timed("(b)", 1.02), _timed("(c)", 0.9), _timed("(d0)", 2.0), _timed("(d)", 1.6)]
+    verdicts = _verdicts(engine.ratios_table(variants, chunks=8, cores=2))
+    assert verdicts["(b)/(a)"] == "PASS"  # 1.0 / 1.02 = 0.98 >= 0.95
+    assert verdicts["(b)/(c)"] == "MISS"  # 0.9 / 1.02 = 0.88 < 1.0
+    assert verdicts["(d)/(d0)"] == "MISS"  # 1.25 < 1.4
+
+
+def test_host_bound_verdicts_follow_the_measured_ratios() -> None:
+    variants = [
+        _timed("(ha)", 1.0),
+        _timed("(hh)", 1.02),
+        _timed("(hn)", 0.37),
+        _timed("(hb)", 1.04),
+        _timed("(hc)", 1.10),
+        _timed("(he)", 1.40),
+        _timed("(hf)", 1.30),
+    ]
+    table = engine.host_ratios_table(variants, engine.HOST_BOUND)
+    verdicts = _verdicts(table)
+    assert verdicts["(hb)/(ha)"] == "PASS"  # 1.04 <= 1.05
+    assert verdicts["(he)/(ha)"] == "MISS"  # 1.40 > 1.35
+    assert verdicts["(hb)/(hc)"] == "PASS"  # 0.945 <= 1.0
+    assert verdicts["(he)/(hf)"] == "MISS"  # 1.077 > 1.0
+    assert verdicts["(hh)/(ha):"] == "info" and verdicts["1"] == "info"
+    assert "1.370" in table  # the floor: 1 + 0.37 / 1.0
+    assert "+156 us" in table  # (1.04 - 1.0) s over 32 x 8 cells
+
+
+def test_a_row_that_did_not_run_is_skipped_with_its_reason() -> None:
+    variants = [
+        _timed("(ha)", 1.0),
+        _timed("(hb)", 1.0),
+        engine.Variant("(hc)", "-", "-", 1, "-", None, "not installed"),
+    ]
+    table = engine.host_ratios_table(variants, engine.HOST_BOUND)
+    assert "SKIP (not installed)" in table
