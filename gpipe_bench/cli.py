@@ -18,10 +18,11 @@ from typing import Any, Callable, List, Optional, Tuple, TypeVar
 import click
 import torch
 
-from . import __version__, config, jobs, models, report, results, timeline
+from . import __version__, config, jobs, models, report, results
 from .config import Overrides
 from .errors import HarnessError
-from .timeline import Timeline
+from .timeline import files as timeline
+from .timeline.model import Timeline
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 F = TypeVar("F", bound=Callable[..., Any])

@@ -30,7 +30,8 @@ from gpipe_bench.environment import environment, now
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.results import Result, Status, summarize
-from gpipe_bench.timeline import Timeline, TimelineRecorder
+from gpipe_bench.timeline.model import Timeline
+from gpipe_bench.timeline.recorder import TimelineRecorder
 
 __all__ = ["Progress", "Interrupted", "TimelineSink", "check_timeline", "run"]
 

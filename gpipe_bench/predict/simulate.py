@@ -39,7 +39,7 @@ import torch
 from gpipe_bench.pipe.copy import worker_groups
 from gpipe_bench.pipe.schedule import backward_steps, forward_steps
 from gpipe_bench.pipe.worker import cpu_worker_threads
-from gpipe_bench.timeline import Span, Timeline
+from gpipe_bench.timeline.model import Span, Timeline
 
 from .events import Simulator
 from .orders import Action

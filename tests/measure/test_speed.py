@@ -19,7 +19,7 @@ from gpipe_bench.engines.local import LocalTrainer
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.measure import speed
-from gpipe_bench.timeline import Timeline
+from gpipe_bench.timeline.model import Timeline
 from helpers import tiny_configs
 
 TABLE = config.load("resnet101-speed")
