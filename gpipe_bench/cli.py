@@ -846,7 +846,7 @@ def predict_command(
     from .report import predicted
 
     if hardware == "list":
-        click.echo(presets.describe())
+        click.echo(predicted.presets_table(presets.presets()))
         return
     if hardware is not None and cost_source is not None:
         raise HarnessError("--hardware and --costs measured are two cost sources; give one", param="--costs")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -178,3 +179,21 @@ def kill_recorded(pid_file: Path) -> None:
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def module_imports(source: str, package: List[str]) -> Iterator[Tuple[int, str]]:
+    """(line, absolute module name) of every import in ``source``, a module of ``package``, at any depth.
+
+    Imports inside functions count: a lazy import that reaches across the layers
+    ties them together as surely as one at the top.
+    """
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                yield node.lineno, ".".join(base + ([node.module] if node.module else []))
+            else:
+                yield node.lineno, node.module or ""

@@ -25,7 +25,7 @@ import yaml  # type: ignore[import-untyped, unused-ignore]
 
 from ..errors import HarnessError
 
-__all__ = ["LINK_KINDS", "DEVICE_KINDS", "PRESETS_FILE", "Link", "Hardware", "load", "names", "describe"]
+__all__ = ["LINK_KINDS", "DEVICE_KINDS", "PRESETS_FILE", "Link", "Hardware", "load", "names", "presets"]
 
 #: How two devices can be connected. ``host``: tensors stay in host memory (virtual CPU devices
 #: of one process share it); ``gloo``: TCP between distributed CPU ranks.
@@ -186,6 +186,11 @@ def _presets(file: Path) -> Dict[str, Hardware]:
     return _read(file)
 
 
+def presets(file: Optional[Path] = None) -> Dict[str, Hardware]:
+    """Every preset of ``file`` (the package's by default), by name, in the file's order."""
+    return dict(_presets(file or PRESETS_FILE))
+
+
 def names(file: Optional[Path] = None) -> List[str]:
     """The preset names, in file order (the packaged presets unless ``file`` is given)."""
     return list(_presets(file or PRESETS_FILE))
@@ -201,37 +206,3 @@ def load(name: str, file: Optional[Path] = None) -> Hardware:
         raise HarnessError(
             f"unknown hardware {name!r}; known: {known} (gpipe-bench predict --hardware list)", param="--hardware"
         ) from None
-
-
-def _rate(value: Optional[float], unit: str) -> str:
-    if value is None:
-        return "–"
-    return f"{value / 1e12:.1f} T{unit}" if value >= 1e12 else f"{value / 1e9:.0f} G{unit}"
-
-
-def describe(file: Optional[Path] = None) -> str:
-    """The presets as a table a user reads (``gpipe-bench predict --hardware list``), with each one's sources."""
-    from gpipe_bench.report.format import render_grid
-
-    presets = _presets(file or PRESETS_FILE)
-    headers = ["Name", "fp32", "Convolutions", "Memory bandwidth", "Memory", "Per operator", "Between devices"]
-    rows = []
-    for hw in presets.values():
-        link = hw.link()
-        between = "shared memory" if link.bandwidth == float("inf") else f"{link.kind} {_rate(link.bandwidth, 'B/s')}"
-        rows.append(
-            [
-                hw.name,
-                _rate(hw.fp32_flops, "FLOP/s"),
-                ("TF32 " if hw.conv_flops() != hw.fp32_flops else "fp32 ") + _rate(hw.conv_flops(), "FLOP/s"),
-                _rate(hw.memory_bandwidth, "B/s"),
-                f"{hw.memory / (1 << 30):.0f} GiB",
-                f"{hw.op_overhead * 1e6:.0f} µs",
-                between,
-            ]
-        )
-    lines = [render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 1), "rst"), ""]
-    for hw in presets.values():
-        lines.append(f"{hw.name}: {hw.description}")
-        lines += [f"    {source}" for source in hw.sources]
-    return "\n".join(lines)

@@ -9,22 +9,43 @@ parses options and prints what :func:`predict_table` returns.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from gpipe_bench import config, jobs
 from gpipe_bench.config import Overrides, Row, Table
 from gpipe_bench.errors import HarnessError
-from gpipe_bench.report.compare import PredictedSpeedups
 
 from . import hardware as presets
 from .costs import Costs, HardwareCosts, MeasuredCosts, ModelKey
 from .rows import RowPrediction, calibrate, cost_sizes, meta_model, model_key, predict
 
-__all__ = ["TablePrediction", "parse_calibration", "predict_table", "predicted_speedups", "preset_costs", "ENGINES"]
+__all__ = [
+    "PredictedSpeedups",
+    "TablePrediction",
+    "parse_calibration",
+    "predict_table",
+    "predicted_speedups",
+    "preset_costs",
+    "ENGINES",
+]
 
 ENGINES = ("gpipe-bench", "distributed")
+
+
+@dataclass
+class PredictedSpeedups:
+    """Speedups predicted for the published rows on a hardware preset (``gpipe-bench predict``), to set beside them.
+
+    ``checked``: the table's config says the predictions meet their tolerance, so
+    one that leaves it is a regression of the engine's schedule or of the cost model.
+    """
+
+    hardware: str
+    costs: str
+    speedups: Dict[str, float]
+    checked: bool
 
 
 @dataclass

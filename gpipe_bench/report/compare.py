@@ -8,7 +8,7 @@ show measured / ideal pipeline speedup by the performance model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, List, Literal, Optional, Sequence
 
 from gpipe_bench import perf
 from gpipe_bench.results import Result
@@ -20,6 +20,7 @@ from .tables import transparency, transparency_outside
 
 if TYPE_CHECKING:  # config imports models; rendering needs only the attributes
     from gpipe_bench.config import Profile, Row, Table
+    from gpipe_bench.predict.run import PredictedSpeedups
 
 
 #: A row's verdict: within tolerance, worse, better, not comparable (quick profile, prediction), or not measured.
@@ -47,20 +48,6 @@ class CompareRow:
     spread: Optional[float] = None  # relative std of the per-epoch figures
     flag: Flag = "ok"
     note: str = ""
-
-
-@dataclass
-class PredictedSpeedups:
-    """Speedups predicted for the published rows on a hardware preset (``gpipe-bench predict``), to set beside them.
-
-    ``checked``: the table's config says the predictions meet their tolerance, so
-    one that leaves it is a regression of the engine's schedule or of the cost model.
-    """
-
-    hardware: str
-    costs: str
-    speedups: Dict[str, float]
-    checked: bool
 
 
 @dataclass
@@ -184,7 +171,7 @@ def _describe(table: "Table", entry: CompareRow) -> str:
 
 
 def compare(
-    table: "Table", results: Sequence[Result], *, fmt: str = "rst", predicted: Optional[PredictedSpeedups] = None
+    table: "Table", results: Sequence[Result], *, fmt: str = "rst", predicted: Optional["PredictedSpeedups"] = None
 ) -> Comparison:
     """Row by row against the published figures; see the module docstring. ``predicted``: a block of its own."""
     entries: List[CompareRow] = []
@@ -269,7 +256,7 @@ def _compare_grid(table: "Table", entries: Sequence[CompareRow], fmt: str) -> st
     return render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 2) + ["left"], fmt)
 
 
-def _predicted_block(table: "Table", predicted: PredictedSpeedups, fmt: str) -> "tuple[str, List[str]]":
+def _predicted_block(table: "Table", predicted: "PredictedSpeedups", fmt: str) -> "tuple[str, List[str]]":
     """The predicted speedups beside the published ones, and the rows outside the table's tolerance."""
     rows, missed = [], []
     for row in table.profile("published").rows:

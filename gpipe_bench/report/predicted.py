@@ -10,7 +10,7 @@ within that machine's records, as everywhere), then the published figures.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from gpipe_bench.results import DEFAULT_ENGINE, Result
 
@@ -18,6 +18,7 @@ from .format import DASH, fmt_num, render_grid
 from .groups import group_results, speedup_of
 
 if TYPE_CHECKING:
+    from gpipe_bench.predict.hardware import Hardware
     from gpipe_bench.predict.run import TablePrediction
 
 __all__ = ["measured_for", "render", "as_records"]
@@ -135,3 +136,34 @@ def render(prediction: "TablePrediction", results: Sequence[Result], hardware: O
             ]
         )
     return render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 1), fmt)
+
+
+def _rate(value: Optional[float], unit: str) -> str:
+    if value is None:
+        return "–"
+    return f"{value / 1e12:.1f} T{unit}" if value >= 1e12 else f"{value / 1e9:.0f} G{unit}"
+
+
+def presets_table(presets: Mapping[str, "Hardware"]) -> str:
+    """The hardware presets as a table a user reads (``gpipe-bench predict --hardware list``), with their sources."""
+    headers = ["Name", "fp32", "Convolutions", "Memory bandwidth", "Memory", "Per operator", "Between devices"]
+    rows = []
+    for hw in presets.values():
+        link = hw.link()
+        between = "shared memory" if link.bandwidth == float("inf") else f"{link.kind} {_rate(link.bandwidth, 'B/s')}"
+        rows.append(
+            [
+                hw.name,
+                _rate(hw.fp32_flops, "FLOP/s"),
+                ("TF32 " if hw.conv_flops() != hw.fp32_flops else "fp32 ") + _rate(hw.conv_flops(), "FLOP/s"),
+                _rate(hw.memory_bandwidth, "B/s"),
+                f"{hw.memory / (1 << 30):.0f} GiB",
+                f"{hw.op_overhead * 1e6:.0f} µs",
+                between,
+            ]
+        )
+    lines = [render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 1), "rst"), ""]
+    for hw in presets.values():
+        lines.append(f"{hw.name}: {hw.description}")
+        lines += [f"    {source}" for source in hw.sources]
+    return "\n".join(lines)

@@ -8,11 +8,11 @@ the layers together as surely as one at the top.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import List
 
 import gpipe_bench.pipe
+from helpers import module_imports
 
 PIPE = Path(gpipe_bench.pipe.__file__).resolve().parent
 
@@ -21,36 +21,24 @@ def _package(path: Path) -> List[str]:
     return ["gpipe_bench", *path.relative_to(PIPE.parent).parent.parts]
 
 
-def _imports(source: str, package: List[str]) -> Iterator[Tuple[int, str]]:
-    """(line, absolute module name) of every import in ``source`` (a module of ``package``), at any depth."""
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                yield node.lineno, alias.name
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[: len(package) - (node.level - 1)]
-                yield node.lineno, ".".join(base + ([node.module] if node.module else []))
-            else:
-                yield node.lineno, node.module or ""
-
-
 def test_pipe_imports_nothing_of_gpipe_bench_outside_pipe() -> None:
     outside = [
         f"{path.relative_to(PIPE.parent)}:{line}: {name}"
         for path in sorted(PIPE.rglob("*.py"))
-        for line, name in _imports(path.read_text(), _package(path))
+        for line, name in module_imports(path.read_text(), _package(path))
         if name.split(".")[0] == "gpipe_bench"
         and not (name == "gpipe_bench.pipe" or name.startswith("gpipe_bench.pipe."))
     ]
     assert outside == []
 
 
-def test_the_walk_sees_relative_and_function_level_imports() -> None:
+def test_the_walk_sees_relative_and_function_levelmodule_imports() -> None:
     source = "import torch\n\ndef f():\n    from .. import perf\n    from ..skip.tracker import SkipKey\n"
-    names = [name for _, name in _imports(source, ["gpipe_bench", "pipe", "skip"])]
+    names = [name for _, name in module_imports(source, ["gpipe_bench", "pipe", "skip"])]
     assert names == ["torch", "gpipe_bench.pipe", "gpipe_bench.pipe.skip.tracker"]
-    names = [name for _, name in _imports("def f():\n    from ...perf import split\n", ["gpipe_bench", "pipe", "x"])]
+    names = [
+        name for _, name in module_imports("def f():\n    from ...perf import split\n", ["gpipe_bench", "pipe", "x"])
+    ]
     assert names == ["gpipe_bench.perf"]
 
 
