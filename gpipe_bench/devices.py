@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import HarnessError
+from .pipe.copy import worker_groups
 
-__all__ = ["DevicePlan", "parse", "resolve"]
+__all__ = ["DevicePlan", "memory_slots", "parse", "resolve"]
 
 _DEVICE = re.compile(r"^(?:(cuda|cpu)(?::(\d+))?|(\d+))$")
 
@@ -102,3 +103,18 @@ def resolve(spec: Optional[str], partitions: int) -> DevicePlan:
     elif virtual and partitions > 1:
         note = f"virtual CPU devices: {partitions} partitions on {partitions} worker threads of this host's cores"
     return DevicePlan(devices, virtual, shared, note)
+
+
+def memory_slots(devices: Sequence[str]) -> Tuple[List[str], List[int]]:
+    """The distinct devices (in order of first use) and, per partition, the index of its device.
+
+    Partitions on one device share its memory, so figures are per device: the engine's own grouping of
+    partitions into workers (:func:`gpipe_bench.pipe.copy.worker_groups`), named as strings.
+    """
+    try:
+        parsed = [torch.device(d) for d in devices]
+    except RuntimeError:  # not devices of this process (a launch's ranks: 'rank0', 'rank1'): one slot each name
+        names = list(dict.fromkeys(devices))
+        return names, [names.index(d) for d in devices]
+    keys, slots = worker_groups(parsed)
+    return [str(k) for k in keys], slots

@@ -46,3 +46,10 @@ def test_default_without_cuda_is_virtual_cpu() -> None:
 def test_cuda_asked_without_cuda() -> None:
     with pytest.raises(HarnessError, match="no CUDA device"):
         devices.resolve("cuda:0", 1)
+
+
+def test_memory_slots_count_shared_devices_once() -> None:
+    assert devices.memory_slots(["cpu:0", "cpu:1", "cpu:0"]) == (["cpu:0", "cpu:1"], [0, 1, 0])
+    assert devices.memory_slots(["cuda", "cuda:0"]) == (["cuda:0"], [0, 0])
+    # A launch's ranks are not devices of this process: one slot each (distributed memory rows).
+    assert devices.memory_slots(["rank0", "rank1"]) == (["rank0", "rank1"], [0, 1])

@@ -19,29 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpipe_bench import models
+from gpipe_bench.devices import memory_slots
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.pipe import GPipe
-from gpipe_bench.pipe.copy import worker_groups
 
 from .base import MemoryWatch, Trainer, place
 
-__all__ = ["LocalTrainer", "memory_slots"]
-
-
-def memory_slots(devices: Sequence[str]) -> Tuple[List[str], List[int]]:
-    """The distinct devices (in order of first use) and, per partition, the index of its device.
-
-    Partitions on one device share its memory, so figures are per device: the engine's own grouping of
-    partitions into workers (:func:`gpipe_bench.pipe.copy.worker_groups`), named as strings.
-    """
-    try:
-        parsed = [torch.device(d) for d in devices]
-    except RuntimeError:  # not devices of this process (a launch's ranks: 'rank0', 'rank1'): one slot each name
-        names = list(dict.fromkeys(devices))
-        return names, [names.index(d) for d in devices]
-    keys, slots = worker_groups(parsed)
-    return [str(k) for k in keys], slots
+__all__ = ["LocalTrainer"]
 
 
 class LocalTrainer(Trainer):

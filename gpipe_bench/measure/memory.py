@@ -44,7 +44,7 @@ from gpipe_bench.pipe.balance import balance_by_size
 from gpipe_bench.pipe.microbatch import as_tuple
 from gpipe_bench.results import Result, Status
 
-from ..engines.local import memory_slots
+from ..devices import memory_slots
 
 __all__ = [
     "GIB",

@@ -283,7 +283,7 @@ class _Search:
         """Exact peak bytes per device of our engine's plan: the memory predictor plus parameters and gradients."""
         if job.engine == "distributed":
             return None
-        from gpipe_bench.engines.local import memory_slots
+        from gpipe_bench.devices import memory_slots
         from gpipe_bench.measure import memory
 
         balance = tuple(job.row.balance or (self.layers,))
@@ -458,7 +458,7 @@ def default_cap(hardware: Optional[str], devices: Sequence[str]) -> Tuple[Option
     if any(d.startswith("cuda") for d in devices) and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(torch.device(devices[0])).total_memory
         return int(total), "the device's memory"
-    from gpipe_bench.engines.local import memory_slots
+    from gpipe_bench.devices import memory_slots
     from gpipe_bench.measure.memory import available_host_bytes
 
     available = available_host_bytes()

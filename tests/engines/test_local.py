@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpipe_bench import config, engines
-from gpipe_bench.engines.local import LocalTrainer, memory_slots
+from gpipe_bench.engines.local import LocalTrainer
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.pipe import GPipe
@@ -20,13 +20,6 @@ SETTINGS = replace(TABLE.profile("quick").settings, input_size=32)
 def _job(name: str, devices: list, engine: str = "gpipe-bench") -> Job:
     row = replace(TABLE.row(name, "quick"), batch=4, chunks=2 if name.startswith("pipeline") else 1)
     return Job(TABLE, row, SETTINGS, "quick", devices, engine)
-
-
-def test_memory_slots_count_shared_devices_once() -> None:
-    assert memory_slots(["cpu:0", "cpu:1", "cpu:0"]) == (["cpu:0", "cpu:1"], [0, 1, 0])
-    assert memory_slots(["cuda", "cuda:0"]) == (["cuda:0"], [0, 0])
-    # A launch's ranks are not devices of this process: one slot each (distributed memory rows).
-    assert memory_slots(["rank0", "rank1"]) == (["rank0", "rank1"], [0, 1])
 
 
 def test_plain_and_split_rows() -> None:
