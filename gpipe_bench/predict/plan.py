@@ -502,9 +502,8 @@ def plan(
     started = time.perf_counter()
     table = jobs.table_for(model, "speed")
     preset = presets.load(hardware) if hardware is not None else None
-    if profile is None:
-        gpu = preset.kind != "cpu" if preset is not None else torch.cuda.is_available()
-        profile = "published" if gpu else "quick"
+    gpu = preset.kind != "cpu" if preset is not None else torch.cuda.is_available()
+    profile, _ = jobs.default_profile(profile, gpu)
     devices = device_specs.parse(devices_spec)
     if engine == "distributed" and len(devices) < 2:
         raise HarnessError("--engine distributed plans one process per device; give two or more", param="--devices")
