@@ -19,10 +19,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["SCHEDULES", "local_stages", "check", "make_schedule", "step"]
+__all__ = ["SCHEDULES", "default_processes", "local_stages", "check", "make_schedule", "step"]
 
 #: Names users give (``--schedule``) -> torch's schedule classes.
 SCHEDULES: Dict[str, str] = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
+
+
+def default_processes(schedule: str, stages: int) -> int:
+    """How many processes a row of ``stages`` stages runs on when none are named: one per stage, two stages each interleaved."""
+    return max(1, stages // 2) if schedule == "interleaved" else stages
 
 
 def local_stages(stages: int, rank: int, world: int, schedule: str) -> List[int]:
@@ -38,7 +43,7 @@ def check(schedule: str, stages: int, world: int, chunks: int) -> Optional[str]:
         if stages % world or stages // world < 2:
             return (
                 f"interleaved needs at least two stages per process and the same number on each "
-                f"({stages} stage(s) on {world} process(es)); launch with --nproc {max(1, stages // 2)}"
+                f"({stages} stage(s) on {world} process(es)); launch with --nproc {default_processes(schedule, stages)}"
                 + (" or fewer dividing it" if stages >= 4 else "")
             )
         rounds = max(1, chunks // world)

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from gpipe_bench.distributed.schedule import default_processes
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.perf import checkpoint_stop, layer_ranges, micro_batch_sizes
@@ -97,7 +98,7 @@ def _processes(job: Job, stages: int) -> int:
         return 1
     if job.devices and all(d.startswith("rank") for d in job.devices):
         return len(job.devices)
-    return stages // 2 if job.schedule == "interleaved" else stages
+    return default_processes(job.schedule, stages)
 
 
 def cost_sizes(job: Job, host: Host) -> List[Tuple[int, int]]:

@@ -111,7 +111,7 @@ def _plan(
         if engine == "distributed" and count > 1:
             from gpipe_bench.distributed import schedule as dschedule
 
-            processes = nproc or (count // 2 if schedule == "interleaved" else count)
+            processes = nproc or dschedule.default_processes(schedule, count)
             problem = dschedule.check(schedule, count, processes, row.chunks)
             if problem is not None:
                 raise HarnessError(f"{row.name}: {problem}", param="--schedule")

@@ -36,3 +36,12 @@ def test_layouts_a_schedule_cannot_run_say_why_and_what_to_launch(
     assert problem is not None
     for word in words:
         assert word in problem, problem
+
+
+def test_the_default_process_count_is_one_per_stage_or_two_stages_each_interleaved() -> None:
+    from gpipe_bench.distributed.schedule import check, default_processes
+
+    assert default_processes("gpipe", 4) == default_processes("1f1b", 4) == 4
+    assert default_processes("interleaved", 8) == 4 and default_processes("interleaved", 2) == 1
+    for schedule in ("gpipe", "1f1b", "interleaved"):  # the default always passes the schedule's own check
+        assert check(schedule, 8, default_processes(schedule, 8), 8) is None
