@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .count import ModelCounts, count_named
-from .hardware import Hardware, Link
+from .hardware import Hardware, Link, load
 from .measured import LayerTimes, contention, threads, time_layers
 from .roofline import host_seconds, pass_seconds
 from .simulate import Host
@@ -212,6 +212,13 @@ def op_overhead(samples: int = 2000, device: torch.device = torch.device("cpu"))
 
 class MeasuredCosts(Costs):
     """Timed on ``device`` (this machine), layer by layer, at each row's micro-batch size and thread count."""
+
+    @classmethod
+    def here(cls, model: ModelKey, rounds: int = 3) -> "MeasuredCosts":
+        """Timed on this machine's device (its GPU if it has one, else the host), with the preset that
+        prices what is not timed (copies between devices, processes): ``h100`` for a GPU, ``cpu`` for the host."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(model, device, load("cpu" if device == "cpu" else "h100"), rounds)
 
     def __init__(self, model: ModelKey, device: str, hardware: Hardware, rounds: int = 3) -> None:
         super().__init__(model, hardware)  # the preset gives copies between devices and processes; cells are timed

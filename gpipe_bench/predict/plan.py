@@ -440,13 +440,7 @@ def _costs(template: jobs.Job, hardware: Optional[str], calibration: Optional[Tu
         raise HarnessError(
             "--calibrate fits a hardware preset's efficiency; give --hardware NAME with it", param="--calibrate"
         )
-    return MeasuredCosts(key, *_measured_device())
-
-
-def _measured_device() -> Tuple[str, presets.Hardware]:
-    """Where measured costs are timed, and the preset that prices its copies and processes."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device, presets.load("cpu" if device == "cpu" else "h100")
+    return MeasuredCosts.here(key)
 
 
 def default_cap(hardware: Optional[str], devices: Sequence[str]) -> Tuple[Optional[int], str]:
@@ -653,7 +647,7 @@ def planned_balance(job: jobs.Job, costs: Optional[Costs] = None) -> Tuple[Tuple
     """
     if costs is None:
         # One size, used as timed: two rounds and no fixed-part pass keep a table run's planning short.
-        measured = MeasuredCosts(model_key(job), *_measured_device(), rounds=2)
+        measured = MeasuredCosts.here(model_key(job), rounds=2)
         measured.fixed = False
         costs = measured
     stages = jobs.partitions(job.row)

@@ -169,8 +169,7 @@ def predict_table(
                 "(give --hardware NAME, or leave --calibrate out)",
                 param="--calibrate",
             )
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        costs = MeasuredCosts(key, device, presets.load("cpu" if device == "cpu" else "h100"))
+        costs = MeasuredCosts.here(key)
         sizes = [s for job in [*planned, *([baseline] if baseline else [])] for s in cost_sizes(job, costs.host)]
         concurrent = any(job.split and job.row.chunks > 1 and len(set(job.devices)) > 1 for job in planned)
         costs.prepare(sizes, progress, concurrent)

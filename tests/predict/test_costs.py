@@ -130,3 +130,14 @@ def test_on_a_gpu_the_timings_leave_the_cached_model_and_the_gpu_as_they_were() 
     assert torch.cuda.memory_allocated(device) == before  # the copy and the tensors are gone
     if before == 0:
         assert torch.cuda.memory_reserved(device) == 0  # and their blocks given back
+
+
+@pytest.mark.parametrize("cuda, device, preset", [(False, "cpu", "cpu"), (True, "cuda", "h100")])
+def test_measured_costs_here_time_on_this_machines_device(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, device: str, preset: str
+) -> None:
+    """predict and plan both measure here: one rule for the device and the preset that prices the rest."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(costs, "op_overhead", lambda **kwargs: 1e-5)
+    measured = MeasuredCosts.here(KEY)
+    assert measured.device.type == device and measured.hardware.name == preset
