@@ -8,7 +8,7 @@ parses options and prints what :func:`predict_table` returns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -58,7 +58,6 @@ class TablePrediction:
     hardware: Optional[str]  # the preset's name, or None when measured here
     rows: List[RowPrediction]
     fitted: Optional[Tuple[str, float, float]] = None  # (row, its throughput, the efficiency)
-    notes: List[str] = field(default_factory=list)
 
 
 def parse_calibration(value: Optional[str]) -> Optional[Tuple[str, float]]:
