@@ -52,11 +52,6 @@ def materialize(layers: nn.Sequential, device: torch.device, seed: int, first_in
     return layers
 
 
-def _meta_model(name: str, **kwargs: Any) -> nn.Sequential:
-    with torch.device("meta"):
-        return models.build(name, **kwargs)
-
-
 def build_stage(
     name: str, balance: Sequence[int], rank: int, device: torch.device, seed: int = 0, **kwargs: Any
 ) -> nn.Module:
@@ -90,7 +85,7 @@ def build_local(
 
 
 def _balanced_meta(name: str, balance: Sequence[int], **kwargs: Any) -> nn.Sequential:
-    model = _meta_model(name, **kwargs)
+    model = models.build_meta(name, **kwargs)
     if sum(balance) != len(model):
         raise ValueError(f"balance {list(balance)} sums to {sum(balance)} but {name} has {len(model)} layers")
     return model
@@ -106,7 +101,7 @@ def _stage(model: nn.Sequential, balance: Sequence[int], index: int, device: tor
 
 def build_full(name: str, device: torch.device, seed: int = 0, **kwargs: Any) -> nn.Sequential:
     """The whole model initialised exactly as its stages are: the plain reference of a distributed run."""
-    return materialize(_meta_model(name, **kwargs), device, seed, 0)
+    return materialize(models.build_meta(name, **kwargs), device, seed, 0)
 
 
 class CarrySkips(nn.Module):

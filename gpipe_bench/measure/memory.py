@@ -98,8 +98,7 @@ def compared(predicted: int, reported: Sequence[int], allocated: Sequence[int]) 
 
 
 def _meta_model(job: Job) -> nn.Sequential:
-    with torch.device("meta"):
-        return models.build(job.model_name, **job.model_args)
+    return models.build_meta(job.model_name, **job.model_args)
 
 
 def find_balance(job: Job, model: Optional[nn.Sequential] = None) -> Tuple[int, ...]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 import torch
 from torch import nn
 
-__all__ = ["ModelSpec", "names", "spec", "build", "count", "describe"]
+__all__ = ["ModelSpec", "names", "spec", "build", "build_meta", "count", "describe"]
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,19 @@ def build(name: str, **kwargs: Any) -> nn.Sequential:
     return registered.builder()(**{**registered.defaults, **kwargs})
 
 
-def count(name: str, **kwargs: Any) -> Tuple[int, int]:
-    """(layers, parameters) of ``name``, built on the meta device: no memory, no initialisation cost."""
+def build_meta(name: str, **kwargs: Any) -> nn.Sequential:
+    """Model ``name`` on the meta device: shapes only, no memory, no initialisation cost.
+
+    What every reader of a model's structure uses (counts, the memory predictor,
+    the distributed stages, the cost model), one way.
+    """
     with torch.device("meta"):
-        model = build(name, **kwargs)
+        return build(name, **kwargs)
+
+
+def count(name: str, **kwargs: Any) -> Tuple[int, int]:
+    """(layers, parameters) of ``name``, built on the meta device."""
+    model = build_meta(name, **kwargs)
     return len(model), sum(p.numel() for p in model.parameters())
 
 

@@ -733,8 +733,7 @@ def _count_named(model_name: str, args: Dict[str, Any], input_size: int) -> Mode
         raise HarnessError(f"unknown model {model_name!r}; known models: {', '.join(models.names())}")
     if input_size < 1:
         raise HarnessError(f"input size {input_size} is not a positive number of pixels; use e.g. 224")
-    with torch.device("meta"):
-        model = models.build(model_name, **args)
+    model = models.build_meta(model_name, **args)
     try:
         return count_model(model, (3, input_size, input_size))
     except ValueError as exc:

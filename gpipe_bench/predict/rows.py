@@ -53,8 +53,7 @@ def meta_model(key: ModelKey) -> torch.nn.Sequential:
     """The model on ``meta`` (shapes only), built once per model: parameter counts and the memory predictor read it."""
     from gpipe_bench import models
 
-    with torch.device("meta"):
-        return models.build(key.name, **dict(key.args))
+    return models.build_meta(key.name, **dict(key.args))
 
 
 @lru_cache(maxsize=16)

@@ -25,3 +25,13 @@ def test_defaults_and_overrides() -> None:
 def test_describe() -> None:
     line = models.describe("resnet101")
     assert line.startswith("resnet101: 370 layers, 42,520,650 parameters;")
+
+
+def test_build_meta_holds_shapes_only() -> None:
+    model = models.build_meta("resnet14", width=8, stem="small", num_classes=10)
+    parameters = list(model.parameters())
+    assert parameters and all(p.is_meta for p in parameters)
+    assert models.count("resnet14", width=8, stem="small", num_classes=10) == (
+        len(model),
+        sum(p.numel() for p in parameters),
+    )
