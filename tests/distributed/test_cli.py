@@ -8,10 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from gpipe_bench.cli import main
 from helpers import launch_command
+
+# Each test launches processes (torchrun and its ranks): seconds each; `pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def test_outside_torchrun_says_how_to_launch(tmp_path: Path) -> None:

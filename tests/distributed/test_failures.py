@@ -20,6 +20,9 @@ import pytest
 from gpipe_bench.distributed.launch import Failure, first_failure
 from helpers import launch_command
 
+# Each test launches processes (torchrun and its ranks): seconds each; `pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
+
 _INJECT = textwrap.dedent("""
     import os
     if os.environ.get("RANK") == os.environ.get("FAULT_RANK"):

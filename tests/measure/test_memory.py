@@ -35,6 +35,7 @@ def _job(name: str, profile: str = "quick", **row_changes: object) -> Job:
     return Job(TABLE, row, prof.settings, profile, devices)
 
 
+@pytest.mark.slow
 def test_every_quick_row_is_predicted_within_ten_percent_of_the_measurement() -> None:
     """The acceptance figure: predicted vs measured peak activation memory on the quick profile, on CPU."""
     for row in QUICK.rows:

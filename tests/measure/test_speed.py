@@ -33,6 +33,7 @@ def _job(name: str, epochs: int = 3, skip: int = 1, **row_changes: Any) -> Job:
     return Job(TABLE, row, settings, "quick", [f"cpu:{k}" for k in range(count)])
 
 
+@pytest.mark.slow
 def test_a_row_measures_every_epoch_after_the_warm_up() -> None:
     steps = []
     result = speed.run(_job("pipeline-2", batch=8, chunks=2), lambda *args: steps.append(args))

@@ -26,6 +26,7 @@ def _speed(tmp_path: Path, *args: str) -> Result:
     )
 
 
+@pytest.mark.slow
 def test_speed_writes_the_timeline_of_a_pipeline_row(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     result = _speed(
