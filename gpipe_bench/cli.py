@@ -417,7 +417,7 @@ def speed_command(
     if timeline_path is not None:
         speed.check_timeline(engine)
     if engine == "distributed":
-        planned, notes = jobs.plan_distributed(
+        planned, notes = jobs.resolve_distributed(
             table, profile_name, rows, overrides, named=named, schedule=schedule, timeout_s=timeout_s
         )
         before: Optional[Callable[[jobs.Job], None]] = None
@@ -428,7 +428,7 @@ def speed_command(
                     click.echo(
                         f"{row.name}: planning its balance for the devices at hand (timing the layers)", err=True
                     )
-        pairs = jobs.plan(table, profile_name, rows, overrides, devices_spec, engine=engine)
+        pairs = jobs.resolve(table, profile_name, rows, overrides, devices_spec, engine=engine)
         planned, notes = [job for job, _ in pairs], []
         row_notes = {id(job): note for job, note in pairs}
 
@@ -568,13 +568,13 @@ def memory_command(
     root = output if output is not None else results.results_dir()
     distributed = engine == "distributed"
     if distributed:
-        planned, notes = jobs.plan_distributed(
+        planned, notes = jobs.resolve_distributed(
             table, profile_name, rows, overrides, named=named, schedule=schedule, timeout_s=timeout_s
         )
     else:
         planned = [
             job
-            for job, _ in jobs.plan(
+            for job, _ in jobs.resolve(
                 table, profile_name, rows, overrides, devices_spec, engine=engine, predict_only=predict_only
             )
         ]
@@ -681,7 +681,7 @@ def accuracy_command(
 
     cuda = torch.cuda.is_available()
     table = jobs.table_for(model, "accuracy")
-    planned = jobs.plan_accuracy(
+    planned = jobs.resolve_accuracy(
         table, profile, experiment=experiment, epochs=epochs, seeds=seeds, data=data, cuda=cuda
     )
     root = output if output is not None else results.results_dir()

@@ -34,9 +34,9 @@ __all__ = [
     "table_for",
     "default_profile",
     "pick_rows",
-    "plan",
-    "plan_distributed",
-    "plan_accuracy",
+    "resolve",
+    "resolve_distributed",
+    "resolve_accuracy",
     "accuracy_placement",
     "resolve_planned",
     "in_torchrun",
@@ -192,7 +192,7 @@ def _predict_only_devices(spec: Optional[str], count: int, profile: str) -> List
     return [f"cuda:{j}" for j in range(count)] if profile == "published" else [f"cpu:{j}" for j in range(count)]
 
 
-def plan(
+def resolve(
     table: Table,
     profile: str,
     rows: Sequence[Row],
@@ -241,7 +241,7 @@ def in_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def plan_distributed(
+def resolve_distributed(
     table: Table,
     profile: str,
     rows: Sequence[Row],
@@ -310,7 +310,7 @@ def plan_distributed(
     return jobs, notes
 
 
-def plan_accuracy(
+def resolve_accuracy(
     table: Table,
     profile: str,
     *,

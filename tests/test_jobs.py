@@ -51,28 +51,30 @@ def test_pick_rows() -> None:
 
 
 def test_plan_resolves_every_row_before_any_runs() -> None:
-    planned = jobs.plan(SPEED, "quick", list(SPEED.profile("quick").rows), Overrides(epochs=2), None)
+    planned = jobs.resolve(SPEED, "quick", list(SPEED.profile("quick").rows), Overrides(epochs=2), None)
     assert [job.row.name for job, _ in planned] == [r.name for r in SPEED.profile("quick").rows]
     for job, _ in planned:
         assert len(job.devices) == jobs.partitions(job.row) and job.settings.epochs == 2
     with pytest.raises(HarnessError, match="2 partitions"):
-        jobs.plan(SPEED, "quick", [SPEED.row("pipeline-2", "quick")], Overrides(), "cpu:0")
+        jobs.resolve(SPEED, "quick", [SPEED.row("pipeline-2", "quick")], Overrides(), "cpu:0")
 
 
 def test_predict_only_devices() -> None:
     row = MEMORY.row("pipeline-4")
-    [(job, _)] = jobs.plan(MEMORY, "published", [row], Overrides(), None, predict_only=True)
+    [(job, _)] = jobs.resolve(MEMORY, "published", [row], Overrides(), None, predict_only=True)
     assert list(job.devices) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
-    [(job, _)] = jobs.plan(MEMORY, "quick", [MEMORY.row("pipeline-4", "quick")], Overrides(), None, predict_only=True)
+    [(job, _)] = jobs.resolve(
+        MEMORY, "quick", [MEMORY.row("pipeline-4", "quick")], Overrides(), None, predict_only=True
+    )
     assert list(job.devices) == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
     with pytest.raises(HarnessError, match="1 device"):
-        jobs.plan(MEMORY, "published", [row], Overrides(), "cuda:0", predict_only=True)
+        jobs.resolve(MEMORY, "published", [row], Overrides(), "cuda:0", predict_only=True)
 
 
 def test_distributed_needs_a_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(HarnessError, match="gpipe-bench launch --nproc N"):
-        jobs.plan_distributed(
+        jobs.resolve_distributed(
             SPEED, "quick", [SPEED.row("pipeline-2", "quick")], Overrides(), named=True, schedule="gpipe", timeout_s=10
         )
 
@@ -81,7 +83,7 @@ def test_distributed_rows_that_fit_the_launch(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     rows = list(SPEED.profile("quick").rows)
-    planned, notes = jobs.plan_distributed(
+    planned, notes = jobs.resolve_distributed(
         SPEED, "quick", rows, Overrides(), named=False, schedule="gpipe", timeout_s=10
     )
     assert [j.row.name for j in planned] == ["naive-2", "pipeline-2"]
@@ -90,7 +92,7 @@ def test_distributed_rows_that_fit_the_launch(monkeypatch: pytest.MonkeyPatch) -
     ]
     assert all(j.record_engine == "distributed-gpipe" and j.timeout_s == 10 for j in planned)
     with pytest.raises(HarnessError, match="pipeline-4: 4 stage"):
-        jobs.plan_distributed(
+        jobs.resolve_distributed(
             SPEED, "quick", [SPEED.row("pipeline-4", "quick")], Overrides(), named=True, schedule="gpipe", timeout_s=10
         )
 
