@@ -374,10 +374,13 @@ def test_gpipe_equals_plain_model(family: str, dtype: torch.dtype, data: st.Data
     batch = data.draw(st.integers(1, 24), label="batch")
     if has_bn:
         # Training BatchNorm needs at least two values per channel in every micro-batch.
-        # In float32, BatchNorm over 2-3 values is so ill-conditioned that its input
-        # gradient (mathematically near zero) is rounding noise; ask for 4.
+        # Over exactly two it normalises them to nearly +-1 whatever they are, so its
+        # input gradient is nearly zero and largely rounding noise: two engines summing
+        # the same terms in another order (a skip's gradient and the main path's) can
+        # then differ by more than 1e-10 of it even in float64 (seen: 4.8e-10); ask for 3. In float32, BatchNorm over 2-3 values is so
+        # ill-conditioned that the same holds; ask for 4.
         sizes = [len(c) for c in torch.empty(batch).chunk(chunks)]
-        assume(family == "conv" or min(sizes) >= (2 if dtype == torch.float64 else 4))
+        assume(family == "conv" or min(sizes) >= (3 if dtype == torch.float64 else 4))
     shape = (batch, D) if family == "vector" else (batch, C, 4, 4)
     seed = data.draw(st.integers(0, 2**16), label="seed")
     torch.manual_seed(seed)
