@@ -25,7 +25,7 @@ and gradient hooks behave exactly as with the plain model.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, cast
 
 import torch
@@ -235,10 +235,6 @@ class Pipeline:
                 plan[w].append((clock, fn))
         return plan
 
-    def _guarded(self, j: int, run: _Run) -> bool:
-        """Whether partition ``j``'s forward needs its skip tracker or the host-generator watch."""
-        return self._skippable[j] or (self._rng_shared and run.checkpoint_stop > 0)
-
     def _record(self, compute: AbstractStream) -> Event:
         """A cell's event, for whoever uses its tensors on another stream.
 
@@ -273,8 +269,17 @@ class Pipeline:
             for event in events:
                 wait_event(stream, event)
 
+    def _forward_rng(self, i: int, j: int, run: _Run) -> AbstractContextManager[Any]:
+        """Serialise host-generator draws of partitions that will be recomputed (see :meth:`_watched_rng`).
+
+        Alone, or with nothing recomputed, there is nothing to serialise: no context at all.
+        """
+        if not (self._rng_shared and run.checkpoint_stop > 0):
+            return _NO_CONTEXT
+        return self._watched_rng(i, j, run)
+
     @contextmanager
-    def _forward_rng(self, i: int, j: int, run: _Run) -> Iterator[None]:
+    def _watched_rng(self, i: int, j: int, run: _Run) -> Iterator[None]:
         """Serialise host-generator draws of partitions that will be recomputed.
 
         Every worker shares the host's one generator (GPU partitions may draw
@@ -288,9 +293,7 @@ class Pipeline:
         of partition ``j`` runs alone at clock ``j`` among first micro-batches,
         and earlier partitions are already classified, so the watch is exact.
         """
-        if not (self._rng_shared and run.checkpoint_stop > 0):
-            yield
-        elif i == 0:
+        if i == 0:
             with CPU_RNG_LOCK:
                 before = torch.get_rng_state()
                 yield
@@ -362,22 +365,15 @@ class Pipeline:
 
             # Each context below is entered only where it changes something: a host-bound
             # step pays for every one of them once per cell.
-            with ExitStack() if self._guarded(j, run) else _NO_CONTEXT as guards:
-                tracker = None
-                if guards is not None:
-                    guards.enter_context(self._forward_rng(i, j, run))
-                    if self._skippable[j]:
-                        tracker = _CellTracker(skips, list(self.skip_layout.outgoing(j)))
-                        guards.enter_context(use_skip_tracker(tracker))
+            tracker = _CellTracker(skips, list(self.skip_layout.outgoing(j))) if self._skippable[j] else None
+            with self._forward_rng(i, j, run), use_skip_tracker(tracker) if tracker is not None else _NO_CONTEXT:
                 if checkpointed:
                     cell.rng = RNGState(place)
                     with torch.no_grad(), checkpointing():
                         output = self.partitions[j](unpack(inputs, in_atomic))
-                elif torch.is_grad_enabled() != grad:
-                    with torch.set_grad_enabled(grad):
-                        output = self.partitions[j](unpack(inputs, in_atomic))
                 else:
-                    output = self.partitions[j](unpack(inputs, in_atomic))
+                    with _NO_CONTEXT if torch.is_grad_enabled() == grad else torch.set_grad_enabled(grad):
+                        output = self.partitions[j](unpack(inputs, in_atomic))
             cell.outputs, cell.out_atomic = _check_output(output, j)
             if checkpointed:
                 # The graph is rebuilt later; until then assume every float output carries gradient.

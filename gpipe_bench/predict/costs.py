@@ -31,7 +31,7 @@ import torch
 
 from .count import ModelCounts, count_named
 from .hardware import Hardware, Link, load
-from .measured import LayerTimes, contention, threads, time_layers
+from .measured import LayerTimes, contention, synchronize, threads, time_layers
 from .roofline import host_seconds, pass_seconds
 from .simulate import Host
 
@@ -175,11 +175,6 @@ def _link(hardware: Hardware, src: str, dst: str) -> Optional[Link]:
 # -- measured ---------------------------------------------------------------------------------------------------
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _release(device: torch.device) -> None:
     """Give the memory a timing freed back to a GPU: the caching allocator would otherwise hold it for the process."""
     if device.type == "cuda":
@@ -198,11 +193,11 @@ def op_overhead(samples: int = 2000, device: torch.device = torch.device("cpu"))
     x = torch.zeros(1, device=device)
     times = []
     for _ in range(7):
-        _synchronize(device)
+        synchronize(device)
         tick = time.perf_counter()
         for _ in range(samples):
             x.add_(1.0)
-        _synchronize(device)
+        synchronize(device)
         times.append((time.perf_counter() - tick) / samples)
     del x
     _release(device)

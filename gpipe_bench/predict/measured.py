@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from gpipe_bench.pipe.microbatch import as_tuple
 from gpipe_bench.pipe.skip.tracker import ReplayingTracker, use_skip_tracker
 
-__all__ = ["LayerTimes", "time_layers", "threads", "contention"]
+__all__ = ["LayerTimes", "time_layers", "threads", "contention", "synchronize"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ class LayerTimes:
 SMALL = 2
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device`` to finish what is queued (nothing to wait for on the host)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -103,23 +104,23 @@ def _round(layers: Sequence[nn.Module], sample: Tensor, device: torch.device) ->
     for layer in layers:
         leaves = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in batch)
         fed = tuple(t.clone() if t.requires_grad else t for t in leaves)
-        _sync(device)
+        synchronize(device)
         tick = time.perf_counter()
         with torch.no_grad():
             layer(fed[0] if atomic else fed)
-        _sync(device)
+        synchronize(device)
         nograd = time.perf_counter() - tick
-        _sync(device)
+        synchronize(device)
         tick = time.perf_counter()
         out, atomic = as_tuple(layer(fed[0] if atomic else fed))
-        _sync(device)
+        synchronize(device)
         forward = time.perf_counter() - tick
         roots = [t for t in out if t.requires_grad]
         wanted = [t for t in leaves if t.requires_grad] + [p for p in layer.parameters() if p.requires_grad]
         tick = time.perf_counter()
         if roots and wanted:
             torch.autograd.grad(roots, wanted, [torch.ones_like(t) for t in roots], allow_unused=True)
-        _sync(device)
+        synchronize(device)
         backward = time.perf_counter() - tick
         batch = tuple(t.detach() for t in out)
         del leaves, fed, out, roots, wanted
@@ -166,10 +167,10 @@ def _grad_call(device: torch.device, samples: int = 200) -> float:
     for k in range(samples + 20):
         leaf = x.detach().requires_grad_(True)
         y = leaf * 1.0
-        _sync(device)
+        synchronize(device)
         tick = time.perf_counter()
         torch.autograd.grad([y], [leaf], [torch.ones_like(y)])
-        _sync(device)
+        synchronize(device)
         if k >= 20:
             times.append(time.perf_counter() - tick)
     return median(times)

@@ -90,13 +90,16 @@ def test_a_step_in_a_child_finds_gpu_steps_beside_the_script() -> None:
     assert done.stderr == ""
 
 
+# Python statements that load the driver as module ``m`` in a fresh interpreter.
+_LOAD_DRIVER = (
+    "import importlib.util, sys;"
+    f"spec = importlib.util.spec_from_file_location('g', {str(ROOT / 'benchmarks' / 'gpu_check.py')!r});"
+    "m = importlib.util.module_from_spec(spec); sys.modules['g'] = m; spec.loader.exec_module(m);"
+)
+
+
 def test_the_driver_imports_neither_the_steps_nor_torch() -> None:
-    script = (
-        "import importlib.util, sys;"
-        f"spec = importlib.util.spec_from_file_location('g', {str(ROOT / 'benchmarks' / 'gpu_check.py')!r});"
-        "m = importlib.util.module_from_spec(spec); sys.modules['g'] = m; spec.loader.exec_module(m);"
-        "print(sorted({'torch', 'gpu_steps'} & set(sys.modules)))"
-    )
+    script = "import sys;" + _LOAD_DRIVER + "print(sorted({'torch', 'gpu_steps'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
 
@@ -271,12 +274,7 @@ def test_a_process_a_step_leaves_running_is_killed(tmp_path: Path, rank_pid_file
 
 def test_the_budget_counts_from_the_start_of_the_process() -> None:
     # Time spent before the module is loaded (interpreter start-up, imports) is part of the budget.
-    script = (
-        "import importlib.util, sys, time; time.sleep(1.5);"
-        f"spec = importlib.util.spec_from_file_location('g', {str(ROOT / 'benchmarks' / 'gpu_check.py')!r});"
-        "m = importlib.util.module_from_spec(spec); sys.modules['g'] = m; spec.loader.exec_module(m);"
-        "print(time.monotonic() - m.STARTED)"
-    )
+    script = "import time; time.sleep(1.5);" + _LOAD_DRIVER + "print(time.monotonic() - m.STARTED)"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert 1.5 <= float(done.stdout) < 10
 

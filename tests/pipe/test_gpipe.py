@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from gpipe_bench.pipe import GPipe
 from gpipe_bench.pipe.skip import skippable, stash
+from helpers import ThreadCount
 
 
 def _model(n: int = 4) -> nn.Sequential:
@@ -283,16 +284,10 @@ def test_virtual_cpu_devices_get_own_threads_cpu_shares_caller() -> None:
 
 def test_worker_threads_divide_intra_op_threads() -> None:
     seen: List[int] = []
-
-    class Threads(nn.Module):
-        def forward(self, x: Tensor) -> Tensor:
-            seen.append(torch.get_num_threads())
-            return x
-
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        model = GPipe(nn.Sequential(Threads(), Threads()), [1, 1], devices=["cpu:0", "cpu:1"])
+        model = GPipe(nn.Sequential(ThreadCount(seen), ThreadCount(seen)), [1, 1], devices=["cpu:0", "cpu:1"])
         model(torch.ones(2, 1))
         assert seen == [2, 2]
         assert torch.get_num_threads() == 4

@@ -96,21 +96,18 @@ def test_forward_host_work_of_gpu_workers_shares_one_interpreter() -> None:
 def test_threads_per_worker_are_what_the_engine_sets(devices: List[str]) -> None:
     """The simulator's threads per CPU worker are the ones the engine's workers really run with."""
     import torch
-    from torch import Tensor, nn
+    from torch import nn
 
     from gpipe_bench.pipe import GPipe
+    from helpers import ThreadCount
 
     seen: List[int] = []
-
-    class Threads(nn.Module):
-        def forward(self, x: Tensor) -> Tensor:
-            seen.append(torch.get_num_threads())
-            return x
-
     before = torch.get_num_threads()
     torch.set_num_threads(6)
     try:
-        GPipe(nn.Sequential(*[Threads() for _ in devices]), [1] * len(devices), devices=devices)(torch.ones(2, 1))
+        GPipe(nn.Sequential(*[ThreadCount(seen) for _ in devices]), [1] * len(devices), devices=devices)(
+            torch.ones(2, 1)
+        )
         expected = worker_threads(devices, Host(cores=6, threads=6))
     finally:
         torch.set_num_threads(before)
