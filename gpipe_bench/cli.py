@@ -428,7 +428,9 @@ def speed_command(
                     click.echo(
                         f"{row.name}: planning its balance for the devices at hand (timing the layers)", err=True
                     )
-        pairs = jobs.resolve(table, profile_name, rows, overrides, devices_spec, engine=engine)
+        from .predict.plan import resolve_planned
+
+        pairs = jobs.resolve(table, profile_name, rows, overrides, devices_spec, engine=engine, planner=resolve_planned)
         planned, notes = [job for job, _ in pairs], []
         row_notes = {id(job): note for job, note in pairs}
 
@@ -572,10 +574,19 @@ def memory_command(
             table, profile_name, rows, overrides, named=named, schedule=schedule, timeout_s=timeout_s
         )
     else:
+        from .predict.plan import resolve_planned
+
         planned = [
             job
             for job, _ in jobs.resolve(
-                table, profile_name, rows, overrides, devices_spec, engine=engine, predict_only=predict_only
+                table,
+                profile_name,
+                rows,
+                overrides,
+                devices_spec,
+                engine=engine,
+                predict_only=predict_only,
+                planner=resolve_planned,
             )
         ]
         notes = []
@@ -842,7 +853,8 @@ def predict_command(
     """
     from .environment import environment, hardware_key
     from .predict import hardware as presets
-    from .predict.run import parse_calibration, predict_table
+    from .predict.run import predict_table
+    from .predict.sources import parse_calibration
     from .report import predicted
 
     if hardware == "list":
@@ -956,7 +968,7 @@ def plan_command(
              gpipe-bench plan resnet101 --hardware p40 --devices 0,1,2,3,4,5,6,7
     """
     from .predict.plan import parse_size, plan
-    from .predict.run import parse_calibration
+    from .predict.sources import parse_calibration
     from .report import planned
 
     if hardware is not None and cost_source is not None:

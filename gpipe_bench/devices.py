@@ -19,7 +19,7 @@ import torch
 from .errors import HarnessError
 from .pipe.copy import worker_groups
 
-__all__ = ["DevicePlan", "memory_slots", "parse", "resolve"]
+__all__ = ["DevicePlan", "available_host_bytes", "memory_slots", "parse", "resolve"]
 
 _DEVICE = re.compile(r"^(?:(cuda|cpu)(?::(\d+))?|(\d+))$")
 
@@ -118,3 +118,19 @@ def memory_slots(devices: Sequence[str]) -> Tuple[List[str], List[int]]:
         return names, [names.index(d) for d in devices]
     keys, slots = worker_groups(parsed)
     return [str(k) for k in keys], slots
+
+
+def available_host_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo (Linux); None where unknown.
+
+    The memory table's guard against a row that cannot fit and the planner's default
+    cap on a CPU both read it here.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import config, devices
 from .config import Overrides, Row, Settings, Table
@@ -38,7 +38,7 @@ __all__ = [
     "resolve_distributed",
     "resolve_accuracy",
     "accuracy_placement",
-    "resolve_planned",
+    "Planner",
     "in_torchrun",
     "ENGINES",
     "SCHEDULES",
@@ -132,6 +132,10 @@ class Job:
         }
 
 
+#: Chooses a planned row's balance for its devices: (the job with its balance, how it was chosen).
+Planner = Callable[[Job], Tuple[Job, str]]
+
+
 # -- choosing ------------------------------------------------------------------------------------------------------
 
 
@@ -201,8 +205,14 @@ def resolve(
     *,
     engine: str = "gpipe-bench",
     predict_only: bool = False,
+    planner: Optional["Planner"] = None,
 ) -> List[Tuple[Job, str]]:
-    """(job, a note about its devices or "") per row, every row resolved and validated before any runs."""
+    """(job, a note about its devices or "") per row, every row resolved and validated before any runs.
+
+    ``planner`` chooses the balance of a ``balance: planned`` row once its devices
+    are known (the command line passes :func:`gpipe_bench.predict.plan.resolve_planned`):
+    resolving a row is below the planner, which itself resolves rows.
+    """
     chosen = table.profile(profile)
     jobs = []
     for row in rows:
@@ -217,23 +227,12 @@ def resolve(
         job = Job(table, row, settings, profile, placement.devices, engine)
         note = placement.note
         if row.planned and row.balance is None:
-            job, how = resolve_planned(job)
+            if planner is None:
+                raise ValueError(f"{row.name}: its balance is planned and resolve() was given no planner")
+            job, how = planner(job)
             note = "; ".join(n for n in (note, f"balance {list(job.row.balance or ())} {how}") if n)
         jobs.append((job, note))
     return jobs
-
-
-def resolve_planned(job: Job, costs: Any = None) -> Tuple[Job, str]:
-    """``job`` with its ``balance: planned`` chosen for its devices (timed here unless ``costs`` are given).
-
-    The row keeps ``planned`` so its record says the balance was planned, not published.
-    """
-    from dataclasses import replace
-
-    from .predict.plan import planned_balance
-
-    balance, how = planned_balance(job, costs)
-    return replace(job, row=replace(job.row, balance=balance)), how
 
 
 def in_torchrun() -> bool:

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -181,22 +181,25 @@ def kill_recorded(pid_file: Path) -> None:
             pass
 
 
-def module_imports(source: str, package: List[str]) -> Iterator[Tuple[int, str]]:
+def module_imports(source: str, package: List[str], with_names: bool = False) -> Iterator[Any]:
     """(line, absolute module name) of every import in ``source``, a module of ``package``, at any depth.
 
     Imports inside functions count: a lazy import that reaches across the layers
-    ties them together as surely as one at the top.
+    ties them together as surely as one at the top. ``with_names``: (line, module,
+    the names ``from module import ...`` takes), so a caller can tell a submodule from a name.
     """
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield node.lineno, alias.name
+                yield (node.lineno, alias.name, []) if with_names else (node.lineno, alias.name)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - (node.level - 1)]
-                yield node.lineno, ".".join(base + ([node.module] if node.module else []))
+                module = ".".join(base + ([node.module] if node.module else []))
             else:
-                yield node.lineno, node.module or ""
+                module = node.module or ""
+            names = [alias.name for alias in node.names]
+            yield (node.lineno, module, names) if with_names else (node.lineno, module)
 
 
 class ThreadCount(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import List, Tuple
 
 import pytest
 
@@ -51,10 +52,23 @@ def test_pick_rows() -> None:
 
 
 def test_plan_resolves_every_row_before_any_runs() -> None:
-    planned = jobs.resolve(SPEED, "quick", list(SPEED.profile("quick").rows), Overrides(epochs=2), None)
-    assert [job.row.name for job, _ in planned] == [r.name for r in SPEED.profile("quick").rows]
+    asked: List[str] = []
+
+    def planner(job: jobs.Job) -> Tuple[jobs.Job, str]:
+        asked.append(job.row.name)
+        return replace(job, row=replace(job.row, balance=(185, 185))), "planned by the test"
+
+    rows = list(SPEED.profile("quick").rows)
+    planned = jobs.resolve(SPEED, "quick", rows, Overrides(epochs=2), None, planner=planner)
+    assert [job.row.name for job, _ in planned] == [r.name for r in rows]
     for job, _ in planned:
         assert len(job.devices) == jobs.partitions(job.row) and job.settings.epochs == 2
+    # The planner is asked for the planned rows only, once their devices are known; the note says how.
+    assert asked == [r.name for r in rows if r.planned] and asked
+    [(job, note)] = [(j, n) for j, n in planned if j.row.planned]
+    assert job.row.balance == (185, 185) and "planned by the test" in note
+    with pytest.raises(ValueError, match="no planner"):
+        jobs.resolve(SPEED, "quick", rows, Overrides(), None)
     with pytest.raises(HarnessError, match="2 partitions"):
         jobs.resolve(SPEED, "quick", [SPEED.row("pipeline-2", "quick")], Overrides(), "cpu:0")
 

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import gc
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.memory.tracker import TensorMemory
+
+if TYPE_CHECKING:
+    from gpipe_bench.timeline.recorder import TimelineRecorder
 
 __all__ = ["Trainer", "MemoryWatch", "is_oom", "place"]
 
@@ -81,6 +85,8 @@ class Trainer(ABC):
     reporter: bool = True
     #: Steps to run before any figure: torch's pipelining infers shapes in its first step.
     warm_up_steps: int = 0
+    #: Layers per partition (or stage) as built: the row's, or the one found for it.
+    balance: List[int]
 
     def __init__(self, job: Job) -> None:
         self.job = job
@@ -120,6 +126,14 @@ class Trainer(ABC):
 
     def close(self) -> None:
         """Release the model and cached device memory."""
+
+    def recording(self, recorder: "TimelineRecorder") -> AbstractContextManager[None]:
+        """What ``recorder`` needs around one step beyond the engine's hook (entered by the speed loop).
+
+        Only an engine in this process can be recorded; the speed command checks
+        the row first (:func:`gpipe_bench.measure.speed.check_timeline`), so this is a guard.
+        """
+        raise HarnessError(f"{type(self).__name__} cannot record a timeline of its step", param="--timeline")
 
     # -- memory ---------------------------------------------------------------------------------------------------
 

@@ -11,8 +11,8 @@ checkpoint mode (``naive-N``: one chunk).
 from __future__ import annotations
 
 import importlib.util
-from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from gpipe_bench.jobs import Job
 from gpipe_bench.pipe import GPipe
 
 from .base import MemoryWatch, Trainer, place
+
+if TYPE_CHECKING:
+    from gpipe_bench.timeline.recorder import TimelineRecorder
 
 __all__ = ["LocalTrainer"]
 
@@ -73,6 +76,10 @@ class LocalTrainer(Trainer):
     def step(self, x: Optional[Tensor], y: Optional[Tensor]) -> None:
         assert x is not None and y is not None
         torch.autograd.backward(F.cross_entropy(self.model(x), y))
+
+    def recording(self, recorder: "TimelineRecorder") -> AbstractContextManager[None]:
+        """Our engine's cells come through its hook; a plain model is recorded by its module hooks."""
+        return nullcontext() if self.job.split else recorder.model(self.model, self.devices[0])
 
     def close(self) -> None:
         del self.model

@@ -35,26 +35,19 @@ import torch
 from torch import nn
 
 from gpipe_bench import engines, models, optim
+from gpipe_bench.devices import available_host_bytes, memory_slots
 from gpipe_bench.environment import environment, now
 from gpipe_bench.jobs import Job
-from gpipe_bench.memory.predict import Prediction, nbytes, predict_pipeline, predict_plain
-from gpipe_bench.metakernels import FastMeta
+from gpipe_bench.memory.predict import Prediction, find_balance, predict_job
 from gpipe_bench.perf import split
-from gpipe_bench.pipe.balance import balance_by_size
-from gpipe_bench.pipe.microbatch import as_tuple
 from gpipe_bench.results import Result, Status
-
-from ..devices import memory_slots
 
 __all__ = [
     "GIB",
     "METHODS",
     "COMPARED_WITH",
     "Peaks",
-    "available_host_bytes",
     "compared",
-    "find_balance",
-    "predict",
     "measure",
     "run",
 ]
@@ -97,69 +90,6 @@ def compared(predicted: int, reported: Sequence[int], allocated: Sequence[int]) 
     return predicted / measured if measured > 0 else None
 
 
-def _meta_model(job: Job) -> nn.Sequential:
-    return models.build_meta(job.model_name, **job.model_args)
-
-
-def find_balance(job: Job, model: Optional[nn.Sequential] = None) -> Tuple[int, ...]:
-    """The row's balance, or one found by ``balance_by_size`` on ``meta`` when the config leaves it null.
-
-    ``model``: the row's model on ``meta``, when the caller has built it already.
-    """
-    if job.row.balance is not None:
-        return tuple(job.row.balance)
-    model = model if model is not None else _meta_model(job)
-    if not job.split or job.row.devices == 1:
-        return (len(model),)
-    s = job.settings
-    sample = torch.empty(job.row.batch, 3, s.input_size, s.input_size, device="meta")
-    copies = float(job.extra("parameter_copies"))
-    return tuple(
-        balance_by_size(job.row.devices, model, sample, chunks=job.row.chunks, param_scale=copies, device="meta")
-    )
-
-
-def _optimizer_temp(part: nn.Module, device: str) -> int:
-    """Scratch of an RMSprop step: one buffer per parameter tensor, all at once where PyTorch uses foreach (CUDA)."""
-    sizes = [p.numel() * p.element_size() for p in part.parameters()]
-    if not sizes:
-        return 0
-    return sum(sizes) if device.startswith("cuda") else max(sizes)
-
-
-def predict(
-    job: Job, balance: Sequence[int], model: Optional[nn.Sequential] = None, cache: Optional[Dict[Any, Any]] = None
-) -> Prediction:
-    """Peak activation bytes per device for the row, from ``meta`` (see :mod:`gpipe_bench.memory.predict`).
-
-    ``cache``: partition profiles kept across calls (:func:`~gpipe_bench.memory.predict.predict_pipeline`).
-    """
-    row, s = job.row, job.settings
-    model = model if model is not None else _meta_model(job)
-    model.train()
-    sample = torch.empty(row.batch, 3, s.input_size, s.input_size, device="meta")
-    with torch.device("meta"), FastMeta():
-        out = model(sample[:1])
-    head = 2 * nbytes(as_tuple(out)[0]) * row.batch + row.batch * 8  # joined output, its gradient, the labels
-    if not job.split:
-        return predict_plain(model, sample, head_bytes=head, optimizer_temp=_optimizer_temp(model, job.devices[0]))
-    parts = split(model, balance)
-    devices = list(job.devices)
-    _, slots = memory_slots(devices)
-    temps = [_optimizer_temp(p, d) for p, d in zip(parts, devices)]
-    return predict_pipeline(
-        model,
-        balance,
-        sample,
-        chunks=row.chunks,
-        checkpoint=row.checkpoint,
-        slots=slots,
-        head_bytes=head,
-        optimizer_temp=temps,
-        cache=cache,
-    )
-
-
 def _model_memory(modules: Sequence[Tuple[int, nn.Module]], slots: int, width: int, copies: int) -> List[int]:
     """The published rule per slot: parameters x ``width`` bytes x ``copies``."""
     out = [0] * slots
@@ -195,22 +125,6 @@ def measure(trainer: engines.Trainer, job: Job) -> Peaks:
     return Peaks(list(watch.peaks), list(watch.allocated))
 
 
-def available_host_bytes() -> Optional[int]:
-    """MemAvailable from /proc/meminfo (Linux); None where unknown.
-
-    The memory table's guard against a row that cannot fit and the planner's default
-    cap on a CPU both read it here.
-    """
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
     """The row's memory figures as a Result (value: measured total GiB; None when predicted only or OOM).
 
@@ -220,13 +134,15 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
     the figures that say why.
     """
     row = job.row
-    meta = _meta_model(job)  # built once: counted, balanced, predicted and sized from the same modules
+    meta = models.build_meta(
+        job.model_name, **job.model_args
+    )  # built once: counted, balanced, predicted and sized from the same modules
     layers, params = len(meta), sum(p.numel() for p in meta.parameters())
     width = int(job.extra("bytes_per_parameter"))
     copies = int(job.extra("parameter_copies"))
     balance = find_balance(job, meta)
     local = job.engine != "distributed"
-    prediction = predict(job, balance, meta) if local else None
+    prediction = predict_job(job, balance, meta) if local else None
     devices = list(job.devices) if job.split else [job.devices[0]]
     distinct, slots = memory_slots(devices)
     parts = split(meta, balance) if job.split else [meta]

@@ -186,15 +186,11 @@ def _stepper(trainer: engines.Trainer, optimizer: torch.optim.Optimizer) -> Call
 
 def _record_step(job: Job, trainer: engines.Trainer, run_step: Callable[..., None]) -> Timeline:
     """One more training step, recorded: the pipeline's cells through the engine's hook, or the plain model's."""
-    from gpipe_bench.engines.local import LocalTrainer
-
-    assert isinstance(trainer, LocalTrainer)  # check_timeline: this process's engine
     row = job.row
     devices = list(job.devices) if job.split else list(job.devices[:1])
     recorder = TimelineRecorder(devices)
-    watch = nullcontext() if job.split else recorder.model(trainer.model, devices[0])
     trainer.synchronize()
-    with watch, recorder.recording():
+    with trainer.recording(recorder), recorder.recording():
         run_step(recorder.host)
     if job.split:
         how = f"{len(devices)} partitions, {row.chunks} micro-batches, checkpoint {row.checkpoint}"

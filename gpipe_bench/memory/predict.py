@@ -33,7 +33,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from gpipe_bench import models
+from gpipe_bench.devices import memory_slots
+from gpipe_bench.jobs import Job
+from gpipe_bench.metakernels import FastMeta
 from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes, split
+from gpipe_bench.pipe.balance import balance_by_size
 from gpipe_bench.pipe.microbatch import Tensors, as_tuple, unpack
 from gpipe_bench.pipe.schedule import backward_steps, forward_steps
 from gpipe_bench.pipe.skip.tracker import ReplayingTracker, use_skip_tracker
@@ -51,6 +56,8 @@ __all__ = [
     "predict_pipeline",
     "predict_plain",
     "layer_held",
+    "find_balance",
+    "predict_job",
 ]
 
 
@@ -334,3 +341,69 @@ def predict_plain(model: nn.Module, sample: Tensor, *, head_bytes: int = 0, opti
     """Peak activation bytes of a training step of the plain ``model`` (on ``meta``) on ``sample``."""
     cost = profile([model], (sample,), True)[0]
     return simulate_plain(cost, input_bytes=nbytes([sample]), head_bytes=head_bytes, optimizer_temp=optimizer_temp)
+
+
+# -- a resolved row ------------------------------------------------------------------------------------------------
+
+
+def _meta_model(job: Job) -> nn.Sequential:
+    return models.build_meta(job.model_name, **job.model_args)
+
+
+def find_balance(job: Job, model: Optional[nn.Sequential] = None) -> Tuple[int, ...]:
+    """The row's balance, or one found by ``balance_by_size`` on ``meta`` when the config leaves it null.
+
+    ``model``: the row's model on ``meta``, when the caller has built it already.
+    """
+    if job.row.balance is not None:
+        return tuple(job.row.balance)
+    model = model if model is not None else _meta_model(job)
+    if not job.split or job.row.devices == 1:
+        return (len(model),)
+    s = job.settings
+    sample = torch.empty(job.row.batch, 3, s.input_size, s.input_size, device="meta")
+    copies = float(job.extra("parameter_copies"))
+    return tuple(
+        balance_by_size(job.row.devices, model, sample, chunks=job.row.chunks, param_scale=copies, device="meta")
+    )
+
+
+def _optimizer_temp(part: nn.Module, device: str) -> int:
+    """Scratch of an RMSprop step: one buffer per parameter tensor, all at once where PyTorch uses foreach (CUDA)."""
+    sizes = [p.numel() * p.element_size() for p in part.parameters()]
+    if not sizes:
+        return 0
+    return sum(sizes) if device.startswith("cuda") else max(sizes)
+
+
+def predict_job(
+    job: Job, balance: Sequence[int], model: Optional[nn.Sequential] = None, cache: Optional[Dict[Any, Any]] = None
+) -> Prediction:
+    """Peak activation bytes per device for the row, from ``meta`` (see :mod:`gpipe_bench.memory.predict`).
+
+    ``cache``: partition profiles kept across calls (:func:`~gpipe_bench.memory.predict.predict_pipeline`).
+    """
+    row, s = job.row, job.settings
+    model = model if model is not None else _meta_model(job)
+    model.train()
+    sample = torch.empty(row.batch, 3, s.input_size, s.input_size, device="meta")
+    with torch.device("meta"), FastMeta():
+        out = model(sample[:1])
+    head = 2 * nbytes(as_tuple(out)[0]) * row.batch + row.batch * 8  # joined output, its gradient, the labels
+    if not job.split:
+        return predict_plain(model, sample, head_bytes=head, optimizer_temp=_optimizer_temp(model, job.devices[0]))
+    parts = split(model, balance)
+    devices = list(job.devices)
+    _, slots = memory_slots(devices)
+    temps = [_optimizer_temp(p, d) for p, d in zip(parts, devices)]
+    return predict_pipeline(
+        model,
+        balance,
+        sample,
+        chunks=row.chunks,
+        checkpoint=row.checkpoint,
+        slots=slots,
+        head_bytes=head,
+        optimizer_temp=temps,
+        cache=cache,
+    )

@@ -39,7 +39,9 @@ import torch
 
 from gpipe_bench import jobs
 from gpipe_bench.config import Checkpoint, Overrides, Table
+from gpipe_bench.devices import available_host_bytes, memory_slots
 from gpipe_bench.errors import HarnessError
+from gpipe_bench.memory.predict import predict_job
 from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes
 from gpipe_bench.pipe.balance.partition import block_cost, solve_blocks
 
@@ -47,6 +49,7 @@ from . import hardware as presets
 from .costs import Costs, LayerCost, MeasuredCosts, ModelKey
 from .rows import RowPrediction, cost_sizes, meta_model, model_key, step
 from .simulate import Link, worker_threads
+from .sources import preset_costs
 
 __all__ = [
     "Choice",
@@ -54,6 +57,7 @@ __all__ = [
     "Plan",
     "plan",
     "planned_balance",
+    "resolve_planned",
     "chunk_choices",
     "CHECKPOINTS",
     "MAX_CELLS",
@@ -283,12 +287,9 @@ class _Search:
         """Exact peak bytes per device of our engine's plan: the memory predictor plus parameters and gradients."""
         if job.engine == "distributed":
             return None
-        from gpipe_bench.devices import memory_slots
-        from gpipe_bench.measure import memory
-
         balance = tuple(job.row.balance or (self.layers,))
         activations = list(
-            memory.predict(job, balance if job.split else (), self.meta, self._partition_profiles).per_device
+            predict_job(job, balance if job.split else (), self.meta, self._partition_profiles).per_device
         )
         if not job.split:
             return [activations[0] + sum(self.param_bytes)]
@@ -433,8 +434,6 @@ def _template(table: Table, profile: str, stages: int, batch: Optional[int], dev
 def _costs(template: jobs.Job, hardware: Optional[str], calibration: Optional[Tuple[str, float]] = None) -> Costs:
     key = model_key(template)
     if hardware is not None:
-        from .run import preset_costs
-
         return preset_costs(template.table, template.profile, key, presets.load(hardware), calibration)[0]
     if calibration is not None:
         raise HarnessError(
@@ -452,9 +451,6 @@ def default_cap(hardware: Optional[str], devices: Sequence[str]) -> Tuple[Option
     if any(d.startswith("cuda") for d in devices) and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(torch.device(devices[0])).total_memory
         return int(total), "the device's memory"
-    from gpipe_bench.devices import memory_slots
-    from gpipe_bench.measure.memory import available_host_bytes
-
     available = available_host_bytes()
     if available is None:
         return None, "unknown (no /proc/meminfo)"
@@ -666,6 +662,16 @@ def planned_balance(job: jobs.Job, costs: Optional[Costs] = None) -> Tuple[Tuple
     spread = max(slowest) / max(1e-12, min(slowest))
     how = f"planned on {','.join(devices[:stages])} from {costs.description}: stages within {spread - 1:.0%}"
     return tuple(balance), how
+
+
+def resolve_planned(job: jobs.Job, costs: Optional[Costs] = None) -> Tuple[jobs.Job, str]:
+    """``job`` with its ``balance: planned`` chosen for its devices (timed here unless ``costs`` are given).
+
+    The :data:`~gpipe_bench.jobs.Planner` the command line gives :func:`jobs.resolve`.
+    The row keeps ``planned`` so its record says the balance was planned, not published.
+    """
+    balance, how = planned_balance(job, costs)
+    return replace(job, row=replace(job.row, balance=balance)), how
 
 
 def _gib(nbytes: float, up: bool = False) -> str:

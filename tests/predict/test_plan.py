@@ -19,7 +19,16 @@ from gpipe_bench.config import Overrides
 from gpipe_bench.pipe.balance.partition import block_cost
 from gpipe_bench.predict import hardware as presets
 from gpipe_bench.predict.costs import HardwareCosts
-from gpipe_bench.predict.plan import OVER, Choice, _Search, _template, chunk_choices, parse_size, planned_balance
+from gpipe_bench.predict.plan import (
+    OVER,
+    Choice,
+    _Search,
+    _template,
+    chunk_choices,
+    parse_size,
+    planned_balance,
+    resolve_planned,
+)
 from gpipe_bench.predict.rows import model_key
 from helpers import one_line_error, tiny_configs
 
@@ -165,7 +174,7 @@ def test_planned_balance_is_the_optimum_of_its_stage_costs() -> None:
 def test_resolving_a_planned_row_keeps_it_marked_and_records_it() -> None:
     job = _quick_job()
     costs = HardwareCosts(model_key(job), presets.load("cpu"))
-    resolved, _ = jobs.resolve_planned(job, costs)
+    resolved, _ = resolve_planned(job, costs)
     assert resolved.row.planned and resolved.row.balance is not None and sum(resolved.row.balance) == 370
     record = resolved.settings_record()
     assert record["balance_planned"] is True and record["balance"] == list(resolved.row.balance)

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from gpipe_bench import config
 from gpipe_bench.cli import main
 from gpipe_bench.config import Overrides
-from gpipe_bench.predict.run import parse_calibration, predict_table, predicted_speedups
+from gpipe_bench.predict.run import predict_table, predicted_speedups
+from gpipe_bench.predict.sources import parse_calibration
 
 
 def test_published_resnet_speedups_are_predicted_within_tolerance() -> None:
