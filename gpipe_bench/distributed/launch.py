@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
-__all__ = ["ERROR_DIR_ENV", "Failure", "worker_main", "first_failure", "launch", "thread_count"]
+__all__ = ["ERROR_DIR_ENV", "Failure", "worker_main", "first_failure", "launch", "rank_threads", "thread_count"]
 
 #: Set by :func:`launch` for its workers: the folder where a failing rank leaves its error.
 ERROR_DIR_ENV = "GPIPE_BENCH_ERROR_DIR"
@@ -208,10 +208,19 @@ def launch(torchrun_args: Sequence[str], world: Optional[int] = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def rank_threads(nproc: int, cores: int) -> int:
+    """Intra-op threads of each of ``nproc`` ranks on ``cores`` cores: shared out, at least one, whatever the device.
+
+    The one rule: the launcher sets it (:func:`thread_count`), and the predictor and
+    the planner ask it for the ranks they simulate.
+    """
+    return max(1, cores // max(1, nproc))
+
+
 def thread_count(nproc: int) -> int:
-    """Intra-op threads per rank: this host's usable cores shared out, at least one."""
+    """Intra-op threads per rank of a launch here: this host's usable cores shared out (:func:`rank_threads`)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, cores // max(1, nproc))
+    return rank_threads(nproc, cores)

@@ -222,18 +222,19 @@ class Pipeline:
 
         return [make(w, d) for w, d in enumerate(self.worker_devices)]
 
-    def _plan(
+    def _worker_steps(
         self, clocks: List[List[Step]], run_step: Callable[[Step], None], phase: str, watching: Sequence[Observer]
     ) -> List[List[Tuple[int, Callable[[], None]]]]:
-        plan: List[List[Tuple[int, Callable[[], None]]]] = [[] for _ in self.worker_devices]
+        """Each worker's steps in order as (clock, function): what :func:`execute` runs."""
+        mine: List[List[Tuple[int, Callable[[], None]]]] = [[] for _ in self.worker_devices]
         for clock, steps in enumerate(clocks):
             for step in steps:
                 w = self.worker_of[step.j]
                 fn = _bind(run_step, step)
                 if watching:
                     fn = _reported(fn, phase, step, clock, w, self.devices[step.j], watching)
-                plan[w].append((clock, fn))
-        return plan
+                mine[w].append((clock, fn))
+        return mine
 
     def _record(self, compute: AbstractStream) -> Event:
         """A cell's event, for whoever uses its tensors on another stream.
@@ -389,7 +390,7 @@ class Pipeline:
         clocks = forward_steps(m, n)
         watching = observers()
         execute(
-            self._plan(clocks, step, "forward", watching),
+            self._worker_steps(clocks, step, "forward", watching),
             self._contexts(run.thread_state, "forward", watching),
             len(clocks),
         )
@@ -520,7 +521,7 @@ class Pipeline:
         clocks = backward_steps(m, n, lambda i: i < run.checkpoint_stop)
         watching = observers()
         execute(
-            self._plan(clocks, step, "backward", watching),
+            self._worker_steps(clocks, step, "backward", watching),
             self._contexts(run.thread_state, "backward", watching),
             len(clocks),
         )

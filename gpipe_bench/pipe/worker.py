@@ -1,4 +1,4 @@
-"""Run a clocked plan of steps on one thread per device.
+"""Run clocked steps on one thread per device.
 
 Each device group (a CUDA device, a virtual CPU device ``cpu:k``, or plain
 ``cpu`` for all partitions at once) gets one thread for one phase (the forward
@@ -23,10 +23,10 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Plan", "cpu_worker_threads", "execute"]
+__all__ = ["WorkerSteps", "cpu_worker_threads", "execute"]
 
-# For each worker, its steps in order as (clock, function).
-Plan = Sequence[Sequence[Tuple[int, Callable[[], None]]]]
+#: For each worker, its steps in order as (clock, function).
+WorkerSteps = Sequence[Sequence[Tuple[int, Callable[[], None]]]]
 
 
 def cpu_worker_threads(workers: Sequence[torch.device], threads: int) -> int:
@@ -63,7 +63,7 @@ class _Clocks:
     def wait(self, since: int, clock: int) -> None:
         """Wait until clocks ``since .. clock - 1`` are done.
 
-        Every earlier clock, not just the one before (a worker's plan may skip
+        Every earlier clock, not just the one before (a worker's steps may skip
         clocks), but each worker passes where it stopped last time: waiting
         from zero at every step costs a quadratic number of waits in the
         micro-batches (256 micro-batches: ~130,000 per worker per step).
@@ -90,23 +90,23 @@ class _Clocks:
 
 
 def execute(
-    plan: Plan,
+    steps: WorkerSteps,
     contexts: Sequence[Callable[[], AbstractContextManager[Any]]],
     num_clocks: int,
 ) -> None:
-    """Run ``plan`` (one list of steps per worker), each worker inside ``contexts[w]()``.
+    """Run ``steps`` (one list per worker), each worker inside ``contexts[w]()``.
 
     Raises the first failing step's exception after all workers have stopped.
     """
-    if len(plan) == 1:
+    if len(steps) == 1:
         with contexts[0]():
-            for _, fn in plan[0]:
+            for _, fn in steps[0]:
                 fn()
         return
 
     counts = [0] * num_clocks
-    for steps in plan:
-        for clock, _ in steps:
+    for mine in steps:
+        for clock, _ in mine:
             counts[clock] += 1
     clocks = _Clocks(counts)
 
@@ -114,7 +114,7 @@ def execute(
         clock, passed = 0, 0
         try:
             with contexts[w]():
-                for clock, fn in plan[w]:
+                for clock, fn in steps[w]:
                     clocks.wait(passed, clock)
                     passed = clock
                     if clocks.aborted:
@@ -125,7 +125,7 @@ def execute(
             clocks.fail(clock, error)
 
     threads: List[threading.Thread] = [
-        threading.Thread(target=work, args=(w,), name=f"gpipe-worker-{w}", daemon=True) for w in range(len(plan))
+        threading.Thread(target=work, args=(w,), name=f"gpipe-worker-{w}", daemon=True) for w in range(len(steps))
     ]
     for t in threads:
         t.start()

@@ -31,22 +31,11 @@ import torch
 
 from .count import ModelCounts, count_named
 from .hardware import Hardware, Link, load
-from .measured import LayerTimes, contention, synchronize, threads, time_layers
-from .roofline import host_seconds, pass_seconds
-from .simulate import Host
+from .measured import LayerTimes, contention, intra_op_threads, synchronize, time_layers
+from .roofline import check_dtype, host_seconds, pass_seconds
+from .simulate import Host, LayerCost
 
 __all__ = ["LayerCost", "Costs", "HardwareCosts", "MeasuredCosts", "op_overhead"]
-
-
-@dataclass(frozen=True)
-class LayerCost:
-    """One layer at one micro-batch size: device and host seconds of each pass."""
-
-    forward: float
-    backward: float
-    forward_host: float
-    backward_host: float
-    nograd: float = 1.0  # a no-grad forward (a checkpointed micro-batch's first) / a forward with autograd
 
 
 @dataclass(frozen=True)
@@ -99,6 +88,16 @@ class Costs(ABC):
         """The link between two CPU processes (gloo over TCP on one host), when the preset has one."""
         return self.hardware.links.get("gloo")
 
+    def rank_devices(self, processes: int) -> List[str]:
+        """The device of each rank of a launch: a GPU each, or the host's CPU shared by every rank."""
+        return [f"cuda:{r}" if self.device_type == "cuda" else "cpu" for r in range(processes)]
+
+    def rank_link(self, src: str, dst: str) -> Optional[Link]:
+        """The copy between two ranks on ``src`` and ``dst``: NCCL over the GPUs' link, else gloo between processes."""
+        if src.startswith("cuda") and dst.startswith("cuda"):
+            return self.link(src, dst)
+        return self.process_link()
+
     def boundary_bytes(self, cut: int, batch: int) -> int:
         """Bytes crossing a partition boundary before layer ``cut`` (its output and skips crossing it)."""
         return self.counts.boundary_bytes(cut).at(batch)
@@ -109,6 +108,7 @@ class HardwareCosts(Costs):
 
     def __init__(self, model: ModelKey, hardware: Hardware, efficiency: float = 1.0, fitted: str = "") -> None:
         super().__init__(model, hardware)
+        check_dtype(self.counts.dtype)
         self.efficiency = efficiency
         cores = float(hardware.cores or (os.cpu_count() or 1))
         self.host = Host(cores=cores, threads=int(cores))
@@ -320,7 +320,7 @@ def _time_update(
     and the GPU's own time is taken (:func:`_device_seconds`); the best of five passes.
     """
     a, g = torch.zeros(numel, device=device), torch.ones(numel, device=device)
-    with threads(thread_count):
+    with intra_op_threads(thread_count):
         best = min(_device_seconds(partial(_update_pass, kind, a, g), device) for _ in range(5))
     del a, g
     _release(device)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from statistics import median
 from typing import Iterator, List, Sequence, Tuple
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from gpipe_bench.pipe.microbatch import as_tuple
 from gpipe_bench.pipe.skip.tracker import ReplayingTracker, use_skip_tracker
 
-__all__ = ["LayerTimes", "time_layers", "threads", "contention", "synchronize"]
+__all__ = ["LayerTimes", "time_layers", "intra_op_threads", "contention", "synchronize"]
 
 
 @dataclass(frozen=True)
@@ -82,20 +83,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class threads:
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
     """Run a block with ``count`` intra-op threads on this thread, then restore the count."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self.before = 0
-
-    def __enter__(self) -> "threads":
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.count)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.before)
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _round(layers: Sequence[nn.Module], sample: Tensor, device: torch.device) -> Iterator[Tuple[float, float, float]]:
@@ -200,7 +196,7 @@ def time_layers(
     devices = [device.index or 0] if device.type == "cuda" else []
     was_enabled = gc.isenabled()
     replaying = use_skip_tracker(ReplayingTracker())  # each layer runs twice: a pop must find its skip again
-    with torch.random.fork_rng(devices=devices), torch.enable_grad(), threads(thread_count), replaying:
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), intra_op_threads(thread_count), replaying:
         gc.disable()
         try:
             fwd, bwd, nog = _medians(layers, sample, device, rounds)
@@ -233,7 +229,7 @@ def contention(model: nn.Sequential, sample: Tensor, thread_count: int, workers:
     device = torch.device("cpu")
 
     def work(out: List[float]) -> None:
-        with torch.enable_grad(), threads(thread_count), use_skip_tracker(ReplayingTracker()):
+        with torch.enable_grad(), intra_op_threads(thread_count), use_skip_tracker(ReplayingTracker()):
             for _ in _round(layers, sample, device):
                 pass  # warm-up
             tick = time.perf_counter()

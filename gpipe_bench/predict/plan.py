@@ -43,12 +43,13 @@ from gpipe_bench.devices import available_host_bytes, memory_slots
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.memory.predict import predict_job
 from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes
-from gpipe_bench.pipe.balance.partition import block_cost, solve_blocks
+from gpipe_bench.pipe.balance.partition import block_cost, block_costs, solve_blocks
 
 from . import hardware as presets
-from .costs import Costs, LayerCost, MeasuredCosts, ModelKey
+from .costs import Costs, MeasuredCosts, ModelKey
+from .hardware import Link
 from .rows import RowPrediction, cost_sizes, meta_model, model_key, step
-from .simulate import Link, worker_threads
+from .simulate import LayerCost, rank_threads, worker_threads
 from .sources import preset_costs
 
 __all__ = [
@@ -145,8 +146,21 @@ def chunk_choices(batch: int, stages: int, published: Optional[int] = None) -> L
 # -- the cost of one stage --------------------------------------------------------------------------------------
 
 
+def _forward_seconds(c: LayerCost, recomputed: float) -> Tuple[float, float]:
+    """(host, device) seconds of a layer's forwards per micro-batch, on average over the step.
+
+    The first forward (no-grad for the ``recomputed`` share checkpointed:
+    :meth:`LayerCost.first_forward`, the simulator's rule) and the recompute of
+    the checkpointed ones.
+    """
+    kept_host, kept = c.first_forward(False)
+    first_host, first = c.first_forward(True)
+    host = (1 - recomputed) * kept_host + recomputed * (first_host + c.forward_host)
+    return host, (1 - recomputed) * kept + recomputed * (first + c.forward)
+
+
 def _layer_weights(layers: Sequence[LayerCost], recomputed: float, gpu: bool) -> List[float]:
-    """Seconds per layer and micro-batch on its stage: forward (no-grad for checkpointed ones), recompute, backward.
+    """Seconds per layer and micro-batch on its stage: forwards (:func:`_forward_seconds`), then the backward.
 
     ``recomputed``: the share of micro-batches checkpointed. On a CPU the worker
     does the host's work and the arithmetic one after the other; on a GPU the
@@ -154,9 +168,8 @@ def _layer_weights(layers: Sequence[LayerCost], recomputed: float, gpu: bool) ->
     """
     out = []
     for c in layers:
-        first = c.forward * ((1 - recomputed) + recomputed * c.nograd)
-        device = first + recomputed * c.forward + c.backward
-        host = c.forward_host * (1 + recomputed) + c.backward_host
+        host, device = _forward_seconds(c, recomputed)
+        host, device = host + c.backward_host, device + c.backward
         out.append(max(device, host) if gpu else device + host)
     return out
 
@@ -177,12 +190,8 @@ class _MemoryForm:
     leave: List[float]
 
     def allowed(self, cap: float) -> torch.Tensor:
-        n = len(self.weights)
-        prefix = torch.cumsum(torch.tensor([0.0, *self.weights], dtype=torch.float64), 0)
-        a = torch.tensor(self.enter, dtype=torch.float64)
-        b = torch.tensor(self.leave, dtype=torch.float64)
-        total = prefix[None, :] - prefix[:, None] + a[:, None] + b[None, :]
-        return (total <= cap) & torch.ones(n + 1, n + 1, dtype=torch.bool).triu(1)
+        """Blocks ``[s, e)`` whose estimated peak fits under ``cap`` (for :func:`solve_blocks`)."""
+        return block_costs(self.weights, self.enter, self.leave) <= cap
 
 
 # -- the search -------------------------------------------------------------------------------------------------
@@ -220,7 +229,7 @@ class _Search:
     def threads(self, stages: int, processes: int) -> int:
         host = self.costs.host
         if self.engine == "distributed":
-            return max(1, host.threads // max(1, processes))
+            return rank_threads(processes, host)
         return worker_threads(self.devices[:stages], host)
 
     def interpreter(self, chunks: int, checkpoint: Checkpoint, threads: int) -> float:
@@ -228,14 +237,15 @@ class _Search:
         size = micro_batch_sizes(self.template.row.batch, chunks)[0]
         layers = self.costs.layers(size, threads, self.devices[0])
         recomputed = checkpoint_stop(checkpoint, chunks) / chunks
-        return chunks * (1 + recomputed) * sum(c.forward_host for c in layers)
+        return chunks * sum(_forward_seconds(c, recomputed)[0] for c in layers)
 
     def weights(self, chunks: int, checkpoint: Checkpoint, threads: int) -> Tuple[List[float], List[float], int]:
         size = micro_batch_sizes(self.template.row.batch, chunks)[0]
         layers = self.costs.layers(size, threads, self.devices[0])
         recomputed = checkpoint_stop(checkpoint, chunks) / chunks
-        if self.engine == "distributed":  # between ranks: NCCL over the GPUs' link, gloo between CPU processes
-            link = self.costs.link("cuda:0", "cuda:1") if self.gpu else self.costs.process_link()
+        if self.engine == "distributed":
+            first, second = self.costs.rank_devices(2)
+            link = self.costs.rank_link(first, second)
         else:
             link = self.costs.link(self.devices[0], self.devices[1]) if len(self.devices) > 1 else None
         cuts = _cut_costs(self.costs, link, size, self.layers)
@@ -542,9 +552,9 @@ def plan(
                 planned, simulated = [leanest], simulated + 1
         if not planned:
             raise HarnessError(
-                f"no plan fits {_gib(cap)} per device ({cap_source}); the smallest that works is {_gib(need)} "
+                f"no plan fits {_size_option(cap)} per device ({cap_source}); the smallest that works is {_size_option(need)} "
                 f"(balance {','.join(map(str, choice.balance))}, chunks {choice.chunks}, checkpoint "
-                f"{choice.checkpoint}): give --memory-per-device {_gib(need, up=True)} or more",
+                f"{choice.checkpoint}): give --memory-per-device {_size_option(need, up=True)} or more",
                 param="--memory-per-device",
             )
     if engine == "distributed":
@@ -674,7 +684,8 @@ def resolve_planned(job: jobs.Job, costs: Optional[Costs] = None) -> Tuple[jobs.
     return replace(job, row=replace(job.row, balance=balance)), how
 
 
-def _gib(nbytes: float, up: bool = False) -> str:
+def _size_option(nbytes: float, up: bool = False) -> str:
+    """``nbytes`` as --memory-per-device takes it (:func:`parse_size` reads it back); ``up``: rounded up."""
     gib = nbytes / (1 << 30)
     if up:
         gib = math.ceil(gib * 100) / 100

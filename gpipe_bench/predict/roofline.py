@@ -24,37 +24,22 @@ kernels reach. It divides device time and leaves host time alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import List
 
 import torch
 
 from ..errors import HarnessError
-from .count import LayerAt, ModelCounts, OpCost, PassCounts
+from .count import OpCost, PassCounts
 from .hardware import Hardware
 
-__all__ = [
-    "LayerSeconds",
-    "peak_flops",
-    "op_seconds",
-    "pass_seconds",
-    "host_seconds",
-    "layer_seconds",
-    "model_seconds",
-]
+__all__ = ["peak_flops", "op_seconds", "pass_seconds", "host_seconds", "check_dtype"]
 
 
-@dataclass(frozen=True)
-class LayerSeconds:
-    """A layer's predicted times at one micro-batch size."""
-
-    name: str
-    batch: int
-    forward_s: float  # device time of the forward
-    backward_s: float  # device time of the backward
-    forward_host_s: float  # host time issuing (GPU) or dispatching (CPU) the forward's operators
-    backward_host_s: float
-    out_bytes: int  # the output a partition boundary after this layer transfers
+def check_dtype(dtype: torch.dtype) -> None:
+    """The presets give fp32 and TF32 peaks only: counts taken in another dtype (other peaks, other defaults) are refused."""
+    if dtype != torch.float32:
+        raise HarnessError(
+            f"the hardware presets give fp32/TF32 peaks only, not {dtype}; count the model in torch.float32"
+        )
 
 
 def peak_flops(hardware: Hardware, kind: str) -> float:
@@ -76,43 +61,11 @@ def op_seconds(op: OpCost, hardware: Hardware, efficiency: float = 1.0) -> float
 
 
 def pass_seconds(counts: PassCounts, hardware: Hardware, efficiency: float = 1.0) -> float:
-    """Device seconds of one pass (a layer's forward or backward): the sum over its operators."""
+    """Device seconds of one pass (a layer's forward or backward): :func:`op_seconds` summed over its operators."""
     _check(efficiency)
-    conv, other, bandwidth = hardware.conv_flops(), hardware.fp32_flops, hardware.memory_bandwidth
-    # Inlined op_seconds: this runs for every layer at every micro-batch size a search tries.
-    total = 0.0
-    for op in counts.ops:
-        compute = op.flops / (conv if op.kind == "conv" else other)
-        total += op.count * max(compute, op.bytes / bandwidth)
-    return total / efficiency
+    return sum((op_seconds(op, hardware, efficiency) for op in counts.ops), 0.0)
 
 
 def host_seconds(counts: PassCounts, hardware: Hardware) -> float:
     """Host seconds of one pass: one ``op_overhead`` per operator that does work (views are free)."""
     return counts.launches * hardware.op_overhead
-
-
-def layer_seconds(layer: LayerAt, hardware: Hardware, efficiency: float = 1.0) -> LayerSeconds:
-    """Device and host seconds of a layer's forward and backward at the layer's micro-batch size."""
-    return LayerSeconds(
-        name=layer.name,
-        batch=layer.batch,
-        forward_s=pass_seconds(layer.forward, hardware, efficiency),
-        backward_s=pass_seconds(layer.backward, hardware, efficiency),
-        forward_host_s=host_seconds(layer.forward, hardware),
-        backward_host_s=host_seconds(layer.backward, hardware),
-        out_bytes=layer.out_bytes,
-    )
-
-
-def model_seconds(counts: ModelCounts, batch: int, hardware: Hardware, efficiency: float = 1.0) -> List[LayerSeconds]:
-    """Every layer's seconds at micro-batch size ``batch``.
-
-    The presets give fp32 and TF32 peaks only, so counts taken in another
-    dtype (half precision has other peaks and other defaults) are refused.
-    """
-    if counts.dtype != torch.float32:
-        raise HarnessError(
-            f"the hardware presets give fp32/TF32 peaks only, not {counts.dtype}; count the model in torch.float32"
-        )
-    return [layer_seconds(layer, hardware, efficiency) for layer in counts.at(batch)]

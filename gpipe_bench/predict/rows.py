@@ -21,9 +21,9 @@ from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.perf import checkpoint_stop, layer_ranges, micro_batch_sizes
 
-from .costs import Costs, LayerCost, ModelKey
+from .costs import Costs, ModelKey
 from .orders import orders, stage_ranks
-from .simulate import CellCost, Extra, Host, Link, Outcome, gpipe, pipelining, plain, worker_threads
+from .simulate import CellCost, Extra, Host, LayerCost, Outcome, gpipe, pipelining, plain, rank_threads, worker_threads
 
 __all__ = ["RowPrediction", "model_key", "meta_model", "step", "predict", "calibrate", "cost_sizes", "SCHEDULES"]
 
@@ -78,17 +78,29 @@ def _balance(job: Job, layers: int) -> Tuple[int, ...]:
     return balance
 
 
-def _sum(layers: Sequence[LayerCost], start: int, end: int) -> Tuple[float, float, float, float, float]:
-    """(forward, backward, forward host, backward host, no-grad share of the forward) of layers [start, end)."""
+def _sum(layers: Sequence[LayerCost], start: int, end: int) -> LayerCost:
+    """Layers [start, end) as one: their seconds summed, the no-grad share weighted by each layer's forward."""
     part = layers[start:end]
     forward = sum(c.forward + c.forward_host for c in part)
     nograd = sum((c.forward + c.forward_host) * c.nograd for c in part) / forward if forward > 0 else 1.0
-    return (
-        sum(c.forward for c in part),
-        sum(c.backward for c in part),
-        sum(c.forward_host for c in part),
-        sum(c.backward_host for c in part),
-        nograd,
+    return LayerCost(
+        forward=sum(c.forward for c in part),
+        backward=sum(c.backward for c in part),
+        forward_host=sum(c.forward_host for c in part),
+        backward_host=sum(c.backward_host for c in part),
+        nograd=nograd,
+    )
+
+
+def _cell(cost: LayerCost, out_bytes: int = 0, accumulate: Tuple[float, float] = (0.0, 0.0)) -> CellCost:
+    """A cell of ``cost``, sending ``out_bytes``, its backward plus (host, device) seconds of ``accumulate``."""
+    return CellCost(
+        forward=cost.forward,
+        backward=cost.backward + accumulate[1],
+        forward_host=cost.forward_host,
+        backward_host=cost.backward_host + accumulate[0],
+        nograd=cost.nograd,
+        out_bytes=out_bytes,
     )
 
 
@@ -108,7 +120,7 @@ def cost_sizes(job: Job, host: Host) -> List[Tuple[int, int]]:
     sizes = micro_batch_sizes(row.batch, row.chunks)
     if job.engine == "distributed":
         stages = len(row.balance or ())
-        t = max(1, host.threads // _processes(job, stages))
+        t = rank_threads(_processes(job, stages), host)
         return [(s, t) for s in set(sizes)]
     return [(s, worker_threads(list(job.devices), host)) for s in set(sizes)]
 
@@ -130,9 +142,8 @@ def step(job: Job, costs: Costs) -> Outcome:
     if not job.split:
         device = job.devices[0]
         layers = costs.layers(row.batch, host.threads, device)
-        f, b, fh, bh, _ = _sum(layers, 0, len(layers))
         extra = Extra(optimizer={device: update(0, len(params), device, host.threads, "optimizer")})
-        return plain(CellCost(f, b, fh, bh), device, host, extra, title)
+        return plain(_cell(_sum(layers, 0, len(layers))), device, host, extra, title)
 
     ranges = layer_ranges(balance)
     chunks = row.chunks
@@ -141,16 +152,14 @@ def step(job: Job, costs: Costs) -> Outcome:
     if job.engine == "distributed":
         stages = len(balance)
         processes = _processes(job, stages)
-        threads = max(1, host.threads // processes)
-        cuda = costs.device_type == "cuda"
-        rank_device = [f"cuda:{r}" if cuda else "cpu" for r in range(processes)]
+        threads = rank_threads(processes, host)
+        rank_device = costs.rank_devices(processes)
         by_size: Dict[int, List[LayerCost]] = {s: costs.layers(s, threads, rank_device[0]) for s in set(sizes)}
 
         def stage_cell(s: int, i: int) -> CellCost:
             start, end = ranges[s]
-            f, b, fh, bh, _ = _sum(by_size[sizes[i]], start, end)
             out = costs.boundary_bytes(end, sizes[i]) if s < stages - 1 else 0
-            return CellCost(f, b, fh, bh, out)
+            return _cell(_sum(by_size[sizes[i]], start, end), out)
 
         stage_of = stage_ranks(job.schedule, stages, processes)
         extra = Extra(
@@ -165,14 +174,13 @@ def step(job: Job, costs: Costs) -> Outcome:
                 for r in range(processes)
             }
         )
-        link = _rank_link(costs)
         return pipelining(
             orders(job.schedule, stages, processes, len(sizes)),
             stage_cell,
             stage_of,
             rank_device,
             host,
-            link,
+            lambda src, dst: costs.rank_link(src.split()[-1], dst.split()[-1]),  # lanes: 'rank1 cuda:1'
             extra,
             title,
         )
@@ -186,11 +194,10 @@ def step(job: Job, costs: Costs) -> Outcome:
     for i, size in enumerate(sizes):
         row_cells = []
         for j, (start, end) in enumerate(ranges):
-            f, b, fh, bh, nograd = _sum(by_size[size], start, end)
-            if i > 0:  # the engine adds each later micro-batch's parameter gradients to the first's
-                bh, b = bh + accumulate[j][0], b + accumulate[j][1]
             out = costs.boundary_bytes(end, size) if j < n - 1 else 0
-            row_cells.append(CellCost(f, b, fh, bh, out, nograd))
+            # The engine adds each later micro-batch's parameter gradients to the first's.
+            added = accumulate[j] if i > 0 else (0.0, 0.0)
+            row_cells.append(_cell(_sum(by_size[size], start, end), out, added))
         cells.append(row_cells)
     lanes = list(dict.fromkeys(devices))
     optimizer: Dict[str, Tuple[float, float]] = {}
@@ -204,17 +211,6 @@ def step(job: Job, costs: Costs) -> Outcome:
 
 def _merge(parts: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
     return (sum(h for h, _ in parts), sum(d for _, d in parts))
-
-
-def _rank_link(costs: Costs) -> Callable[[str, str], Optional[Link]]:
-    """Links between ranks: NCCL over the preset's link between GPUs, gloo (TCP) between CPU processes."""
-
-    def link(src: str, dst: str) -> Optional[Link]:
-        if "cuda" in src and "cuda" in dst:
-            return costs.link(src.split()[-1], dst.split()[-1])
-        return costs.process_link()
-
-    return link
 
 
 def predict(jobs: Sequence[Job], costs: Costs, baseline: Optional[Job] = None) -> List[RowPrediction]:

@@ -32,37 +32,60 @@ released, so it is the worker's own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from gpipe_bench.distributed.launch import rank_threads as launch_rank_threads
 from gpipe_bench.pipe.copy import worker_groups
 from gpipe_bench.pipe.schedule import backward_steps, forward_steps
 from gpipe_bench.pipe.worker import cpu_worker_threads
 from gpipe_bench.timeline.model import Span, Timeline
 
 from .events import Simulator
+from .hardware import Link
 from .orders import Action
 
-__all__ = ["CellCost", "Link", "Host", "Extra", "Outcome", "worker_threads", "gpipe", "plain", "pipelining"]
+__all__ = [
+    "LayerCost",
+    "CellCost",
+    "Host",
+    "Extra",
+    "Outcome",
+    "worker_threads",
+    "rank_threads",
+    "gpipe",
+    "plain",
+    "pipelining",
+]
 
 
 @dataclass(frozen=True)
-class CellCost:
-    """Seconds of one partition on one micro-batch (a recompute costs a forward), and its output's bytes."""
+class LayerCost:
+    """Seconds of one layer (or of a partition's layers, summed) on one micro-batch, device and host per pass."""
 
     forward: float
     backward: float
     forward_host: float = 0.0
     backward_host: float = 0.0
+    nograd: float = 1.0  # a no-grad forward (a checkpointed micro-batch's first) / a forward with autograd
+
+    def first_forward(self, checkpointed: bool) -> Tuple[float, float]:
+        """(host, device) seconds of a micro-batch's first forward: without autograd when it is checkpointed.
+
+        ``nograd`` is measured as one wall time (host and device together, as a CPU
+        runs them), so the share applies to both. The one rule the simulator and the
+        planner's stage weights use.
+        """
+        share = self.nograd if checkpointed else 1.0
+        return self.forward_host * share, self.forward * share
+
+
+@dataclass(frozen=True)
+class CellCost(LayerCost):
+    """One partition on one micro-batch (a recompute costs a forward), and its output's bytes."""
+
     out_bytes: int = 0  # what crosses to the next partition (its gradient crosses back)
-    nograd: float = 1.0  # a checkpointed micro-batch's first forward runs without autograd: this share of a forward
-
-
-class Link(Protocol):
-    """A copy between two devices (:class:`gpipe_bench.predict.hardware.Link`): its seconds for a size."""
-
-    def seconds(self, nbytes: float) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -121,6 +144,33 @@ def _is_cpu(device: str) -> bool:
     return torch.device(device).type == "cpu"
 
 
+#: The host lock a forward's Python work holds: the one interpreter of our engine's workers.
+INTERPRETER = "interpreter"
+
+
+@dataclass(frozen=True)
+class Work:
+    """One piece of a step as a lane runs it: who issues it, where it runs, its seconds, what it waits for.
+
+    On a CPU lane (``cpu``) the thread does the host work and then the arithmetic on
+    ``threads`` of the shared cores; on a GPU lane the thread issues and the device
+    runs in order on its stream (see the module docstring).
+    """
+
+    thread: str  # who issues it: a worker's lane, the caller, a rank
+    lane: str  # where its device time is spent
+    cpu: bool
+    host: float
+    device: float
+    phase: str = "other"  # forward | recompute | backward | other (the loss, the optimizer)
+    i: int = -1  # micro-batch
+    j: int = -1  # partition or stage
+    lock: Optional[str] = INTERPRETER  # the lock its host work holds; None: the thread's own
+    threads: int = 1  # intra-op threads of a CPU lane's arithmetic
+    after_host: Sequence[Optional[int]] = ()  # tasks its host work waits for (a clock's barrier)
+    after_data: Sequence[Optional[int]] = ()  # tasks its inputs come from (a copy, the previous partition)
+
+
 class _Builder:
     """Places cells on a :class:`Simulator` the way a device runs them (see the module docstring)."""
 
@@ -132,37 +182,23 @@ class _Builder:
         self.last_device: Dict[str, int] = {}  # per worker lane: the last device task (streams run in order)
         self.last_host: Dict[str, int] = {}  # per thread: the last task it ran
 
-    def cell(
-        self,
-        thread: str,
-        lock: Optional[str],
-        lane: str,
-        cpu: bool,
-        threads: int,
-        host: float,
-        device: float,
-        after_host: Sequence[Optional[int]],
-        after_data: Sequence[Optional[int]],
-        phase: str,
-        i: int,
-        j: int,
-    ) -> Tuple[int, int]:
-        """One step on ``lane``, run by ``thread``: (the task its thread returns after, the device task)."""
+    def cell(self, work: "Work") -> Tuple[int, int]:
+        """Place ``work``: (the task its thread returns after, the device task)."""
         sim = self.sim
-        previous = self.last_host.get(thread)
-        lock = lock or f"thread {thread}"  # host work outside the interpreter: the thread's own
-        if cpu:
-            self.cpu_lanes.add(lane)
-            h = sim.add(lock, host, [previous, *after_host, *after_data])
-            d = sim.add("cores", device, [h], weight=threads)
+        previous = self.last_host.get(work.thread)
+        lock = work.lock or f"thread {work.thread}"  # host work outside the interpreter: the thread's own
+        if work.cpu:
+            self.cpu_lanes.add(work.lane)
+            h = sim.add(lock, work.host, [previous, *work.after_host, *work.after_data])
+            d = sim.add("cores", work.device, [h], weight=work.threads)
             returns = d
         else:
-            h = sim.add(lock, host, [previous, *after_host])
-            d = sim.add(lane, device, [h, self.last_device.get(lane), *after_data])
+            h = sim.add(lock, work.host, [previous, *work.after_host])
+            d = sim.add(work.lane, work.device, [h, self.last_device.get(work.lane), *work.after_data])
             returns = h
-        self.last_host[thread] = returns
-        self.last_device[lane] = d
-        self.spans.append((h, d, lane, phase, i, j))
+        self.last_host[work.thread] = returns
+        self.last_device[work.lane] = d
+        self.spans.append((h, d, work.lane, work.phase, work.i, work.j))
         return returns, d
 
     def copy(
@@ -193,6 +229,11 @@ def worker_threads(devices: Sequence[str], host: Host) -> int:
     return cpu_worker_threads(workers, host.threads)
 
 
+def rank_threads(processes: int, host: Host) -> int:
+    """Intra-op threads of each rank of a launch of ``processes``: the launcher's own rule (it sets them)."""
+    return launch_rank_threads(processes, host.threads)
+
+
 def gpipe(
     cells: Sequence[Sequence[CellCost]],
     devices: Sequence[str],
@@ -210,7 +251,6 @@ def gpipe(
     threads = worker_threads(devices, host)
     barrier = len(lanes) > 1  # one worker runs its steps inline, without clocks
     b = _Builder(host)
-    lock = "interpreter"
     fwd_task: Dict[Tuple[int, int], int] = {}
     bwd_task: Dict[Tuple[int, int], int] = {}
 
@@ -227,19 +267,20 @@ def gpipe(
                 lane = lane_of[j]
                 cost = cells[i][j]
                 data: List[Optional[int]] = []
-                held: Optional[str] = lock  # a forward's host work holds the interpreter
+                held: Optional[str] = INTERPRETER  # a forward's host work holds the interpreter
                 if kind == "forward":
                     if j > 0:
                         data = arrived(fwd_task[(i, j - 1)], j - 1, j, cells[i][j - 1].out_bytes, i)
-                    share = cost.nograd if i < checkpoint_stop else 1.0  # checkpointed: no autograd graph
-                    host_s, device_s = cost.forward_host * share, cost.forward * share
+                    host_s, device_s = cost.first_forward(checkpointed=i < checkpoint_stop)
                 elif kind == "recompute":
                     host_s, device_s = cost.forward_host, cost.forward
                 else:
                     data = arrived(bwd_task[(i, j + 1)], j + 1, j, cost.out_bytes, i) if j < n - 1 else [loss_device]
                     # torch.autograd.grad runs in C++ with the interpreter released: its host work is the worker's own.
                     host_s, device_s, held = cost.backward_host, cost.backward, None
-                r, d = b.cell(lane, held, lane, _is_cpu(lane), threads, host_s, device_s, [gate], data, kind, i, j)
+                r, d = b.cell(
+                    Work(lane, lane, _is_cpu(lane), host_s, device_s, kind, i, j, held, threads, [gate], data)
+                )
                 if kind == "forward":
                     fwd_task[(i, j)] = d
                 elif kind == "backward":
@@ -257,18 +298,15 @@ def gpipe(
     b.last_host[caller] = gate if gate is not None else b.last_host.get(lane_of[0], None)  # type: ignore[assignment]
     loss_host, loss_device_s = extra.loss
     loss_ret, loss_device = b.cell(
-        caller,
-        lock,
-        loss_lane,
-        _is_cpu(loss_lane),
-        host.threads,
-        loss_host,
-        loss_device_s,
-        [],
-        [fwd_task[(i, n - 1)] for i in range(m)],
-        "other",
-        -1,
-        -1,
+        Work(
+            caller,
+            loss_lane,
+            _is_cpu(loss_lane),
+            loss_host,
+            loss_device_s,
+            threads=host.threads,
+            after_data=[fwd_task[(i, n - 1)] for i in range(m)],
+        )
     )
     backward = [[(s.kind, s.i, s.j) for s in steps] for steps in backward_steps(m, n, lambda i: i < checkpoint_stop)]
     for w in lanes:
@@ -279,49 +317,26 @@ def gpipe(
     for lane in lanes:
         h, d = extra.optimizer_on(lane)
         if h or d:
-            b.cell(
-                caller,
-                lock,
-                lane,
-                _is_cpu(lane),
-                host.threads,
-                h,
-                d,
-                [],
-                [bwd_task[(i, j)] for i in range(m) for j in range(n) if lane_of[j] == lane],
-                "other",
-                -1,
-                -1,
-            )
+            after = [bwd_task[(i, j)] for i in range(m) for j in range(n) if lane_of[j] == lane]
+            b.cell(Work(caller, lane, _is_cpu(lane), h, d, threads=host.threads, after_data=after))
     return b.outcome(title, lanes, {"engine": "gpipe-bench", "micro_batches": m, "partitions": n})
 
 
 def plain(cost: CellCost, device: str, host: Host, extra: Extra = Extra(), title: str = "") -> Outcome:
     """One step of the plain model on one device: forward, loss, backward, optimizer."""
     b = _Builder(host)
-    lock = "interpreter"
-    _, f = b.cell(
-        device, lock, device, _is_cpu(device), host.threads, cost.forward_host, cost.forward, [], [], "forward", 0, 0
-    )
+    cpu, threads = _is_cpu(device), host.threads
+    _, f = b.cell(Work(device, device, cpu, cost.forward_host, cost.forward, "forward", 0, 0, threads=threads))
     lh, ld = extra.loss
-    _, loss = b.cell(device, lock, device, _is_cpu(device), host.threads, lh, ld, [], [f], "other", -1, -1)
+    _, loss = b.cell(Work(device, device, cpu, lh, ld, threads=threads, after_data=[f]))
     _, bwd = b.cell(
-        device,
-        lock,
-        device,
-        _is_cpu(device),
-        host.threads,
-        cost.backward_host,
-        cost.backward,
-        [],
-        [loss],
-        "backward",
-        0,
-        0,
+        Work(
+            device, device, cpu, cost.backward_host, cost.backward, "backward", 0, 0, threads=threads, after_data=[loss]
+        )
     )
     oh, od = extra.optimizer_on(device)
     if oh or od:
-        b.cell(device, lock, device, _is_cpu(device), host.threads, oh, od, [], [bwd], "other", -1, -1)
+        b.cell(Work(device, device, cpu, oh, od, threads=threads, after_data=[bwd]))
     return b.outcome(title, [device], {"engine": "plain"})
 
 
@@ -342,7 +357,7 @@ def pipelining(
     interpreter; CPU ranks share the host's cores, each with its share of threads.
     """
     ranks = len(rank_device)
-    threads = max(1, host.threads // ranks) if all(_is_cpu(d) for d in rank_device) else host.threads
+    threads = rank_threads(ranks, host)
     b = _Builder(host)
     lanes = [f"rank{r} {rank_device[r]}" if ranks > 1 else rank_device[r] for r in range(ranks)]
     done: Dict[Tuple[str, int, int], int] = {}
@@ -389,18 +404,19 @@ def pipelining(
                     host_s, device_s = host_s + extra.loss[0], device_s + extra.loss[1]
                 phase = "forward" if a.kind == "F" else "backward"
                 _, d = b.cell(
-                    lanes[r],
-                    f"interpreter{r}",
-                    lanes[r],
-                    _is_cpu(rank_device[r]),
-                    threads,
-                    host_s,
-                    device_s,
-                    [],
-                    data,
-                    phase,
-                    a.micro_batch,
-                    a.stage,
+                    Work(
+                        lanes[r],
+                        lanes[r],
+                        _is_cpu(rank_device[r]),
+                        host_s,
+                        device_s,
+                        phase,
+                        a.micro_batch,
+                        a.stage,
+                        lock=f"{INTERPRETER}{r}",  # a process each: an interpreter each
+                        threads=threads,
+                        after_data=data,
+                    )
                 )
                 done[(a.kind, a.stage, a.micro_batch)] = d
                 position[r] += 1
@@ -411,7 +427,5 @@ def pipelining(
     for r in range(ranks):
         oh, od = extra.optimizer_on(f"rank{r}")
         if oh or od:
-            b.cell(
-                lanes[r], f"interpreter{r}", lanes[r], _is_cpu(rank_device[r]), threads, oh, od, [], [], "other", -1, -1
-            )
+            b.cell(Work(lanes[r], lanes[r], _is_cpu(rank_device[r]), oh, od, lock=f"{INTERPRETER}{r}", threads=threads))
     return b.outcome(title, lanes, {"engine": "distributed", "ranks": ranks})

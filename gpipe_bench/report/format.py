@@ -101,6 +101,12 @@ def format_gib(gib: Any) -> str:
     return f"{value:.2f} GiB" if abs(value) >= 1 else f"{value * 1024:.1f} MiB"
 
 
+def format_bytes(nbytes: Any) -> str:
+    """A memory figure given in bytes, as :func:`format_gib` shows it."""
+    value = as_float(nbytes)
+    return format_gib(value / (1 << 30) if value is not None else None)
+
+
 def memory_cell(result: Optional[Result]) -> str:
     if result is not None and result.status == "predicted":
         return "not measured"

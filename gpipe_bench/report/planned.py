@@ -10,16 +10,12 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Dict, List
 
-from .format import render_grid
+from .format import format_bytes, render_grid
 
 if TYPE_CHECKING:
     from gpipe_bench.predict.plan import Plan, Planned
 
 __all__ = ["as_records", "render"]
-
-
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / (1 << 30):.2f} GiB"
 
 
 def _record(plan: "Plan", p: "Planned", rank: int) -> Dict[str, Any]:
@@ -73,11 +69,11 @@ def render(plan: "Plan", fmt: str = "rst") -> str:
                 ),
                 f"{r['throughput']:.3f} {unit}",
                 f"{r['speedup']:.3f}x",
-                _gib(r["peak_memory_bytes"]) if r["peak_memory_bytes"] is not None else "–",
+                format_bytes(r["peak_memory_bytes"]) if r["peak_memory_bytes"] is not None else "–",
                 f"{100 * r['bubble']:.1f}%",
             ]
         )
-    cap = f"{_gib(plan.cap)} per device ({plan.cap_source})" if plan.cap is not None else "none"
+    cap = f"{format_bytes(plan.cap)} per device ({plan.cap_source})" if plan.cap is not None else "none"
     lines = [
         f"{plan.table.title.split(' speed')[0]} on {','.join(plan.devices)}, batch {plan.batch} "
         f"({plan.profile} profile, {'torch.distributed.pipelining' if distributed else 'gpipe-bench'} engine)",

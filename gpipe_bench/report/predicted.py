@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from gpipe_bench.results import DEFAULT_ENGINE, Result
 
-from .format import DASH, fmt_num, render_grid
+from .format import DASH, fmt_num, format_bytes, render_grid
 from .groups import group_results, speedup_of
 
 if TYPE_CHECKING:
@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     from gpipe_bench.predict.run import TablePrediction
 
 __all__ = ["measured_for", "render", "as_records"]
-
-_MIB = 1 << 20
 
 
 def measured_for(
@@ -62,10 +60,7 @@ def _measured_speedup(
 def _memory(per_device: Optional[List[int]]) -> str:
     if not per_device:
         return DASH
-    peak = max(per_device)
-    if peak >= 1 << 30:
-        return f"{peak / (1 << 30):.2f} GiB"
-    return f"{peak / _MIB:.1f} MiB"
+    return format_bytes(max(per_device))
 
 
 def as_records(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gpipe_bench.predict.measured import SMALL, LayerTimes, contention, threads, time_layers
+from gpipe_bench.predict.measured import SMALL, LayerTimes, contention, intra_op_threads, time_layers
 
 
 def _model() -> nn.Sequential:
@@ -38,7 +38,7 @@ def test_scaling_keeps_the_fixed_part() -> None:
 
 def test_the_thread_count_is_restored() -> None:
     before = torch.get_num_threads()
-    with threads(1):
+    with intra_op_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
 

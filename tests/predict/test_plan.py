@@ -22,6 +22,7 @@ from gpipe_bench.predict.costs import HardwareCosts
 from gpipe_bench.predict.plan import (
     OVER,
     Choice,
+    _layer_weights,
     _Search,
     _template,
     chunk_choices,
@@ -30,6 +31,7 @@ from gpipe_bench.predict.plan import (
     resolve_planned,
 )
 from gpipe_bench.predict.rows import model_key
+from gpipe_bench.predict.simulate import LayerCost, rank_threads, worker_threads
 from helpers import one_line_error, tiny_configs
 
 GIB = 1 << 30
@@ -211,3 +213,23 @@ def test_a_planned_row_end_to_end(tmp_path: Path) -> None:
     assert len(files) == 1
     settings = json.loads(files[0].read_text())["settings"]
     assert settings["balance_planned"] is True and sum(settings["balance"]) == 370
+
+
+def test_the_search_gives_workers_and_ranks_the_threads_the_engine_and_the_launcher_do() -> None:
+    job = _quick_job()
+    costs = HardwareCosts(model_key(job), presets.load("cpu"))
+    ours = _Search(job, costs, "gpipe-bench", None, lambda line: None)
+    assert ours.threads(2, 2) == worker_threads(list(job.devices), costs.host)
+    ranks = _Search(job, costs, "distributed", None, lambda line: None)
+    assert ranks.threads(2, 3) == rank_threads(3, costs.host)
+
+
+def test_stage_weights_price_the_forwards_as_the_simulator_does() -> None:
+    """A checkpointed micro-batch's first forward at its no-grad share (host and device), then its recompute."""
+    c = LayerCost(forward=2.0, backward=4.0, forward_host=1.0, backward_host=0.5, nograd=0.25)
+    for recomputed in (0.0, 0.5, 1.0):
+        first_host, first = c.first_forward(True)
+        host = (1 - recomputed) * 1.0 + recomputed * (first_host + 1.0) + 0.5
+        device = (1 - recomputed) * 2.0 + recomputed * (first + 2.0) + 4.0
+        assert _layer_weights([c], recomputed, gpu=False) == [pytest.approx(host + device)]
+        assert _layer_weights([c], recomputed, gpu=True) == [pytest.approx(max(host, device))]

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from gpipe_bench.errors import HarnessError
+from gpipe_bench.predict import costs as costs_module
 from gpipe_bench.predict import roofline
+from gpipe_bench.predict.costs import HardwareCosts, ModelKey
 from gpipe_bench.predict.count import Affine, LayerCounts, ModelCounts, OpCost, OpGroup, PassCounts, count_model
 from gpipe_bench.predict.hardware import load
 
@@ -64,22 +66,29 @@ def _layer() -> LayerCounts:
     )
 
 
-def test_layer_and_model_seconds() -> None:
+def test_hardware_costs_turn_each_layer_into_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The roofline as predictions use it: HardwareCosts over a layer's counts, scaled by the efficiency."""
     counts = ModelCounts(layers=(_layer(),), sample_shape=(3, 8, 8), dtype=torch.float32)
-    (seconds,) = roofline.model_seconds(counts, 4, P40, efficiency=0.5)
-    assert seconds.name == "toy" and seconds.batch == 4
-    assert seconds.forward_s == pytest.approx(4e9 / 11.76e12 / 0.5)
-    assert seconds.backward_s == pytest.approx(8e9 / 11.76e12 / 0.5)
-    assert seconds.forward_host_s == seconds.backward_host_s == pytest.approx(10e-6)
-    assert seconds.out_bytes == 4 * 4096
+    monkeypatch.setattr(costs_module, "count_named", lambda name, args, size: counts)
+    key = ModelKey.of("toy", {}, 8)
+    (layer,) = HardwareCosts(key, P40, efficiency=0.5).layers(4, 1, "cuda:0")
+    assert layer.forward == pytest.approx(4e9 / 11.76e12 / 0.5)
+    assert layer.backward == pytest.approx(8e9 / 11.76e12 / 0.5)
+    assert layer.forward_host == layer.backward_host == pytest.approx(10e-6)
+    # Counts in another dtype have other peaks: refused where a prediction starts, not silently priced as fp32.
+    monkeypatch.setattr(
+        costs_module, "count_named", lambda name, args, size: dataclasses.replace(counts, dtype=torch.float16)
+    )
     with pytest.raises(HarnessError, match="float32"):
-        roofline.model_seconds(dataclasses.replace(counts, dtype=torch.float16), 4, P40)
+        HardwareCosts(key, P40)
 
 
 def test_counted_models_get_positive_times() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
     counts = count_model(model.to("meta"), (3, 8, 8))
     for preset in (P40, A100, load("cpu")):
-        times = roofline.model_seconds(counts, 8, preset)
-        assert all(t.forward_s > 0 and t.forward_host_s > 0 for t in times if t.name != "3")
-        assert times[3].forward_s == 0  # Flatten is a view
+        layers = counts.at(8)
+        forward = [roofline.pass_seconds(layer.forward, preset) for layer in layers]
+        host = [roofline.host_seconds(layer.forward, preset) for layer in layers]
+        assert all(f > 0 and h > 0 for f, h, layer in zip(forward, host, layers) if layer.name != "3")
+        assert forward[3] == 0  # Flatten is a view

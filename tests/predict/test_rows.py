@@ -10,6 +10,7 @@ from gpipe_bench.errors import HarnessError
 from gpipe_bench.predict import hardware
 from gpipe_bench.predict.costs import HardwareCosts
 from gpipe_bench.predict.rows import calibrate, cost_sizes, model_key, predict, step
+from gpipe_bench.predict.simulate import rank_threads, worker_threads
 
 
 def _job(name: str, devices: list, profile: str = "published", engine: str = "gpipe-bench", **over: object) -> jobs.Job:
@@ -78,7 +79,10 @@ def test_cost_sizes_follow_the_worker_threads() -> None:
     host = HardwareCosts(model_key(_job("naive-1", ["cpu"])), hardware.load("cpu")).host
     assert cost_sizes(_job("naive-1", ["cpu"], profile="quick"), host) == [(16, host.threads)]
     sizes = cost_sizes(_job("pipeline-2", ["cpu:0", "cpu:1"], profile="quick"), host)
-    assert sizes == [(16, max(1, host.threads // 2))]
+    assert sizes == [(16, worker_threads(["cpu:0", "cpu:1"], host))]
+    # Ranks of a launch: the launcher's rule, whatever their devices.
+    ranks = _job("pipeline-2", ["rank0", "rank1"], profile="quick", engine="distributed")
+    assert cost_sizes(ranks, host) == [(16, rank_threads(2, host))]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])

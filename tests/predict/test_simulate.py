@@ -1,12 +1,24 @@
 """The simulated schedules against schedules worked out by hand."""
 
+import os
 from typing import List
 
 import pytest
 
+from gpipe_bench.distributed import launch
 from gpipe_bench.predict.hardware import Link
 from gpipe_bench.predict.orders import orders, stage_ranks
-from gpipe_bench.predict.simulate import CellCost, Extra, Host, gpipe, pipelining, plain, worker_threads
+from gpipe_bench.predict.simulate import (
+    CellCost,
+    Extra,
+    Host,
+    LayerCost,
+    gpipe,
+    pipelining,
+    plain,
+    rank_threads,
+    worker_threads,
+)
 
 HOST = Host(cores=64, threads=64)
 
@@ -151,3 +163,24 @@ def test_interleaved_shrinks_the_bubble() -> None:
     one_stage_each = 3.0 * (m + p - 1)
     assert out.seconds < one_stage_each
     assert out.seconds >= 3.0 * m  # never faster than no bubble at all
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3, 5])
+def test_threads_per_rank_are_what_the_launcher_sets(nproc: int) -> None:
+    """The simulator's threads per rank are what `gpipe-bench launch` gives each rank (OMP_NUM_THREADS)."""
+    cores = len(os.sched_getaffinity(0))
+    assert rank_threads(nproc, Host(cores=cores, threads=cores)) == launch.thread_count(nproc)
+    assert launch.thread_count(nproc) == launch.rank_threads(nproc, cores)
+
+
+def test_a_checkpointed_first_forward_costs_its_no_grad_share_of_host_and_device() -> None:
+    """One rule (LayerCost.first_forward) for the simulator's forward of a checkpointed micro-batch."""
+    cost = CellCost(forward=2.0, backward=4.0, forward_host=1.0, backward_host=1.0, nograd=0.25)
+    assert cost.first_forward(checkpointed=False) == (1.0, 2.0)
+    assert cost.first_forward(checkpointed=True) == (0.25, 0.5)
+    assert LayerCost(forward=2.0, backward=0.0, forward_host=1.0, nograd=0.5).first_forward(True) == (0.5, 1.0)
+    # One partition on a GPU lane, two micro-batches, the first checkpointed: its forward's device time
+    # (what a GPU lane's span shows) is the no-grad share, the second's the whole forward.
+    out = gpipe([[cost], [cost]], ["cuda:0"], 1, HOST, _none)
+    forwards = sorted((s.micro_batch, s.end - s.start) for s in out.timeline.spans if s.phase == "forward")
+    assert [d for _, d in forwards] == [pytest.approx(0.5), pytest.approx(2.0)]

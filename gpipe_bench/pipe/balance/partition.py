@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["solve", "bottleneck", "solve_blocks", "block_cost"]
+__all__ = ["solve", "bottleneck", "solve_blocks", "block_cost", "block_costs"]
 
 
 def solve(costs: Sequence[float], partitions: int) -> List[int]:
@@ -139,16 +139,7 @@ def solve_blocks(
     n = len(weights)
     if partitions < 1 or partitions > n:
         raise ValueError(f"partitions must be between 1 and the number of layers ({n}), got {partitions}")
-    w = torch.tensor([0.0, *weights], dtype=torch.float64)
-    if not bool(torch.isfinite(w).all()):  # any sign will do: a block's cost is a difference of prefix sums
-        raise ValueError("weights must be finite")
-    prefix = torch.cumsum(w, 0)
-    zeros = [0.0] * (n + 1)
-    a = torch.tensor(list(enter) if enter is not None else zeros, dtype=torch.float64)
-    b = torch.tensor(list(leave) if leave is not None else zeros, dtype=torch.float64)
-    # cost[s, e]: the block [s, e); +inf where s >= e (empty or backwards) or not allowed.
-    cost = prefix[None, :] - prefix[:, None] + a[:, None] + b[None, :]
-    cost = cost.masked_fill(~torch.ones(n + 1, n + 1, dtype=torch.bool).triu(1), math.inf)
+    cost = block_costs(weights, enter, leave)
     if allowed is not None:
         cost = cost.masked_fill(~allowed, math.inf)
     best = cost[0].clone()  # best[e]: one block [0, e)
@@ -168,6 +159,30 @@ def solve_blocks(
     sizes.append(end)
     sizes.reverse()
     return sizes
+
+
+def block_costs(
+    weights: Sequence[float],
+    enter: Optional[Sequence[float]] = None,
+    leave: Optional[Sequence[float]] = None,
+) -> "torch.Tensor":
+    """Every block's cost as one ``(n+1)²`` float64 matrix: ``[s, e]`` is block ``[s, e)``, +inf where ``s >= e``.
+
+    The one definition :func:`solve_blocks` minimises over and a planner caps
+    (a memory estimate under a cap: ``block_costs(...) <= cap``).
+    """
+    import torch
+
+    n = len(weights)
+    w = torch.tensor([0.0, *weights], dtype=torch.float64)
+    if not bool(torch.isfinite(w).all()):  # any sign will do: a block's cost is a difference of prefix sums
+        raise ValueError("weights must be finite")
+    prefix = torch.cumsum(w, 0)
+    zeros = [0.0] * (n + 1)
+    a = torch.tensor(list(enter) if enter is not None else zeros, dtype=torch.float64)
+    b = torch.tensor(list(leave) if leave is not None else zeros, dtype=torch.float64)
+    cost = prefix[None, :] - prefix[:, None] + a[:, None] + b[None, :]
+    return cost.masked_fill(~torch.ones(n + 1, n + 1, dtype=torch.bool).triu(1), math.inf)
 
 
 def block_cost(

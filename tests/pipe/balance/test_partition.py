@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpipe_bench.pipe.balance.partition import block_cost, bottleneck, solve, solve_blocks
+from gpipe_bench.pipe.balance.partition import block_cost, block_costs, bottleneck, solve, solve_blocks
 
 
 def brute_force(costs: Sequence[int], partitions: int) -> int:
@@ -238,3 +238,21 @@ def test_solve_blocks_refuses_bad_input() -> None:
         solve_blocks([1.0, 2.0], 3)
     with pytest.raises(ValueError, match="finite"):
         solve_blocks([1.0, math.nan], 1)
+
+
+def test_the_block_cost_matrix_is_block_cost_for_every_block() -> None:
+    """One definition of a block's cost: the matrix solve_blocks minimises (and a planner caps) agrees with block_cost."""
+    rng = random.Random(7)
+    weights = [rng.uniform(0, 5) for _ in range(9)]
+    enter = [rng.uniform(0, 1) for _ in range(10)]
+    leave = [rng.uniform(0, 1) for _ in range(10)]
+    matrix = block_costs(weights, enter, leave)
+    for s in range(10):
+        for e in range(10):
+            if s < e:
+                [expected] = block_cost(weights[s:e], [e - s], enter[s:], [0.0] * (e - s) + [leave[e]])
+                assert float(matrix[s, e]) == pytest.approx(expected)
+            else:
+                assert math.isinf(float(matrix[s, e]))
+    with pytest.raises(ValueError, match="finite"):
+        block_costs([1.0, math.nan])
