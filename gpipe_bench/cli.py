@@ -854,7 +854,7 @@ def predict_command(
     from .environment import environment, hardware_key
     from .predict import hardware as presets
     from .predict.run import predict_table
-    from .predict.sources import parse_calibration
+    from .predict.sources import for_gpus, parse_calibration
     from .report import predicted
 
     if hardware == "list":
@@ -865,7 +865,7 @@ def predict_command(
     calibration = parse_calibration(calibrate)
     preset = presets.load(hardware) if hardware is not None else None
     if profile is None and preset is not None:
-        profile = "quick" if preset.kind == "cpu" else "published"
+        profile, _ = jobs.default_profile(None, for_gpus(preset))
     table, profile_name, rows, _ = _rows("speed", model, profile, quiet or fmt == "json", pipeline, naive, experiment)
     overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint)
     if timeline_path is not None:

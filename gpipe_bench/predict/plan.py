@@ -50,7 +50,7 @@ from .costs import Costs, MeasuredCosts, ModelKey
 from .hardware import Link
 from .rows import RowPrediction, cost_sizes, meta_model, model_key, step
 from .simulate import LayerCost, rank_threads, worker_threads
-from .sources import preset_costs
+from .sources import for_gpus, preset_costs
 
 __all__ = [
     "Choice",
@@ -502,8 +502,7 @@ def plan(
     started = time.perf_counter()
     table = jobs.table_for(model, "speed")
     preset = presets.load(hardware) if hardware is not None else None
-    gpu = preset.kind != "cpu" if preset is not None else torch.cuda.is_available()
-    profile, _ = jobs.default_profile(profile, gpu)
+    profile, _ = jobs.default_profile(profile, for_gpus(preset))
     devices = device_specs.parse(devices_spec)
     if engine == "distributed" and len(devices) < 2:
         raise HarnessError("--engine distributed plans one process per device; give two or more", param="--devices")

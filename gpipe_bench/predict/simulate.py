@@ -160,8 +160,8 @@ class Work:
     thread: str  # who issues it: a worker's lane, the caller, a rank
     lane: str  # where its device time is spent
     cpu: bool
-    host: float
-    device: float
+    host_s: float  # seconds of Python and dispatch on the issuing thread
+    device_s: float  # seconds of arithmetic on the lane
     phase: str = "other"  # forward | recompute | backward | other (the loss, the optimizer)
     i: int = -1  # micro-batch
     j: int = -1  # partition or stage
@@ -189,12 +189,12 @@ class _Builder:
         lock = work.lock or f"thread {work.thread}"  # host work outside the interpreter: the thread's own
         if work.cpu:
             self.cpu_lanes.add(work.lane)
-            h = sim.add(lock, work.host, [previous, *work.after_host, *work.after_data])
-            d = sim.add("cores", work.device, [h], weight=work.threads)
+            h = sim.add(lock, work.host_s, [previous, *work.after_host, *work.after_data])
+            d = sim.add("cores", work.device_s, [h], weight=work.threads)
             returns = d
         else:
-            h = sim.add(lock, work.host, [previous, *work.after_host])
-            d = sim.add(work.lane, work.device, [h, self.last_device.get(work.lane), *work.after_data])
+            h = sim.add(lock, work.host_s, [previous, *work.after_host])
+            d = sim.add(work.lane, work.device_s, [h, self.last_device.get(work.lane), *work.after_data])
             returns = h
         self.last_host[work.thread] = returns
         self.last_device[work.lane] = d

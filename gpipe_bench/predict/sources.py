@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+import torch
+
 from gpipe_bench import config, devices, jobs
 from gpipe_bench.config import Overrides, Row, Table
 from gpipe_bench.distributed import schedule as dschedule
@@ -18,7 +20,15 @@ from . import hardware as presets
 from .costs import HardwareCosts, ModelKey
 from .rows import calibrate
 
-__all__ = ["parse_calibration", "predicted_devices", "predicted_jobs", "preset_costs"]
+__all__ = ["for_gpus", "parse_calibration", "predicted_devices", "predicted_jobs", "preset_costs"]
+
+
+def for_gpus(preset: Optional[presets.Hardware]) -> bool:
+    """Whether a prediction is for GPUs: the preset's kind, or this machine's when its costs are measured here.
+
+    It picks the profile a prediction or a plan defaults to (:func:`gpipe_bench.jobs.default_profile`).
+    """
+    return preset.kind != "cpu" if preset is not None else torch.cuda.is_available()
 
 
 def parse_calibration(value: Optional[str]) -> Optional[Tuple[str, float]]:
