@@ -97,9 +97,15 @@ class Job:
         """The engine name a record carries: ``distributed-<schedule>`` for torch's pipelining."""
         return f"distributed-{self.schedule}" if self.engine == "distributed" else self.engine
 
-    def extra(self, key: str) -> Any:
-        """A value of ``settings.extra``, or its default (see the table's config for what each means)."""
-        return config.extra_value(self.table.kind, self.settings.extra, key)
+    @property
+    def memory_settings(self) -> config.MemorySettings:
+        """A memory table's own settings (``settings.extra``, defaults applied); TypeError for another kind."""
+        return config.MemorySettings.of(self.table, self.settings)
+
+    @property
+    def accuracy_settings(self) -> config.AccuracySettings:
+        """An accuracy table's own settings (``settings.extra``, defaults applied); TypeError for another kind."""
+        return config.AccuracySettings.of(self.table, self.settings)
 
     def steps_per_epoch(self) -> int:
         steps = self.settings.dataset_size // self.row.batch
@@ -331,7 +337,8 @@ def resolve_accuracy(
 
     chosen = table.profile(profile)
     rows = [table.row(experiment, profile)] if experiment else list(chosen.rows)
-    if str(config.extra_value(table.kind, chosen.settings.extra, "dataset")) == "imagenet":
+    recipe = config.AccuracySettings.of(table, chosen.settings)
+    if recipe.dataset == "imagenet":
         if data is None:
             raise HarnessError(
                 f"the {profile} profile trains on ImageNet: give PATH with train/ and val/ class "
@@ -341,7 +348,7 @@ def resolve_accuracy(
         imagenet.check_layout(data)
     else:
         fashion_mnist.locate(data)
-    count = seeds if seeds is not None else int(config.extra_value(table.kind, chosen.settings.extra, "runs"))
+    count = seeds if seeds is not None else recipe.runs
     jobs = []
     for row in rows:
         row, settings = config.apply(table, row, chosen.settings, Overrides(epochs=epochs), model=chosen.model)

@@ -116,3 +116,22 @@ def test_steps_per_epoch_refuses_an_empty_epoch() -> None:
     settings = replace(SPEED.profile("quick").settings, dataset_size=8)
     with pytest.raises(HarnessError, match="smaller than the batch"):
         jobs.Job(SPEED, row, settings, "quick", ["cpu"]).steps_per_epoch()
+
+
+def test_a_job_reads_its_kinds_settings_typed() -> None:
+    """A row's kind settings are attributes with their types and defaults; another kind's are a bug, said plainly."""
+    quick = MEMORY.profile("quick").settings
+    job = jobs.Job(MEMORY, MEMORY.row("pipeline-2", "quick"), quick, "quick", ["cpu:0", "cpu:1"])
+    assert job.memory_settings == config.MemorySettings.from_extra(quick.extra, MEMORY.path)
+    assert (job.memory_settings.parameter_copies, job.memory_settings.bytes_per_parameter) == (3, 4)
+    changed = replace(job, settings=replace(quick, extra={**quick.extra, "parameter_copies": 2}))
+    assert changed.memory_settings.parameter_copies == 2  # read from the job's own settings, after any change
+    accuracy = config.load("resnet101-accuracy")
+    row = accuracy.row("pipeline-256", "quick")
+    recipe = jobs.Job(accuracy, row, accuracy.profile("quick").settings, "quick", ["cpu"]).accuracy_settings
+    assert recipe.memory_format == "channels_last" and recipe.lr_milestones == (0.6, 0.85)
+    with pytest.raises(TypeError, match="amoebanetd-memory is a memory table: only accuracy tables have"):
+        _ = job.accuracy_settings
+    speed = jobs.Job(SPEED, SPEED.row("naive-1"), SPEED.profile("quick").settings, "quick", ["cpu"])
+    with pytest.raises(TypeError, match="resnet101-speed is a speed table"):
+        _ = speed.memory_settings

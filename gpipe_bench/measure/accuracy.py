@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from gpipe_bench import config, models, optim
+from gpipe_bench import models, optim
 from gpipe_bench.data import fashion_mnist, imagenet
 from gpipe_bench.engines import place
 from gpipe_bench.environment import environment, now
@@ -110,23 +110,21 @@ Data = Union[Dataset, Folders]
 def load_dataset(job: Job) -> Data:
     """The row's dataset: Fashion-MNIST (first ``dataset_size`` training, ``val_size`` test images), or
     ImageNet folders at ``job.data`` (``settings.extra.dataset: imagenet``)."""
-    name = str(job.extra("dataset"))
-    if name == "imagenet":
+    recipe = job.accuracy_settings
+    if recipe.dataset == "imagenet":
         if job.data is None:
             raise fashion_mnist.DataError(
                 f"profile {job.profile!r} trains on ImageNet: pass --data PATH with train/ and val/ class folders "
                 "(or use --profile quick, Fashion-MNIST)"
             )
         # Normalisation statistics belong to the dataset: its module holds the default.
-        norm = job.settings.extra.get("normalize", {"mean": imagenet.MEAN, "std": imagenet.STD})
-        train, val = imagenet.folders(job.data, job.settings.input_size, int(job.extra("val_resize")), norm)
+        norm = recipe.normalize if recipe.normalize is not None else {"mean": imagenet.MEAN, "std": imagenet.STD}
+        train, val = imagenet.folders(job.data, job.settings.input_size, recipe.val_resize, norm)
         return Folders(train, val, workers=min(8, os.cpu_count() or 1))
-    if name != "fashion-mnist":
-        raise fashion_mnist.DataError(f"settings.extra.dataset {name!r} is not known; use fashion-mnist or imagenet")
     train_x, train_y = fashion_mnist.load("train", job.data)
     val_x, val_y = fashion_mnist.load("test", job.data)
-    n, v = job.settings.dataset_size, int(job.extra("val_size"))
-    norm = job.settings.extra.get("normalize", {"mean": fashion_mnist.MEAN, "std": fashion_mnist.STD})
+    n, v = job.settings.dataset_size, recipe.val_size
+    norm = recipe.normalize if recipe.normalize is not None else {"mean": fashion_mnist.MEAN, "std": fashion_mnist.STD}
     mean, std = float(norm["mean"][0]), float(norm["std"][0])
     size = job.settings.input_size
 
@@ -188,18 +186,19 @@ def lr_at(job: Job, batch: int, iteration: int, steps_per_epoch: int) -> float:
     scales the published 4 of 90 and 30/60/80 down to its length); each is
     rounded to the nearest iteration.
     """
-    base = float(job.settings.optimizer.get("lr", 0.1)) * batch / float(job.extra("lr_scale_batch"))
-    warmup = round(float(job.extra("warmup_epochs")) * steps_per_epoch)
+    recipe = job.accuracy_settings
+    base = float(job.settings.optimizer.get("lr", 0.1)) * batch / recipe.lr_scale_batch
+    warmup = round(recipe.warmup_epochs * steps_per_epoch)
     if iteration < warmup:
         return base * (iteration + 1) / warmup
-    drops = sum(1 for m in job.extra("lr_milestones") if iteration >= round(float(m) * steps_per_epoch))
-    return base * float(job.extra("lr_gamma")) ** drops
+    drops = sum(1 for m in recipe.lr_milestones if iteration >= round(m * steps_per_epoch))
+    return base * recipe.lr_gamma**drops
 
 
 def _memory_format(job: Job) -> torch.memory_format:
     """``settings.extra.memory_format``: channels_last runs the small convolutions of the quick profile
     up to 1.8x faster on a CPU; every row of a table gets the same, and the record names it."""
-    return torch.channels_last if job.extra("memory_format") == "channels_last" else torch.contiguous_format
+    return torch.channels_last if job.accuracy_settings.memory_format == "channels_last" else torch.contiguous_format
 
 
 def _build(job: Job, seed: int) -> nn.Sequential:
@@ -279,7 +278,7 @@ def _train_loop(
     start = time.perf_counter()
     marks = {round(steps * k / REPORTS_PER_EPOCH) for k in range(1, REPORTS_PER_EPOCH)} - {0, steps}
     share = batch // replicas
-    crop = "random_crop" in config.transforms(job.settings.extra, "train_transforms")
+    crop = "random_crop" in job.accuracy_settings.train_transforms
     layout = _memory_format(job)
     epochs = job.settings.epochs
     for epoch in range(epochs):
@@ -315,7 +314,7 @@ def train_pipeline(job: Job, data: Data, seed: int, progress: Optional[Progress]
         devices=list(job.devices)[: len(balance)],
         chunks=job.row.chunks,
         checkpoint=job.row.checkpoint,
-        deferred_batch_norm=bool(job.extra("deferred_batch_norm")),
+        deferred_batch_norm=job.accuracy_settings.deferred_batch_norm,
     )
     first, last = pipe.devices[0], pipe.devices[-1]
     return _train_loop(

@@ -114,9 +114,10 @@ def _comparison(
 def measure(trainer: engines.Trainer, job: Job) -> Peaks:
     """Peak activation bytes per memory slot of this process over the configured training steps."""
     optimizer = optim.build(job.settings.optimizer, trainer.parameters())
-    with trainer.watch_memory(copies=int(job.extra("parameter_copies"))) as watch:
+    own = job.memory_settings
+    with trainer.watch_memory(copies=own.parameter_copies) as watch:
         x, y = trainer.batch(watch)
-        for _ in range(int(job.extra("steps"))):
+        for _ in range(own.steps):
             optimizer.zero_grad()
             trainer.step(x, y)
             optimizer.step()
@@ -138,8 +139,8 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
         job.model_name, **job.model_args
     )  # built once: counted, balanced, predicted and sized from the same modules
     layers, params = len(meta), sum(p.numel() for p in meta.parameters())
-    width = int(job.extra("bytes_per_parameter"))
-    copies = int(job.extra("parameter_copies"))
+    own = job.memory_settings
+    width, copies = own.bytes_per_parameter, own.parameter_copies
     balance = find_balance(job, meta)
     local = job.engine != "distributed"
     prediction = predict_job(job, balance, meta) if local else None
@@ -187,7 +188,7 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
     settings = job.settings_record()
     if trainer is not None:
         settings.update(trainer.record_settings())
-    settings.update(balance=list(balance) if job.split else None, steps=int(job.extra("steps")))
+    settings.update(balance=list(balance) if job.split else None, steps=own.steps)
     if local:
         settings["balance_found_by"] = None if row.balance is not None or not job.split else "balance_by_size"
     extra: Dict[str, Any] = {

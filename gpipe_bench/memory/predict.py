@@ -362,7 +362,7 @@ def find_balance(job: Job, model: Optional[nn.Sequential] = None) -> Tuple[int, 
         return (len(model),)
     s = job.settings
     sample = torch.empty(job.row.batch, 3, s.input_size, s.input_size, device="meta")
-    copies = float(job.extra("parameter_copies"))
+    copies = job.memory_settings.parameter_copies
     return tuple(
         balance_by_size(job.row.devices, model, sample, chunks=job.row.chunks, param_scale=copies, device="meta")
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
-from gpipe_bench.config import extra_value
+from gpipe_bench.config import MemorySettings
 
 from .format import as_float
 
@@ -62,9 +62,8 @@ def published_inconsistencies(table: "Table") -> List[str]:
                     + (f" (config note: {row.note})" if row.note else "")
                 )
     if table.kind == "memory":
-        extra = profile.settings.extra
-        width = float(extra_value("memory", extra, "bytes_per_parameter"))
-        copies = float(extra_value("memory", extra, "parameter_copies"))
+        own = MemorySettings.of(table, profile.settings)
+        width, copies = own.bytes_per_parameter, own.parameter_copies
         for row in profile.rows:
             memory = as_float(row.published.values.get("model_memory_gb"))
             params = row.published.values.get("parameters")

@@ -1,0 +1,90 @@
+"""Choosing the row a command names and overriding it from the command line, validated as at load time.
+
+Why here: ``--pipeline N``, ``--naive N`` and ``--experiment NAME`` name rows
+of a loaded table, and ``--batch-size`` and the like change them; both can
+go wrong in ways only the table knows (the rows it has, a balance's length),
+so both answer with the same one-line :class:`~gpipe_bench.config.schema.ConfigError`
+as a mistake in the file, tagged " (after overrides)" where an option caused it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional, Tuple
+
+from .layout import ROW, SETTINGS
+from .rules import check_row, check_settings
+from .schema import MISSING, Source
+from .types import Overrides, Row, Settings, Table
+
+__all__ = ["apply", "find_row"]
+
+
+def find_row(
+    table: Table,
+    *,
+    pipeline: Optional[int] = None,
+    naive: Optional[int] = None,
+    experiment: Optional[str] = None,
+    profile: str = "published",
+) -> Row:
+    """The row asked for by ``--pipeline N``, ``--naive N`` or ``--experiment NAME`` (exactly one)."""
+    src = Source(table.path)
+    asked = [
+        (flag, v)
+        for flag, v in (("--pipeline", pipeline), ("--naive", naive), ("--experiment", experiment))
+        if v is not None
+    ]
+    if len(asked) != 1:
+        src.fail(
+            "row",
+            ", ".join(f"{f} {v}" for f, v in asked) or MISSING,
+            "name exactly one row",
+            "give one of --pipeline N, --naive N or --experiment NAME",
+        )
+    if experiment is not None:
+        return table.row(experiment, profile)
+    flag, devices = asked[0]
+    mode = flag.lstrip("-")
+    rows = table.profile(profile).rows
+    found = [r for r in rows if r.mode == mode and r.devices == devices]
+    if len(found) > 1:  # the published row, not one planned beside it (--experiment NAME names that)
+        found = [r for r in found if not r.planned] or found
+    if len(found) != 1:
+        options = [
+            f"--{m} " + "/".join(str(d) for d in sorted({r.devices for r in rows if r.mode == m}))
+            for m in ("naive", "pipeline")
+            if any(r.mode == m for r in rows)
+        ]
+        problem = (
+            f"several {mode} rows over {devices} devices ({', '.join(r.name for r in found)})"
+            if found
+            else f"{table.name} has no {mode} row over {devices} device(s)"
+        )
+        src.fail(
+            flag,
+            devices,
+            problem,
+            f"use one of {', '.join(options + ['--experiment NAME'])} (rows: {', '.join(r.name for r in rows)})",
+        )
+    return found[0]
+
+
+def apply(table: Table, row: Row, settings: Settings, overrides: Overrides, model: str = "") -> Tuple[Row, Settings]:
+    """``row`` and ``settings`` with the overrides given; validated as at load time (ConfigError).
+
+    ``model``: the row's profile's model (:attr:`Profile.model`), where a profile trains a smaller one.
+    """
+    src = Source(table.path, " (after overrides)")
+    key = f"rows.{row.name}"
+    model = model or table.model
+    given = {f: v for f, v in vars(overrides).items() if v is not None}
+    row = replace(row, **{f: ROW[f][0](src, f"{key}.{f}", v) for f, v in given.items() if f in ROW})
+    if "balance" in given:  # a balance given replaces a planned one
+        row = replace(row, planned=False)
+    settings = replace(
+        settings, **{f: SETTINGS[f][0](src, f"settings.{f}", v) for f, v in given.items() if f in SETTINGS}
+    )
+    check_settings(src, "settings", settings)
+    check_row(src, key, {"model": model, "kind": table.kind}, row, settings)
+    return row, settings
