@@ -209,10 +209,14 @@ def _rows(
     pipeline: Optional[int],
     naive: Optional[int],
     experiment: Optional[str],
+    plain: bool = False,
 ) -> Tuple[config.Table, str, List[config.Row], bool]:
-    """The table, profile and rows a speed or memory command names (the profile's default said once)."""
+    """The table, profile and rows a speed or memory command names (the profile's default said once).
+
+    ``plain``: a registered model without a speed table gets its plain model's (``predict``).
+    """
     jobs.names_a_row(pipeline=pipeline, naive=naive, experiment=experiment)
-    table = jobs.table_for(model, kind)
+    table = jobs.table_for(model, kind, plain)
     profile_name, note = jobs.default_profile(profile, torch.cuda.is_available())
     if note and not quiet:
         click.echo(note, err=True)
@@ -866,7 +870,9 @@ def predict_command(
     preset = presets.load(hardware) if hardware is not None else None
     if profile is None and preset is not None:
         profile, _ = jobs.default_profile(None, for_gpus(preset))
-    table, profile_name, rows, _ = _rows("speed", model, profile, quiet or fmt == "json", pipeline, naive, experiment)
+    table, profile_name, rows, _ = _rows(
+        "speed", model, profile, quiet or fmt == "json", pipeline, naive, experiment, plain=True
+    )
     overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint)
     if timeline_path is not None:
         timeline.check_writable(timeline_path)

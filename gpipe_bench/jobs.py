@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import config, devices
+from . import config, devices, models
 from .config import Overrides, Row, Settings, Table
 from .errors import HarnessError
 
@@ -145,11 +145,23 @@ Planner = Callable[[Job], Tuple[Job, str]]
 # -- choosing ------------------------------------------------------------------------------------------------------
 
 
-def table_for(model: str, kind: str) -> Table:
-    """The table ``<model>-<kind>``; a one-line error naming the models that have such a table."""
+def table_for(model: str, kind: str, plain: bool = False) -> Table:
+    """The table ``<model>-<kind>``; a one-line error naming the models that have such a table.
+
+    ``plain``: a registered model without a speed table gets its plain model's
+    (:func:`gpipe_bench.config.plain_table`): what ``predict`` needs for any model.
+    """
     name = f"{model}-{kind}"
     if name not in config.table_names():
         known = [t[: -len(f"-{kind}")] for t in config.table_names() if t.endswith(f"-{kind}")]
+        if plain and kind == "speed":
+            if model in models.names():
+                return config.plain_table(model)
+            raise HarnessError(
+                f"no model {model!r}; choose a model with a speed table ({', '.join(known)}) or any registered "
+                f"model ({', '.join(models.names())})",
+                param="MODEL",
+            )
         raise HarnessError(f"no {kind} table for {model!r}; choose one of: {', '.join(known)}", param="MODEL")
     return config.load(name)
 

@@ -135,3 +135,16 @@ def test_a_job_reads_its_kinds_settings_typed() -> None:
     speed = jobs.Job(SPEED, SPEED.row("naive-1"), SPEED.profile("quick").settings, "quick", ["cpu"])
     with pytest.raises(TypeError, match="resnet101-speed is a speed table"):
         _ = speed.memory_settings
+
+
+def test_a_registered_model_without_a_speed_table_has_its_plain_model() -> None:
+    table = jobs.table_for("resnet50", "speed", plain=True)
+    assert table.model == "resnet50" and table.kind == "speed"
+    [row] = table.profile("published").rows
+    assert (row.name, row.mode, row.devices, row.batch, row.balance) == ("naive-1", "naive", 1, 128, None)
+    assert table.profile("published").settings.classes == 1000
+    with pytest.raises(HarnessError, match="no speed table"):
+        jobs.table_for("resnet50", "speed")
+    with pytest.raises(HarnessError, match="no model 'nosuch'.*resnet50"):
+        jobs.table_for("nosuch", "speed", plain=True)
+    assert jobs.table_for("resnet101", "speed", plain=True).name == "resnet101-speed"

@@ -25,7 +25,8 @@ The modules, one concept each:
 - :mod:`.rules`: the rules that tie values together (a balance against the model's length);
 - :mod:`.kinds`: each table kind's ``settings.extra`` as a typed dataclass;
 - :mod:`.loader`: reading and validating a table file;
-- :mod:`.rows`: choosing a row and applying command-line overrides.
+- :mod:`.rows`: choosing a row and applying command-line overrides;
+- :mod:`.plain`: a speed table for any registered model, its plain model only.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 from .kinds import KIND_SETTINGS, AccuracySettings, KindSettings, MemorySettings, SpeedSettings
 from .layout import PLANNED
 from .loader import config_dir, load, table_names
+from .plain import plain_table
 from .rows import apply, find_row
 from .schema import ConfigError
 from .types import (
@@ -62,6 +64,7 @@ __all__ = [
     "table_names",
     "config_dir",
     "load",
+    "plain_table",
     "find_row",
     "apply",
     "KINDS",

@@ -46,6 +46,14 @@ _MODELS: Dict[str, ModelSpec] = {
             skip_api_arg="skip_api",
         ),
         ModelSpec(
+            "resnet50",
+            "gpipe_bench.models.resnet:resnet50",
+            "ResNet-50 v1.5 (torchvision's: stride in the 3x3 convolution) flattened the same way, 183 layers "
+            "(the vendors' published single-GPU figures)",
+            {"num_classes": 1000},
+            skip_api_arg="skip_api",
+        ),
+        ModelSpec(
             "resnet14",
             "gpipe_bench.models.resnet:resnet14",
             "ResNet-101's family with one bottleneck per stage, 51 layers flattened the same way (quick accuracy rows)",

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
-__all__ = ["resnet101", "resnet14", "flatten_resnet", "LAYERS_PER_BOTTLENECK", "STEMS"]
+__all__ = ["resnet101", "resnet50", "resnet14", "flatten_resnet", "LAYERS_PER_BOTTLENECK", "STEMS"]
 
 LAYERS_PER_BOTTLENECK = 11
 
@@ -185,4 +185,15 @@ def resnet101(num_classes: int = 1000, inplace: bool = False, skip_api: str = "g
     (``"torchgpipe.skip"`` to run the same model on the archived engine).
     """
     base = tv_resnet.resnet101(num_classes=num_classes)
+    return flatten_resnet(base, inplace, skip_api)
+
+
+def resnet50(num_classes: int = 1000, inplace: bool = False, skip_api: str = "gpipe_bench.pipe.skip") -> nn.Sequential:
+    """ResNet-50 as 183 layers: stem 4, 16 bottlenecks × 11, then avgpool, flatten, fc.
+
+    torchvision's ResNet-50 is v1.5 (the stride of a downsampling block in its
+    3×3 convolution), the model of NVIDIA's and others' published training
+    throughput: 25,557,032 parameters at 1000 classes.
+    """
+    base = tv_resnet.resnet50(num_classes=num_classes)
     return flatten_resnet(base, inplace, skip_api)

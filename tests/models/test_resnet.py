@@ -190,3 +190,18 @@ def test_gpipe_on_channels_last_equals_the_plain_model_on_contiguous_input() -> 
         assert (p.grad - q.grad).norm() <= 1e-9 * max(float(q.grad.norm()), 1e-12)
     for (name, a), b in zip(gpipe.named_buffers(), plain.buffers()):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
+
+
+def test_resnet50_is_torchvisions_v1_5_flattened() -> None:
+    """The same modules as torchvision's ResNet-50 (v1.5), in 183 layers, computing the same function."""
+    import torchvision
+
+    assert models.count("resnet50") == (183, 25_557_032)
+    torch.manual_seed(0)
+    ours = models.build("resnet50").double().eval()
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50().double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert torch.equal(ours(x), reference(x))
+    # v1.5: a downsampling bottleneck strides in its 3x3 convolution, not the 1x1.
+    assert ours.layer2_0_conv2.stride == (2, 2) and ours.layer2_0_conv1.stride == (1, 1)
