@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 from gpipe_bench.results import DEFAULT_ENGINE, Result
 
 from .format import DASH, fmt_num, format_bytes, render_grid
-from .groups import group_results, speedup_of
+from .groups import Group, group_results, speedup_of
 
 if TYPE_CHECKING:
     from gpipe_bench.predict.hardware import Hardware
@@ -24,37 +24,42 @@ if TYPE_CHECKING:
 __all__ = ["measured_for", "render", "as_records"]
 
 
+def _measured_group(
+    prediction: "TablePrediction", results: Sequence[Result], hardware: Optional[str]
+) -> Optional[Group]:
+    """The one machine whose records stand beside the prediction: the group of ``hardware`` (a key or a part of one).
+
+    A key equal to ``hardware`` wins; otherwise the first key containing it, in the
+    groups' order. One group for every column of a row, so a row's measured
+    throughput and speedup always come from the same machine.
+    """
+    if hardware is None:
+        return None
+    matching = [
+        group
+        for group in group_results(prediction.table, results)
+        if group.profile == prediction.profile and group.hardware is not None and hardware in group.hardware
+    ]
+    exact = [group for group in matching if group.hardware == hardware]
+    chosen = exact or matching
+    return chosen[0] if chosen else None
+
+
 def measured_for(
     prediction: "TablePrediction", results: Sequence[Result], hardware: Optional[str]
 ) -> Dict[str, Result]:
-    """The newest measured record of each row of the predicted table and profile on ``hardware`` (a key or a part of one)."""
-    table = prediction.table
-    out: Dict[str, Result] = {}
-    for group in group_results(table, results):
-        if group.profile != prediction.profile or group.hardware is None:
-            continue
-        if hardware is None or hardware not in group.hardware:
-            continue
-        for (experiment, engine), result in group.results.items():
-            if engine == DEFAULT_ENGINE:
-                out[experiment] = result
-    return out
+    """The newest measured record of each row of the predicted table and profile on ``hardware``'s machine."""
+    group = _measured_group(prediction, results, hardware)
+    if group is None:
+        return {}
+    return {experiment: result for (experiment, engine), result in group.results.items() if engine == DEFAULT_ENGINE}
 
 
-def _measured_speedup(
-    prediction: "TablePrediction", results: Sequence[Result], hardware: Optional[str], name: str
-) -> Optional[float]:
-    table = prediction.table
-    profile = table.profiles.get(prediction.profile)
-    if profile is None:
+def _measured_speedup(group: Optional[Group], prediction: "TablePrediction", name: str) -> Optional[float]:
+    profile = prediction.table.profiles.get(prediction.profile)
+    if group is None or profile is None:
         return None
-    for group in group_results(table, results):
-        if group.profile != prediction.profile or group.hardware is None:
-            continue
-        if hardware is None or hardware not in group.hardware:
-            continue
-        return speedup_of(table, profile, group, group.get(name, DEFAULT_ENGINE))
-    return None
+    return speedup_of(prediction.table, profile, group, group.get(name, DEFAULT_ENGINE))
 
 
 def _memory(per_device: Optional[List[int]]) -> str:
@@ -67,6 +72,7 @@ def as_records(
     prediction: "TablePrediction", results: Sequence[Result], hardware: Optional[str]
 ) -> List[Dict[str, Any]]:
     """One object per row: the predicted figures, then the measured and published ones (None where absent)."""
+    group = _measured_group(prediction, results, hardware)
     measured = measured_for(prediction, results, hardware)
     out = []
     for p in prediction.rows:
@@ -89,7 +95,7 @@ def as_records(
                 "balance": list(row.balance) if row.balance else None,
                 "checkpoint": row.checkpoint,
                 "measured_throughput": m.value if m is not None and m.status == "ok" else None,
-                "measured_speedup": _measured_speedup(prediction, results, hardware, row.name),
+                "measured_speedup": _measured_speedup(group, prediction, row.name),
                 "published_throughput": published.get("throughput"),
                 "published_speedup": published.get("speedup"),
                 "costs": prediction.costs,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any, List, Optional, Tuple
 
 import pytest
 import torch
+from torch import nn
 
-from gpipe_bench import config, engines
+from gpipe_bench import config, engines, models
 from gpipe_bench.engines.local import LocalTrainer
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
@@ -49,12 +51,91 @@ def test_allocation_failures_are_out_of_memory() -> None:
     assert not engines.is_oom(RuntimeError("shape mismatch"))
 
 
-def test_cpu_memory_watch_charges_each_device() -> None:
-    trainer = LocalTrainer(_job("pipeline-2", ["cpu:0", "cpu:1"]))
+# -- memory on virtual CPU devices, for models small enough to count by hand ---------------------------------------
+#
+# Batch 4 of 3x2x2 inputs (float32: 192 bytes) and int64 labels (32 bytes), 10 classes. A [4, n] float32
+# activation is 16·n bytes. The meter counts every tensor storage the step makes, charged to the slot of
+# the device whose worker made it; the caller's own work (labels, loss) goes to the last slot.
+
+X_BYTES = 4 * 3 * 2 * 2 * 4
+Y_BYTES = 4 * 8
+
+
+def _linear(*args: Any, **kwargs: Any) -> nn.Sequential:
+    """Stands in for the registry's builder: whatever model the row names, this one."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+
+
+def _two_linear(*args: Any, **kwargs: Any) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def _tiny_job(name: str, devices: list, chunks: int, balance: Optional[Tuple[int, ...]]) -> Job:
+    row = replace(TABLE.row(name, "quick"), batch=4, chunks=chunks, balance=balance, checkpoint="never")
+    return Job(TABLE, row, replace(SETTINGS, input_size=2), "quick", devices)
+
+
+def _peaks(trainer: LocalTrainer, exclude_gradients: bool = True) -> List[int]:
+    """One training step's peak per memory slot, parameter gradients (model state) left out as the memory rows do."""
     with trainer.watch_memory(copies=3) as watch:
         x, y = trainer.batch(watch)
         trainer.step(x, y)
-    assert len(watch.peaks) == 2 and all(p > 0 for p in watch.peaks)
+        if exclude_gradients:
+            watch.exclude([p.grad for p in trainer.parameters()])
+        del x, y
+    for p in trainer.parameters():
+        p.grad = None
+    return watch.peaks
+
+
+def _parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def test_plain_model_memory_is_what_its_tensors_hold_at_the_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flatten and Linear(12, 10): the peak comes in the loss's backward, while it holds the log-probabilities."""
+    monkeypatch.setattr(models, "build", _linear)
+    trainer = LocalTrainer(_tiny_job("naive-1", ["cpu"], 1, None))
+    assert trainer.memory_devices() == ["cpu"] and trainer.model_bytes(3) == [3 * 4 * (12 * 10 + 10)]
+    logits = 4 * 10 * 4
+    # inputs, labels; log-probabilities, loss and its seed gradient, gradients of the log-probabilities and logits
+    assert _peaks(trainer) == [X_BYTES + Y_BYTES + logits + 4 + 4 + logits + logits]
+    # counted, the weight's and bias's gradients come once the log-probabilities are gone and set a higher peak
+    assert _peaks(trainer, exclude_gradients=False) == [X_BYTES + Y_BYTES + 4 + 4 + logits + 10 * 12 * 4 + 10 * 4]
+
+
+def test_each_virtual_device_is_charged_what_its_partition_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """naive-2: [Flatten, Linear(12, 16)] on cpu:0, [ReLU, Linear(16, 10)] on cpu:1, one micro-batch."""
+    monkeypatch.setattr(models, "build", _two_linear)
+    trainer = LocalTrainer(_tiny_job("naive-2", ["cpu:0", "cpu:1"], 1, (2, 2)))
+    first, second = trainer.model.partitions
+    assert trainer.memory_devices() == ["cpu:0", "cpu:1"] and [s for s, _ in trainer.memory_parts()] == [0, 1]
+    assert trainer.model_bytes(3) == [3 * _parameter_bytes(first), 3 * _parameter_bytes(second)] == [2496, 2040]
+    hidden, logits = 4 * 16 * 4, 4 * 10 * 4
+    peaks = _peaks(trainer)
+    # cpu:0: the inputs and its Linear's output (which cpu:1's ReLU reads)
+    assert peaks[0] == X_BYTES + hidden
+    # cpu:1, when its backward has made the gradient it hands back to cpu:0: the labels, the ReLU's output, the
+    # logits, loss and seed, the logits' gradient, the ReLU output's gradient and the gradient of its own input
+    assert peaks[1] == Y_BYTES + hidden + logits + 4 + 4 + logits + hidden + hidden
+    # the parameter gradients are each partition's: counting them raises each slot by its own partition's bytes
+    assert _peaks(trainer, exclude_gradients=False) == [
+        peaks[0] + _parameter_bytes(first),
+        peaks[1] + _parameter_bytes(second),
+    ]
+
+
+def test_partitions_on_one_device_share_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same split with both partitions on cpu:0: one slot, holding both partitions' bytes and models."""
+    monkeypatch.setattr(models, "build", _two_linear)
+    shared = LocalTrainer(_tiny_job("pipeline-2", ["cpu:0", "cpu:0"], 1, (2, 2)))
+    split = LocalTrainer(_tiny_job("pipeline-2", ["cpu:0", "cpu:1"], 1, (2, 2)))
+    assert shared.memory_devices() == ["cpu:0"] and [s for s, _ in shared.memory_parts()] == [0, 0]
+    assert shared.model_bytes(3) == [sum(split.model_bytes(3))] == [4536]
+    # one micro-batch runs the partitions one after the other: cpu:0's bytes are all still held at cpu:1's peak
+    assert _peaks(shared) == [sum(_peaks(split))] == [448 + 1128]
 
 
 def test_cuda_memory_watch_keeps_reserved_and_allocated_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,7 +162,8 @@ def test_cpu_memory_watch_has_one_figure() -> None:
     with trainer.watch_memory(copies=3) as watch:
         x, y = trainer.batch(watch)
         trainer.step(x, y)
-    assert len(watch.peaks) == 1 and watch.allocated == []
+    assert len(watch.peaks) == 1 and watch.peaks[0] > 0 and watch.allocated == []
+    assert trainer.model_bytes(3) == [3 * 4 * sum(p.numel() for p in trainer.parameters())]
 
 
 @pytest.mark.cuda
