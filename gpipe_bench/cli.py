@@ -1000,6 +1000,41 @@ def plan_command(
     click.echo(planned.render(answer, fmt))
 
 
+@main.command("anchors", context_settings=_CONTEXT)
+@click.argument("names", metavar="[ANCHOR]...", nargs=-1)
+@click.option(
+    "--format", "fmt", type=click.Choice(["rst", "md", "json"]), default="rst", show_default=True, help="Output format."
+)
+@click.option("--check", is_flag=True, help="Exit 1 when a predicted anchor not marked open leaves its tolerance.")
+def anchors_command(names: Tuple[str, ...], fmt: str, check: bool) -> None:
+    """Predict every public figure of gpipe_bench/predict/anchors.yaml and set it beside its source.
+
+    Each anchor states its model, batch, precision, GPU, software and figure; it is
+    predicted from the hardware presets alone (no calibration), so the ratio says how
+    far predict and plan can be trusted on that card. The published P40 tables join
+    in: throughput from the preset alone, speedups with the table's one calibration.
+    ANCHOR names anchors or tables to check (default: all).
+
+    Example: gpipe-bench anchors --check
+    """
+    from .predict import anchors
+    from .report import anchors as anchor_report
+
+    checked = anchors.check(names=names)
+    if names and not checked:
+        known = [a.name for a in anchors.load()[0]] + [t.table for t in anchors.load()[1]]
+        raise HarnessError(f"no anchor named {', '.join(names)}; choose from: {', '.join(known)}", param="ANCHOR")
+    click.echo(anchor_report.render(checked, fmt))
+    missed = [c for c in checked if c.within is False and not c.open]
+    if check and missed:
+        click.echo(f"{len(missed)} anchor(s) outside their tolerance:", err=True)
+        for c in missed:
+            click.echo(
+                f"  {c.name} {c.what}: predicted/published {c.ratio:.3f}, tolerance ±{c.tolerance:.0%}", err=True
+            )
+        sys.exit(1)
+
+
 @main.command("compare", context_settings=_CONTEXT)
 @click.argument("table_name", metavar="[TABLE]", required=False)
 @click.option("--check", is_flag=True, help="Exit 1 when a row regresses beyond the table's tolerance.")
