@@ -161,6 +161,14 @@ def _cost_options(measured_help: str, engine_help: str) -> Callable[[F], F]:
             "THROUGHPUT samples/s (e.g. naive-1=92.539); the output says what was fitted.",
         ),
         click.option(
+            "--host-speed",
+            type=click.FloatRange(min=0, min_open=True),
+            default=1.0,
+            show_default=True,
+            help="With --hardware: the target host's speed per core against this machine's (2: twice as fast). The "
+            "host's time per operator is measured here and divided by it; every prediction prints the assumption.",
+        ),
+        click.option(
             "--engine",
             type=click.Choice(["gpipe-bench", "distributed"]),
             default="gpipe-bench",
@@ -168,6 +176,17 @@ def _cost_options(measured_help: str, engine_help: str) -> Callable[[F], F]:
             help=engine_help,
         ),
     )
+
+
+def _host_speed(speed: float, hardware: Optional[str]) -> float:
+    """``--host-speed``, which only a preset's prediction uses (measured costs are this host's own)."""
+    if speed != 1.0 and hardware is None:
+        raise HarnessError(
+            "--host-speed scales the host of a --hardware preset; measured costs are this machine's own "
+            "(give --hardware NAME, or leave --host-speed out)",
+            param="--host-speed",
+        )
+    return speed
 
 
 def _distributed_options(schedule_help: str) -> Callable[[F], F]:
@@ -836,6 +855,7 @@ def predict_command(
     hardware: Optional[str],
     cost_source: Optional[str],
     calibrate: Optional[str],
+    host_speed: float,
     engine: str,
     schedule: str,
     nproc: Optional[int],
@@ -867,6 +887,7 @@ def predict_command(
     if hardware is not None and cost_source is not None:
         raise HarnessError("--hardware and --costs measured are two cost sources; give one", param="--costs")
     calibration = parse_calibration(calibrate)
+    host_speed = _host_speed(host_speed, hardware)
     preset = presets.load(hardware) if hardware is not None else None
     if profile is None and preset is not None:
         profile, _ = jobs.default_profile(None, for_gpus(preset))
@@ -893,6 +914,7 @@ def predict_command(
         schedule=schedule,
         nproc=nproc,
         progress=progress,
+        host_speed=host_speed,
     )
     if prediction.fitted is not None:
         name, figure, efficiency = prediction.fitted
@@ -957,6 +979,7 @@ def plan_command(
     memory: Optional[str],
     engine: str,
     calibrate: Optional[str],
+    host_speed: float,
     top: int,
     fmt: str,
     quiet: bool,
@@ -980,6 +1003,7 @@ def plan_command(
     if hardware is not None and cost_source is not None:
         raise HarnessError("--hardware and --costs measured are two cost sources; give one", param="--costs")
     cap = parse_size(memory) if memory is not None else None
+    host_speed = _host_speed(host_speed, hardware)
 
     def progress(line: str) -> None:
         if not quiet:
@@ -996,6 +1020,7 @@ def plan_command(
         top=top,
         calibration=parse_calibration(calibrate),
         progress=progress,
+        host_speed=host_speed,
     )
     click.echo(planned.render(answer, fmt))
 

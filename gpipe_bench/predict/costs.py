@@ -29,10 +29,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .count import ModelCounts, count_named
+from ..errors import HarnessError
+from .count import ModelCounts, PassCounts, count_named
 from .hardware import Hardware, Link, load
+from .host import HostCosts, measure
 from .measured import LayerTimes, contention, intra_op_threads, synchronize, time_layers
-from .roofline import check_dtype, host_seconds, pass_seconds
+from .roofline import check_dtype, launches, pass_seconds
 from .simulate import Host, LayerCost
 
 __all__ = ["LayerCost", "Costs", "HardwareCosts", "MeasuredCosts", "op_overhead"]
@@ -57,6 +59,8 @@ class Costs(ABC):
     #: how the figures were obtained, for the output ("p40 preset, efficiency 0.21 fitted on naive-1=92.539")
     description: str
     host: Host
+    #: what the host spends per operator and per cell of our engine, measured here (:mod:`.host`)
+    host_costs: HostCosts
 
     def __init__(self, model: ModelKey, hardware: Hardware) -> None:
         self.model = model
@@ -98,24 +102,52 @@ class Costs(ABC):
             return self.link(src, dst)
         return self.process_link()
 
+    def cell_host(self) -> Tuple[float, float]:
+        """(forward, backward) host seconds our engine adds per cell beyond its operators (:mod:`.host`)."""
+        return self.host_costs.per_cell()
+
     def boundary_bytes(self, cut: int, batch: int) -> int:
         """Bytes crossing a partition boundary before layer ``cut`` (its output and skips crossing it)."""
         return self.counts.boundary_bytes(cut).at(batch)
 
 
 class HardwareCosts(Costs):
-    """Counted on ``meta``, turned into seconds by ``hardware``'s roofline, scaled by one efficiency."""
+    """Counted on ``meta``, turned into device seconds by ``hardware``'s measured rates (:mod:`.roofline`).
 
-    def __init__(self, model: ModelKey, hardware: Hardware, efficiency: float = 1.0, fitted: str = "") -> None:
+    Host seconds per operator are measured on this machine (:mod:`.host`), scaled
+    by ``host_speed`` (the target host's speed per core against this one's), plus
+    the preset's kernel launch. ``efficiency`` divides device time alone: the one
+    calibration ``--calibrate`` fits (1.0: none).
+    """
+
+    def __init__(
+        self,
+        model: ModelKey,
+        hardware: Hardware,
+        efficiency: float = 1.0,
+        fitted: str = "",
+        host_speed: float = 1.0,
+        host_costs: Optional[HostCosts] = None,
+    ) -> None:
         super().__init__(model, hardware)
         check_dtype(self.counts.dtype)
+        if not (host_speed > 0 and host_speed == host_speed):
+            raise HarnessError(f"--host-speed {host_speed!r} is not a positive factor; e.g. 1.5 for a faster host")
         self.efficiency = efficiency
         cores = float(hardware.cores or (os.cpu_count() or 1))
         self.host = Host(cores=cores, threads=int(cores))
+        self.host_costs = (host_costs or measure()).scaled(host_speed)
         self.description = f"{hardware.name} preset" + (
             f", efficiency {efficiency:.3f} fitted on {fitted}" if fitted else ""
         )
+        self.description += f"; {self.host_costs.describe()}"
+        if hardware.kind != "cpu":
+            self.description += f" + {hardware.launch * 1e6:.0f} µs per kernel launch"
         self._cache: Dict[Tuple[int, int], List[LayerCost]] = {}
+
+    def _host(self, counts: PassCounts, direction: str) -> float:
+        """Host seconds of one pass: its operators at the measured cost, each with the preset's launch."""
+        return launches(counts) * (self.host_costs.per_operator(direction) + self.hardware.launch)
 
     def layers(self, batch: int, thread_count: int, device: str) -> List[LayerCost]:
         key = (batch, thread_count)
@@ -123,12 +155,18 @@ class HardwareCosts(Costs):
             share = self._share(thread_count)
             out = []
             for layer in self.counts.at(batch):
+                forward = pass_seconds(layer.forward, self.hardware, self.efficiency) / share
+                forward_host = self._host(layer.forward, "forward")
+                nograd_host = self._host(layer.forward, "nograd")
+                whole = forward + forward_host
                 out.append(
                     LayerCost(
-                        forward=pass_seconds(layer.forward, self.hardware, self.efficiency) / share,
+                        forward=forward,
                         backward=pass_seconds(layer.backward, self.hardware, self.efficiency) / share,
-                        forward_host=host_seconds(layer.forward, self.hardware),
-                        backward_host=host_seconds(layer.backward, self.hardware),
+                        forward_host=forward_host,
+                        backward_host=self._host(layer.backward, "backward"),
+                        # Without autograd the host records nothing: the device's work is the same.
+                        nograd=(forward + nograd_host) / whole if whole > 0 else 1.0,
                     )
                 )
             self._cache[key] = out
@@ -146,8 +184,8 @@ class HardwareCosts(Costs):
     def update(self, params: int, tensors: int, device: str, thread_count: int, kind: str) -> Tuple[float, float]:
         nbytes = 12 * params  # read a, read b, write a: float32
         device_s = nbytes / (self.hardware.memory_bandwidth * self.efficiency * self._share(thread_count))
-        launches = _launches(tensors, device, kind)
-        return launches * self.hardware.op_overhead, device_s
+        issued = _launches(tensors, device, kind)
+        return issued * (self.host_costs.per_operator("nograd") + self.hardware.launch), device_s
 
 
 def _launches(tensors: int, device: str, kind: str) -> int:
@@ -220,6 +258,7 @@ class MeasuredCosts(Costs):
         self.device = torch.device(device)
         self.rounds = rounds
         self.overhead = op_overhead(device=self.device)
+        self.host_costs = measure()
         cores = float(torch.get_num_threads())
         self.host = Host(cores=cores, threads=int(cores))
         self.description = f"measured on this machine ({device}, {self.overhead * 1e6:.1f} µs per operator)"

@@ -173,7 +173,44 @@ def _tensor_bytes(tensor: Tensor) -> int:
     return numel * tensor.element_size()
 
 
-_Record = Tuple[str, str, int, int]  # (operator, kind, flops, bytes)
+_Record = Tuple[str, str, int, int, int, bool]  # (operator, kind, flops, bytes, window, grouped)
+
+
+def _second_pass(name: str, args: Sequence[Any]) -> int:
+    """Bytes a training BatchNorm reads again: its kernels pass over the activations twice.
+
+    Its forward first reduces the input to the batch statistics, then reads it
+    again to normalise; its backward first reduces the output's gradient and the
+    input, then reads both again to form the input's gradient (PyTorch's
+    batch_norm_stats / batch_norm_elemt and batch_norm_backward_reduce /
+    batch_norm_backward_elemt kernels, aten/src/ATen/native/cuda/Normalization.cu,
+    and the CPU kernels alike). One operator, two passes: the second's reads are
+    counted here, on top of the operator's arguments and results.
+    """
+    if "batch_norm" not in name:
+        return 0
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if name.endswith("_backward"):
+        return sum(_tensor_bytes(t) for t in tensors[:2])  # the output's gradient and the input
+    training = next((a for a in args if isinstance(a, bool)), False)
+    return _tensor_bytes(tensors[0]) if training and tensors else 0
+
+
+def _conv_shape(name: str, args: Sequence[Any]) -> Tuple[int, bool]:
+    """(filter taps, grouped) of a convolution's weight; (0, False) for any other operator.
+
+    The forward takes the weight second, its backward third. A grouped
+    convolution (depthwise, as AmoebaNet's separable ones) runs other kernels
+    than a dense one, so a device model tells the two apart.
+    """
+    weight = args[2] if name.endswith("_backward") and len(args) > 2 else args[1] if len(args) > 1 else None
+    if not isinstance(weight, Tensor) or weight.dim() < 3:
+        return 0, False
+    taps = 1
+    for size in weight.shape[2:]:
+        taps *= int(size)
+    groups = next((a for a in reversed(args) if isinstance(a, int) and not isinstance(a, bool)), 1)
+    return taps, groups > 1
 
 
 class _Counter(TorchDispatchMode):  # type: ignore[no-untyped-call]
@@ -220,13 +257,15 @@ class _Counter(TorchDispatchMode):  # type: ignore[no-untyped-call]
 
     def _record(self, info: _OpInfo, args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) -> None:
         flops = int(info.formula(*args, **kwargs, out_val=out)) if info.formula is not None else 0
-        moved = sum(_tensor_bytes(t) for t in tree_leaves(out) if isinstance(t, Tensor))
+        moved = _second_pass(info.name, args)
+        moved += sum(_tensor_bytes(t) for t in tree_leaves(out) if isinstance(t, Tensor))
         if info.reads_args:
             inputs = args[1:] if not info.reads_self else args
             # An ``out=`` tensor is only written; it is counted with the result.
             reads = tree_leaves((inputs, {k: v for k, v in kwargs.items() if k != "out"}))
             moved += sum(_tensor_bytes(t) for t in reads if isinstance(t, Tensor))
-        self.records.append((info.name, info.kind, flops, moved))
+        taps, grouped = _conv_shape(info.name, args) if info.kind == "conv" else (0, False)
+        self.records.append((info.name, info.kind, flops, moved, taps, grouped))
 
 
 @dataclass(frozen=True)
@@ -266,6 +305,8 @@ class OpGroup:
     count: int
     flops: Affine  # per operator
     bytes: Affine  # per operator
+    window: int = 0  # a convolution's filter taps (1 for 1x1, 9 for 3x3); 0 for other operators
+    grouped: bool = False  # a grouped (depthwise) convolution
 
 
 @dataclass(frozen=True)
@@ -277,6 +318,8 @@ class OpCost:
     count: int
     flops: int
     bytes: int
+    window: int = 0
+    grouped: bool = False
 
 
 @dataclass(frozen=True)
@@ -319,7 +362,9 @@ class Skip:
 
 
 def _at(groups: Tuple[OpGroup, ...], batch: int) -> Tuple[OpCost, ...]:
-    return tuple(OpCost(g.op, g.kind, g.count, g.flops.at(batch), g.bytes.at(batch)) for g in groups)
+    return tuple(
+        OpCost(g.op, g.kind, g.count, g.flops.at(batch), g.bytes.at(batch), g.window, g.grouped) for g in groups
+    )
 
 
 @dataclass(frozen=True)
@@ -593,11 +638,14 @@ def _groups(name: str, direction: str, small: List[_Record], large: List[_Record
             f"layer {name!r} runs different {direction} operators at micro-batch sizes {b1} and {b2}; "
             "counting needs layers whose operators do not depend on the batch size"
         )
-    counts: Dict[Tuple[str, str, Affine, Affine], int] = OrderedDict()
-    for (op, kind, f1, m1), (_, _, f2, m2) in zip(small, large):
-        key = (op, kind, Affine.fit(f1, f2), Affine.fit(m1, m2))
+    counts: Dict[Tuple[str, str, Affine, Affine, int, bool], int] = OrderedDict()
+    for (op, kind, f1, m1, taps, grouped), (_, _, f2, m2, _, _) in zip(small, large):
+        key = (op, kind, Affine.fit(f1, f2), Affine.fit(m1, m2), taps, grouped)
         counts[key] = counts.get(key, 0) + 1
-    return tuple(OpGroup(op, kind, n, flops, moved) for (op, kind, flops, moved), n in counts.items())
+    return tuple(
+        OpGroup(op, kind, n, flops, moved, taps, grouped)
+        for (op, kind, flops, moved, taps, grouped), n in counts.items()
+    )
 
 
 def _check_meta(model: nn.Sequential) -> None:
@@ -673,10 +721,13 @@ def count_model(
 
 
 def _costs(records: List[_Record]) -> Tuple[OpCost, ...]:
-    counts: Dict[Tuple[str, str, int, int], int] = OrderedDict()
+    counts: Dict[_Record, int] = OrderedDict()
     for record in records:
         counts[record] = counts.get(record, 0) + 1
-    return tuple(OpCost(op, kind, n, flops, moved) for (op, kind, flops, moved), n in counts.items())
+    return tuple(
+        OpCost(op, kind, n, flops, moved, taps, grouped)
+        for (op, kind, flops, moved, taps, grouped), n in counts.items()
+    )
 
 
 def count_at(

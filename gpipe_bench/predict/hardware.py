@@ -25,12 +25,32 @@ import yaml  # type: ignore[import-untyped, unused-ignore]
 
 from ..errors import HarnessError
 
-__all__ = ["LINK_KINDS", "DEVICE_KINDS", "PRESETS_FILE", "Link", "Hardware", "load", "names", "presets"]
+__all__ = [
+    "LINK_KINDS",
+    "DEVICE_KINDS",
+    "UNITS",
+    "FILTERS",
+    "PASSES",
+    "PRESETS_FILE",
+    "Link",
+    "Rate",
+    "Rates",
+    "Hardware",
+    "load",
+    "names",
+    "presets",
+]
 
 #: How two devices can be connected. ``host``: tensors stay in host memory (virtual CPU devices
 #: of one process share it); ``gloo``: TCP between distributed CPU ranks.
 LINK_KINDS = ("pcie", "nvlink", "host", "gloo")
 DEVICE_KINDS = ("gpu", "cpu")
+#: The arithmetic units a GPU runs a convolution or matrix product on (its rates are per unit).
+UNITS = ("cuda_cores", "tensor_cores")
+#: Convolution filters by taps: 1x1, up to 3x3 (1x7 and 7x1 included), larger.
+FILTERS = ("1x1", "3x3", "larger")
+#: A convolution's passes: its forward, and its backward's two (the input's gradient, the filter's).
+PASSES = ("forward", "backward_data", "backward_filter")
 PRESETS_FILE = Path(__file__).with_name("hardware.yaml")
 
 _FIELDS = {
@@ -42,11 +62,13 @@ _FIELDS = {
     "tf32_convs",
     "memory_bandwidth",
     "memory",
-    "op_overhead",
+    "launch",
     "links",
     "default_link",
     "sources",
 }
+#: Fields a preset may leave out: without them its operators run at their roofline.
+_OPTIONAL = {"rates", "memory_share", "kernel_floor"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,40 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Rate:
+    """What one kind of call achieves: ``overhead + FLOPs / (share x peak)`` seconds.
+
+    Fitted on a public microbenchmark's own calls (never on a row this project
+    predicts): ``overhead`` is what a call costs whatever its size (launch,
+    set-up, a partly filled last wave), ``share`` the fraction of the unit's
+    peak the call's arithmetic reaches. An fp32 3x3 convolution can exceed 1:
+    cuDNN's Winograd kernels do fewer multiplications than the direct FLOPs
+    the counter charges.
+    """
+
+    overhead: float
+    share: float
+
+    def seconds(self, flops: float, peak: float) -> float:
+        return self.overhead + flops / (self.share * peak)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """A unit's measured rates: dense convolutions per filter and pass, and matrix products."""
+
+    name: str
+    source: str
+    conv: Mapping[str, Mapping[str, Rate]] = field(hash=False)  # FILTERS -> PASSES -> Rate
+    matmul: Rate
+
+
+def filter_of(taps: int) -> str:
+    """The :data:`FILTERS` group of a convolution with ``taps`` filter taps."""
+    return "1x1" if taps <= 1 else "3x3" if taps <= 9 else "larger"
+
+
+@dataclass(frozen=True)
 class Hardware:
     """One device kind: its peak rates, memory, host overhead per operator and links."""
 
@@ -75,11 +131,14 @@ class Hardware:
     tf32_convs: bool  # PyTorch's fp32 defaults run convolutions in TF32 on this device
     memory_bandwidth: float  # bytes/s
     memory: int  # bytes per device
-    op_overhead: float  # seconds of host time per operator (kernel launch on a GPU, dispatch on a CPU)
+    launch: float  # host seconds a kernel launch adds to an operator (GPU); 0 on a CPU
     # Read-only, and left out of the hash so presets stay usable as cache keys.
     links: Mapping[str, Link] = field(hash=False)
     default_link: str  # the kind that connects two devices of this preset unless told otherwise
     sources: Tuple[str, ...]
+    rates: Mapping[str, Rates] = field(default_factory=dict, hash=False)  # UNITS -> measured rates
+    memory_share: float = 1.0  # the share of memory_bandwidth a streaming kernel reaches
+    kernel_floor: float = 0.0  # the shortest a kernel takes, back to back (seconds)
 
     def link(self, kind: Optional[str] = None) -> Link:
         """The link of ``kind`` (the default link if None); HarnessError if this preset has none of that kind."""
@@ -95,6 +154,11 @@ class Hardware:
         if self.tf32_convs and self.tf32_flops is not None:
             return self.tf32_flops
         return self.fp32_flops
+
+    @property
+    def conv_unit(self) -> str:
+        """The unit PyTorch's fp32 defaults run a convolution on: tensor cores where TF32 is on."""
+        return "tensor_cores" if self.tf32_convs and self.tf32_flops is not None else "cuda_cores"
 
 
 def _number(value: object, where: str, positive: bool = True, infinite: bool = False) -> float:
@@ -124,11 +188,33 @@ def _link(kind: object, spec: object, where: str) -> Link:
     )
 
 
-def _preset(name: str, spec: object, file: Path) -> Hardware:
+def _rate(value: object, where: str) -> Rate:
+    if not isinstance(value, list) or len(value) != 2:
+        raise HarnessError(f"{where} must be [overhead seconds, share of peak] (got {value!r})")
+    return Rate(_number(value[0], f"{where}[0]", positive=False), _number(value[1], f"{where}[1]"))
+
+
+def _rates(name: str, spec: object, file: Path) -> Rates:
+    where = f"{file.name}: rates.{name}"
+    if not isinstance(spec, Mapping) or set(spec) != {"source", "conv", "matmul"}:
+        raise HarnessError(f"{where} must have exactly source, conv and matmul")
+    conv = spec["conv"]
+    if not isinstance(conv, Mapping) or set(conv) != set(FILTERS):
+        raise HarnessError(f"{where}.conv must give every filter group: {', '.join(FILTERS)}")
+    parsed: Dict[str, Mapping[str, Rate]] = {}
+    for group in FILTERS:
+        passes = conv[group]
+        if not isinstance(passes, Mapping) or set(passes) != set(PASSES):
+            raise HarnessError(f"{where}.conv.{group} must give every pass: {', '.join(PASSES)}")
+        parsed[group] = MappingProxyType({p: _rate(passes[p], f"{where}.conv.{group}.{p}") for p in PASSES})
+    return Rates(name, str(spec["source"]), MappingProxyType(parsed), _rate(spec["matmul"], f"{where}.matmul"))
+
+
+def _preset(name: str, spec: object, file: Path, rates: Mapping[str, Rates]) -> Hardware:
     where = f"{file.name}: {name}"
     if not isinstance(spec, Mapping):
         raise HarnessError(f"{where} must be a mapping of fields, not {type(spec).__name__}")
-    missing, unknown = _FIELDS - set(spec), set(spec) - _FIELDS
+    missing, unknown = _FIELDS - set(spec), set(spec) - _FIELDS - _OPTIONAL
     if missing or unknown:
         raise HarnessError(
             f"{where}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}; fields are {sorted(_FIELDS)}"
@@ -152,6 +238,15 @@ def _preset(name: str, spec: object, file: Path) -> Hardware:
     sources = spec["sources"]
     if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s for s in sources):
         raise HarnessError(f"{where}.sources must be a non-empty list of spec sheets (titles and URLs)")
+    units = spec.get("rates") or {}
+    if not isinstance(units, Mapping) or set(units) - set(UNITS):
+        raise HarnessError(f"{where}.rates must map units ({', '.join(UNITS)}) to a name under rates")
+    for unit, table in units.items():
+        if table not in rates:
+            raise HarnessError(f"{where}.rates.{unit}: {table!r} is not one of the rates: {', '.join(rates)}")
+    share = _number(spec.get("memory_share", 1.0), f"{where}.memory_share")
+    if share > 1:
+        raise HarnessError(f"{where}.memory_share must be a share of the peak, at most 1 (got {share!r})")
     return Hardware(
         name=name,
         description=str(spec["description"]),
@@ -162,10 +257,13 @@ def _preset(name: str, spec: object, file: Path) -> Hardware:
         tf32_convs=spec["tf32_convs"],
         memory_bandwidth=_number(spec["memory_bandwidth"], f"{where}.memory_bandwidth"),
         memory=int(_number(spec["memory"], f"{where}.memory")),
-        op_overhead=_number(spec["op_overhead"], f"{where}.op_overhead", positive=False),
+        launch=_number(spec["launch"], f"{where}.launch", positive=False),
         links=MappingProxyType(parsed),
         default_link=str(spec["default_link"]),
         sources=tuple(sources),
+        rates=MappingProxyType({str(unit): rates[str(table)] for unit, table in units.items()}),
+        memory_share=share,
+        kernel_floor=_number(spec.get("kernel_floor", 0.0), f"{where}.kernel_floor", positive=False),
     )
 
 
@@ -178,7 +276,8 @@ def _read(file: Path) -> Dict[str, Hardware]:
         raise HarnessError(f"hardware presets {file} are not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("presets"), Mapping):
         raise HarnessError(f"hardware presets {file} must have a top-level 'presets' mapping")
-    return {str(name): _preset(str(name), spec, file) for name, spec in data["presets"].items()}
+    rates = {str(name): _rates(str(name), spec, file) for name, spec in (data.get("rates") or {}).items()}
+    return {str(name): _preset(str(name), spec, file, rates) for name, spec in data["presets"].items()}
 
 
 @functools.lru_cache(maxsize=4)

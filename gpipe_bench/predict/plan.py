@@ -54,6 +54,7 @@ from .sources import for_gpus, preset_costs
 
 __all__ = [
     "Choice",
+    "StageWeights",
     "Planned",
     "Plan",
     "plan",
@@ -159,19 +160,34 @@ def _forward_seconds(c: LayerCost, recomputed: float) -> Tuple[float, float]:
     return host, (1 - recomputed) * kept + recomputed * (first + c.forward)
 
 
-def _layer_weights(layers: Sequence[LayerCost], recomputed: float, gpu: bool) -> List[float]:
-    """Seconds per layer and micro-batch on its stage: forwards (:func:`_forward_seconds`), then the backward.
+@dataclass(frozen=True)
+class StageWeights:
+    """Seconds per layer and micro-batch on its stage, device and host apart.
 
-    ``recomputed``: the share of micro-batches checkpointed. On a CPU the worker
-    does the host's work and the arithmetic one after the other; on a GPU the
-    host issues kernels while the device runs them, so the longer of the two counts.
+    On a GPU the host issues kernels while the device runs them, so a stage
+    takes the longer of its device's total and its host's total: ``host`` is
+    kept apart and :func:`~gpipe_bench.pipe.balance.partition.solve_blocks`
+    minimises ``max(sum(device), sum(host))`` over the stage. On a CPU the worker
+    does both one after the other: ``device`` holds the sum and ``host`` is None.
     """
-    out = []
+
+    device: List[float]
+    host: Optional[List[float]]
+
+
+def _layer_weights(layers: Sequence[LayerCost], recomputed: float, gpu: bool) -> StageWeights:
+    """Each layer's forwards (:func:`_forward_seconds`) and backward per micro-batch, device and host.
+
+    ``recomputed``: the share of micro-batches checkpointed.
+    """
+    device, host = [], []
     for c in layers:
-        host, device = _forward_seconds(c, recomputed)
-        host, device = host + c.backward_host, device + c.backward
-        out.append(max(device, host) if gpu else device + host)
-    return out
+        h, d = _forward_seconds(c, recomputed)
+        host.append(h + c.backward_host)
+        device.append(d + c.backward)
+    if gpu:
+        return StageWeights(device, host)
+    return StageWeights([d + h for d, h in zip(device, host)], None)
 
 
 def _cut_costs(costs: Costs, link: Optional[Link], size: int, layers: int) -> List[float]:
@@ -239,7 +255,7 @@ class _Search:
         recomputed = checkpoint_stop(checkpoint, chunks) / chunks
         return chunks * sum(_forward_seconds(c, recomputed)[0] for c in layers)
 
-    def weights(self, chunks: int, checkpoint: Checkpoint, threads: int) -> Tuple[List[float], List[float], int]:
+    def weights(self, chunks: int, checkpoint: Checkpoint, threads: int) -> Tuple[StageWeights, List[float], int]:
         size = micro_batch_sizes(self.template.row.batch, chunks)[0]
         layers = self.costs.layers(size, threads, self.devices[0])
         recomputed = checkpoint_stop(checkpoint, chunks) / chunks
@@ -350,10 +366,10 @@ class _Search:
                 allowed = None
                 if allowed_cap is not None and self.engine != "distributed":
                     allowed = self.memory_form(chunks, checkpoint).allowed(allowed_cap)
-                balance = solve_blocks(weights, stages, cuts, cuts, allowed)
+                balance = solve_blocks(weights.device, stages, cuts, cuts, allowed, weights.host)
                 if balance is None:
                     continue
-                slowest = max(block_cost(weights, balance, cuts, cuts))
+                slowest = max(block_cost(weights.device, balance, cuts, cuts, weights.host))
                 per = stages // processes if schedule == "interleaved" else 1
                 fill = (stages / per - 1) / per if schedule == "interleaved" else stages - 1
                 estimate = (chunks + fill) * slowest * per
@@ -419,32 +435,49 @@ def command(job: jobs.Job, devices: Sequence[str]) -> str:
 # -- entry points -----------------------------------------------------------------------------------------------
 
 
-def _template(table: Table, profile: str, stages: int, batch: Optional[int], devices: List[str]) -> jobs.Job:
-    """The table's published ``pipeline-<stages>`` row of ``profile`` at ``batch``: what the plan varies."""
+def _template(
+    table: Table, profile: str, stages: int, batch: Optional[int], devices: List[str], layers: int
+) -> Tuple[jobs.Job, bool]:
+    """(the row the plan varies, whether it is a published configuration).
+
+    The table's ``pipeline-<stages>`` row of ``profile`` at ``batch``. A device
+    count no row has gets the row of the nearest count (the larger one on a tie)
+    with an even balance over ``stages``: its settings and micro-batch size, and
+    nothing published to set beside the plans.
+    """
+    from dataclasses import replace as changed
+
     from gpipe_bench import config
 
     chosen = table.profile(profile)
-    rows = [r for r in chosen.rows if r.mode == "pipeline" and r.devices == stages and r.balance is not None]
-    if not rows:
-        have = sorted({r.devices for r in chosen.rows if r.mode == "pipeline"})
-        raise HarnessError(
-            f"{table.name} has no pipeline row over {stages} stage(s) to plan from; give "
-            + " or ".join(str(h) for h in have)
-            + " devices",
-            param="--devices",
+    pipelines = [r for r in chosen.rows if r.mode == "pipeline" and r.balance is not None and not r.planned]
+    if not pipelines:
+        raise HarnessError(f"{table.name} ({profile}) has no pipeline row to plan from", param="MODEL")
+    rows = [r for r in pipelines if r.devices == stages]
+    published = bool(rows)
+    row = rows[0] if rows else min(pipelines, key=lambda r: (abs(r.devices - stages), -r.devices))
+    if not published:
+        even = tuple(layers // stages + (1 if k < layers % stages else 0) for k in range(stages))
+        row = changed(
+            row, name=f"pipeline-{stages}", devices=stages, balance=even, published=changed(row.published, values={})
         )
-    row = rows[0]
     chunks = None
     if batch is not None and batch != row.batch:  # the published micro-batch size, kept at another batch
         chunks = max(1, min(batch, round(batch * row.chunks / row.batch)))
     row, settings = config.apply(table, row, chosen.settings, Overrides(batch=batch, chunks=chunks), model=chosen.model)
-    return jobs.Job(table, row, settings, profile, devices)
+    return jobs.Job(table, row, settings, profile, devices), published
 
 
-def _costs(template: jobs.Job, hardware: Optional[str], calibration: Optional[Tuple[str, float]] = None) -> Costs:
+def _costs(
+    template: jobs.Job,
+    hardware: Optional[str],
+    calibration: Optional[Tuple[str, float]] = None,
+    host_speed: float = 1.0,
+) -> Costs:
     key = model_key(template)
     if hardware is not None:
-        return preset_costs(template.table, template.profile, key, presets.load(hardware), calibration)[0]
+        preset = presets.load(hardware)
+        return preset_costs(template.table, template.profile, key, preset, calibration, None, host_speed)[0]
     if calibration is not None:
         raise HarnessError(
             "--calibrate fits a hardware preset's efficiency; give --hardware NAME with it", param="--calibrate"
@@ -495,8 +528,12 @@ def plan(
     top: int = 3,
     calibration: Optional[Tuple[str, float]] = None,
     progress: Callable[[str], None] = lambda line: None,
+    host_speed: float = 1.0,
 ) -> Plan:
-    """The ``top`` best configurations of ``model`` on ``devices_spec`` that fit ``cap`` bytes per device."""
+    """The ``top`` best configurations of ``model`` on ``devices_spec`` that fit ``cap`` bytes per device.
+
+    ``host_speed``: with ``hardware``, the target host's speed per core against this one's.
+    """
     from gpipe_bench import devices as device_specs
 
     started = time.perf_counter()
@@ -511,12 +548,12 @@ def plan(
     args = {**table.model_args, **chosen.model_args, **any_row.model_args, "num_classes": chosen.settings.classes}
     layers = len(meta_model(ModelKey.of(chosen.model or table.model, args, chosen.settings.input_size)))
     _check(len(devices), layers, batch, chosen.model or table.model)
-    template = _template(table, profile, len(devices), batch, devices)
+    template, published_row = _template(table, profile, len(devices), batch, devices, layers)
     _check(len(devices), layers, template.row.batch, template.model_name)
     cap_source = "--memory-per-device"
     if cap is None:
         cap, cap_source = default_cap(hardware, devices)
-    costs = _costs(template, hardware, calibration)
+    costs = _costs(template, hardware, calibration, host_speed)
     search = _Search(template, costs, engine, cap, progress)
     if isinstance(costs, MeasuredCosts):
         # One size timed (the published row's micro-batch), every other scaled from it: fixed part + per sample.
@@ -528,8 +565,8 @@ def plan(
     progress(f"searching balances, micro-batches and {'schedules' if engine == 'distributed' else 'checkpoints'}")
     ranked = search.candidates()
     considered = len(ranked)
-    published_job = template if engine != "distributed" else None
-    if engine == "distributed":
+    published_job = template if engine != "distributed" and published_row else None
+    if engine == "distributed" and published_row:
         published_job = search.job(
             Choice(tuple(template.row.balance or ()), template.row.chunks, "never", "gpipe", len(devices))
         )
@@ -558,6 +595,11 @@ def plan(
             )
     if engine == "distributed":
         notes.append("peak memory is not predicted for torch's pipelining: no plan was filtered by memory")
+    if not published_row:
+        notes.append(
+            f"{table.name} publishes no configuration over {len(devices)} devices: the plans start from "
+            f"{template.row.chunks} micro-batches of its nearest row's size, with nothing published beside them"
+        )
     planned.sort(key=lambda p: -p.throughput)
     published = None
     if published_job is not None:
@@ -665,9 +707,9 @@ def planned_balance(job: jobs.Job, costs: Optional[Costs] = None) -> Tuple[Tuple
         size = micro_batch_sizes(job.row.batch, job.row.chunks)[0]
         costs.prepare([(size, threads)], concurrent=False)
     weights, cuts, _ = search.weights(job.row.chunks, job.row.checkpoint, threads)
-    balance = solve_blocks(weights, stages, cuts, cuts)
+    balance = solve_blocks(weights.device, stages, cuts, cuts, host=weights.host)
     assert balance is not None
-    slowest = block_cost(weights, balance, cuts, cuts)
+    slowest = block_cost(weights.device, balance, cuts, cuts, weights.host)
     spread = max(slowest) / max(1e-12, min(slowest))
     how = f"planned on {','.join(devices[:stages])} from {costs.description}: stages within {spread - 1:.0%}"
     return tuple(balance), how

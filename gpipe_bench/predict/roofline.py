@@ -1,24 +1,43 @@
-"""Turn counted FLOPs and bytes into seconds for a hardware preset: a roofline per operator.
+"""Turn counted FLOPs and bytes into device seconds for a hardware preset, operator by operator.
 
 Why per operator: an operator is limited either by arithmetic or by memory
-traffic, ``max(flops / peak, bytes / bandwidth)``. Applied to a layer's sums
-instead, a compute-bound convolution would hide the bandwidth-bound
-BatchNorm and ReLU beside it (the max of sums is less than the sum of maxes),
-and those are most of a ResNet's operators. :mod:`.count` keeps its counts
-per group of identical operators for this reason.
+traffic. Applied to a layer's sums instead, a compute-bound convolution would
+hide the bandwidth-bound BatchNorm and ReLU beside it (the max of sums is less
+than the sum of maxes), and those are most of a ResNet's operators.
+:mod:`.count` keeps its counts per group of identical operators for this reason.
 
-The peak an operator gets depends on its kind and on PyTorch's fp32
-defaults: convolutions run in TF32 where the preset says so (Ampere and
-later: ``torch.backends.cudnn.allow_tf32`` defaults to True); matrix products
-and everything else stay in fp32 (``torch.backends.cuda.matmul.allow_tf32``
-defaults to False).
+What an operator achieves is measured, not assumed at the peak:
 
-Host time, ``operators × op_overhead``, is reported apart from device time:
-whether it overlaps is the simulator's call (on a GPU the host only issues
-asynchronous kernels; on a CPU the host does the work itself).
+- **Dense convolutions and matrix products** run at the rates a public
+  microbenchmark measured per unit (CUDA cores or tensor cores), filter size
+  and pass: ``overhead + FLOPs / (share x peak)`` (:class:`.hardware.Rate`).
+  A convolution's backward is two calls, the input's gradient and the
+  filter's, each with half the backward's FLOPs.
+- **Which unit**: PyTorch's fp32 defaults run convolutions in TF32 on tensor
+  cores where the preset says so (Ampere and later:
+  ``torch.backends.cudnn.allow_tf32`` defaults to True); matrix products stay
+  on CUDA cores (``torch.backends.cuda.matmul.allow_tf32`` defaults to False).
+- **Layout**: tensor-core convolution kernels take NHWC tensors. PyTorch's
+  default layout is NCHW, so cuDNN transposes each convolution's activations
+  in and out: their traffic again, read and written, at the memory rate
+  (:func:`transposed_bytes`). A profile of a TF32 convolution on an A100 in
+  pytorch/pytorch issue 81940 shows nchwToNhwc/nhwcToNchw kernels taking 55%
+  of the convolution kernel's own time.
+- **Everything else** is memory-bound: its bytes at the share of the memory
+  bandwidth a streaming kernel reaches.
+- **No kernel is shorter than the preset's floor** (a kernel launched back to
+  back after another).
 
-``efficiency`` is the one fitted scale: the share of both peaks that real
-kernels reach. It divides device time and leaves host time alone.
+A preset without measured rates (the ``cpu`` one, whose peaks were measured
+on this machine) runs each operator at its roofline, as before.
+
+Host time, ``operators x (what the host spends per operator)``, is reported
+apart from device time: whether it overlaps is the simulator's call. What the
+host spends is :mod:`.host`'s measurement on this machine plus the preset's
+kernel launch.
+
+``efficiency`` is the one calibration ``--calibrate`` fits: it divides device
+time and leaves host time alone (1.0: the measured rates as they are).
 """
 
 from __future__ import annotations
@@ -29,9 +48,17 @@ import torch
 
 from ..errors import HarnessError
 from .count import OpCost, PassCounts
-from .hardware import Hardware
+from .hardware import Hardware, filter_of
 
-__all__ = ["peak_flops", "op_seconds", "pass_seconds", "host_seconds", "check_dtype"]
+__all__ = [
+    "peak_flops",
+    "compute_seconds",
+    "transposed_bytes",
+    "op_seconds",
+    "pass_seconds",
+    "launches",
+    "check_dtype",
+]
 
 
 def check_dtype(dtype: torch.dtype) -> None:
@@ -52,12 +79,42 @@ def _check(efficiency: float) -> None:
         raise HarnessError(f"efficiency {efficiency!r} is not a positive share of peak; use e.g. 0.5 (1.0: peak)")
 
 
+def _dense_conv(op: OpCost) -> bool:
+    return op.kind == "conv" and not op.grouped
+
+
+def compute_seconds(op: OpCost, hardware: Hardware) -> float:
+    """Seconds of one operator's arithmetic: at its unit's measured rate, or at the peak without one."""
+    if _dense_conv(op):
+        unit = hardware.conv_unit
+        rates = hardware.rates.get(unit)
+        peak = hardware.conv_flops()
+        if rates is not None:
+            passes = rates.conv[filter_of(op.window)]
+            if op.op.endswith("_backward"):
+                half = op.flops / 2
+                return passes["backward_data"].seconds(half, peak) + passes["backward_filter"].seconds(half, peak)
+            return passes["forward"].seconds(op.flops, peak)
+        return op.flops / peak
+    if op.kind == "matmul" and "cuda_cores" in hardware.rates:
+        return hardware.rates["cuda_cores"].matmul.seconds(op.flops, hardware.fp32_flops)
+    return op.flops / peak_flops(hardware, op.kind)
+
+
+def transposed_bytes(op: OpCost, hardware: Hardware) -> int:
+    """Bytes of the NCHW <-> NHWC transposes a tensor-core convolution of NCHW tensors adds: its traffic again."""
+    if _dense_conv(op) and hardware.conv_unit == "tensor_cores" and hardware.rates:
+        return op.bytes
+    return 0
+
+
 def op_seconds(op: OpCost, hardware: Hardware, efficiency: float = 1.0) -> float:
-    """Device seconds of ``op.count`` identical operators: each at the slower of its two roofs."""
+    """Device seconds of ``op.count`` identical operators (see the module docstring)."""
     _check(efficiency)
-    compute = op.flops / peak_flops(hardware, op.kind)
-    memory = op.bytes / hardware.memory_bandwidth
-    return op.count * max(compute, memory) / efficiency
+    bandwidth = hardware.memory_bandwidth * hardware.memory_share
+    kernel = max(hardware.kernel_floor, compute_seconds(op, hardware), op.bytes / bandwidth)
+    transposes = 2 * transposed_bytes(op, hardware) / bandwidth  # each transposed tensor read and written
+    return op.count * (kernel + transposes) / efficiency
 
 
 def pass_seconds(counts: PassCounts, hardware: Hardware, efficiency: float = 1.0) -> float:
@@ -66,6 +123,6 @@ def pass_seconds(counts: PassCounts, hardware: Hardware, efficiency: float = 1.0
     return sum((op_seconds(op, hardware, efficiency) for op in counts.ops), 0.0)
 
 
-def host_seconds(counts: PassCounts, hardware: Hardware) -> float:
-    """Host seconds of one pass: one ``op_overhead`` per operator that does work (views are free)."""
-    return counts.launches * hardware.op_overhead
+def launches(counts: PassCounts) -> int:
+    """Kernels one pass launches: one per operator that does work (views and bare allocations launch none)."""
+    return counts.launches

@@ -92,13 +92,19 @@ def _sum(layers: Sequence[LayerCost], start: int, end: int) -> LayerCost:
     )
 
 
-def _cell(cost: LayerCost, out_bytes: int = 0, accumulate: Tuple[float, float] = (0.0, 0.0)) -> CellCost:
-    """A cell of ``cost``, sending ``out_bytes``, its backward plus (host, device) seconds of ``accumulate``."""
+def _cell(
+    cost: LayerCost,
+    out_bytes: int = 0,
+    accumulate: Tuple[float, float] = (0.0, 0.0),
+    engine: Tuple[float, float] = (0.0, 0.0),
+) -> CellCost:
+    """A cell of ``cost``, sending ``out_bytes``: its backward plus (host, device) seconds of ``accumulate``,
+    and the (forward, backward) host seconds the ``engine`` adds per cell."""
     return CellCost(
         forward=cost.forward,
         backward=cost.backward + accumulate[1],
-        forward_host=cost.forward_host,
-        backward_host=cost.backward_host + accumulate[0],
+        forward_host=cost.forward_host + engine[0],
+        backward_host=cost.backward_host + accumulate[0] + engine[1],
         nograd=cost.nograd,
         out_bytes=out_bytes,
     )
@@ -186,6 +192,7 @@ def step(job: Job, costs: Costs) -> Outcome:
         )
 
     devices = list(job.devices)
+    engine = costs.cell_host()  # what our engine adds per cell, measured here
     threads = worker_threads(devices, host)
     by_size = {s: costs.layers(s, threads, devices[0]) for s in set(sizes)}
     n = len(balance)
@@ -197,7 +204,7 @@ def step(job: Job, costs: Costs) -> Outcome:
             out = costs.boundary_bytes(end, size) if j < n - 1 else 0
             # The engine adds each later micro-batch's parameter gradients to the first's.
             added = accumulate[j] if i > 0 else (0.0, 0.0)
-            row_cells.append(_cell(_sum(by_size[size], start, end), out, added))
+            row_cells.append(_cell(_sum(by_size[size], start, end), out, added, engine))
         cells.append(row_cells)
     lanes = list(dict.fromkeys(devices))
     optimizer: Dict[str, Tuple[float, float]] = {}

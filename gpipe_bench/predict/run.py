@@ -75,6 +75,7 @@ def predict_table(
     nproc: Optional[int] = None,
     memory: bool = True,
     progress: Callable[[str], None] = lambda line: None,
+    host_speed: float = 1.0,
 ) -> TablePrediction:
     """Predict ``rows`` of ``table``: with ``hardware``'s preset (nothing runs), or timed here when None."""
     if engine not in ENGINES:
@@ -94,7 +95,7 @@ def predict_table(
     fitted: Optional[Tuple[str, float, float]] = None
     costs: Costs
     if preset is not None:
-        costs, fitted = preset_costs(table, profile, key, preset, calibration, devices_spec)
+        costs, fitted = preset_costs(table, profile, key, preset, calibration, devices_spec, host_speed)
     else:
         if calibration is not None:
             raise HarnessError(

@@ -103,10 +103,14 @@ def preset_costs(
     preset: presets.Hardware,
     calibration: Optional[Tuple[str, float]],
     devices_spec: Optional[str] = None,
+    host_speed: float = 1.0,
 ) -> Tuple[HardwareCosts, Optional[Tuple[str, float, float]]]:
-    """(costs, (row, throughput, efficiency) fitted or None): a preset's costs, calibrated on a row of the table."""
+    """(costs, (row, throughput, efficiency) fitted or None): a preset's costs, calibrated on a row of the table.
+
+    ``host_speed``: the target host's speed per core against this one's (``--host-speed``).
+    """
     if calibration is None:
-        return HardwareCosts(key, preset), None
+        return HardwareCosts(key, preset, host_speed=host_speed), None
     name, figure = calibration
     chosen = table.profile(profile)
     match = [r for r in chosen.rows if r.name == name]
@@ -117,6 +121,8 @@ def preset_costs(
             param="--calibrate",
         )
     job = predicted_jobs(table, profile, match, Overrides(), devices_spec, preset, "gpipe-bench", "gpipe", None)[0]
-    efficiency, costs = calibrate(job, figure, lambda e: HardwareCosts(key, preset, e, f"{name}={figure:g}"))
+    efficiency, costs = calibrate(
+        job, figure, lambda e: HardwareCosts(key, preset, e, f"{name}={figure:g}", host_speed=host_speed)
+    )
     assert isinstance(costs, HardwareCosts)
     return costs, (name, figure, efficiency)

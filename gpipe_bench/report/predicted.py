@@ -147,7 +147,16 @@ def _rate(value: Optional[float], unit: str) -> str:
 
 def presets_table(presets: Mapping[str, "Hardware"]) -> str:
     """The hardware presets as a table a user reads (``gpipe-bench predict --hardware list``), with their sources."""
-    headers = ["Name", "fp32", "Convolutions", "Memory bandwidth", "Memory", "Per operator", "Between devices"]
+    headers = [
+        "Name",
+        "fp32",
+        "Convolutions",
+        "Memory bandwidth",
+        "Memory",
+        "Kernel launch",
+        "Rates",
+        "Between devices",
+    ]
     rows = []
     for hw in presets.values():
         link = hw.link()
@@ -157,9 +166,10 @@ def presets_table(presets: Mapping[str, "Hardware"]) -> str:
                 hw.name,
                 _rate(hw.fp32_flops, "FLOP/s"),
                 ("TF32 " if hw.conv_flops() != hw.fp32_flops else "fp32 ") + _rate(hw.conv_flops(), "FLOP/s"),
-                _rate(hw.memory_bandwidth, "B/s"),
+                _rate(hw.memory_bandwidth, "B/s") + (f" x {hw.memory_share:.2f}" if hw.memory_share < 1 else ""),
                 f"{hw.memory / (1 << 30):.0f} GiB",
-                f"{hw.op_overhead * 1e6:.0f} µs",
+                f"{hw.launch * 1e6:.0f} µs" if hw.launch else "–",
+                ", ".join(sorted({r.name for r in hw.rates.values()})) or "roofline",
                 between,
             ]
         )
@@ -167,4 +177,9 @@ def presets_table(presets: Mapping[str, "Hardware"]) -> str:
     for hw in presets.values():
         lines.append(f"{hw.name}: {hw.description}")
         lines += [f"    {source}" for source in hw.sources]
+    named = {r.name: r for hw in presets.values() for r in hw.rates.values()}
+    if named:
+        lines += ["", "Measured rates (convolutions per filter and pass, matrix products):"]
+        lines += [f"{name}: {rates.source}" for name, rates in named.items()]
+    lines += ["", "Host time per operator beyond the kernel launch is measured where the prediction runs."]
     return "\n".join(lines)

@@ -217,7 +217,7 @@ def _preset(kind: str, links: Dict[str, Link], default: str) -> Hardware:
         tf32_convs=gpu,
         memory_bandwidth=1e12 if gpu else 1e10,
         memory=16 << 30,
-        op_overhead=1e-5 if gpu else 2e-6,
+        launch=1e-5 if gpu else 2e-6,
         links=links,
         default_link=default,
         sources=(),
@@ -309,9 +309,14 @@ def test_hardware_optimizer_step_and_gradient_accumulation() -> None:
 
 @pytest.mark.usefixtures("counted")
 def test_hardware_description_says_the_preset_and_a_fitted_efficiency() -> None:
-    assert HardwareCosts(KEY, GPU).description == "gpu-test preset"
-    fitted = HardwareCosts(KEY, GPU, efficiency=0.25, fitted="naive-1=92.539")
-    assert fitted.description == "gpu-test preset, efficiency 0.250 fitted on naive-1=92.539"
+    host = "host time per operator 0.0 µs forward, 0.0 µs backward (measured here)"
+    assert HardwareCosts(KEY, GPU).description == f"gpu-test preset; {host}, on this host + 10 µs per kernel launch"
+    fitted = HardwareCosts(KEY, GPU, efficiency=0.25, fitted="naive-1=92.539", host_speed=2.0)
+    assert fitted.description == (
+        f"gpu-test preset, efficiency 0.250 fitted on naive-1=92.539; {host}, on a host 2x as fast per core "
+        "as this one + 10 µs per kernel launch"
+    )
+    assert HardwareCosts(KEY, CPU).description == f"cpu-test preset; {host}, on this host"
 
 
 def test_hardware_costs_refuse_counts_in_another_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -443,3 +448,25 @@ def test_measured_optimizer_step_is_timed_once_per_kind_and_threads(
     host, device = measured.update(1000, 130, "cpu:0", 1, "accumulate")
     assert host == pytest.approx(3 * 1e-5) and device == pytest.approx(1e-6)  # batched: one add per 64 tensors
     assert updates == [("optimizer", 1), ("accumulate", 1)]
+
+
+@pytest.mark.usefixtures("counted")
+def test_host_time_is_the_measured_cost_per_operator_on_the_target_host_plus_the_launch() -> None:
+    from gpipe_bench.predict.host import HostCosts
+
+    measured = HostCosts(forward=2e-6, nograd=1e-6, backward=4e-6, cell_forward=8e-5, cell_backward=6e-5)
+    gpu = HardwareCosts(KEY, GPU, host_costs=measured, host_speed=2.0)
+    at_2 = gpu.layers(2, 1, "cuda:0")
+    # conv: one forward, one backward operator; relu: two forward, one backward; fc: one and two
+    per_f, per_b = 1e-6 + 1e-5, 2e-6 + 1e-5  # halved by the faster host, plus the launch
+    assert _host(at_2) == [
+        (pytest.approx(per_f), pytest.approx(per_b)),
+        (pytest.approx(2 * per_f), pytest.approx(per_b)),
+        (pytest.approx(per_f), pytest.approx(2 * per_b)),
+    ]
+    # without autograd the host records nothing: a no-grad forward costs its device time and the nograd host time
+    conv = at_2[0]
+    assert conv.nograd == pytest.approx((conv.forward + 0.5e-6 + 1e-5) / (conv.forward + per_f))
+    assert gpu.cell_host() == (pytest.approx(4e-5), pytest.approx(3e-5))
+    with pytest.raises(HarnessError, match="--host-speed 0"):
+        HardwareCosts(KEY, GPU, host_speed=0)

@@ -212,3 +212,35 @@ def test_training_flags_are_restored() -> None:
     model = _small_conv_net().eval()
     count_model(model, (3, 8, 8))
     assert not any(m.training for m in model.modules())
+
+
+def test_a_convolution_records_its_filter_taps_and_whether_it_is_grouped() -> None:
+    model = _meta(
+        nn.Conv2d(4, 8, 1),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Conv2d(8, 8, (1, 7), padding=(0, 3)),
+        nn.Conv2d(8, 8, 5, padding=2, groups=8),
+    )
+    layers = count_model(model, (4, 9, 9), input_grad=True).at(2)
+    shapes = [[(op.op, op.window, op.grouped) for op in (*layer.forward.ops, *layer.backward.ops)] for layer in layers]
+    assert shapes == [
+        [("aten.convolution", taps, grouped), ("aten.convolution_backward", taps, grouped)]
+        for taps, grouped in ((1, False), (9, False), (7, False), (25, True))
+    ]
+    relu = count_model(_meta(nn.ReLU()), (4, 9, 9), input_grad=True).at(2)[0]
+    assert all(op.window == 0 and not op.grouped for op in relu.forward.ops)
+
+
+def test_a_training_batch_norm_reads_its_activations_twice() -> None:
+    """Statistics first, then normalisation (forward); a reduction, then the input's gradient (backward)."""
+    channels, size = 4, 6
+    layer = count_model(_meta(nn.BatchNorm2d(channels)), (channels, size, size), input_grad=True).at(3)[0]
+    activation = 3 * channels * size * size * 4
+    stats = channels * 4
+    (forward,) = [op for op in layer.forward.ops if "batch_norm" in op.op]
+    (backward,) = [op for op in layer.backward.ops if "batch_norm" in op.op]
+    # forward: the input twice, weight, bias and the running statistics read; output and the two saved ones written
+    assert forward.bytes == 2 * activation + activation + 4 * stats + 2 * stats
+    # backward: the output's gradient and the input twice each, the weight and four statistics read once;
+    # the input's gradient and the two parameter gradients written
+    assert backward.bytes == 2 * (2 * activation) + 5 * stats + activation + 2 * stats

@@ -8,7 +8,7 @@ import pytest
 
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.predict import hardware
-from gpipe_bench.predict.hardware import Link, load, names
+from gpipe_bench.predict.hardware import Link, Rate, filter_of, load, names
 
 
 def test_the_packaged_presets_load_with_sources() -> None:
@@ -64,7 +64,7 @@ presets:
     tf32_convs: false
     memory_bandwidth: 1.0e+11
     memory: 1024
-    op_overhead: 1.0e-5
+    launch: 1.0e-5
     links: {pcie: {bandwidth: 1.0e+10, latency: 1.0e-5}}
     default_link: pcie
     sources: ["made up"]
@@ -101,3 +101,49 @@ def test_bad_presets_are_harness_errors(tmp_path: Path, old: str, new: str, mess
     assert old in GOOD
     with pytest.raises(HarnessError, match=message):
         load("toy", _write(tmp_path, GOOD.replace(old, new)))
+
+
+RATES = """
+rates:
+  bench:
+    source: a microbenchmark
+    conv:
+      1x1:    {forward: [1.0e-5, 0.5], backward_data: [1.0e-5, 0.4], backward_filter: [1.0e-5, 0.3]}
+      3x3:    {forward: [2.0e-5, 1.5], backward_data: [2.0e-5, 1.4], backward_filter: [2.0e-5, 1.3]}
+      larger: {forward: [0.0, 0.9], backward_data: [0.0, 0.8], backward_filter: [0.0, 0.7]}
+    matmul: [5.0e-6, 0.85]
+"""
+MEASURED = RATES + GOOD.replace(
+    "    launch: 1.0e-5\n",
+    "    launch: 1.0e-5\n    rates: {cuda_cores: bench}\n    memory_share: 0.9\n    kernel_floor: 2.0e-6\n",
+)
+
+
+def test_a_preset_runs_at_the_rates_it_names(tmp_path: Path) -> None:
+    preset = load("toy", _write(tmp_path, MEASURED))
+    rates = preset.rates["cuda_cores"]
+    assert rates.name == "bench" and rates.source == "a microbenchmark"
+    assert rates.conv["3x3"]["backward_filter"] == Rate(2e-5, 1.3) and rates.matmul == Rate(5e-6, 0.85)
+    assert rates.conv["1x1"]["forward"].seconds(1e12, 1e12) == pytest.approx(1e-5 + 2.0)
+    assert (preset.memory_share, preset.kernel_floor, preset.conv_unit) == (0.9, 2e-6, "cuda_cores")
+    assert [filter_of(taps) for taps in (1, 7, 9, 25)] == ["1x1", "3x3", "3x3", "larger"]
+    (tmp_path / "bare").mkdir()
+    bare = load("toy", _write(tmp_path / "bare", GOOD))  # the optional fields left out: the roofline as it is
+    assert (dict(bare.rates), bare.memory_share, bare.kernel_floor) == ({}, 1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("rates: {cuda_cores: bench}", "rates: {cuda_cores: nope}", "'nope' is not one of the rates: bench"),
+        ("rates: {cuda_cores: bench}", "rates: {warp_cores: bench}", "must map units"),
+        ("memory_share: 0.9", "memory_share: 1.5", "at most 1"),
+        ("matmul: [5.0e-6, 0.85]", "matmul: [5.0e-6]", "overhead seconds, share of peak"),
+        ("      larger: {forward: [0.0, 0.9], ", "      larger: {", "must give every pass"),
+        ("      1x1:    {forward", "      5x5:    {forward", "must give every filter group"),
+    ],
+)
+def test_bad_rates_are_harness_errors(tmp_path: Path, old: str, new: str, message: str) -> None:
+    assert old in MEASURED
+    with pytest.raises(HarnessError, match=message):
+        load("toy", _write(tmp_path, MEASURED.replace(old, new)))

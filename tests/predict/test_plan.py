@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 from gpipe_bench import config, jobs
 from gpipe_bench.cli import main
 from gpipe_bench.config import Overrides
-from gpipe_bench.pipe.balance.partition import block_cost
+from gpipe_bench.pipe.balance.partition import block_cost, solve_blocks
 from gpipe_bench.predict import hardware as presets
 from gpipe_bench.predict.costs import HardwareCosts
 from gpipe_bench.predict.plan import (
@@ -100,7 +100,6 @@ def test_a_cap_below_every_plan_says_the_smallest_that_works_and_that_one_works(
     [
         (["--devices", "cpu:0*371", "--hardware", "cpu"], ["--devices", "371 devices", "370 layers"]),
         (["--devices", "cpu:0,cpu:1", "--batch", "1", "--hardware", "cpu"], ["--batch", "batch 1", "2 devices"]),
-        (["--devices", "0,1,2", "--hardware", "p40"], ["--devices", "no pipeline row over 3", "1 or 2 or 4 or 8"]),
         (["--devices", "0,1", "--hardware", "p40", "--memory-per-device", "lots"], ["--memory-per-device", "'lots'"]),
         (["--devices", "0,1", "--hardware", "p40", "--costs", "measured"], ["two cost sources"]),
         (["--devices", "0,1", "--calibrate", "naive-1=92.5"], ["--calibrate", "--hardware"]),
@@ -168,9 +167,9 @@ def test_planned_balance_is_the_optimum_of_its_stage_costs() -> None:
     assert sum(balance) == 370 and len(balance) == 2 and "planned on cpu:0,cpu:1" in how
     search = _Search(job, costs, "gpipe-bench", None, lambda line: None)
     weights, cuts, _ = search.weights(job.row.chunks, job.row.checkpoint, 1)
-    ours = max(block_cost(weights, balance, cuts, cuts))
+    ours = max(block_cost(weights.device, balance, cuts, cuts, weights.host))
     for cut in range(1, 370):  # no other cut of two stages has a faster slowest stage
-        assert ours <= max(block_cost(weights, (cut, 370 - cut), cuts, cuts)) + 1e-12
+        assert ours <= max(block_cost(weights.device, (cut, 370 - cut), cuts, cuts, weights.host)) + 1e-12
 
 
 def test_resolving_a_planned_row_keeps_it_marked_and_records_it() -> None:
@@ -192,7 +191,8 @@ def test_predict_plans_a_planned_row_from_its_own_costs() -> None:
 def test_the_memory_estimate_is_close_to_the_exact_prediction() -> None:
     """The per-layer estimate that prunes plans is close to the exact predictor and never so far over it that pruning by it could drop a plan that fits."""
     table = config.load("resnet101-speed")
-    template = _template(table, "quick", 2, 64, ["cpu:0", "cpu:1"])
+    template, published = _template(table, "quick", 2, 64, ["cpu:0", "cpu:1"], 370)
+    assert published
     search = _Search(template, HardwareCosts(model_key(template), presets.load("cpu")), "gpipe-bench", None, print)
     for chunks, checkpoint in ((4, "never"), (8, "always"), (16, "except_last")):
         choice = Choice((180, 190), chunks, checkpoint)  # type: ignore[arg-type]
@@ -231,5 +231,39 @@ def test_stage_weights_price_the_forwards_as_the_simulator_does() -> None:
         first_host, first = c.first_forward(True)
         host = (1 - recomputed) * 1.0 + recomputed * (first_host + 1.0) + 0.5
         device = (1 - recomputed) * 2.0 + recomputed * (first + 2.0) + 4.0
-        assert _layer_weights([c], recomputed, gpu=False) == [pytest.approx(host + device)]
-        assert _layer_weights([c], recomputed, gpu=True) == [pytest.approx(max(host, device))]
+        cpu = _layer_weights([c], recomputed, gpu=False)
+        assert cpu.device == [pytest.approx(host + device)] and cpu.host is None  # a CPU worker does both in turn
+        gpu = _layer_weights([c], recomputed, gpu=True)
+        assert gpu.device == [pytest.approx(device)] and gpu.host == [pytest.approx(host)]
+
+
+def test_a_gpu_stage_costs_the_longer_of_its_device_and_host_totals() -> None:
+    """max(sum device, sum host) over the stage, not the sum of per-layer maxima (which overstates a mixed stage)."""
+    device, host = [4.0, 1.0, 1.0, 4.0], [1.0, 4.0, 4.0, 1.0]
+    assert block_cost(device, [2, 2], host=host) == [5.0, 5.0]  # per layer maxima would give 8 and 8
+    assert block_cost(device, [1, 3], host=host) == [4.0, 9.0]
+    assert solve_blocks(device, 2, host=host) == [2, 2]
+
+
+def test_any_device_count_is_planned_from_the_nearest_published_row() -> None:
+    """Three devices: no row has three, so pipeline-4's settings start the search and nothing published is shown."""
+    table = config.load("resnet101-speed")
+    template, published = _template(table, "published", 3, None, ["cuda:0", "cuda:1", "cuda:2"], 370)
+    four = table.row("pipeline-4")
+    assert not published and template.row.balance == (124, 123, 123) and template.row.devices == 3
+    assert (template.row.batch, template.row.chunks, template.row.checkpoint) == (
+        four.batch,
+        four.chunks,
+        four.checkpoint,
+    )
+    records = _plan_devices("0,1,2")
+    assert [r["rank"] for r in records] == [1, 2, 3]  # no published configuration (rank 0) beside them
+    assert all(len(r["balance"]) == 3 and sum(r["balance"]) == 370 for r in records)
+
+
+def _plan_devices(devices: str) -> List[Dict[str, Any]]:
+    args = ["plan", "resnet101", "--devices", devices, "--hardware", "p40", "--format", "json", "--quiet"]
+    result = _run(args)
+    assert result.exit_code == 0, result.output
+    records: List[Dict[str, Any]] = json.loads(result.output)
+    return records

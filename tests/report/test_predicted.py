@@ -171,7 +171,7 @@ def test_presets_table_names_rates_memory_and_links_with_sources() -> None:
             tf32_convs=kind == "gpu",
             memory_bandwidth=900e9,
             memory=16 * GIB,
-            op_overhead=5e-6,
+            launch=5e-6,
             links=links,
             default_link=default,
             sources=(f"https://example.org/{name}",),
@@ -189,14 +189,16 @@ def test_presets_table_names_rates_memory_and_links_with_sources() -> None:
         "Memory",
         "bandwidth",
         "Memory",
-        "Per",
-        "operator",
+        "Kernel",
+        "launch",
+        "Rates",
         "Between",
         "devices",
     ]
     assert lines[3].split() == ["gpu", "12.0", "TFLOP/s", "TF32", "48.0", "TFLOP/s", "900", "GB/s", "16", "GiB"] + [
         "5",
         "µs",
+        "roofline",
         "nvlink",
         "300",
         "GB/s",
@@ -204,12 +206,15 @@ def test_presets_table_names_rates_memory_and_links_with_sources() -> None:
     assert lines[4].split() == ["host", "12.0", "TFLOP/s", "fp32", "12.0", "TFLOP/s", "900", "GB/s", "16", "GiB"] + [
         "5",
         "µs",
+        "roofline",
         "shared",
         "memory",
     ]
-    assert lines[-4:] == [
+    assert lines[-6:] == [
         "gpu: gpu, as tested",
         "    https://example.org/gpu",
         "host: host, as tested",
         "    https://example.org/host",
+        "",
+        "Host time per operator beyond the kernel launch is measured where the prediction runs.",
     ]

@@ -119,13 +119,16 @@ def solve_blocks(
     enter: Optional[Sequence[float]] = None,
     leave: Optional[Sequence[float]] = None,
     allowed: Optional["torch.Tensor"] = None,
+    host: Optional[Sequence[float]] = None,
 ) -> Optional[List[int]]:
     """Block sizes minimising the largest block cost, where a block's cost also depends on where it is cut.
 
     Block ``[s, e)`` costs ``sum(weights[s:e]) + enter[s] + leave[e]`` (``enter``
     and ``leave`` have ``len(weights) + 1`` entries): a pipeline stage pays for
     the activation it receives at its first cut and sends at its last, on top of
-    its layers. Cut-dependent terms break the monotonicity :func:`solve` relies
+    its layers. With ``host`` (a second cost per layer, done alongside the
+    first: a GPU's host issuing what its device runs) the layers cost
+    ``max(sum(weights[s:e]), sum(host[s:e]))`` instead (:func:`block_costs`). Cut-dependent terms break the monotonicity :func:`solve` relies
     on, so this is the plain dynamic programme over every (start, end) pair,
     ``O(k·n²)``, run as ``k`` tensor operations on an ``(n+1)²`` matrix (370
     layers into 8 blocks: a few milliseconds).
@@ -139,7 +142,7 @@ def solve_blocks(
     n = len(weights)
     if partitions < 1 or partitions > n:
         raise ValueError(f"partitions must be between 1 and the number of layers ({n}), got {partitions}")
-    cost = block_costs(weights, enter, leave)
+    cost = block_costs(weights, enter, leave, host)
     if allowed is not None:
         cost = cost.masked_fill(~allowed, math.inf)
     best = cost[0].clone()  # best[e]: one block [0, e)
@@ -161,27 +164,41 @@ def solve_blocks(
     return sizes
 
 
+def _sums(values: Sequence[float]) -> "torch.Tensor":
+    """``[s, e]``: the sum of ``values[s:e]``, from prefix sums (float64)."""
+    import torch
+
+    w = torch.tensor([0.0, *values], dtype=torch.float64)
+    if not bool(torch.isfinite(w).all()):  # any sign will do: a block's cost is a difference of prefix sums
+        raise ValueError("weights must be finite")
+    prefix = torch.cumsum(w, 0)
+    return prefix[None, :] - prefix[:, None]
+
+
 def block_costs(
     weights: Sequence[float],
     enter: Optional[Sequence[float]] = None,
     leave: Optional[Sequence[float]] = None,
+    host: Optional[Sequence[float]] = None,
 ) -> "torch.Tensor":
     """Every block's cost as one ``(n+1)²`` float64 matrix: ``[s, e]`` is block ``[s, e)``, +inf where ``s >= e``.
 
     The one definition :func:`solve_blocks` minimises over and a planner caps
-    (a memory estimate under a cap: ``block_costs(...) <= cap``).
+    (a memory estimate under a cap: ``block_costs(...) <= cap``). With ``host``,
+    the layers of a block cost the larger of its two sums (see :func:`solve_blocks`).
     """
     import torch
 
     n = len(weights)
-    w = torch.tensor([0.0, *weights], dtype=torch.float64)
-    if not bool(torch.isfinite(w).all()):  # any sign will do: a block's cost is a difference of prefix sums
-        raise ValueError("weights must be finite")
-    prefix = torch.cumsum(w, 0)
+    layers = _sums(weights)
+    if host is not None:
+        if len(host) != n:
+            raise ValueError(f"host has {len(host)} costs for {n} layers")
+        layers = torch.maximum(layers, _sums(host))
     zeros = [0.0] * (n + 1)
     a = torch.tensor(list(enter) if enter is not None else zeros, dtype=torch.float64)
     b = torch.tensor(list(leave) if leave is not None else zeros, dtype=torch.float64)
-    cost = prefix[None, :] - prefix[:, None] + a[:, None] + b[None, :]
+    cost = layers + a[:, None] + b[None, :]
     return cost.masked_fill(~torch.ones(n + 1, n + 1, dtype=torch.bool).triu(1), math.inf)
 
 
@@ -190,16 +207,16 @@ def block_cost(
     sizes: Sequence[int],
     enter: Optional[Sequence[float]] = None,
     leave: Optional[Sequence[float]] = None,
+    host: Optional[Sequence[float]] = None,
 ) -> List[float]:
     """Each block's cost as :func:`solve_blocks` counts it."""
     out = []
     start = 0
     for size in sizes:
         end = start + size
-        out.append(
-            sum(weights[start:end])
-            + (enter[start] if enter is not None else 0.0)
-            + (leave[end] if leave is not None else 0.0)
-        )
+        layers = sum(weights[start:end])
+        if host is not None:
+            layers = max(layers, sum(host[start:end]))
+        out.append(layers + (enter[start] if enter is not None else 0.0) + (leave[end] if leave is not None else 0.0))
         start = end
     return out
