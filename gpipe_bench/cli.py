@@ -139,7 +139,9 @@ _malloc_option = click.option(
 )
 
 
-def _cost_options(measured_help: str, engine_help: str) -> Callable[[F], F]:
+def _cost_options(
+    measured_help: str, engine_help: str, engines: Tuple[str, ...] = ("gpipe-bench", "distributed")
+) -> Callable[[F], F]:
     """Where per-layer costs come from (predict, plan), and which engine is modelled."""
     return _options(
         click.option(
@@ -170,7 +172,7 @@ def _cost_options(measured_help: str, engine_help: str) -> Callable[[F], F]:
         ),
         click.option(
             "--engine",
-            type=click.Choice(["gpipe-bench", "distributed"]),
+            type=click.Choice(list(engines)),
             default="gpipe-bench",
             show_default=True,
             help=engine_help,
@@ -812,7 +814,10 @@ def table_command(
 @_override_options(", e.g. 26,22,33,44,44,66,66,69 [default: the row's]")
 @_cost_options(
     "Time every layer on the device at hand, at each row's micro-batch size and per-worker thread count",
-    "Our engine, or torch.distributed.pipelining (one process per stage; --schedule, --nproc).",
+    "Our engine; torchgpipe 0.0.7, the archived peer (its own cost per cell, autograd's backward: one thread for "
+    "every CPU partition), measured where it is installed; or torch.distributed.pipelining (one process per "
+    "stage; --schedule, --nproc).",
+    engines=("gpipe-bench", "torchgpipe", "distributed"),
 )
 @click.option(
     "--schedule",

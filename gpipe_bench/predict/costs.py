@@ -102,9 +102,9 @@ class Costs(ABC):
             return self.link(src, dst)
         return self.process_link()
 
-    def cell_host(self) -> Tuple[float, float]:
-        """(forward, backward) host seconds our engine adds per cell beyond its operators (:mod:`.host`)."""
-        return self.host_costs.per_cell()
+    def cell_host(self, engine: str = "gpipe-bench") -> Tuple[float, float]:
+        """(forward, backward) host seconds ``engine`` adds per cell beyond its operators (:mod:`.host`)."""
+        return self.host_costs.per_cell(engine)
 
     def boundary_bytes(self, cut: int, batch: int) -> int:
         """Bytes crossing a partition boundary before layer ``cut`` (its output and skips crossing it)."""

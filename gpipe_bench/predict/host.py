@@ -14,10 +14,11 @@ that depends on the tensors' sizes, so it is replayed here on tiny ones:
   operators :mod:`.count` counts for the chain. The tiny tensors' CPU kernels
   are in the figure too (a microsecond or two each), standing in for a GPU
   library call's host side;
-- **per cell of our engine**: the same chain under
-  :class:`~gpipe_bench.pipe.GPipe` on one device, against the plain chain
-  run on the same micro-batches; what the engine adds, per micro-batch cell,
-  forward and backward.
+- **per cell of an engine**: the same chain under our
+  :class:`~gpipe_bench.pipe.GPipe` (and torchgpipe 0.0.7's, where it is
+  installed) on one device, against the plain chain run on the same
+  micro-batches; what the engine adds, per micro-batch cell, forward and
+  backward. Torch's pipelining needs a process group and is not replayed.
 
 A GPU adds its kernel launch (the preset's ``launch``) to each operator. The
 target's host is assumed as fast per core as this one unless the caller says
@@ -29,13 +30,15 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib.util
 import time
-from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ..errors import HarnessError
 from .measured import intra_op_threads
 
 __all__ = ["HostCosts", "measure", "CHAIN_BLOCKS"]
@@ -56,17 +59,26 @@ class HostCosts:
     cell_forward: float  # our engine, per forward cell, beyond its operators
     cell_backward: float  # our engine, per backward cell, beyond its operators
     speed: float = 1.0  # the target host's speed per core against this one's
+    #: torchgpipe 0.0.7's (forward, backward) per cell, where it is installed
+    peer: Optional[Tuple[float, float]] = None
 
     def scaled(self, speed: float) -> "HostCosts":
         """The same costs on a host ``speed`` times as fast per core."""
-        return HostCosts(self.forward, self.nograd, self.backward, self.cell_forward, self.cell_backward, speed)
+        return replace(self, speed=speed)
 
     def per_operator(self, direction: str) -> float:
         """Seconds per operator of ``direction`` ('forward', 'nograd' or 'backward') on the target host."""
         return float(getattr(self, direction)) / self.speed
 
-    def per_cell(self) -> Tuple[float, float]:
-        """(forward, backward) seconds our engine adds per cell on the target host."""
+    def per_cell(self, engine: str = "gpipe-bench") -> Tuple[float, float]:
+        """(forward, backward) seconds ``engine`` adds per cell on the target host (ours, or torchgpipe)."""
+        if engine == "torchgpipe":
+            if self.peer is None:
+                raise HarnessError(
+                    "torchgpipe's cost per cell is measured by running it, and it is not installed; install it with: "
+                    "pip install -e '.[peers]'"
+                )
+            return self.peer[0] / self.speed, self.peer[1] / self.speed
         return self.cell_forward / self.speed, self.cell_backward / self.speed
 
     def describe(self) -> str:
@@ -165,14 +177,29 @@ def measure(samples: int = 25) -> HostCosts:
                 _plain_step(model, x, True, micro),
                 _engine_step(pipe, x),
             ]
-            (fwd, bwd), (nograd, _), (plain_f, plain_b), (engine_f, engine_b) = _fastest(steps, samples)
+            if importlib.util.find_spec("torchgpipe") is not None:
+                import torchgpipe  # type: ignore[import-not-found, import-untyped, unused-ignore]
+
+                peer_model = _chain().train()
+                peer_model.load_state_dict(model.state_dict())
+                peer_pipe = torchgpipe.GPipe(
+                    peer_model, [len(peer_model)], devices=["cpu"], chunks=micro, checkpoint="never"
+                )
+                steps.append(_engine_step(peer_pipe, x))
+            fastest = _fastest(steps, samples)
+            (fwd, bwd), (nograd, _), (plain_f, plain_b), (engine_f, engine_b) = fastest[:4]
     finally:
         if was:
             gc.enable()
+    peer = None
+    if len(fastest) > 4:
+        peer_f, peer_b = fastest[4]
+        peer = (max(0.0, (peer_f - plain_f) / micro), max(0.0, (peer_b - plain_b) / micro))
     return HostCosts(
         forward=fwd / forward_ops,
         nograd=nograd / forward_ops,
         backward=bwd / backward_ops,
         cell_forward=max(0.0, (engine_f - plain_f) / micro),
         cell_backward=max(0.0, (engine_b - plain_b) / micro),
+        peer=peer,
     )

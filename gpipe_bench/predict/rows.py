@@ -192,7 +192,7 @@ def step(job: Job, costs: Costs) -> Outcome:
         )
 
     devices = list(job.devices)
-    engine = costs.cell_host()  # what our engine adds per cell, measured here
+    engine = costs.cell_host(job.engine)  # what the engine adds per cell, measured here
     threads = worker_threads(devices, host)
     by_size = {s: costs.layers(s, threads, devices[0]) for s in set(sizes)}
     n = len(balance)
@@ -211,9 +211,8 @@ def step(job: Job, costs: Costs) -> Outcome:
     for lane in lanes:
         parts = [update(*ranges[j], devices[j], host.threads, "optimizer") for j in range(n) if devices[j] == lane]
         optimizer[lane] = _merge(parts)
-    return gpipe(
-        cells, devices, checkpoint_stop(row.checkpoint, chunks), host, costs.link, Extra(optimizer=optimizer), title
-    )
+    stop = checkpoint_stop(row.checkpoint, chunks)
+    return gpipe(cells, devices, stop, host, costs.link, Extra(optimizer=optimizer), title, job.engine)
 
 
 def _merge(parts: Sequence[Tuple[float, float]]) -> Tuple[float, float]:

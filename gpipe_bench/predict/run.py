@@ -32,7 +32,7 @@ __all__ = [
     "ENGINES",
 ]
 
-ENGINES = ("gpipe-bench", "distributed")
+ENGINES = ("gpipe-bench", "torchgpipe", "distributed")
 
 
 @dataclass

@@ -242,8 +242,16 @@ def gpipe(
     link: LinkOf,
     extra: Extra = Extra(),
     title: str = "",
+    engine: str = "gpipe-bench",
 ) -> Outcome:
-    """One step of our engine: ``cells[i][j]`` is micro-batch ``i`` on partition ``j`` (on ``devices[j]``)."""
+    """One step of a GPipe engine: ``cells[i][j]`` is micro-batch ``i`` on partition ``j`` (on ``devices[j]``).
+
+    ``engine``: ours, or ``torchgpipe`` (0.0.7), whose forward runs the same clocks
+    but whose backward is autograd's own: each GPU's work on that device's
+    autograd thread as soon as its inputs are ready (no barrier between clocks),
+    a checkpointed micro-batch recomputed just before its backward, and every CPU
+    partition's backward on autograd's one CPU thread, one after another.
+    """
     m, n = len(cells), len(devices)
     workers, worker_of = worker_groups([torch.device(d) for d in devices])
     lanes = [str(d) for d in workers]
@@ -258,6 +266,13 @@ def gpipe(
         """What a cell on partition ``dst`` waits for from ``src``: its task, and the copy between their devices."""
         copy = b.copy(link(devices[src], devices[dst]), devices[src], devices[dst], nbytes, [source], i, dst)
         return [source, copy]
+
+    peer_backward = engine == "torchgpipe"
+
+    def thread_of(lane: str, kind: str) -> str:
+        if peer_backward and kind != "forward":
+            return "autograd cpu" if _is_cpu(lane) else f"autograd {lane}"
+        return lane
 
     def run_clocks(clocks: Sequence[Sequence[Tuple[str, int, int]]], start: Optional[int]) -> Optional[int]:
         gate = start
@@ -278,15 +293,16 @@ def gpipe(
                     data = arrived(bwd_task[(i, j + 1)], j + 1, j, cost.out_bytes, i) if j < n - 1 else [loss_device]
                     # torch.autograd.grad runs in C++ with the interpreter released: its host work is the worker's own.
                     host_s, device_s, held = cost.backward_host, cost.backward, None
+                thread = thread_of(lane, kind)
                 r, d = b.cell(
-                    Work(lane, lane, _is_cpu(lane), host_s, device_s, kind, i, j, held, threads, [gate], data)
+                    Work(thread, lane, _is_cpu(lane), host_s, device_s, kind, i, j, held, threads, [gate], data)
                 )
                 if kind == "forward":
                     fwd_task[(i, j)] = d
                 elif kind == "backward":
                     bwd_task[(i, j)] = d
                 returns.append(r)
-            if barrier:
+            if barrier and not (peer_backward and steps and steps[0][0] != "forward"):
                 gate = b.sim.add(None, 0.0, returns)
         return gate
 
@@ -310,8 +326,10 @@ def gpipe(
     )
     backward = [[(s.kind, s.i, s.j) for s in steps] for steps in backward_steps(m, n, lambda i: i < checkpoint_stop)]
     for w in lanes:
-        b.last_host[w] = loss_ret
+        b.last_host[thread_of(w, "backward")] = loss_ret
     gate = run_clocks(backward, loss_ret)
+    if peer_backward:  # the caller's backward() returns when autograd's threads are done
+        gate = b.sim.add(None, 0.0, [b.last_host[thread_of(w, "backward")] for w in lanes])
     # The optimizer steps each device's parameters on the caller's thread.
     b.last_host[caller] = gate if gate is not None else b.last_host[lanes[0]]
     for lane in lanes:
@@ -319,7 +337,7 @@ def gpipe(
         if h or d:
             after = [bwd_task[(i, j)] for i in range(m) for j in range(n) if lane_of[j] == lane]
             b.cell(Work(caller, lane, _is_cpu(lane), h, d, threads=host.threads, after_data=after))
-    return b.outcome(title, lanes, {"engine": "gpipe-bench", "micro_batches": m, "partitions": n})
+    return b.outcome(title, lanes, {"engine": engine, "micro_batches": m, "partitions": n})
 
 
 def plain(cost: CellCost, device: str, host: Host, extra: Extra = Extra(), title: str = "") -> Outcome:

@@ -90,9 +90,8 @@ def predicted_jobs(
             ranks = [f"rank{r}" for r in range(processes)]
             out.append(jobs.Job(table, row, settings, profile, ranks, "distributed", schedule))
             continue
-        out.append(
-            jobs.Job(table, row, settings, profile, predicted_devices(preset, devices_spec, count), "gpipe-bench")
-        )
+        ours = engine if engine == "torchgpipe" else "gpipe-bench"  # the engines of this process
+        out.append(jobs.Job(table, row, settings, profile, predicted_devices(preset, devices_spec, count), ours))
     return out
 
 

@@ -15,7 +15,7 @@ import pytest
 from gpipe_bench.predict import costs
 from gpipe_bench.predict.host import HostCosts
 
-PINNED = HostCosts(forward=0.0, nograd=0.0, backward=0.0, cell_forward=0.0, cell_backward=0.0)
+PINNED = HostCosts(forward=0.0, nograd=0.0, backward=0.0, cell_forward=0.0, cell_backward=0.0, peer=(0.0, 0.0))
 
 
 @pytest.fixture(autouse=True)

@@ -66,3 +66,17 @@ def test_calibration_fits_one_efficiency_and_says_so() -> None:
 def test_parse_calibration() -> None:
     assert parse_calibration("naive-1=92.539") == ("naive-1", 92.539)
     assert parse_calibration(None) is None
+
+
+def test_torchgpipe_is_predicted_as_its_own_engine() -> None:
+    """The peer's rows carry its name; on CPUs its autograd backward takes turns, so it is never faster than ours."""
+    table = config.load("resnet101-speed")
+    rows = [table.row("pipeline-2", "quick")]
+    ours = predict_table(table, "quick", rows, Overrides(), None, hardware="cpu", memory=False)
+    peer = predict_table(table, "quick", rows, Overrides(), None, hardware="cpu", memory=False, engine="torchgpipe")
+    assert [p.job.record_engine for p in peer.rows] == ["torchgpipe"]
+    assert peer.rows[0].throughput < ours.rows[0].throughput
+    result = CliRunner().invoke(
+        main, ["predict", "resnet101", "--hardware", "p40", "--engine", "torchgpipe", "--pipeline", "2"]
+    )
+    assert result.exit_code == 0, result.output

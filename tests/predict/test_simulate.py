@@ -184,3 +184,29 @@ def test_a_checkpointed_first_forward_costs_its_no_grad_share_of_host_and_device
     out = gpipe([[cost], [cost]], ["cuda:0"], 1, HOST, _none)
     forwards = sorted((s.micro_batch, s.end - s.start) for s in out.timeline.spans if s.phase == "forward")
     assert [d for _, d in forwards] == [pytest.approx(0.5), pytest.approx(2.0)]
+
+
+def test_torchgpipes_backward_runs_every_cpu_partition_on_autograds_one_thread() -> None:
+    """Its forward clocks are ours; its backward is autograd's: on CPUs one thread, so the partitions take turns."""
+    cells = [[CellCost(1.0, 2.0)] * 2 for _ in range(4)]
+    devices = ["cpu:0", "cpu:1"]
+    ours = gpipe(cells, devices, 0, Host(cores=2, threads=2), _none)
+    peer = gpipe(cells, devices, 0, Host(cores=2, threads=2), _none, engine="torchgpipe")
+
+    def overlapping(outcome: object) -> bool:
+        spans = [s for s in outcome.timeline.spans if s.phase == "backward"]  # type: ignore[attr-defined]
+        return any(a.start < b.end and b.start < a.end for a in spans for b in spans if a is not b)
+
+    assert overlapping(ours) and not overlapping(peer)
+    forward = [(s.lane, s.start, s.end) for s in ours.timeline.spans if s.phase == "forward"]
+    assert forward == [(s.lane, s.start, s.end) for s in peer.timeline.spans if s.phase == "forward"]
+    assert peer.seconds == pytest.approx(5 * 1.0 + 8 * 2.0)  # the forward's 5 clocks, then every backward in turn
+    assert peer.timeline.meta["engine"] == "torchgpipe"
+
+
+def test_torchgpipes_backward_on_gpus_has_no_barrier_between_clocks() -> None:
+    """Each GPU's autograd thread starts a backward as soon as its gradient has arrived."""
+    cells = [[CellCost(1.0, 1.0), CellCost(1.0, 3.0)] for _ in range(3)]
+    ours = gpipe(cells, ["cuda:0", "cuda:1"], 0, HOST, _none)
+    peer = gpipe(cells, ["cuda:0", "cuda:1"], 0, HOST, _none, engine="torchgpipe")
+    assert peer.seconds <= ours.seconds
