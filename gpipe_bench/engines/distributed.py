@@ -87,8 +87,16 @@ def leave_process_group() -> None:
     if not dist.is_initialized():
         return
     if not _GROUP.failed:
-        dist.destroy_process_group()
-        return
+        # Every rank reaches its exit before any tears its connections down: a rank that destroyed its
+        # gloo pairs while a peer's threads still read from them took that peer down with a C++
+        # terminate (SIGABRT after its record was written), now and then on a loaded host.
+        try:
+            dist.barrier()
+        except (RuntimeError, ValueError):
+            _GROUP.failed = True
+        else:
+            dist.destroy_process_group()
+            return
     # torch's abort is not public API: without it the group is left to its destructor, as before.
     abort = getattr(distributed_c10d, "_abort_process_group", None)
     try:
