@@ -110,7 +110,8 @@ def test_simulated_timeline_files(tmp_path: Path) -> None:
         (["--hardware", "p40", "--costs", "measured"], ["--costs", "give one"]),
         (["--calibrate", "naive-1=92.5"], ["--calibrate", "--hardware"]),
         (["--hardware", "p40", "--pipeline", "2", "--balance", "1,2"], ["balance", "370"]),
-        (["--hardware", "p40", "--engine", "torchgpipe"], ["--engine", "torchgpipe"]),
+        (["--host-speed", "2"], ["--host-speed", "--hardware"]),
+        (["--hardware", "p40", "--host-speed", "0"], ["--host-speed"]),
         (
             [
                 "--hardware",
