@@ -68,7 +68,7 @@ _FIELDS = {
     "sources",
 }
 #: Fields a preset may leave out: without them its operators run at their roofline.
-_OPTIONAL = {"rates", "memory_share", "kernel_floor"}
+_OPTIONAL = {"rates", "memory_share", "kernel_floor", "half_flops", "bf16"}
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,8 @@ class Hardware:
     rates: Mapping[str, Rates] = field(default_factory=dict, hash=False)  # UNITS -> measured rates
     memory_share: float = 1.0  # the share of memory_bandwidth a streaming kernel reaches
     kernel_floor: float = 0.0  # the shortest a kernel takes, back to back (seconds)
+    half_flops: Optional[float] = None  # FLOP/s on tensor cores in fp16 (and bf16 where ``bf16``), dense
+    bf16: bool = False  # whether the tensor cores take bfloat16
 
     def link(self, kind: Optional[str] = None) -> Link:
         """The link of ``kind`` (the default link if None); HarnessError if this preset has none of that kind."""
@@ -174,6 +176,12 @@ def _number(value: object, where: str, positive: bool = True, infinite: bool = F
     if value < 0 or (positive and value == 0):
         raise HarnessError(f"{where} must be {'positive' if positive else 'non-negative'} (got {value!r})")
     return float(value)
+
+
+def _flag(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise HarnessError(f"{where} must be true or false (got {value!r})")
+    return value
 
 
 def _link(kind: object, spec: object, where: str) -> Link:
@@ -244,6 +252,8 @@ def _preset(name: str, spec: object, file: Path, rates: Mapping[str, Rates]) -> 
     for unit, table in units.items():
         if table not in rates:
             raise HarnessError(f"{where}.rates.{unit}: {table!r} is not one of the rates: {', '.join(rates)}")
+    if spec.get("bf16") is True and spec.get("half_flops") is None:
+        raise HarnessError(f"{where}: bf16 is true but half_flops is null; give the tensor cores' fp16/bf16 peak")
     share = _number(spec.get("memory_share", 1.0), f"{where}.memory_share")
     if share > 1:
         raise HarnessError(f"{where}.memory_share must be a share of the peak, at most 1 (got {share!r})")
@@ -264,6 +274,8 @@ def _preset(name: str, spec: object, file: Path, rates: Mapping[str, Rates]) -> 
         rates=MappingProxyType({str(unit): rates[str(table)] for unit, table in units.items()}),
         memory_share=share,
         kernel_floor=_number(spec.get("kernel_floor", 0.0), f"{where}.kernel_floor", positive=False),
+        half_flops=None if spec.get("half_flops") is None else _number(spec["half_flops"], f"{where}.half_flops"),
+        bf16=_flag(spec.get("bf16", False), f"{where}.bf16"),
     )
 
 

@@ -147,3 +147,22 @@ def test_bad_rates_are_harness_errors(tmp_path: Path, old: str, new: str, messag
     assert old in MEASURED
     with pytest.raises(HarnessError, match=message):
         load("toy", _write(tmp_path, MEASURED.replace(old, new)))
+
+
+def test_presets_give_the_tensor_cores_half_precision_peak_where_there_is_one(tmp_path: Path) -> None:
+    assert (load("p40").half_flops, load("p40").bf16) == (None, False)  # no tensor cores
+    assert (load("v100").half_flops, load("v100").bf16) == (125e12, False)  # fp16 only
+    for name, peak in (("a100", 312e12), ("h100", 989.4e12), ("h200", 989.4e12)):
+        assert (load(name).half_flops, load(name).bf16) == (peak, True)
+        assert load(name).half_flops == pytest.approx(2 * load(name).tf32_flops, rel=0.01)  # dense: twice TF32
+    with pytest.raises(HarnessError, match="bf16 is true but half_flops is null"):
+        load("toy", _write(tmp_path, GOOD.replace("    launch: 1.0e-5\n", "    launch: 1.0e-5\n    bf16: true\n")))
+    (tmp_path / "flag").mkdir()
+    with pytest.raises(HarnessError, match="bf16 must be true or false"):
+        load(
+            "toy",
+            _write(
+                tmp_path / "flag",
+                GOOD.replace("    launch: 1.0e-5\n", "    launch: 1.0e-5\n    half_flops: 1.0e+12\n    bf16: 1\n"),
+            ),
+        )

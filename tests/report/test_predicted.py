@@ -186,6 +186,8 @@ def test_presets_table_names_rates_memory_and_links_with_sources() -> None:
         "Name",
         "fp32",
         "Convolutions",
+        "Mixed",
+        "precision",
         "Memory",
         "bandwidth",
         "Memory",
@@ -195,7 +197,19 @@ def test_presets_table_names_rates_memory_and_links_with_sources() -> None:
         "Between",
         "devices",
     ]
-    assert lines[3].split() == ["gpu", "12.0", "TFLOP/s", "TF32", "48.0", "TFLOP/s", "900", "GB/s", "16", "GiB"] + [
+    assert lines[3].split() == [
+        "gpu",
+        "12.0",
+        "TFLOP/s",
+        "TF32",
+        "48.0",
+        "TFLOP/s",
+        "–",
+        "900",
+        "GB/s",
+        "16",
+        "GiB",
+    ] + [
         "5",
         "µs",
         "roofline",
@@ -203,7 +217,19 @@ def test_presets_table_names_rates_memory_and_links_with_sources() -> None:
         "300",
         "GB/s",
     ]
-    assert lines[4].split() == ["host", "12.0", "TFLOP/s", "fp32", "12.0", "TFLOP/s", "900", "GB/s", "16", "GiB"] + [
+    assert lines[4].split() == [
+        "host",
+        "12.0",
+        "TFLOP/s",
+        "fp32",
+        "12.0",
+        "TFLOP/s",
+        "–",
+        "900",
+        "GB/s",
+        "16",
+        "GiB",
+    ] + [
         "5",
         "µs",
         "roofline",
