@@ -1052,7 +1052,8 @@ def anchors_command(names: Tuple[str, ...], fmt: str, check: bool) -> None:
 
     checked = anchors.check(names=names)
     if names and not checked:
-        known = [a.name for a in anchors.load()[0]] + [t.table for t in anchors.load()[1]]
+        plain, tables = anchors.load()
+        known = [a.name for a in plain] + [t.table for t in tables]
         raise HarnessError(f"no anchor named {', '.join(names)}; choose from: {', '.join(known)}", param="ANCHOR")
     click.echo(anchor_report.render(checked, fmt))
     missed = [c for c in checked if c.within is False and not c.open]

@@ -86,7 +86,7 @@ class Costs(ABC):
     @property
     def device_type(self) -> str:
         """'cuda' or 'cpu': what the devices of a prediction are."""
-        return "cpu" if self.hardware.kind == "cpu" else "cuda"
+        return self.hardware.device_type
 
     def process_link(self) -> Optional[Link]:
         """The link between two CPU processes (gloo over TCP on one host), when the preset has one."""

@@ -158,6 +158,11 @@ class Hardware:
         return self.fp32_flops
 
     @property
+    def device_type(self) -> str:
+        """'cuda' or 'cpu': the devices this preset describes (a GPU preset's are CUDA devices)."""
+        return "cpu" if self.kind == "cpu" else "cuda"
+
+    @property
     def conv_unit(self) -> str:
         """The unit PyTorch's fp32 defaults run a convolution on: tensor cores where TF32 is on."""
         return "tensor_cores" if self.tf32_convs and self.tf32_flops is not None else "cuda_cores"
@@ -229,8 +234,7 @@ def _preset(name: str, spec: object, file: Path, rates: Mapping[str, Rates]) -> 
         )
     if spec["kind"] not in DEVICE_KINDS:
         raise HarnessError(f"{where}.kind {spec['kind']!r} is not one of {', '.join(DEVICE_KINDS)}")
-    if not isinstance(spec["tf32_convs"], bool):
-        raise HarnessError(f"{where}.tf32_convs must be true or false (got {spec['tf32_convs']!r})")
+    _flag(spec["tf32_convs"], f"{where}.tf32_convs")
     tf32 = spec["tf32_flops"]
     if spec["tf32_convs"] and tf32 is None:
         raise HarnessError(f"{where}: tf32_convs is true but tf32_flops is null; give the TF32 peak")

@@ -445,8 +445,6 @@ def _template(
     with an even balance over ``stages``: its settings and micro-batch size, and
     nothing published to set beside the plans.
     """
-    from dataclasses import replace as changed
-
     from gpipe_bench import config
 
     chosen = table.profile(profile)
@@ -458,8 +456,8 @@ def _template(
     row = rows[0] if rows else min(pipelines, key=lambda r: (abs(r.devices - stages), -r.devices))
     if not published:
         even = tuple(layers // stages + (1 if k < layers % stages else 0) for k in range(stages))
-        row = changed(
-            row, name=f"pipeline-{stages}", devices=stages, balance=even, published=changed(row.published, values={})
+        row = replace(
+            row, name=f"pipeline-{stages}", devices=stages, balance=even, published=replace(row.published, values={})
         )
     chunks = None
     if batch is not None and batch != row.batch:  # the published micro-batch size, kept at another batch

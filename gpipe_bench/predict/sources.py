@@ -28,7 +28,7 @@ def for_gpus(preset: Optional[presets.Hardware]) -> bool:
 
     It picks the profile a prediction or a plan defaults to (:func:`gpipe_bench.jobs.default_profile`).
     """
-    return preset.kind != "cpu" if preset is not None else torch.cuda.is_available()
+    return preset.device_type == "cuda" if preset is not None else torch.cuda.is_available()
 
 
 def parse_calibration(value: Optional[str]) -> Optional[Tuple[str, float]]:
@@ -55,8 +55,7 @@ def predicted_devices(preset: Optional[presets.Hardware], spec: Optional[str], c
             raise HarnessError(f"{len(given)} device(s) given for {count} partitions; give {count}", param="--devices")
         return given
     if preset is not None:
-        kind = "cpu" if preset.kind == "cpu" else "cuda"
-        return [f"{kind}:{j}" for j in range(count)]
+        return [f"{preset.device_type}:{j}" for j in range(count)]
     return list(devices.resolve(None, count).devices)
 
 

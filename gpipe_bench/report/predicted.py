@@ -49,7 +49,11 @@ def measured_for(
     prediction: "TablePrediction", results: Sequence[Result], hardware: Optional[str]
 ) -> Dict[str, Result]:
     """The newest measured record of each row of the predicted table and profile on ``hardware``'s machine."""
-    group = _measured_group(prediction, results, hardware)
+    return _results_of(_measured_group(prediction, results, hardware))
+
+
+def _results_of(group: Optional[Group]) -> Dict[str, Result]:
+    """Our engine's record of each row in ``group`` (none without a group)."""
     if group is None:
         return {}
     return {experiment: result for (experiment, engine), result in group.results.items() if engine == DEFAULT_ENGINE}
@@ -73,7 +77,7 @@ def as_records(
 ) -> List[Dict[str, Any]]:
     """One object per row: the predicted figures, then the measured and published ones (None where absent)."""
     group = _measured_group(prediction, results, hardware)
-    measured = measured_for(prediction, results, hardware)
+    measured = _results_of(group)
     out = []
     for p in prediction.rows:
         row = p.job.row

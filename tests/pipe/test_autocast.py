@@ -86,18 +86,13 @@ def test_a_recompute_replays_the_forwards_autocast_state() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(grads_n, grads_32, strict=True))
 
 
-def _scaled_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: Tensor) -> None:
-    optimizer.zero_grad()
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = model(x).float().sum()
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-
-
-def _plain_scaled_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: Tensor, chunks: int
+def _scaled_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: Tensor, chunks: int = 1
 ) -> None:
+    """One fp16 step with a gradient scaler, the loss of each of ``chunks`` pieces of ``x`` backpropagated apart.
+
+    The plain model on micro-batches takes ``chunks`` pieces (GPipe's definition); the pipeline takes one.
+    """
     optimizer.zero_grad()
     for piece in x.chunk(chunks):
         with torch.autocast("cpu", dtype=torch.float16):
@@ -105,6 +100,19 @@ def _plain_scaled_step(
         scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
+
+
+def _both_scaled(plain: nn.Module, piped: nn.Module, x: Tensor) -> List[Tuple[bool, float]]:
+    """(parameters unchanged, scale after) of one scaled step of the plain model on 4 micro-batches and of the pipeline."""
+    out = []
+    for model, chunks in ((plain, 4), (piped, 1)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        before = [p.detach().clone() for p in model.parameters()]
+        _scaled_step(model, optimizer, scaler, x, chunks)
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        out.append((unchanged, scaler.get_scale()))
+    return out
 
 
 def test_a_gradient_scaler_skips_the_step_when_one_micro_batch_overflows_as_on_the_plain_model() -> None:
@@ -115,29 +123,11 @@ def test_a_gradient_scaler_skips_the_step_when_one_micro_batch_overflows_as_on_t
     x[5] = 1.0e6  # one sample of the second of four micro-batches: beyond fp16's range once scaled
     plain, piped_model = copy.deepcopy(base), copy.deepcopy(base)
     piped = GPipe(piped_model, [2, 3], devices=["cpu:0", "cpu:1"], chunks=4)
-    runs = []
-    for model, step in (
-        (plain, lambda m, o, s: _plain_scaled_step(m, o, s, x, 4)),
-        (piped, lambda m, o, s: _scaled_step(m, o, s, x)),
-    ):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-        before = [p.detach().clone() for p in model.parameters()]
-        step(model, optimizer, scaler)
-        unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-        runs.append((unchanged, scaler.get_scale()))
+    runs = _both_scaled(plain, piped, x)
     assert runs[0] == runs[1] == (True, 2.0**7)  # both skipped the step and halved the scale
     # Without the overflow both take the step and keep the scale.
     x[5] = 1.0
-    clean = []
-    for model, step in (
-        (plain, lambda m, o, s: _plain_scaled_step(m, o, s, x, 4)),
-        (piped, lambda m, o, s: _scaled_step(m, o, s, x)),
-    ):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-        step(model, optimizer, scaler)
-        clean.append(scaler.get_scale())
+    clean = [scale for _, scale in _both_scaled(plain, piped, x)]
     assert clean == [2.0**8, 2.0**8]
     for a, b in zip(plain.parameters(), piped_model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
