@@ -21,6 +21,7 @@ import torch
 from . import __version__, config, jobs, models, report, results
 from .config import Overrides
 from .errors import HarnessError
+from .precision import PRECISIONS
 from .timeline import files as timeline
 from .timeline.model import Timeline
 
@@ -112,6 +113,15 @@ def _override_options(balance_default: str) -> Callable[[F], F]:
         ),
     )
 
+
+_precision_option = click.option(
+    "--precision",
+    type=click.Choice(list(PRECISIONS)),
+    help="fp32: PyTorch's defaults (on Ampere and later GPUs those run convolutions in TF32 and matrix products in "
+    "fp32); tf32: TF32 convolutions and matrix products (GPUs only); bf16 or fp16: autocast, parameters and "
+    "optimizer in fp32 (a CPU takes bf16 only); fp16 also scales the loss and counts the steps it skips. Saved "
+    "apart from the row's fp32 record [default: the row's, fp32 in every shipped table].",
+)
 
 _output_option = click.option(
     "--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
@@ -341,6 +351,7 @@ def list_command() -> None:
     "--skip-epochs", type=click.IntRange(min=0), help="Warm-up epochs left out of the mean [default: the config's]."
 )
 @_override_options(", e.g. 26,22,33,44,44,66,66,69 [default: the row's]")
+@_precision_option
 @_output_option
 @click.option(
     "--engine",
@@ -378,6 +389,7 @@ def speed_command(
     chunks: Optional[int],
     balance: Optional[str],
     checkpoint: Optional[str],
+    precision: Optional[str],
     output: Optional[Path],
     engine: str,
     schedule: str,
@@ -405,6 +417,7 @@ def speed_command(
         checkpoint=checkpoint,
         epochs=epochs,
         skip_epochs=skip_epochs,
+        precision=precision,
     )
     root = output if output is not None else results.results_dir()
 
@@ -539,6 +552,7 @@ def launch_command(
 @click.argument("model")
 @_row_options
 @_override_options(" [default: the row's, or found by balance_by_size]")
+@_precision_option
 @click.option(
     "--predict-only",
     is_flag=True,
@@ -566,6 +580,7 @@ def memory_command(
     chunks: Optional[int],
     balance: Optional[str],
     checkpoint: Optional[str],
+    precision: Optional[str],
     predict_only: bool,
     per_device: bool,
     output: Optional[Path],
@@ -591,7 +606,9 @@ def memory_command(
     from .measure.runner import RowInterrupted, run_rows
 
     table, profile_name, rows, named = _rows("memory", model, profile, quiet, pipeline, naive, experiment)
-    overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint)
+    overrides = Overrides(
+        batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint, precision=precision
+    )
     root = output if output is not None else results.results_dir()
     distributed = engine == "distributed"
     if distributed:
@@ -685,6 +702,7 @@ def memory_command(
 )
 @click.option("--seeds", type=click.IntRange(min=1), help="Seeds a row (runs) [default: the config's].")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs [default: the config's].")
+@_precision_option
 @click.option(
     "--data",
     type=click.Path(path_type=Path),
@@ -698,6 +716,7 @@ def accuracy_command(
     profile: str,
     seeds: Optional[int],
     epochs: Optional[int],
+    precision: Optional[str],
     data: Optional[Path],
     output: Optional[Path],
     quiet: bool,
@@ -718,7 +737,7 @@ def accuracy_command(
     cuda = torch.cuda.is_available()
     table = jobs.table_for(model, "accuracy")
     planned = jobs.resolve_accuracy(
-        table, profile, experiment=experiment, epochs=epochs, seeds=seeds, data=data, cuda=cuda
+        table, profile, experiment=experiment, epochs=epochs, seeds=seeds, data=data, cuda=cuda, precision=precision
     )
     root = output if output is not None else results.results_dir()
 
@@ -819,6 +838,7 @@ def table_command(
     "stage; --schedule, --nproc).",
     engines=("gpipe-bench", "torchgpipe", "distributed"),
 )
+@_precision_option
 @click.option(
     "--schedule",
     type=click.Choice(list(jobs.SCHEDULES)),
@@ -862,6 +882,7 @@ def predict_command(
     calibrate: Optional[str],
     host_speed: float,
     engine: str,
+    precision: Optional[str],
     schedule: str,
     nproc: Optional[int],
     timeline_path: Optional[Path],
@@ -899,7 +920,9 @@ def predict_command(
     table, profile_name, rows, _ = _rows(
         "speed", model, profile, quiet or fmt == "json", pipeline, naive, experiment, plain=True
     )
-    overrides = Overrides(batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint)
+    overrides = Overrides(
+        batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint, precision=precision
+    )
     if timeline_path is not None:
         timeline.check_writable(timeline_path)
 
@@ -969,6 +992,7 @@ def predict_command(
     help="Keep only plans whose predicted peak fits, e.g. 16GiB [default: the GPU's or the preset's memory; "
     "on a CPU, 80%% of the available host memory shared by the devices].",
 )
+@_precision_option
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="How many plans to print.")
 @click.option(
     "--format", "fmt", type=click.Choice(["rst", "md", "json"]), default="rst", show_default=True, help="Output format."
@@ -985,6 +1009,7 @@ def plan_command(
     engine: str,
     calibrate: Optional[str],
     host_speed: float,
+    precision: Optional[str],
     top: int,
     fmt: str,
     quiet: bool,
@@ -1026,6 +1051,7 @@ def plan_command(
         calibration=parse_calibration(calibrate),
         progress=progress,
         host_speed=host_speed,
+        **({"precision": precision} if precision is not None else {}),
     )
     click.echo(planned.render(answer, fmt))
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import config, devices, models
+import torch
+
+from . import config, devices, models, precision
 from .config import Overrides, Row, Settings, Table
 from .errors import HarnessError
 
@@ -37,6 +39,7 @@ __all__ = [
     "resolve",
     "resolve_distributed",
     "resolve_accuracy",
+    "check_precision",
     "accuracy_placement",
     "Planner",
     "in_torchrun",
@@ -88,6 +91,14 @@ class Job:
         }
 
     @property
+    def device_type(self) -> str:
+        """``cuda`` or ``cpu``: where the row computes (autocast's device type); a launch's ranks: this host's."""
+        first = self.devices[0] if self.devices else "cpu"
+        if first.startswith("rank"):
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if first.startswith("cuda") else "cpu"
+
+    @property
     def split(self) -> bool:
         """Whether the row runs the model split into partitions (see the module docstring)."""
         return self.row.mode == "pipeline" or partitions(self.row) > 1
@@ -135,7 +146,28 @@ class Job:
             "skip_epochs": s.skip_epochs,
             "optimizer": dict(s.optimizer),
             "classes": s.classes,
+            "precision": row.precision,
         }
+
+
+def check_precision(job: Job) -> Job:
+    """``job`` if its devices run its precision; else one error naming the precisions they run.
+
+    Only a present GPU is asked whether it has bf16; a row sized for GPUs
+    without running (predict-only) is taken to run on one that does.
+    """
+    bf16 = True
+    if job.device_type == "cuda" and torch.cuda.is_available() and any(d.startswith("cuda") for d in job.devices):
+        bf16 = torch.cuda.is_bf16_supported()
+    precision.check(job.row.precision, job.device_type, bf16, where=job.row.name)
+    if job.engine == "torchgpipe" and job.split and precision.autocast_dtype(job.row.precision) is not None:
+        # Its workers are threads that do not take the caller's autocast: the row would run in fp32 unannounced.
+        raise HarnessError(
+            f"{job.row.name}: torchgpipe 0.0.7's workers do not take the caller's autocast, so --precision "
+            f"{job.row.precision} would run in fp32; use --engine gpipe-bench, or --precision fp32/tf32",
+            param="--precision",
+        )
+    return job
 
 
 #: Chooses a planned row's balance for its devices: (the job with its balance, how it was chosen).
@@ -237,12 +269,11 @@ def resolve(
         row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
         count = partitions(row)
         if predict_only:
-            jobs.append(
-                (Job(table, row, settings, profile, _predict_only_devices(devices_spec, count, profile), engine), "")
-            )
+            sized = Job(table, row, settings, profile, _predict_only_devices(devices_spec, count, profile), engine)
+            jobs.append((check_precision(sized), ""))
             continue
         placement = devices.resolve(devices_spec, count)
-        job = Job(table, row, settings, profile, placement.devices, engine)
+        job = check_precision(Job(table, row, settings, profile, placement.devices, engine))
         note = placement.note
         if row.planned and row.balance is None:
             if planner is None:
@@ -313,8 +344,18 @@ def resolve_distributed(
                     "needs (with one micro-batch every schedule is fill-drain: --schedule gpipe runs it)"
                 )
             continue
+        if row.precision == "fp16":
+            raise HarnessError(
+                f"{row.name}: --precision fp16 needs one loss scale agreed by every stage, which --engine distributed "
+                "does not keep; use --precision bf16 (no loss scale), or fp16 with --engine gpipe-bench",
+                param="--precision",
+            )
         jobs.append(
-            Job(table, row, settings, profile, [f"rank{r}" for r in range(size)], "distributed", schedule, timeout_s)
+            check_precision(
+                Job(
+                    table, row, settings, profile, [f"rank{r}" for r in range(size)], "distributed", schedule, timeout_s
+                )
+            )
         )
     if not jobs:
         wanted = (
@@ -336,6 +377,7 @@ def resolve_accuracy(
     seeds: Optional[int],
     data: Optional[Path],
     cuda: bool,
+    precision: Optional[str] = None,
 ) -> List[Job]:
     """The accuracy rows to train, resolved; a missing or malformed dataset is one error before anything runs.
 
@@ -363,13 +405,16 @@ def resolve_accuracy(
     count = seeds if seeds is not None else recipe.runs
     jobs = []
     for row in rows:
-        row, settings = config.apply(table, row, chosen.settings, Overrides(epochs=epochs), model=chosen.model)
+        row, settings = config.apply(
+            table, row, chosen.settings, Overrides(epochs=epochs, precision=precision), model=chosen.model
+        )
         width = row.devices if row.mode == "dataparallel" else partitions(row)
         if cuda:
             placed = devices.resolve(None, width).devices
         else:
             placed = ["cpu"] * width
-        jobs.append(Job(table, row, settings, profile, placed, seeds=tuple(range(count)), data=data, timeout_s=3600.0))
+        job = Job(table, row, settings, profile, placed, seeds=tuple(range(count)), data=data, timeout_s=3600.0)
+        jobs.append(check_precision(job))
     return jobs
 
 

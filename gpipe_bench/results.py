@@ -7,8 +7,9 @@ it later: exact settings, versions, the machine, the date. Rendering and
 comparison (:mod:`gpipe_bench.report`) are separate steps over saved records.
 
 Records live at ``<root>/<table>/<profile>/<hardware_key>/<experiment>.json``
-(``<experiment>--<engine>.json`` for engines other than ours), so results from
-different hardware never share a path and a re-run replaces exactly one file.
+(``<experiment>--<engine>.json`` for engines other than ours, ``--<precision>``
+added for precisions other than fp32), so results from different hardware,
+engines or precisions never share a path and a re-run replaces exactly one file.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 from .environment import environment, hardware_key, now
 from .errors import HarnessError
+from .precision import DEFAULT as DEFAULT_PRECISION
 
 __all__ = [
     "SCHEMA",
@@ -86,6 +88,11 @@ class Result:
     def hardware_key(self) -> str:
         """A stable, filesystem-safe slug of the machine: see :func:`hardware_key`."""
         return hardware_key(self.environment)
+
+    @property
+    def precision(self) -> str:
+        """The precision the row ran in (records made before precisions were recorded ran in fp32)."""
+        return str(self.settings.get("precision", DEFAULT_PRECISION))
 
     def to_json(self) -> Dict[str, Any]:
         """A JSON-ready dict: the fields plus ``schema``."""
@@ -168,8 +175,13 @@ def results_dir() -> Path:
 
 
 def path_for(result: Result, root: Path) -> Path:
-    """``root/<table>/<profile>/<hardware_key>/<experiment>[--<engine>].json``."""
+    """``root/<table>/<profile>/<hardware_key>/<experiment>[--<engine>][--<precision>].json``.
+
+    A row run in another engine or precision never replaces the row's own record.
+    """
     name = result.experiment if result.engine == DEFAULT_ENGINE else f"{result.experiment}--{result.engine}"
+    if result.precision != DEFAULT_PRECISION:
+        name = f"{name}--{result.precision}"
     parts = [result.table, result.profile, result.hardware_key(), name]
     for part in parts:
         # Names come from configs; one that could escape root or collide is a bug, not a user error.

@@ -6,6 +6,7 @@ traceback, and no results file. A tiny end-to-end run checks the happy path.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List
 
@@ -49,12 +50,18 @@ def test_list() -> None:
         (["speed", "resnet101", "--pipeline", "2", "--devices", "cpu:0"], ["--devices", "2 partitions"]),
         (["speed", "resnet101", "--pipeline", "2", "--devices", "gpu:0,gpu:1"], ["--devices", "gpu:0"]),
         (["speed", "resnet101", "--pipeline", "2", "--naive", "1"], ["--pipeline", "--naive"]),
+        (["speed", "resnet101", "--pipeline", "2", "--precision", "fp16"], ["--precision", "a CPU", "fp32, bf16"]),
+        (["speed", "resnet101", "--pipeline", "2", "--precision", "tf32"], ["--precision", "a CPU", "fp32, bf16"]),
+        (["speed", "resnet101", "--pipeline", "2", "--precision", "fp8"], ["--precision", "fp8"]),
+        (["memory", "amoebanetd", "--pipeline", "2", "--precision", "fp16"], ["--precision", "a CPU", "fp32, bf16"]),
+        (["accuracy", "resnet101", "--precision", "tf32"], ["--precision", "a CPU", "fp32, bf16"]),
         (["table", "resnet101-sped"], ["resnet101-sped"]),
         (["compare", "nope"], ["nope"]),
     ],
 )
 def test_bad_input(args: List[str], needles: List[str], tmp_path: Path) -> None:
-    result = _run([*args[:1], *args[1:], *(["--output", str(tmp_path / "out")] if args[0] == "speed" else [])])
+    output = ["--output", str(tmp_path / "out")] if args[0] in ("speed", "memory", "accuracy") else []
+    result = _run([*args, *output])
     one_line_error(result, *needles)
     assert not list(tmp_path.rglob("*.json"))
 
@@ -118,6 +125,21 @@ def test_a_row_end_to_end(tmp_path: Path) -> None:
     assert "137.788" in result.output  # the published figure beside ours
     table = _run(["table", "resnet101-speed", "--results", str(tmp_path), "--format", "md"])
     assert table.exit_code == 0 and "pipeline-2" in table.output
+
+
+def test_a_row_in_bf16_is_saved_beside_the_fp32_record_and_apart_in_the_table(tmp_path: Path) -> None:
+    configs = tiny_configs(tmp_path / "cfg")
+    args = ["speed", "resnet101", "--experiment", "pipeline-2", "--profile", "quick", "--devices", "cpu:0,cpu:1"]
+    args += ["--epochs", "2", "--skip-epochs", "1", "--batch-size", "8", "--chunks", "2", "--quiet"]
+    for extra in ([], ["--precision", "bf16"]):
+        result = _run([*args, *extra, "--output", str(tmp_path / "out")], GPIPE_BENCH_CONFIGS=configs)
+        assert result.exit_code == 0, result.output
+    files = sorted(f.name for f in (tmp_path / "out").rglob("*.json"))
+    assert files == ["pipeline-2--bf16.json", "pipeline-2.json"]
+    record = json.loads(next((tmp_path / "out").rglob("pipeline-2--bf16.json")).read_text())
+    assert record["settings"]["precision"] == "bf16"
+    table = _run(["table", "resnet101-speed", "--results", str(tmp_path / "out")], GPIPE_BENCH_CONFIGS=configs)
+    assert "(quick profile):" in table.output and "(quick profile, bf16):" in table.output
 
 
 def test_torchgpipe_engine_on_the_same_settings(tmp_path: Path) -> None:

@@ -315,6 +315,14 @@ BAD = {
         ["rows.pipeline-2.batch", "4096", "dataset_size (1000)"],
     ),
     "optimizer name": (_set("settings", "optimizer", value={"lr": 0.1}), ["settings.optimizer.name", "(missing)"]),
+    "precision": (
+        _set("rows", "pipeline-2", "precision", value="fp8"),
+        ["rows.pipeline-2.precision", "'fp8'", "fp32, tf32, bf16, fp16"],
+    ),
+    "quick precision": (
+        _set("profiles", "quick", "rows", "pipeline-2", value={"precision": "half"}),
+        ["profiles.quick.rows.pipeline-2.precision", "'half'", "fp32, tf32, bf16, fp16"],
+    ),
 }
 
 
@@ -326,6 +334,16 @@ def test_bad_config_is_one_line_naming_file_key_value(tmp_path: Path, case: str)
     assert path.name in message
     for text in expected:
         assert text in message, (case, text, message)
+
+
+def test_a_row_or_a_profiles_row_may_set_its_precision(tmp_path: Path) -> None:
+    def mutate(data: Dict[str, Any]) -> None:
+        _set("rows", "pipeline-2", "precision", value="fp16")(data)
+        data["profiles"]["quick"]["rows"]["pipeline-2"]["precision"] = "bf16"
+
+    table = config.load(str(_write(tmp_path, mutate)))
+    assert table.row("pipeline-2").precision == "fp16" and table.row("pipeline-2", "quick").precision == "bf16"
+    assert table.row("pipeline-4", "quick").precision == "fp32"
 
 
 def test_memory_tables_alone_may_leave_balance_null(tmp_path: Path) -> None:

@@ -148,3 +148,62 @@ def test_a_registered_model_without_a_speed_table_has_its_plain_model() -> None:
     with pytest.raises(HarnessError, match="no model 'nosuch'.*resnet50"):
         jobs.table_for("nosuch", "speed", plain=True)
     assert jobs.table_for("resnet101", "speed", plain=True).name == "resnet101-speed"
+
+
+# -- precision -----------------------------------------------------------------------------------------------------
+
+
+def test_a_rows_precision_is_fp32_unless_overridden_and_every_record_says_it() -> None:
+    assert all(r.precision == "fp32" for r in SPEED.profile("published").rows)
+    row = SPEED.row("pipeline-2", "quick")
+    ((job, _),) = jobs.resolve(SPEED, "quick", [row], Overrides(precision="bf16"), "cpu:0,cpu:1")
+    assert job.row.precision == "bf16" and job.device_type == "cpu"
+    assert job.settings_record()["precision"] == "bf16"
+
+
+def test_a_precision_the_rows_devices_cannot_run_is_refused_before_anything_runs() -> None:
+    row = SPEED.row("pipeline-2", "quick")
+    for name in ("fp16", "tf32"):
+        with pytest.raises(
+            HarnessError, match=f"pipeline-2: a CPU cannot run --precision {name}.*use one of: fp32, bf16"
+        ):
+            jobs.resolve(SPEED, "quick", [row], Overrides(precision=name), "cpu:0,cpu:1")
+    # Sized for GPUs without running: any precision a GPU runs.
+    ((job, _),) = jobs.resolve(
+        SPEED, "published", [SPEED.row("pipeline-2")], Overrides(precision="fp16"), None, predict_only=True
+    )
+    assert job.device_type == "cuda" and job.row.precision == "fp16"
+
+
+def test_torchgpipe_would_run_autocast_rows_in_fp32_so_they_are_refused() -> None:
+    row = SPEED.row("pipeline-2", "quick")
+    with pytest.raises(HarnessError, match="torchgpipe 0.0.7's workers do not take the caller's autocast"):
+        jobs.resolve(SPEED, "quick", [row], Overrides(precision="bf16"), "cpu:0,cpu:1", engine="torchgpipe")
+    # The plain model (nothing split) and fp32 are fine.
+    plain = SPEED.row("naive-1", "quick")
+    jobs.resolve(SPEED, "quick", [plain], Overrides(precision="bf16"), "cpu:0", engine="torchgpipe")
+
+
+def test_fp16_under_torchs_pipelining_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(HarnessError, match="fp16 needs one loss scale agreed by every stage"):
+        jobs.resolve_distributed(
+            SPEED,
+            "quick",
+            [SPEED.row("pipeline-2", "quick")],
+            Overrides(precision="fp16"),
+            named=True,
+            schedule="gpipe",
+            timeout_s=10,
+        )
+    planned, _ = jobs.resolve_distributed(
+        SPEED,
+        "quick",
+        [SPEED.row("pipeline-2", "quick")],
+        Overrides(precision="bf16"),
+        named=True,
+        schedule="gpipe",
+        timeout_s=10,
+    )
+    assert planned[0].row.precision == "bf16"

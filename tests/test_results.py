@@ -81,6 +81,20 @@ def test_path_layout(tmp_path: Path) -> None:
     assert results.save(ours, tmp_path) == results.path_for(ours, tmp_path)
 
 
+def test_a_row_run_in_another_precision_never_replaces_the_rows_record(tmp_path: Path) -> None:
+    fp32 = make("pipeline-2")
+    bf16 = make("pipeline-2", value=200.0)
+    bf16.settings["precision"] = "bf16"
+    distributed = make("pipeline-2", engine="distributed-gpipe")
+    distributed.settings["precision"] = "bf16"
+    assert fp32.precision == "fp32"  # records made before precisions were recorded ran in fp32
+    assert results.path_for(bf16, tmp_path).name == "pipeline-2--bf16.json"
+    assert results.path_for(distributed, tmp_path).name == "pipeline-2--distributed-gpipe--bf16.json"
+    for result in (fp32, bf16):
+        results.save(result, tmp_path)
+    assert sorted(r.value for r in results.load_all(tmp_path)) == [137.788, 200.0]
+
+
 def test_path_refuses_components_that_escape_the_root(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unsafe path component"):
         results.path_for(make("../../etc/x"), tmp_path)

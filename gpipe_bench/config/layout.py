@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from gpipe_bench.precision import DEFAULT as DEFAULT_PRECISION
+from gpipe_bench.precision import PRECISIONS
+
 from .schema import (
     ABSENT,
     MISSING,
@@ -116,6 +119,7 @@ ROW_OVERRIDES: Schema = {
     "balance": (balance, ABSENT),
     "model_args": (model_args, {}),
     "note": (text, ABSENT),
+    "precision": (choice(*PRECISIONS), ABSENT),
 }
 ROW: Schema = {
     "name": (text, MISSING),
@@ -128,6 +132,7 @@ ROW: Schema = {
     "model_args": (model_args, {}),
     "published": (mapping, MISSING),
     "note": (text, ""),
+    "precision": (choice(*PRECISIONS), DEFAULT_PRECISION),
 }
 # compare.predicted: the published rows predicted on a hardware preset beside the published speedups
 # (gpipe-bench predict); check: whether compare --check fails when a prediction leaves the tolerance.

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Tuple, get_args
 
+from gpipe_bench.precision import DEFAULT as DEFAULT_PRECISION
+
 from .schema import Source
 
 __all__ = [
@@ -62,6 +64,8 @@ class Row:
     #: ``balance: planned``: the balance is chosen for the devices at hand when the row runs
     #: (:func:`gpipe_bench.predict.plan.planned_balance`); ``balance`` holds it once resolved
     planned: bool = False
+    #: fp32 | tf32 | bf16 | fp16 (:mod:`gpipe_bench.precision`): the published rows are fp32
+    precision: str = DEFAULT_PRECISION
 
 
 @dataclass(frozen=True)
@@ -139,3 +143,4 @@ class Overrides:
     checkpoint: Optional[str] = None
     epochs: Optional[int] = None
     skip_epochs: Optional[int] = None
+    precision: Optional[str] = None

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 import torch
 from torch import Tensor, nn
 
+from gpipe_bench import precision
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.memory.tracker import TensorMemory
@@ -90,6 +91,8 @@ class Trainer(ABC):
 
     def __init__(self, job: Job) -> None:
         self.job = job
+        #: fp16's loss scale (a no-op in every other precision): the step scales, the optimizer step unscales
+        self.loss_scale = precision.LossScale(job.row.precision, job.device_type)
 
     # -- what the loops drive -------------------------------------------------------------------------------------
 
@@ -106,7 +109,11 @@ class Trainer(ABC):
 
     @abstractmethod
     def step(self, x: Optional[Tensor], y: Optional[Tensor]) -> None:
-        """Forward, cross-entropy and backward of one mini-batch (no optimizer step)."""
+        """Forward, cross-entropy and backward of one mini-batch (no optimizer step), in the row's precision."""
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer's step; under fp16 unscaled first, and skipped (counted) when a gradient overflowed."""
+        self.loss_scale.step(optimizer)
 
     def synchronize(self) -> None:
         """Wait until every device of this process has finished the work queued so far."""
@@ -199,6 +206,10 @@ class Trainer(ABC):
     def record_extra(self) -> Dict[str, Any]:
         """What this engine adds to the record's ``extra``."""
         return {}
+
+    def scaling_record(self) -> Dict[str, Any]:
+        """fp16: the optimizer steps taken, those skipped on overflow, and the final loss scale (else nothing)."""
+        return self.loss_scale.record()
 
     def environment_devices(self) -> List[str]:
         """The devices the record's environment names."""

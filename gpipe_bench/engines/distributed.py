@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import distributed_c10d
 
-from gpipe_bench import models
+from gpipe_bench import models, precision
 from gpipe_bench.distributed.schedule import make_schedule, step
 from gpipe_bench.distributed.stages import build_local
 from gpipe_bench.errors import HarnessError
@@ -131,6 +131,11 @@ def rank_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _loss(out: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy in fp32 whatever the last stage's output dtype, as autocast computes it."""
+    return F.cross_entropy(out.float(), target)
+
+
 class DistributedTrainer(Trainer):
     """This rank's stages of the row under the job's schedule."""
 
@@ -141,20 +146,28 @@ class DistributedTrainer(Trainer):
         self.device = rank_device()
         join_process_group(self.device, job.timeout_s)
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.precision = job.row.precision
         self.reporter = self.rank == 0
         name, args = job.model_name, job.model_args
         self.balance = list(job.row.balance) if job.row.balance else [models.count(name, **args)[0]]
         self.stages = build_local(name, self.balance, self.rank, self.size, job.schedule, self.device, seed=0, **args)
         for stage in self.stages.values():
             stage.train()
+        # The schedule runs forwards and backwards in one call: each stage's forward takes the precision itself.
+        run = {
+            s: precision.Autocast(stage, self.precision, self.device.type)
+            if precision.autocast_dtype(self.precision)
+            else stage
+            for s, stage in self.stages.items()
+        }
         self.pipe = make_schedule(
-            self.stages,
+            run,
             self.rank,
             self.size,
             self.device,
             job.row.chunks,
             job.schedule,
-            F.cross_entropy,
+            _loss,
             stages=len(self.balance),
         )
 
@@ -169,7 +182,7 @@ class DistributedTrainer(Trainer):
         return x, y
 
     def step(self, x: Optional[Tensor], y: Optional[Tensor]) -> None:
-        with _collective():
+        with _collective(), precision.whole_step(self.precision):
             step(self.pipe, self.rank, self.size, x, y)
 
     def synchronize(self) -> None:

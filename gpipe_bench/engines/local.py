@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpipe_bench import models
+from gpipe_bench import models, precision
 from gpipe_bench.devices import memory_slots
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
@@ -75,7 +75,12 @@ class LocalTrainer(Trainer):
 
     def step(self, x: Optional[Tensor], y: Optional[Tensor]) -> None:
         assert x is not None and y is not None
-        torch.autograd.backward(F.cross_entropy(self.model(x), y))
+        # Our engine's workers and recomputations take this thread's autocast; the backward runs outside it.
+        chosen = self.job.row.precision
+        with precision.whole_step(chosen):
+            with precision.forward_pass(chosen, self.job.device_type):
+                loss = F.cross_entropy(self.model(x), y)
+            self.loss_scale.backward(loss)
 
     def recording(self, recorder: "TimelineRecorder") -> AbstractContextManager[None]:
         """Our engine's cells come through its hook; a plain model is recorded by its module hooks."""

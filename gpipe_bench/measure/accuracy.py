@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from gpipe_bench import models, optim
+from gpipe_bench import models, optim, precision
 from gpipe_bench.data import fashion_mnist, imagenet
 from gpipe_bench.engines import place
 from gpipe_bench.environment import environment, now
@@ -207,7 +207,7 @@ def _build(job: Job, seed: int) -> nn.Sequential:
 
 
 @torch.no_grad()
-def _error(model: nn.Module, data: Data, device: torch.device, layout: torch.memory_format) -> float:
+def _error(model: nn.Module, data: Data, device: torch.device, layout: torch.memory_format, chosen: str) -> float:
     model.eval()
     correct, total = 0, 0
     if isinstance(data, Folders):
@@ -215,10 +215,20 @@ def _error(model: nn.Module, data: Data, device: torch.device, layout: torch.mem
     else:
         pairs = ((_three(data.val_x[k : k + 250]), data.val_y[k : k + 250]) for k in range(0, data.val_x.size(0), 250))
     for x, y in pairs:
-        correct += int((model(x.to(device).contiguous(memory_format=layout)).argmax(1).cpu() == y).sum())
+        with precision.whole_step(chosen), precision.forward_pass(chosen, device.type):
+            logits = model(x.to(device).contiguous(memory_format=layout))
+        correct += int((logits.argmax(1).cpu() == y).sum())
         total += int(y.numel())
     model.train()
     return 100.0 * (1 - correct / total)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """One seed of a row trained: validation error (%) after every epoch, and steps skipped on overflow (fp16)."""
+
+    errors: List[float]
+    skipped: int = 0
 
 
 class RunningLoss:
@@ -270,10 +280,12 @@ def _train_loop(
     last: torch.device,
     evaluate: Optional[Callable[[], float]],
     progress: Optional[Progress],
-) -> List[float]:
+) -> Trained:
     batch = job.row.batch
     steps = _train_size(data) // batch
     optimizer = optim.build(job.settings.optimizer, model.parameters())
+    chosen = job.row.precision
+    scale = precision.LossScale(chosen, first.type)
     errors: List[float] = []
     start = time.perf_counter()
     marks = {round(steps * k / REPORTS_PER_EPOCH) for k in range(1, REPORTS_PER_EPOCH)} - {0, steps}
@@ -288,10 +300,12 @@ def _train_loop(
                 group["lr"] = lr_at(job, batch, epoch * steps + step, steps)
             x, y = x[replica * share : (replica + 1) * share], y[replica * share : (replica + 1) * share]
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x.to(first).contiguous(memory_format=layout)), y.to(last))
-            running.add(loss)
-            torch.autograd.backward(loss)
-            optimizer.step()
+            with precision.whole_step(chosen):
+                with precision.forward_pass(chosen, first.type):
+                    loss = F.cross_entropy(model(x.to(first).contiguous(memory_format=layout)), y.to(last))
+                running.add(loss)
+                scale.backward(loss)
+            scale.step(optimizer)
             if step + 1 in marks:
                 mean = running.mean(step + 1)  # read (and checked) every quarter, printed or not
                 if progress is not None:
@@ -301,10 +315,10 @@ def _train_loop(
             errors.append(evaluate())
             if progress is not None:
                 progress(Report(seed, epoch + 1, epochs, steps, steps, time.perf_counter() - start, mean, errors[-1]))
-    return errors
+    return Trained(errors, scale.skipped)
 
 
-def train_pipeline(job: Job, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
+def train_pipeline(job: Job, data: Data, seed: int, progress: Optional[Progress] = None) -> Trained:
     """Validation error per epoch of the pipeline row trained with ``seed``."""
     model = _build(job, seed)
     balance = list(job.row.balance or [len(model)])
@@ -324,7 +338,7 @@ def train_pipeline(job: Job, data: Data, seed: int, progress: Optional[Progress]
         seed,
         first=place(str(first)),
         last=place(str(last)),
-        evaluate=lambda: _error(pipe, data, place(str(first)), _memory_format(job)),
+        evaluate=lambda: _error(pipe, data, place(str(first)), _memory_format(job), job.row.precision),
         progress=progress,
     )
 
@@ -358,7 +372,9 @@ def _replica(rank: int, world: int, port: int, job: Job, data: Data, seed: int, 
             replicas=world,
             first=device,
             last=device,
-            evaluate=(lambda: _error(model, data, device, _memory_format(job))) if rank == 0 else None,
+            evaluate=(lambda: _error(model, data, device, _memory_format(job), job.row.precision))
+            if rank == 0
+            else None,
             progress=(lambda report: queue.put(("progress", report))) if rank == 0 else None,
         )
         if rank == 0:
@@ -369,7 +385,7 @@ def _replica(rank: int, world: int, port: int, job: Job, data: Data, seed: int, 
         raise SystemExit(1) from None
 
 
-def train_dataparallel(job: Job, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
+def train_dataparallel(job: Job, data: Data, seed: int, progress: Optional[Progress] = None) -> Trained:
     """Validation error per epoch of the data-parallel row trained with ``seed``, one process per replica."""
     world = job.row.devices
     if job.row.batch % world:
@@ -384,7 +400,7 @@ def train_dataparallel(job: Job, data: Data, seed: int, progress: Optional[Progr
     for p in procs:
         p.start()
     deadline = time.monotonic() + job.timeout_s
-    errors: Optional[List[float]] = None
+    errors: Optional[Trained] = None
     failure: Optional[str] = None
     try:
         while errors is None and failure is None:
@@ -401,7 +417,7 @@ def train_dataparallel(job: Job, data: Data, seed: int, progress: Optional[Progr
             if kind == "progress" and progress is not None:
                 progress(payload)
             elif kind == "done":
-                errors = list(payload)
+                errors = payload
             elif kind == "error":
                 failure = str(payload)
     finally:
@@ -417,34 +433,20 @@ def train_dataparallel(job: Job, data: Data, seed: int, progress: Optional[Progr
     return errors
 
 
-def train(job: Job, data: Data, seed: int, progress: Optional[Progress] = None) -> List[float]:
-    """Validation error (%) after every epoch of the row trained with ``seed``."""
+def train(job: Job, data: Data, seed: int, progress: Optional[Progress] = None) -> Trained:
+    """Validation error (%) after every epoch of the row trained with ``seed``, and its skipped steps."""
     if job.row.mode == "dataparallel":
         return train_dataparallel(job, data, seed, progress)
     return train_pipeline(job, data, seed, progress)
 
 
 def _settings(job: Job) -> Dict[str, Any]:
-    row, s = job.row, job.settings
-    return {
-        "model": job.model_name,
-        "mode": row.mode,
-        "devices": list(job.devices),
-        "batch": row.batch,
-        "chunks": row.chunks,
-        "balance": list(row.balance) if row.balance else None,
-        "checkpoint": row.checkpoint,
-        "input_size": s.input_size,
-        "dataset_size": s.dataset_size,
-        "epochs": s.epochs,
-        "optimizer": dict(s.optimizer),
-        "classes": s.classes,
-        "extra": dict(s.extra),
-        "seeds": list(job.seeds),
-    }
+    return {**job.settings_record(), "extra": dict(job.settings.extra), "seeds": list(job.seeds)}
 
 
-def record(job: Job, curves: Dict[int, List[float]], seconds: Dict[int, float]) -> Result:
+def record(
+    job: Job, curves: Dict[int, List[float]], seconds: Dict[int, float], skipped: Optional[Dict[int, int]] = None
+) -> Result:
     """The row's Result from the seeds finished so far (status "interrupted" until all are)."""
     finals = [curves[s][-1] for s in job.seeds if s in curves]
     complete = len(finals) == len(job.seeds)
@@ -466,6 +468,11 @@ def record(job: Job, curves: Dict[int, List[float]], seconds: Dict[int, float]) 
             "curves": {str(s): c for s, c in curves.items()},
             "seconds": {str(s): t for s, t in seconds.items()},
             "seeds_done": [s for s in job.seeds if s in curves],
+            **(
+                {"skipped_steps": {str(s): n for s, n in (skipped or {}).items()}}
+                if job.row.precision == "fp16"
+                else {}
+            ),
         },
         created=now(),
     )
@@ -476,10 +483,12 @@ def run(job: Job, progress: Optional[Progress] = None, save: Optional[Callable[[
     data = load_dataset(job)
     curves: Dict[int, List[float]] = {}
     seconds: Dict[int, float] = {}
+    skipped: Dict[int, int] = {}
     for seed in job.seeds:
         start = time.perf_counter()
-        curves[seed] = train(job, data, seed, progress)
+        trained = train(job, data, seed, progress)
+        curves[seed], skipped[seed] = trained.errors, trained.skipped
         seconds[seed] = time.perf_counter() - start
         if save is not None:
-            save(record(job, curves, seconds))
-    return record(job, curves, seconds)
+            save(record(job, curves, seconds, skipped))
+    return record(job, curves, seconds, skipped)

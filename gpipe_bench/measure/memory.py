@@ -120,7 +120,7 @@ def measure(trainer: engines.Trainer, job: Job) -> Peaks:
         for _ in range(own.steps):
             optimizer.zero_grad()
             trainer.step(x, y)
-            optimizer.step()
+            trainer.optimizer_step(optimizer)
             watch.exclude(optim.model_state(trainer.parameters(), optimizer))
         del x, y
     return Peaks(list(watch.peaks), list(watch.allocated))
@@ -213,7 +213,7 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
     if note:
         extra["note"] = note
     if trainer is not None:
-        extra.update(trainer.record_extra())
+        extra.update(trainer.record_extra(), **trainer.scaling_record())
     # A prediction ran on this host only: it names no device it did not use.
     env_devices = (
         [] if predict_only else (trainer.environment_devices() if trainer is not None and not local else list(distinct))

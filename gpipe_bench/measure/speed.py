@@ -142,7 +142,7 @@ def run(job: Job, progress: Optional[Progress] = None, timeline: Optional[Timeli
         spread=summarize(throughputs),
         settings=settings,
         environment=environment(devices),
-        extra=trainer.record_extra() if trainer is not None else {},
+        extra={**trainer.record_extra(), **trainer.scaling_record()} if trainer is not None else {},
         created=now(),
     )
 
@@ -179,7 +179,7 @@ def _stepper(trainer: engines.Trainer, optimizer: torch.optim.Optimizer) -> Call
             optimizer.zero_grad()
         trainer.step(x, y)
         with host("optimizer"):
-            optimizer.step()
+            trainer.optimizer_step(optimizer)
 
     return run_step
 

@@ -1,7 +1,8 @@
 """Saved results grouped by profile and machine, and what a row's figures mean within its group.
 
 Speedups are only ever taken between results of the same table, profile,
-hardware and engine: a ratio of figures from two machines means nothing. When
+hardware, precision and engine: a ratio of figures from two machines (or of a
+bf16 row over an fp32 baseline) means nothing. When
 one row was measured twice, the newer record counts (by time, not by its
 text: records from other time zones compare correctly).
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from gpipe_bench import perf
+from gpipe_bench.precision import DEFAULT as DEFAULT_PRECISION
 from gpipe_bench.results import DEFAULT_ENGINE, Result, created_at
 
 from .format import DASH, join_blocks, render_grid
@@ -26,10 +28,11 @@ def ideal_speedup_of(row: "Row") -> Optional[float]:
 
 @dataclass
 class Group:
-    """The results of one table measured under one profile on one machine."""
+    """The results of one table measured under one profile on one machine in one precision."""
 
     profile: str
     hardware: Optional[str]  # None: no results at all
+    precision: str = DEFAULT_PRECISION
     results: Dict[Tuple[str, str], Result] = field(default_factory=dict)  # (experiment, engine) -> newest
 
     def engines(self) -> List[str]:
@@ -41,18 +44,18 @@ class Group:
 
 
 def group_results(table: "Table", results: Sequence[Result]) -> List[Group]:
-    groups: Dict[Tuple[str, str], Group] = {}
+    groups: Dict[Tuple[str, str, str], Group] = {}
     for result in results:
         if result.table != table.name:
             continue
-        key = (result.profile, result.hardware_key())
+        key = (result.profile, result.hardware_key(), result.precision)
         group = groups.setdefault(key, Group(*key))
         slot = (result.experiment, result.engine)
         if slot not in group.results or created_at(group.results[slot]) <= created_at(result):
             group.results[slot] = result
     if not groups:
         return [Group("published", None)]
-    order = sorted(groups, key=lambda k: (k[0] != "published", k[0], k[1]))
+    order = sorted(groups, key=lambda k: (k[0] != "published", k[0], k[1], k[2] != DEFAULT_PRECISION, k[2]))
     return [groups[k] for k in order]
 
 
@@ -117,7 +120,8 @@ def group_heading(table: "Table", group: Group) -> str:
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     software = f"; torch {', '.join(torches)}" if torches else ""
     verb = "predicted" if all(r.status == "predicted" for r in group.results.values()) else "measured"
-    return f"{table.title} on {group.hardware} ({group.profile} profile): {devices}{software}; {verb} {when}"
+    how = f"{group.profile} profile" + (f", {group.precision}" if group.precision != DEFAULT_PRECISION else "")
+    return f"{table.title} on {group.hardware} ({how}): {devices}{software}; {verb} {when}"
 
 
 def unknown_profile(table: "Table", group: Group) -> str:

@@ -87,7 +87,7 @@ def test_after_a_failed_step_the_group_is_aborted_not_flushed(
     monkeypatch.setattr(distributed, "step", broken)
     distributed.join_process_group(torch.device("cpu"), timeout_s=30)
     trainer = object.__new__(distributed.DistributedTrainer)  # its step alone: no stages needed
-    trainer.pipe, trainer.rank, trainer.size = None, 0, 1
+    trainer.pipe, trainer.rank, trainer.size, trainer.precision = None, 0, 1, "fp32"
     with pytest.raises(RuntimeError, match="Connection closed"):
         trainer.step(None, None)
     one_rank[0]()

@@ -179,3 +179,39 @@ def test_cuda_memory_watch_on_a_gpu() -> None:
         assert watch.peaks[0] >= watch.allocated[0] > 0
     finally:
         trainer.close()
+
+
+# -- precision -----------------------------------------------------------------------------------------------------
+
+
+def test_a_bf16_row_steps_as_the_plain_model_under_the_same_autocast() -> None:
+    """The trainer autocasts the forward and loss only; the split model gives the plain model's gradients."""
+    small = config.plain_table("resnet14")  # 51 layers: seconds in bf16 on a CPU
+    row = replace(small.row("naive-1", "quick"), batch=4, precision="bf16")
+    settings = replace(small.profile("quick").settings, input_size=32)
+    plain = LocalTrainer(Job(small, row, settings, "quick", ["cpu"]))
+    # One micro-batch: BatchNorm sees the whole batch, as in the plain model.
+    split_row = replace(row, name="pipeline-2", mode="pipeline", devices=2, balance=(20, 31))
+    split = LocalTrainer(Job(small, split_row, settings, "quick", ["cpu:0", "cpu:1"]))
+    x, y = plain.batch()
+    plain.step(x, y)
+    split.step(x, y)
+    # As autocast would: parameters and their gradients stay fp32.
+    for a, b in zip(plain.parameters(), split.parameters()):
+        assert a.grad is not None and b.grad is not None and b.grad.dtype == torch.float32
+        torch.testing.assert_close(b.grad, a.grad, rtol=1.6e-2, atol=1e-3)
+    reference = LocalTrainer(Job(small, replace(row, precision="fp32"), settings, "quick", ["cpu"]))
+    reference.step(x, y)
+    assert any(not torch.equal(a.grad, b.grad) for a, b in zip(plain.parameters(), reference.parameters()))  # type: ignore[arg-type]
+
+
+def test_an_fp16_trainer_records_its_loss_scale_and_the_others_nothing() -> None:
+    small = config.plain_table("resnet14")
+    row = replace(small.row("naive-1", "quick"), batch=4)
+    job = Job(small, row, replace(small.profile("quick").settings, input_size=32), "quick", ["cpu"])
+    assert LocalTrainer(job).scaling_record() == {}
+    trainer = LocalTrainer(replace(job, row=replace(job.row, precision="fp16")))  # resolve() refuses it on a CPU
+    optimizer = torch.optim.SGD(trainer.parameters(), lr=0.1)
+    trainer.step(*trainer.batch())  # torch's CPU autocast takes fp16 too
+    trainer.optimizer_step(optimizer)
+    assert trainer.scaling_record()["loss_scale"]["steps"] == 1

@@ -170,7 +170,7 @@ def test_a_data_parallel_and_a_pipeline_row_train_end_to_end() -> None:
         row = replace(TABLE.row(name, "quick"), batch=16)
         job = Job(TABLE, row, settings, "quick", devices, seeds=[0], timeout_s=300)
         reports: List[accuracy.Report] = []
-        errors = accuracy.train(job, data, seed=0, progress=reports.append)
+        errors = accuracy.train(job, data, seed=0, progress=reports.append).errors
         assert len(errors) == 1 and 0.0 <= errors[0] <= 100.0
         # A report after each quarter of the epoch's 4 steps (from replica 0 across processes), the last with the error.
         assert [(r.epoch, r.step, r.steps) for r in reports] == [(1, 1, 4), (1, 2, 4), (1, 3, 4), (1, 4, 4)], name
@@ -289,7 +289,7 @@ def test_imagenet_folders_train_end_to_end(tmp_path: Path) -> None:
     job = Job(quick, row, settings, "published", ["cpu", "cpu"], seeds=[0], data=tmp_path, timeout_s=3600)
     data = accuracy.load_dataset(job)
     assert isinstance(data, accuracy.Folders)
-    errors = accuracy.train(job, replace(data, workers=0), seed=0)
+    errors = accuracy.train(job, replace(data, workers=0), seed=0).errors
     assert len(errors) == 1 and 0.0 <= errors[0] <= 100.0
     (tmp_path / "val" / "a" / "0.png").unlink()
     for f in (tmp_path / "val" / "a").iterdir():
@@ -408,3 +408,25 @@ def test_the_published_recipe_runs_end_to_end_through_the_command_line(tmp_path:
     record = json.loads(files[0].read_text())
     assert record["status"] == "ok" and len(record["samples"]) == 1 and 0.0 <= record["samples"][0] <= 100.0
     assert record["settings"]["optimizer"]["nesterov"] is True and record["settings"]["balance"] == [140, 230]
+
+
+def test_a_row_trains_in_its_precision_and_fp16_counts_its_skipped_steps() -> None:
+    """bf16: the forward in bf16, the record says so. fp16 (torch's CPU autocast takes it; the harness runs it on
+    GPUs): an overflow is skipped, not applied, and every seed's count is in the record."""
+    job = _pipeline_row()
+    bf16 = replace(job, row=replace(job.row, precision="bf16"))
+    seen: List[torch.dtype] = []
+    cross_entropy = F.cross_entropy
+
+    def spy(logits: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(logits.dtype)
+        return cross_entropy(logits, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "cross_entropy", spy)
+        trained = accuracy.train(bf16, _data(32), seed=0)
+    assert set(seen) == {torch.bfloat16} and trained.skipped == 0 and len(trained.errors) == 1
+    record = accuracy.record(bf16, {0: trained.errors}, {0: 1.0}, {0: 0})
+    assert record.settings["precision"] == "bf16" and "skipped_steps" not in record.extra
+    fp16 = replace(job, row=replace(job.row, precision="fp16"))
+    assert accuracy.record(fp16, {0: [50.0]}, {0: 1.0}, {0: 3}).extra["skipped_steps"] == {"0": 3}

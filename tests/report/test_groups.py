@@ -144,3 +144,26 @@ def test_measured_over_ideal_and_the_device_count_it_needs() -> None:
     two = result(resnet(), "pipeline-2", 1.0, extra={"processes": 2})
     assert groups.on_row_devices(rows[2], two) and groups.on_row_devices(rows[2], None)
     assert not groups.on_row_devices(rows[4], two)  # eight stages on two processes: not the row's devices
+
+
+def test_a_precision_is_a_group_of_its_own_and_its_heading_says_so() -> None:
+    """A bf16 row is never divided by the fp32 baseline: speedups stay within one precision."""
+    table = resnet()
+
+    def bf16(experiment: str, value: float) -> object:
+        made = result(table, experiment, value, env=H100)
+        made.settings["precision"] = "bf16"
+        return made
+
+    results = [
+        result(table, "naive-1", 1000.0, env=H100),
+        result(table, "pipeline-2", 1500.0, env=H100),
+        bf16("pipeline-2", 2400.0),
+    ]
+    parts = blocks(report.speed_table(table, results, published=False))  # type: ignore[arg-type]
+    headings = parts[0::2]
+    assert len(parts) == 4
+    assert "(published profile):" in headings[0] and "(published profile, bf16):" in headings[1]
+    fp32, half = (dict((line.split()[0], line.split()[-1]) for line in grid.splitlines()[3:-1]) for grid in parts[1::2])
+    assert fp32["pipeline-2"] == "1.500x"
+    assert half["pipeline-2"] == DASH  # no bf16 baseline measured: no speedup
