@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["meta_shapes", "FastMeta"]
@@ -99,10 +100,20 @@ _FAST_META: Dict[Any, _ShapeFunction] = {
 }
 
 
+def _shapes_only(t: Any) -> bool:
+    """Whether ``t`` has shapes and no data: a ``meta`` tensor, or a fake one (a device's dtype rules, no memory).
+
+    Fake tensors stand for CPU or CUDA tensors where autocast must apply (it skips
+    ``meta`` ones); their own ``meta`` kernels would give BatchNorm half-precision
+    statistics, where the CPU and CUDA kernels keep them in fp32.
+    """
+    return isinstance(t, Tensor) and (t.device.type == "meta" or isinstance(t, FakeTensor))
+
+
 def meta_shapes(func: Any, args: Sequence[Any], kwargs: Optional[Mapping[str, Any]]) -> Any:
     """The outputs of ``func`` on ``meta`` arguments without running its kernel, or None to run it."""
     shapes = _FAST_META.get(func)
-    if shapes is None or not args or not isinstance(args[0], Tensor) or args[0].device.type != "meta":
+    if shapes is None or not args or not _shapes_only(args[0]):
         return None
     out = shapes(args, kwargs or {})
     if out is not None and len(out) == 1 and func not in _TUPLES:

@@ -20,6 +20,20 @@ laptop. Two steps, both cheap:
    gradients are kept aside until the second is added to them (the sum
    becomes ``.grad``, which is model memory, not activation memory).
 
+**Mixed precision** (``bf16``, ``fp16``: autocast around the forward). Autocast
+skips ``meta`` tensors, so those rows are profiled on *fake* CPU tensors
+(:class:`~torch._subclasses.fake_tensor.FakeTensorMode`: a device's dispatch,
+autocast included, and no memory), with the same meter. Autocast caches the
+casts of parameters in one process-wide cache that the outermost autocast
+region of *any* thread clears on exit; a grad forward's graph keeps the casts
+it used. So the schedule replay also tracks each partition's casts: made by
+the first forward (or recompute) after a clear, reused by the next ones, held
+while cached or while a graph keeps them. The engine clears at each worker's
+exit from a phase (several workers; modelled at the end of the clock of its
+last step) and, on one worker (inline on the caller's thread, inside the
+caller's autocast), after the loss and after the backward. See
+:func:`simulate`.
+
 Cross-device releases inside a clock (partition ``j + 1`` dropping the input
 it shares with ``j``) are applied at the end of the clock: concurrent devices
 may release in either order, so the prediction takes the later one.
@@ -27,20 +41,24 @@ may release in either order, so the prediction takes the later one.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
 
-from gpipe_bench import models
+from gpipe_bench import models, precision
 from gpipe_bench.devices import memory_slots
 from gpipe_bench.jobs import Job
 from gpipe_bench.metakernels import FastMeta
 from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes, split
 from gpipe_bench.pipe.balance import balance_by_size
 from gpipe_bench.pipe.microbatch import Tensors, as_tuple, unpack
-from gpipe_bench.pipe.schedule import backward_steps, forward_steps
+from gpipe_bench.pipe.schedule import Step, backward_steps, forward_steps
 from gpipe_bench.pipe.skip.tracker import ReplayingTracker, use_skip_tracker
 
 from .tracker import TensorMemory, storage_key
@@ -58,6 +76,7 @@ __all__ = [
     "layer_held",
     "find_balance",
     "predict_job",
+    "head_bytes",
 ]
 
 
@@ -73,6 +92,14 @@ class CellCost:
     bwd_peak_no_param_grads: int  # the same with parameter gradients left out (they become .grad)
     grad_in: int  # the input's gradient, kept until the previous partition has used it
     param_grads: int  # one set of this partition's parameter gradients
+    # Under autocast (0 otherwise): the fields above are taken with the partition's parameter casts
+    # already cached (not counted); these are the casts and the figures with none cached.
+    casts: int = 0  # autocast's cached casts of this partition's parameters
+    casts_saved: int = 0  # those of them a grad forward's graph keeps for its backward
+    cold_nograd_peak: int = 0  # nograd_peak with no cast cached: the casts it makes included
+    cold_grad_peak: int = 0  # grad_peak with no cast cached
+    cold_bwd_peak: int = 0  # bwd_peak where only this cell's graph keeps the (saved) casts: freed as it goes
+    cold_bwd_peak_no_param_grads: int = 0
 
 
 @dataclass
@@ -160,20 +187,204 @@ def profile_partition(
     )
 
 
-def profile(partitions: Sequence[nn.Module], sample: Tensors, atomic: bool) -> List[CellCost]:
-    """:func:`profile_partition` along the pipeline for one micro-batch ``sample`` (on ``meta``)."""
+def profile(
+    partitions: Sequence[nn.Module],
+    sample: Tensors,
+    atomic: bool,
+    *,
+    precision: str = "fp32",
+    backward_autocast: bool = True,
+) -> List[CellCost]:
+    """:func:`profile_partition` along the pipeline for one micro-batch ``sample`` (on ``meta``).
+
+    ``precision``: under bf16 or fp16 each cell runs under autocast on fake CPU tensors
+    (see :func:`profile_partition`); ``backward_autocast``: whether its backward does too
+    (the engine's workers: yes; the plain model's backward: no).
+    """
     costs: List[CellCost] = []
-    inputs, in_atomic = sample, atomic
+    dtype = _autocast(precision)
+    fake = _Fake() if dtype is not None else None
+    inputs, in_atomic = (tuple(fake.like(t) for t in sample) if fake is not None else sample), atomic
     # Each partition runs twice (no-grad, then with grad): a skip crossing a boundary is popped twice.
     # The engine hands it over; its bytes are not charged here.
     with use_skip_tracker(ReplayingTracker()):
         for j, partition in enumerate(partitions):
-            cost, inputs, in_atomic = profile_partition(partition, inputs, in_atomic, first=j == 0)
+            if fake is None:
+                cost, inputs, in_atomic = profile_partition(partition, inputs, in_atomic, first=j == 0)
+            else:
+                cost, inputs, in_atomic = _profile_autocast(
+                    _FakePartition(partition, fake), inputs, in_atomic, j == 0, precision, backward_autocast
+                )
             costs.append(cost)
     return costs
 
 
-def layer_held(model: nn.Sequential, sample: Tensor) -> Tuple[List[int], List[int]]:
+# -- autocast ------------------------------------------------------------------------------------------------------
+
+
+def _autocast(precision_name: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes in under ``precision_name``; None for fp32 and tf32 (no autocast, no change)."""
+    return precision.autocast_dtype(precision_name)
+
+
+class _Fake:
+    """Fake CPU stand-ins for ``meta`` tensors, all in one :class:`FakeTensorMode`.
+
+    Why CPU: autocast applies to a tensor by its device, and skips ``meta``. A
+    CUDA row is profiled with CPU autocast too, in the row's dtype: for the
+    operators of these models the two policies agree (convolutions and linear
+    layers in the low dtype; BatchNorm, ReLU, pooling and additions untouched;
+    ``cat`` takes the widest input; the loss in fp32), and fake CUDA tensors
+    would need CUDA's own autocast, which refuses to start without a GPU.
+    """
+
+    def __init__(self) -> None:
+        self.mode = FakeTensorMode()
+        self._made: Dict[int, Tuple[Tensor, Tensor]] = {}
+
+    def like(self, t: Tensor) -> Tensor:
+        """A new fake CPU tensor of ``t``'s shape and dtype."""
+        with self.mode:
+            return torch.empty(t.shape, dtype=t.dtype, device="cpu")
+
+    def tensor(self, t: Tensor) -> Tensor:
+        """The one fake stand-in of parameter or buffer ``t`` (a leaf that requires grad where ``t`` does)."""
+        made = self._made.get(id(t))
+        if made is None:
+            made = (t, self.like(t).requires_grad_(t.requires_grad))
+            self._made[id(t)] = made
+        return made[1]
+
+
+class _FakePartition:
+    """A partition run on its parameters' fake stand-ins (the ``meta`` module itself is left untouched)."""
+
+    def __init__(self, module: nn.Module, fake: _Fake) -> None:
+        self.module, self.fake = module, fake
+        named = itertools.chain(
+            module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
+        )
+        self.state = {name: fake.tensor(t) for name, t in named}
+        self.params = [fake.tensor(p) for p in module.parameters() if p.requires_grad]
+
+    def __call__(self, inputs: Tensors, atomic: bool) -> Any:
+        return self.call(unpack(inputs, atomic))
+
+    def call(self, x: Any) -> Any:
+        return functional_call(self.module, self.state, (x,))
+
+
+def _above(meter: TensorMemory, mark: int, base: int) -> Tuple[int, int]:
+    """(peak, final) live bytes of owner 0 since ``mark``, above ``base``."""
+    curve = meter.curves(since=mark).get(0)
+    return (curve.peak - base, curve.final - base) if curve else (0, 0)
+
+
+def _base(meter: TensorMemory) -> Tuple[int, int]:
+    """A mark now, and the live bytes then (nothing of owner 1 is live at the marks taken here)."""
+    mark = meter.mark()
+    return mark, meter.live_at([mark])[0]
+
+
+def _backward(
+    meter: TensorMemory, outputs: Tensors, leaves: Tensors, params: List[Tensor], base: int
+) -> Tuple[int, int, int, int, Tensors]:
+    """One cell's backward: (peak, peak without parameter gradients) above ``base``, grad_in, param_grads, outputs."""
+    with meter.charge(1):  # the gradient arriving from the next partition is not this one's
+        grad_outputs = [torch.ones_like(t) if t.requires_grad else None for t in outputs]
+    mark = meter.mark()
+    pairs = [(t, g) for t, g in zip(outputs, grad_outputs) if g is not None]
+    wrt = [t for t in leaves if t.requires_grad] + params
+    grads: Sequence[Optional[Tensor]] = ()
+    if pairs and wrt:
+        grads = torch.autograd.grad([t for t, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+    n_in = sum(1 for t in leaves if t.requires_grad)
+    grad_in = nbytes([g for g in grads[:n_in] if g is not None])
+    param_grads = [g for g in grads[n_in:] if g is not None]
+    peak, _ = _above(meter, mark, base)
+    meter.exclude(param_grads)
+    peak_np, _ = _above(meter, mark, base)
+    return peak, peak_np, grad_in, nbytes(param_grads), tuple(t.detach() for t in outputs)
+
+
+def _profile_autocast(
+    partition: _FakePartition, inputs: Tensors, atomic: bool, first: bool, precision_name: str, backward_autocast: bool
+) -> Tuple[CellCost, Tensors, bool]:
+    """:func:`profile_partition` under autocast, on fake CPU tensors, with and without its casts cached.
+
+    With the casts cached (a warm cell): a no-grad forward, a grad forward and its
+    backward, the casts not counted. With none cached (the first cell after a
+    clear): each forward makes the casts (counted), and the backward runs after a
+    clear, the graph alone keeping the casts it saved, freed as the backward
+    walks it. ``casts`` is what the no-grad forward leaves cached;
+    ``casts_saved`` what a grad forward's graph still holds after a clear.
+    """
+    dtype = _autocast(precision_name)
+    meter = TensorMemory()
+    params = partition.params
+
+    def backward_context() -> Any:
+        return torch.autocast("cpu", dtype=dtype, enabled=backward_autocast)
+
+    with partition.fake.mode, meter:
+        torch.clear_autocast_cache()
+        with torch.autocast("cpu", dtype=dtype):
+            mark, base = _base(meter)
+            with torch.no_grad():
+                out = partition(_leaves(inputs, False), atomic)
+            outputs, out_atomic = as_tuple(out)
+            out_bytes = nbytes(outputs)
+            cold_nograd_peak, left = _above(meter, mark, base)
+            del out, outputs
+            casts = left - out_bytes
+
+            mark, base = _base(meter)
+            with torch.no_grad():
+                out = partition(_leaves(inputs, False), atomic)
+            nograd_peak, _ = _above(meter, mark, base)
+            del out
+
+            mark, base = _base(meter)
+            leaves = _leaves(inputs, not first)
+            with torch.enable_grad():
+                outputs, _ = as_tuple(partition(leaves, atomic))
+            grad_peak, held = _above(meter, mark, base)
+            with backward_context():
+                bwd, bwd_np, grad_in, param_grads, next_inputs = _backward(meter, outputs, leaves, params, base + held)
+            del outputs, leaves
+
+        with torch.autocast("cpu", dtype=dtype):
+            mark, base = _base(meter)
+            leaves = _leaves(inputs, not first)
+            with torch.enable_grad():
+                outputs, _ = as_tuple(partition(leaves, atomic))
+            cold_grad_peak, _ = _above(meter, mark, base)
+        _, kept = _above(meter, mark, base)  # after the clear: the activations and the casts the graph saved
+        casts_saved = kept - held
+        with backward_context():
+            cold_bwd, cold_bwd_np, _, _, _ = _backward(meter, outputs, leaves, params, base + kept)
+        del outputs, leaves
+
+    cost = CellCost(
+        out=out_bytes,
+        nograd_peak=nograd_peak,
+        held=held,
+        grad_peak=grad_peak,
+        bwd_peak=max(0, bwd),
+        bwd_peak_no_param_grads=max(0, bwd_np),
+        grad_in=grad_in,
+        param_grads=param_grads,
+        casts=casts,
+        casts_saved=casts_saved,
+        cold_nograd_peak=cold_nograd_peak,
+        cold_grad_peak=cold_grad_peak,
+        cold_bwd_peak=max(0, cold_bwd),
+        cold_bwd_peak_no_param_grads=max(0, cold_bwd_np),
+    )
+    return cost, next_inputs, out_atomic
+
+
+def layer_held(model: nn.Sequential, sample: Tensor, *, precision: str = "fp32") -> Tuple[List[int], List[int]]:
     """Per layer: what it adds to the bytes a forward with autograd keeps, and its output's bytes (one ``meta`` pass).
 
     The planner weighs every contiguous block of layers; profiling each block
@@ -182,14 +393,28 @@ def layer_held(model: nn.Sequential, sample: Tensor) -> Tuple[List[int], List[in
     ``[s, e)`` keeps for its backward are the live bytes after layer ``e - 1``
     less those after layer ``s - 1``, a difference of prefix sums. A layer's
     figure can be negative (it frees an input it did not save).
+
+    ``precision``: under bf16 or fp16 the pass runs under autocast on fake CPU
+    tensors, so a layer's figure is in the dtypes autocast gives, its parameters'
+    casts (cached for the region) included.
     """
+    dtype = _autocast(precision)
+    if dtype is None:
+        return _layer_held(model.children(), sample)
+    fake = _Fake()
+    layers = [_FakePartition(layer, fake) for layer in model.children()]
+    with fake.mode, torch.autocast("cpu", dtype=dtype):
+        return _layer_held([layer.call for layer in layers], fake.like(sample))
+
+
+def _layer_held(layers: Iterable[Callable[[Any], Any]], sample: Tensor) -> Tuple[List[int], List[int]]:
     meter = TensorMemory()
     marks: List[int] = []
     outs: List[int] = []
     with meter, torch.enable_grad():
         start = meter.mark()
         x: Any = sample
-        for layer in model.children():
+        for layer in layers:
             x = layer(x)
             marks.append(meter.mark())
             outs.append(nbytes(as_tuple(x)[0]))
@@ -226,6 +451,88 @@ class _Slots:
         self.later.clear()
 
 
+class _Casts:
+    """Autocast's cached parameter casts per partition, in generations: what a device holds of them, when.
+
+    A generation is made by the first forward (or recompute) of a partition after
+    a clear and is reused by the next ones. It holds ``casts`` bytes while cached,
+    and its ``casts_saved`` while a grad forward's graph that used it lives.
+    With no casts (fp32) every method leaves the device untouched.
+    """
+
+    def __init__(self, dev: _Slots, costs: Sequence[CellCost]) -> None:
+        self.dev = dev
+        self.size = [c.casts for c in costs]
+        self.saved = [c.casts_saved for c in costs]
+        self.cached: List[Optional[int]] = [None] * len(costs)
+        self.refs: Dict[Tuple[int, int], int] = {}  # (partition, generation) -> graphs keeping it
+        self.holder: Dict[Tuple[int, int], int] = {}  # cell (i, j) -> the generation its graph keeps
+        self.serial = 0
+
+    def cold(self, j: int) -> bool:
+        """Whether a forward of partition ``j`` now makes its casts (the ``cold_*`` figures apply)."""
+        return self.size[j] > 0 and self.cached[j] is None
+
+    def use(self, j: int, what: str) -> None:
+        """A forward of ``j`` ran: its casts are cached (made now if they were not)."""
+        if self.cold(j):
+            self.serial += 1
+            self.cached[j] = self.serial
+            self.dev.add(j, self.size[j], what)
+
+    def keep(self, i: int, j: int) -> None:
+        """Cell ``(i, j)`` ran a grad forward: its graph keeps the cached generation's saved casts."""
+        g = self.cached[j]
+        if g is not None:
+            self.holder[(i, j)] = g
+            self.refs[(j, g)] = self.refs.get((j, g), 0) + 1
+
+    def alone(self, i: int, j: int) -> bool:
+        """Whether cell ``(i, j)``'s graph alone keeps its casts (its backward frees them as it goes)."""
+        g = self.holder.get((i, j))
+        return g is not None and self.cached[j] != g and self.refs[(j, g)] == 1
+
+    def release(self, i: int, j: int) -> None:
+        """Cell ``(i, j)``'s backward freed its graph."""
+        g = self.holder.pop((i, j), None)
+        if g is None:
+            return
+        self.refs[(j, g)] -= 1
+        if self.refs[(j, g)] == 0:
+            del self.refs[(j, g)]
+            if self.cached[j] != g:
+                self.dev.free(j, self.saved[j])
+
+    def clear(self) -> None:
+        """An outermost autocast region exited (on any thread): the process-wide cache empties."""
+        for j, g in enumerate(self.cached):
+            if g is not None:
+                self.cached[j] = None
+                self.dev.free(j, self.size[j] - (self.saved[j] if (j, g) in self.refs else 0))
+
+
+def _last_clocks(clocks: List[List[Step]], slot: Sequence[int]) -> Dict[int, int]:
+    """Per worker (memory slot), the clock of its last step in a phase: it leaves its autocast region after it."""
+    last: Dict[int, int] = {}
+    for c, steps in enumerate(clocks):
+        for step in steps:
+            last[slot[step.j]] = c
+    return last
+
+
+def _clears(clocks: List[List[Step]], slot: Sequence[int]) -> List[bool]:
+    """Per clock, whether a worker's exit clears autocast's cache at its end.
+
+    One worker runs inline on the caller's thread: it clears once, after the last
+    clock (the backward; the forward's region is nested in the caller's, which
+    clears after the loss).
+    """
+    ends = set(_last_clocks(clocks, slot).values())
+    if len(set(slot)) == 1:
+        ends = {len(clocks) - 1}
+    return [c in ends for c in range(len(clocks))]
+
+
 def simulate(
     costs: Sequence[Sequence[CellCost]],
     checkpoint_stop: int,
@@ -242,37 +549,61 @@ def simulate(
     last; ``optimizer_temp[j]`` is the optimizer step's scratch of partition
     ``j``. ``slots[j]`` is the device partition ``j`` runs on, when partitions
     share devices (default: one device each); the result has one entry per device.
+    Partitions on one device share one worker, as in the engine.
+
+    Under autocast (costs with ``casts``), each partition's parameter casts are
+    tracked too (:class:`_Casts`): a forward or recompute with none cached takes
+    the ``cold_*`` figures and makes them; a backward whose graph alone keeps its
+    casts takes the ``cold_bwd_*`` ones. Caches clear where the engine's
+    autocast regions end (:func:`_clears`) and after the loss.
     """
     m, n = len(costs), len(costs[0])
     slot = list(slots) if slots is not None else list(range(n))
     dev = _Slots(max(slot) + 1, slot)
+    casts = _Casts(dev, costs[0])
     dev.add(0, input_bytes, "input")
-    for clock in forward_steps(m, n):
-        for step in clock:
+    forward = forward_steps(m, n)
+    clears = _clears(forward, slot) if len(set(slot)) > 1 else [False] * len(forward)
+    for clock, steps in zip(clears, forward):
+        for step in steps:
             i, j = step.i, step.j
             c = costs[i][j]
+            cold = casts.cold(j)
             if i < checkpoint_stop:
-                dev.at(j, c.nograd_peak, f"forward {i} (checkpointed)")
+                dev.at(j, c.cold_nograd_peak if cold else c.nograd_peak, f"forward {i} (checkpointed)")
+                casts.use(j, f"forward {i} (checkpointed)")
                 dev.add(j, c.out, f"forward {i} (checkpointed)")
             else:
-                dev.at(j, c.grad_peak, f"forward {i}")
+                dev.at(j, c.cold_grad_peak if cold else c.grad_peak, f"forward {i}")
+                casts.use(j, f"forward {i}")
+                casts.keep(i, j)
                 dev.add(j, c.held, f"forward {i}")
+        if clock:
+            casts.clear()
     dev.add(n - 1, head_bytes, "loss")
+    casts.clear()  # the caller's autocast region ends after the loss
 
     done = [0] * n
-    for clock in backward_steps(m, n, lambda i: i < checkpoint_stop):
-        for step in clock:
+    backward = backward_steps(m, n, lambda i: i < checkpoint_stop)
+    for clock, steps in zip(_clears(backward, slot), backward):
+        for step in steps:
             i, j = step.i, step.j
             c = costs[i][j]
             if step.kind == "recompute":
-                dev.at(j, c.grad_peak, f"recompute {i}")
+                dev.at(j, c.cold_grad_peak if casts.cold(j) else c.grad_peak, f"recompute {i}")
+                casts.use(j, f"recompute {i}")
+                casts.keep(i, j)
                 dev.add(j, c.held, f"recompute {i}")
                 if j == n - 1:
                     dev.free(j, c.out)  # the recomputed output replaces the checkpointed one
                 continue
-            bwd = c.bwd_peak if m > 1 else c.bwd_peak_no_param_grads
+            if casts.alone(i, j):
+                bwd = c.cold_bwd_peak if m > 1 else c.cold_bwd_peak_no_param_grads
+            else:
+                bwd = c.bwd_peak if m > 1 else c.bwd_peak_no_param_grads
             dev.at(j, bwd, f"backward {i}")
             dev.free(j, c.held)
+            casts.release(i, j)
             if j > 0:
                 dev.free(j, -c.grad_in)
             if m > 1 and done[j] == 0:
@@ -285,21 +616,42 @@ def simulate(
             if j > 0 and i < checkpoint_stop:
                 dev.later.append((j - 1, costs[i][j - 1].out))  # the checkpointed output it took as input
         dev.end_of_clock()
+        if clock:
+            casts.clear()
     for j in range(n):
         dev.at(j, (optimizer_temp or [0] * n)[j], "optimizer step")
     return Prediction(per_device=dev.peak, when=dev.when)
 
 
 def simulate_plain(cost: CellCost, *, input_bytes: int = 0, head_bytes: int = 0, optimizer_temp: int = 0) -> Prediction:
-    """The plain model on one device: one full forward, the backward, the optimizer step."""
+    """The plain model on one device: one full forward, the backward, the optimizer step.
+
+    Under autocast (``cost.casts``) the forward makes the casts, the loss runs with
+    them cached, the cache clears as the forward's autocast region ends, and the
+    backward (outside autocast) frees the casts its graph saved as it walks it.
+    """
     dev = _Slots(1, [0])
     dev.add(0, input_bytes, "input")
-    dev.at(0, cost.grad_peak, "forward")
-    dev.add(0, cost.held + head_bytes, "forward")
-    dev.at(0, cost.bwd_peak_no_param_grads, "backward")
-    dev.free(0, cost.held)
+    if not cost.casts:
+        dev.at(0, cost.grad_peak, "forward")
+        dev.add(0, cost.held + head_bytes, "forward")
+        dev.at(0, cost.bwd_peak_no_param_grads, "backward")
+        dev.free(0, cost.held)
+    else:
+        dev.at(0, cost.cold_grad_peak, "forward")
+        dev.add(0, cost.held + cost.casts + head_bytes, "forward")
+        dev.free(0, cost.casts - cost.casts_saved)
+        dev.at(0, cost.cold_bwd_peak_no_param_grads, "backward")
+        dev.free(0, cost.held + cost.casts_saved)
     dev.at(0, optimizer_temp, "optimizer step")
     return Prediction(per_device=dev.peak, when=dev.when)
+
+
+def _profile_key(balance: Sequence[int], size: int, precision_name: str) -> Tuple[Any, ...]:
+    """A partition profile's key in a caller's cache: fp32 keeps the key it always had."""
+    if _autocast(precision_name) is None:
+        return (tuple(balance), size)
+    return (tuple(balance), size, precision_name)
 
 
 def predict_pipeline(
@@ -312,21 +664,24 @@ def predict_pipeline(
     slots: Optional[Sequence[int]] = None,
     head_bytes: int = 0,
     optimizer_temp: Optional[Sequence[int]] = None,
-    cache: Optional[Dict[Tuple[Tuple[int, ...], int], List[CellCost]]] = None,
+    cache: Optional[Dict[Any, List[CellCost]]] = None,
+    precision: str = "fp32",
 ) -> Prediction:
     """Peak activation bytes per device of a GPipe training step of ``model`` (on ``meta``) on ``sample``.
 
     ``sample`` is the whole mini-batch (a ``meta`` tensor); it counts on the first device.
     ``cache``: profiles by (balance, micro-batch size), kept by a caller that predicts many
     configurations of one model (the planner: checkpoint modes share them).
+    ``precision``: the row's; under bf16 or fp16 the step runs under autocast (see :func:`simulate`).
     """
     parts = split(model, balance)
     sizes = micro_batch_sizes(sample.size(0), chunks)
     cache = cache if cache is not None else {}
     for size in set(sizes):
-        if (tuple(balance), size) not in cache:
-            cache[(tuple(balance), size)] = profile(parts, (sample[:size],), True)
-    by_size = {size: cache[(tuple(balance), size)] for size in set(sizes)}
+        key = _profile_key(balance, size, precision)
+        if key not in cache:
+            cache[key] = profile(parts, (sample[:size],), True, precision=precision)
+    by_size = {size: cache[_profile_key(balance, size, precision)] for size in set(sizes)}
     return simulate(
         [by_size[size] for size in sizes],
         checkpoint_stop(checkpoint, chunks),
@@ -337,10 +692,39 @@ def predict_pipeline(
     )
 
 
-def predict_plain(model: nn.Module, sample: Tensor, *, head_bytes: int = 0, optimizer_temp: int = 0) -> Prediction:
-    """Peak activation bytes of a training step of the plain ``model`` (on ``meta``) on ``sample``."""
-    cost = profile([model], (sample,), True)[0]
+def predict_plain(
+    model: nn.Module, sample: Tensor, *, head_bytes: int = 0, optimizer_temp: int = 0, precision: str = "fp32"
+) -> Prediction:
+    """Peak activation bytes of a training step of the plain ``model`` (on ``meta``) on ``sample``.
+
+    ``precision``: under bf16 or fp16 the forward runs under autocast, the backward outside it.
+    """
+    cost = profile([model], (sample,), True, precision=precision, backward_autocast=False)[0]
     return simulate_plain(cost, input_bytes=nbytes([sample]), head_bytes=head_bytes, optimizer_temp=optimizer_temp)
+
+
+def head_bytes(outputs: Sequence[Tensor], batch: int, precision: str = "fp32") -> int:
+    """What the loss holds beside the model, from the model's ``outputs`` for one sample (fp32, on ``meta``).
+
+    fp32: the joined output, its gradient, the labels. Under autocast the joined
+    output is in the low dtype and cross-entropy runs in fp32 on an upcast copy:
+    the figure is the meter's peak over the loss's forward and backward on fake
+    tensors (the output, its upcast, log-softmax, the gradients, the labels).
+    """
+    dtype = _autocast(precision)
+    if dtype is None:
+        return 2 * nbytes(outputs) * batch + batch * 8
+    fake = _Fake()
+    meter = TensorMemory()
+    with fake.mode, meter:
+        joined = torch.empty((batch, *outputs[0].shape[1:]), dtype=dtype).requires_grad_()
+        labels = torch.zeros(batch, dtype=torch.long)
+        with torch.autocast("cpu", dtype=dtype):
+            loss = F.cross_entropy(joined, labels)
+        (grad,) = torch.autograd.grad(loss, joined)
+        del joined, labels, loss, grad
+    curve = meter.curves().get(0)
+    return curve.peak if curve else 0
 
 
 # -- a resolved row ------------------------------------------------------------------------------------------------
@@ -381,6 +765,7 @@ def predict_job(
 ) -> Prediction:
     """Peak activation bytes per device for the row, from ``meta`` (see :mod:`gpipe_bench.memory.predict`).
 
+    Under the row's precision: bf16 and fp16 run the forward under autocast.
     ``cache``: partition profiles kept across calls (:func:`~gpipe_bench.memory.predict.predict_pipeline`).
     """
     row, s = job.row, job.settings
@@ -389,9 +774,11 @@ def predict_job(
     sample = torch.empty(row.batch, 3, s.input_size, s.input_size, device="meta")
     with torch.device("meta"), FastMeta():
         out = model(sample[:1])
-    head = 2 * nbytes(as_tuple(out)[0]) * row.batch + row.batch * 8  # joined output, its gradient, the labels
+    chosen = getattr(row, "precision", "fp32")
+    head = head_bytes(as_tuple(out)[0], row.batch, chosen)
     if not job.split:
-        return predict_plain(model, sample, head_bytes=head, optimizer_temp=_optimizer_temp(model, job.devices[0]))
+        temp = _optimizer_temp(model, job.devices[0])
+        return predict_plain(model, sample, head_bytes=head, optimizer_temp=temp, precision=chosen)
     parts = split(model, balance)
     devices = list(job.devices)
     _, slots = memory_slots(devices)
@@ -406,4 +793,5 @@ def predict_job(
         head_bytes=head,
         optimizer_temp=temps,
         cache=cache,
+        precision=chosen,
     )

@@ -37,9 +37,11 @@ from .rows import model_key, step
 __all__ = ["ANCHORS_FILE", "PRECISIONS", "Anchor", "TableAnchors", "Checked", "load", "check"]
 
 ANCHORS_FILE = Path(__file__).with_name("anchors.yaml")
-#: Precisions an anchor may state; only ``fp32`` (PyTorch's defaults) is predicted today.
-PRECISIONS = ("fp32", "amp")
-_PREDICTED = ("fp32",)
+#: Precisions an anchor may state, as the row precision each is predicted in: ``fp32`` is PyTorch's
+#: defaults; ``amp`` is torch.cuda.amp's autocast in fp16 with a loss scale (what NVIDIA's and Lambda's
+#: "AMP" / "mixed precision" ResNet-50 figures ran); ``bf16`` autocast in bf16.
+_ROW_PRECISION = {"fp32": "fp32", "amp": "fp16", "bf16": "bf16"}
+PRECISIONS = tuple(_ROW_PRECISION)
 _FIELDS = (
     "name",
     "model",
@@ -172,14 +174,20 @@ def load(file: Optional[Path] = None) -> "tuple[List[Anchor], List[TableAnchors]
 
 
 def _plain_throughput(anchor: Anchor) -> float:
-    """The anchor's plain model, one step on one GPU of its preset, predicted from the preset alone."""
+    """The anchor's plain model, one step on one GPU of its preset, predicted from the preset alone.
+
+    In the anchor's precision and layout: an NHWC (channels_last) model's tensor-core
+    convolutions pay no transposes.
+    """
     table = config.plain_table(anchor.model, classes=anchor.classes)
     profile = table.profile("published")
-    row, settings = config.apply(table, profile.rows[0], profile.settings, Overrides(batch=anchor.batch))
+    overrides = Overrides(batch=anchor.batch, precision=_ROW_PRECISION[anchor.precision])
+    row, settings = config.apply(table, profile.rows[0], profile.settings, overrides)
     if settings.input_size != anchor.input_size:
         raise _fail(anchor.name, f"input size {anchor.input_size} is not the plain table's {settings.input_size}")
     job = jobs.Job(table, row, settings, "published", ["cuda:0"])
-    outcome = step(job, HardwareCosts(model_key(job), presets.load(anchor.hardware)))
+    preset = presets.load(anchor.hardware)
+    outcome = step(job, HardwareCosts(model_key(job), preset, channels_last=anchor.layout == "nhwc"))
     return anchor.batch / outcome.seconds
 
 
@@ -226,7 +234,7 @@ def check(file: Optional[Path] = None, names: Sequence[str] = ()) -> List[Checke
     for a in anchors:
         if names and a.name not in names:
             continue
-        predicted = _plain_throughput(a) if a.precision in _PREDICTED else None
+        predicted = _plain_throughput(a)
         out.append(
             Checked(
                 a.name,

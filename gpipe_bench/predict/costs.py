@@ -29,9 +29,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .. import precision as precisions
 from ..errors import HarnessError
+from ..precision import DEFAULT
 from .count import ModelCounts, PassCounts, count_named
-from .hardware import Hardware, Link, load
+from .hardware import Hardware, Link, check_precision, load
 from .host import HostCosts, measure
 from .measured import LayerTimes, contention, intra_op_threads, synchronize, time_layers
 from .roofline import check_dtype, launches, pass_seconds
@@ -42,15 +44,20 @@ __all__ = ["LayerCost", "Costs", "HardwareCosts", "MeasuredCosts", "op_overhead"
 
 @dataclass(frozen=True)
 class ModelKey:
-    """Which model, at which input size: what counting and timing are cached by."""
+    """Which model, at which input size, in which precision: what counting and timing are cached by.
+
+    The precision is part of the key because it changes what is counted (autocast's casts,
+    half-precision activations) and what is timed: a bf16 row must never reuse fp32 costs.
+    """
 
     name: str
     args: Tuple[Tuple[str, Any], ...]
     input_size: int
+    precision: str = DEFAULT
 
     @staticmethod
-    def of(name: str, args: Mapping[str, Any], input_size: int) -> "ModelKey":
-        return ModelKey(name, tuple(sorted(args.items())), input_size)
+    def of(name: str, args: Mapping[str, Any], input_size: int, precision: str = DEFAULT) -> "ModelKey":
+        return ModelKey(name, tuple(sorted(args.items())), input_size, precision)
 
 
 class Costs(ABC):
@@ -65,7 +72,7 @@ class Costs(ABC):
     def __init__(self, model: ModelKey, hardware: Hardware) -> None:
         self.model = model
         self.hardware = hardware
-        self.counts: ModelCounts = count_named(model.name, dict(model.args), model.input_size)
+        self.counts: ModelCounts = count_named(model.name, dict(model.args), model.input_size, model.precision)
 
     @abstractmethod
     def layers(self, batch: int, thread_count: int, device: str) -> List[LayerCost]:
@@ -117,7 +124,12 @@ class HardwareCosts(Costs):
     Host seconds per operator are measured on this machine (:mod:`.host`), scaled
     by ``host_speed`` (the target host's speed per core against this one's), plus
     the preset's kernel launch. ``efficiency`` divides device time alone: the one
-    calibration ``--calibrate`` fits (1.0: none).
+    calibration ``--calibrate`` fits (1.0: none). ``channels_last``: the model's
+    tensors are NHWC (its tensor-core convolutions pay no transposes).
+
+    The model's precision (``model.precision``) is counted (autocast's casts and
+    half-precision activations, :mod:`.count`) and priced at its units' peaks
+    (:meth:`.hardware.Hardware.unit`); a preset that cannot run it is refused.
     """
 
     def __init__(
@@ -128,9 +140,12 @@ class HardwareCosts(Costs):
         fitted: str = "",
         host_speed: float = 1.0,
         host_costs: Optional[HostCosts] = None,
+        channels_last: bool = False,
     ) -> None:
+        check_precision(hardware, model.precision)
         super().__init__(model, hardware)
         check_dtype(self.counts.dtype)
+        self.channels_last = channels_last
         if not (host_speed > 0 and host_speed == host_speed):
             raise HarnessError(f"--host-speed {host_speed!r} is not a positive factor; e.g. 1.5 for a faster host")
         self.efficiency = efficiency
@@ -155,14 +170,14 @@ class HardwareCosts(Costs):
             share = self._share(thread_count)
             out = []
             for layer in self.counts.at(batch):
-                forward = pass_seconds(layer.forward, self.hardware, self.efficiency) / share
+                forward = self._device(layer.forward) / share
                 forward_host = self._host(layer.forward, "forward")
                 nograd_host = self._host(layer.forward, "nograd")
                 whole = forward + forward_host
                 out.append(
                     LayerCost(
                         forward=forward,
-                        backward=pass_seconds(layer.backward, self.hardware, self.efficiency) / share,
+                        backward=self._device(layer.backward) / share,
                         forward_host=forward_host,
                         backward_host=self._host(layer.backward, "backward"),
                         # Without autograd the host records nothing: the device's work is the same.
@@ -171,6 +186,10 @@ class HardwareCosts(Costs):
                 )
             self._cache[key] = out
         return self._cache[key]
+
+    def _device(self, counts: PassCounts) -> float:
+        """Device seconds of one pass in the model's precision and layout."""
+        return pass_seconds(counts, self.hardware, self.efficiency, self.model.precision, self.channels_last)
 
     def _share(self, thread_count: int) -> float:
         """The share of the device's peak a worker gets: a CPU's threads of its cores; a GPU is whole."""
@@ -244,7 +263,11 @@ def op_overhead(samples: int = 2000, device: torch.device = torch.device("cpu"))
 
 
 class MeasuredCosts(Costs):
-    """Timed on ``device`` (this machine), layer by layer, at each row's micro-batch size and thread count."""
+    """Timed on ``device`` (this machine), layer by layer, at each row's micro-batch size and thread count.
+
+    In the model's precision: under bf16/fp16 each forward is timed under autocast
+    (:func:`gpipe_bench.precision.forward_pass`), as the engine runs a cell.
+    """
 
     @classmethod
     def here(cls, model: ModelKey, rounds: int = 3) -> "MeasuredCosts":
@@ -254,8 +277,11 @@ class MeasuredCosts(Costs):
         return cls(model, device, load("cpu" if device == "cpu" else "h100"), rounds)
 
     def __init__(self, model: ModelKey, device: str, hardware: Hardware, rounds: int = 3) -> None:
-        super().__init__(model, hardware)  # the preset gives copies between devices and processes; cells are timed
         self.device = torch.device(device)
+        # A GPU is asked whether it has bf16 only for a bf16 row (the question initialises CUDA).
+        bf16 = self.device.type != "cuda" or model.precision != "bf16" or torch.cuda.is_bf16_supported()
+        precisions.check(model.precision, self.device.type, bf16, device=f"this machine's {self.device.type}")
+        super().__init__(model, hardware)  # the preset gives copies between devices and processes; cells are timed
         self.rounds = rounds
         self.overhead = op_overhead(device=self.device)
         self.host_costs = measure()
@@ -318,7 +344,7 @@ class MeasuredCosts(Costs):
             workers = max(2, self.host.threads // thread_count)
             progress(f"timing {workers} workers of {thread_count} thread(s) at once against one alone")
             sample = torch.rand(batch, 3, self.model.input_size, self.model.input_size)
-            slower = contention(_model(self.model), sample, thread_count, workers, rounds=2)
+            slower = contention(_model(self.model), sample, thread_count, workers, 2, self.model.precision)
             self.host = replace(self.host, contention=slower)
             self.description += f", {slower:.0%} slower per worker while {workers} compute at once"
 
@@ -416,10 +442,10 @@ def _time_model(
     """
     sample = torch.rand(batch, 3, key.input_size, key.input_size)
     if device.type == "cpu":
-        return time_layers(_model(key), sample, device, thread_count, rounds, fixed)
+        return time_layers(_model(key), sample, device, thread_count, rounds, fixed, key.precision)
     model = copy.deepcopy(_model(key))
     try:
-        return time_layers(model, sample, device, thread_count, rounds, fixed)
+        return time_layers(model, sample, device, thread_count, rounds, fixed, key.precision)
     finally:
         del model, sample
         _release(device)

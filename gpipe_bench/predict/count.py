@@ -37,6 +37,14 @@ overhead; they are tallied apart as ``views`` in case a caller wants to.
 Everything else, in-place operators included, is one operator: one kernel
 launch on a GPU, one dispatch on a CPU.
 
+Precision: under ``bf16``/``fp16`` each layer's forward runs under
+:class:`Autocast`, what ``torch.autocast`` does on CUDA replayed at the
+level of torch functions (autocast itself does not act on ``meta``
+tensors). Its casts are operators of their own (a weight's ``_to_copy`` in
+the forward, its gradient's back to fp32 in the backward), counted as any
+other: they cost host time and bytes; and everything autocast writes in
+half precision moves half the bytes.
+
 Batch dependence: each layer is counted at two micro-batch sizes,
 :data:`COUNTED_BATCHES`, and every operator keeps ``value(b) = a + c·b`` for
 its FLOPs and its bytes (FLOPs are linear in the batch; bytes are affine,
@@ -51,11 +59,13 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
@@ -65,9 +75,11 @@ from ..errors import HarnessError
 from ..metakernels import meta_shapes
 from ..pipe.microbatch import as_tuple, unpack
 from ..pipe.skip.tracker import SkipKey, SkipTracker, use_skip_tracker
+from ..precision import DEFAULT, autocast_dtype
 
 __all__ = [
     "KINDS",
+    "Autocast",
     "DIRECTIONS",
     "COUNTED_BATCHES",
     "Affine",
@@ -119,6 +131,72 @@ def _kind(name: str) -> str:
     if name in _MATMUL_NAMES or name.startswith(_MATMUL_PREFIXES):
         return "matmul"
     return "other"
+
+
+# torch.autocast's CUDA op lists as the AMP documentation names them at the level of Python functions
+# (https://pytorch.org/docs/stable/amp.html, "CUDA Ops that can autocast to float16" / "to float32"; the
+# policy itself is aten/src/ATen/autocast_mode.cpp). Every other function runs in its inputs' dtype(s).
+_LOWER = frozenset(
+    "__matmul__ addbmm addmm addmv addr baddbmm bmm chain_matmul multi_dot conv1d conv2d conv3d conv_transpose1d "
+    "conv_transpose2d conv_transpose3d gru_cell linear lstm_cell matmul mm mv prelu rnn_relu_cell rnn_tanh_cell "
+    "scaled_dot_product_attention".split()
+)
+_FP32 = frozenset(
+    "__pow__ __rdiv__ __rpow__ __rtruediv__ acos asin binary_cross_entropy_with_logits cosh cosine_embedding_loss "
+    "cdist cosine_similarity cross_entropy cross_entropy_loss cumprod cumsum dist erfinv exp expm1 group_norm "
+    "hinge_embedding_loss kl_div l1_loss layer_norm log log_softmax log10 log1p log2 margin_ranking_loss mse_loss "
+    "multilabel_margin_loss multi_margin_loss nll_loss norm normalize pdist poisson_nll_loss pow prod reciprocal "
+    "rsqrt sinh smooth_l1_loss soft_margin_loss softmax softmin softplus sum renorm tan triplet_margin_loss".split()
+)
+
+
+class Autocast(TorchFunctionMode):
+    """``torch.autocast(device, dtype)`` as CUDA applies it, for tensors on ``meta`` (which autocast leaves alone).
+
+    A function of the lower-precision list gets its floating-point tensors cast to
+    ``dtype``, one of the fp32 list gets them cast to fp32, and every other runs in
+    its inputs' dtypes (BatchNorm on a half-precision input writes half precision
+    and keeps fp32 statistics, as cuDNN's does). The casts run through autograd,
+    so a backward differentiates them as it would the real ones. As autocast does,
+    a leaf that requires a gradient (a weight) is cast once while the mode is on.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self._cache: Dict[int, Tuple[Tensor, Tensor]] = {}
+
+    def _cast(self, value: Any, dtype: torch.dtype) -> Any:
+        if not isinstance(value, Tensor) or not value.is_floating_point() or value.dtype in (dtype, torch.float64):
+            return value
+        cached = value.is_leaf and value.requires_grad and dtype == self.dtype
+        if cached and id(value) in self._cache:
+            return self._cache[id(value)][1]
+        cast = value.to(dtype)
+        if cached:
+            self._cache[id(value)] = (value, cast)  # the source is kept alive so its id stays its own
+        return cast
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: Optional[Mapping[str, Any]] = None,
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        dtype = self.dtype if name in _LOWER else torch.float32 if name in _FP32 else None
+        if dtype is not None:
+            args = [self._cast(a, dtype) for a in args]
+            kwargs = {k: self._cast(v, dtype) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _autocast(precision: str) -> "AbstractContextManager[Any]":
+    """Where a layer's forward is counted: under :class:`Autocast` for bf16/fp16, plainly otherwise."""
+    dtype = autocast_dtype(precision)
+    return Autocast(dtype) if dtype is not None else nullcontext()
 
 
 @dataclass(frozen=True)
@@ -413,7 +491,8 @@ class ModelCounts:
 
     layers: Tuple[LayerCounts, ...]
     sample_shape: Tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype  # the input's
+    precision: str = DEFAULT  # what the forwards were counted under (see the module docstring)
 
     def at(self, batch: int) -> List[LayerAt]:
         return [layer.at(batch) for layer in self.layers]
@@ -547,7 +626,7 @@ class _Cached:
     atomic: bool
 
 
-def _run(model: nn.Sequential, sample: Tensor, cache: Dict[object, _Cached]) -> Iterator[_Raw]:
+def _run(model: nn.Sequential, sample: Tensor, cache: Dict[object, _Cached], precision: str) -> Iterator[_Raw]:
     """Count each layer at the batch of ``sample``, feeding each layer the previous one's output.
 
     Deep models repeat themselves (ResNet-101's third stage is 23 equal
@@ -595,7 +674,7 @@ def _run(model: nn.Sequential, sample: Tensor, cache: Dict[object, _Cached]) -> 
             tracker.stashed, tracker.popped = [], []
 
             forward = _Counter()
-            with forward:
+            with _autocast(precision), forward:
                 output = layer(unpack(fed, atomic))
             outputs, atomic = as_tuple(output)
 
@@ -663,7 +742,12 @@ def _sample(batch: int, sample_shape: Tuple[int, ...], dtype: torch.dtype, input
 
 
 def _runs(
-    model: nn.Sequential, sample_shape: Tuple[int, ...], dtype: torch.dtype, input_grad: bool, batches: Sequence[int]
+    model: nn.Sequential,
+    sample_shape: Tuple[int, ...],
+    dtype: torch.dtype,
+    input_grad: bool,
+    batches: Sequence[int],
+    precision: str = DEFAULT,
 ) -> List[List[_Raw]]:
     """Every layer counted at each of ``batches``, in training mode (the model's flags restored after)."""
     if not isinstance(model, nn.Sequential):
@@ -679,7 +763,7 @@ def _runs(
     model.train()
     cache: Dict[object, _Cached] = {}
     try:
-        return [list(_run(model, _sample(b, sample_shape, dtype, input_grad), cache)) for b in batches]
+        return [list(_run(model, _sample(b, sample_shape, dtype, input_grad), cache, precision)) for b in batches]
     finally:
         for module, training in flags:
             module.training = training
@@ -690,19 +774,22 @@ def count_model(
     sample_shape: Tuple[int, ...],
     dtype: torch.dtype = torch.float32,
     input_grad: bool = False,
+    precision: str = DEFAULT,
 ) -> ModelCounts:
     """Count every layer of ``model`` (built on ``meta``) for inputs of per-sample shape ``sample_shape``.
 
     ``input_grad``: whether the model's input needs a gradient. Off for a
     model fed data, so the first layer computes no input gradient, as in
     training; on to count a slice of a model that follows other layers.
+    ``precision``: a row's (:mod:`gpipe_bench.precision`); under bf16 or fp16
+    every forward is counted under :class:`Autocast`.
 
     Layers are run in training mode, in order, in this thread (so skip
     connections work as in a plain run); their training flags are restored
     afterwards. Running a model on ``meta`` touches no data, so the model is
     used as is, not copied.
     """
-    small_run, large_run = _runs(model, tuple(sample_shape), dtype, input_grad, COUNTED_BATCHES)
+    small_run, large_run = _runs(model, tuple(sample_shape), dtype, input_grad, COUNTED_BATCHES, precision)
     layers = []
     for name, small, large in zip((n for n, _ in model.named_children()), small_run, large_run):
         layers.append(
@@ -717,7 +804,7 @@ def count_model(
                 pops=tuple(small.pops),
             )
         )
-    return ModelCounts(layers=tuple(layers), sample_shape=tuple(sample_shape), dtype=dtype)
+    return ModelCounts(layers=tuple(layers), sample_shape=tuple(sample_shape), dtype=dtype, precision=precision)
 
 
 def _costs(records: List[_Record]) -> Tuple[OpCost, ...]:
@@ -736,6 +823,7 @@ def count_at(
     batch: int,
     dtype: torch.dtype = torch.float32,
     input_grad: bool = False,
+    precision: str = DEFAULT,
 ) -> List[LayerAt]:
     """Count every layer at one micro-batch size directly, without the affine model.
 
@@ -744,7 +832,7 @@ def count_at(
     """
     if batch < 1:
         raise HarnessError(f"a micro-batch holds at least one sample (batch: {batch}); use a positive size")
-    (run,) = _runs(model, tuple(sample_shape), dtype, input_grad, (batch,))
+    (run,) = _runs(model, tuple(sample_shape), dtype, input_grad, (batch,), precision)
     return [
         LayerAt(
             name=name,
@@ -758,35 +846,39 @@ def count_at(
     ]
 
 
-def count_named(model_name: str, model_args: Optional[Mapping[str, Any]] = None, input_size: int = 224) -> ModelCounts:
+def count_named(
+    model_name: str, model_args: Optional[Mapping[str, Any]] = None, input_size: int = 224, precision: str = DEFAULT
+) -> ModelCounts:
     """Count registered model ``model_name`` (see :func:`gpipe_bench.models.build`) on square RGB images.
 
-    Cached in this process: a command line predicting many rows counts each
-    model once. The cache holds a few models; counts are immutable, so sharing
-    them is safe.
+    Cached in this process, by model, input size and ``precision``: a command
+    line predicting many rows counts each model once. The cache holds a few
+    models; counts are immutable, so sharing them is safe.
     """
     args = dict(model_args or {})
     try:
         key = tuple(sorted(args.items()))
         hash(key)
     except TypeError:
-        return _count_named(model_name, args, input_size)
-    return _count_named_cached(model_name, key, input_size)
+        return _count_named(model_name, args, input_size, precision)
+    return _count_named_cached(model_name, key, input_size, precision)
 
 
 @functools.lru_cache(maxsize=8)
-def _count_named_cached(model_name: str, key: Tuple[Tuple[str, Any], ...], input_size: int) -> ModelCounts:
-    return _count_named(model_name, dict(key), input_size)
+def _count_named_cached(
+    model_name: str, key: Tuple[Tuple[str, Any], ...], input_size: int, precision: str
+) -> ModelCounts:
+    return _count_named(model_name, dict(key), input_size, precision)
 
 
-def _count_named(model_name: str, args: Dict[str, Any], input_size: int) -> ModelCounts:
+def _count_named(model_name: str, args: Dict[str, Any], input_size: int, precision: str) -> ModelCounts:
     if model_name not in models.names():
         raise HarnessError(f"unknown model {model_name!r}; known models: {', '.join(models.names())}")
     if input_size < 1:
         raise HarnessError(f"input size {input_size} is not a positive number of pixels; use e.g. 224")
     model = models.build_meta(model_name, **args)
     try:
-        return count_model(model, (3, input_size, input_size))
+        return count_model(model, (3, input_size, input_size), precision=precision)
     except ValueError as exc:
         # A model refusing the input size (AmoebaNet-D takes 32·k − 1 or 32·k pixels) says why.
         raise HarnessError(f"{model_name} cannot take {input_size}×{input_size} inputs: {exc}") from None

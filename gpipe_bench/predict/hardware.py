@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml  # type: ignore[import-untyped, unused-ignore]
 
+from .. import precision as precisions
 from ..errors import HarnessError
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "Rate",
     "Rates",
     "Hardware",
+    "check_precision",
     "load",
     "names",
     "presets",
@@ -166,6 +168,51 @@ class Hardware:
     def conv_unit(self) -> str:
         """The unit PyTorch's fp32 defaults run a convolution on: tensor cores where TF32 is on."""
         return "tensor_cores" if self.tf32_convs and self.tf32_flops is not None else "cuda_cores"
+
+    def unit(self, kind: str, precision: str = precisions.DEFAULT) -> Tuple[str, float]:
+        """(unit, peak FLOP/s) an operator of ``kind`` (``conv``, ``matmul``, ``other``) runs at under ``precision``.
+
+        The one rule of which arithmetic a precision uses (see :mod:`gpipe_bench.precision`):
+        ``fp32`` is PyTorch's defaults (convolutions in TF32 where :attr:`tf32_convs`, matrix
+        products on CUDA cores); ``tf32`` puts both on tensor cores where the GPU has TF32;
+        ``bf16``/``fp16`` (autocast) run both on the tensor cores' half-precision peak where
+        it has one. Everything else, and anything without such a unit, stays on CUDA cores
+        (a CPU's vector units) at the fp32 peak.
+        """
+        if kind not in ("conv", "matmul"):
+            return "cuda_cores", self.fp32_flops
+        if precisions.autocast_dtype(precision) is not None and self.half_flops is not None:
+            return "tensor_cores", self.half_flops
+        if precision == "tf32" and self.tf32_flops is not None:
+            return "tensor_cores", self.tf32_flops
+        if kind == "conv":
+            return self.conv_unit, self.conv_flops()
+        return "cuda_cores", self.fp32_flops
+
+    @property
+    def precisions(self) -> Tuple[str, ...]:
+        """The precisions this preset predicts: those its device type runs (:func:`gpipe_bench.precision.runnable`)
+        with a rate to run them at: fp16 on a GPU needs tensor cores (``half_flops``). ``tf32`` on a GPU
+        without TF32 is fp32 (PyTorch's TF32 switches do nothing there), and is predicted as such."""
+        runs = precisions.runnable(self.device_type, self.bf16)
+        return tuple(p for p in runs if not (p == "fp16" and self.device_type == "cuda" and self.half_flops is None))
+
+
+def check_precision(hardware: Hardware, precision: str) -> None:
+    """One :class:`HarnessError` line unless ``hardware``'s preset predicts ``precision``, naming those it does.
+
+    What the device type cannot run is :func:`gpipe_bench.precision.check`'s refusal (the one
+    every command gives); what it runs without a rate in the preset (fp16 on a GPU without
+    tensor cores) is refused here.
+    """
+    precisions.check(precision, hardware.device_type, hardware.bf16, device=hardware.name)
+    if precision not in hardware.precisions:
+        raise HarnessError(
+            f"{hardware.name} has no tensor cores to run --precision {precision} on (the preset gives no "
+            f"half_flops; its CUDA cores run fp16 at a small fraction of fp32); use one of: "
+            f"{', '.join(hardware.precisions)}",
+            param="--precision",
+        )
 
 
 def _number(value: object, where: str, positive: bool = True, infinite: bool = False) -> float:

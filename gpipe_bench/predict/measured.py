@@ -16,7 +16,9 @@ interrupted round (a collection, another process) does not move it. A
 backward timed alone pays a ``torch.autograd.grad`` call of its own, which a
 real step pays once per cell: the cost of an empty call is taken off each.
 A checkpointed micro-batch's first forward runs without autograd, so the
-no-grad forward is timed too.
+no-grad forward is timed too. Under a row's bf16 or fp16 every forward runs
+under autocast (:func:`gpipe_bench.precision.forward_pass`), its backward
+outside it, as the engine runs a cell.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 
 from gpipe_bench.pipe.microbatch import as_tuple
 from gpipe_bench.pipe.skip.tracker import ReplayingTracker, use_skip_tracker
+from gpipe_bench.precision import DEFAULT, forward_pass
 
 __all__ = ["LayerTimes", "time_layers", "intra_op_threads", "contention", "synchronize"]
 
@@ -94,21 +97,27 @@ def intra_op_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _round(layers: Sequence[nn.Module], sample: Tensor, device: torch.device) -> Iterator[Tuple[float, float, float]]:
-    """Each layer's (forward, backward, no-grad forward) seconds, the layers fed one after the other."""
+def _round(
+    layers: Sequence[nn.Module], sample: Tensor, device: torch.device, precision: str = DEFAULT
+) -> Iterator[Tuple[float, float, float]]:
+    """Each layer's (forward, backward, no-grad forward) seconds, the layers fed one after the other.
+
+    The forwards run under ``precision``'s autocast, the backward outside it.
+    """
     batch, atomic = as_tuple(sample)
     for layer in layers:
         leaves = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in batch)
         fed = tuple(t.clone() if t.requires_grad else t for t in leaves)
         synchronize(device)
         tick = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), forward_pass(precision, device.type):
             layer(fed[0] if atomic else fed)
         synchronize(device)
         nograd = time.perf_counter() - tick
         synchronize(device)
         tick = time.perf_counter()
-        out, atomic = as_tuple(layer(fed[0] if atomic else fed))
+        with forward_pass(precision, device.type):
+            out, atomic = as_tuple(layer(fed[0] if atomic else fed))
         synchronize(device)
         forward = time.perf_counter() - tick
         roots = [t for t in out if t.requires_grad]
@@ -124,13 +133,13 @@ def _round(layers: Sequence[nn.Module], sample: Tensor, device: torch.device) ->
 
 
 def _medians(
-    layers: Sequence[nn.Module], sample: Tensor, device: torch.device, rounds: int
+    layers: Sequence[nn.Module], sample: Tensor, device: torch.device, rounds: int, precision: str = DEFAULT
 ) -> Tuple[List[float], List[float], List[float]]:
     fwd: List[List[float]] = [[] for _ in layers]
     bwd: List[List[float]] = [[] for _ in layers]
     nog: List[List[float]] = [[] for _ in layers]
     for r in range(rounds + 1):
-        for k, (f, b, n) in enumerate(_round(layers, sample, device)):
+        for k, (f, b, n) in enumerate(_round(layers, sample, device, precision)):
             if r > 0:  # the first round pays one-off costs (allocator growth, kernel choice)
                 fwd[k].append(f)
                 bwd[k].append(b)
@@ -179,12 +188,14 @@ def time_layers(
     thread_count: int,
     rounds: int = 3,
     fixed: bool = True,
+    precision: str = DEFAULT,
 ) -> LayerTimes:
     """Forward and backward seconds of each layer of ``model`` on ``sample`` (one micro-batch), medians of ``rounds``.
 
     ``fixed``: also time a batch of :data:`SMALL` to split each time into its fixed part
     and the rest (what scaling to other sizes and the host's share need); a caller that
-    uses this one size alone (a planned balance) saves that pass.
+    uses this one size alone (a planned balance) saves that pass. ``precision``: the
+    row's; its forwards are timed under autocast on ``device``.
 
     ``model`` is moved to ``device`` and trained on (BatchNorm statistics move):
     pass a model built for the measurement. The random streams are restored.
@@ -199,13 +210,13 @@ def time_layers(
     with torch.random.fork_rng(devices=devices), torch.enable_grad(), intra_op_threads(thread_count), replaying:
         gc.disable()
         try:
-            fwd, bwd, nog = _medians(layers, sample, device, rounds)
+            fwd, bwd, nog = _medians(layers, sample, device, rounds, precision)
             call = _grad_call(device)
             bwd = [max(0.0, b - call) for b in bwd]
             fixed_f: List[float] = []
             fixed_b: List[float] = []
             if fixed and batch > SMALL + 1:
-                small_f, small_b, _ = _medians(layers, sample[:SMALL], device, rounds)
+                small_f, small_b, _ = _medians(layers, sample[:SMALL], device, rounds, precision)
                 small_b = [max(0.0, b - call) for b in small_b]
                 fixed_f, fixed_b = _fixed(fwd, small_f, batch), _fixed(bwd, small_b, batch)
         finally:
@@ -215,7 +226,14 @@ def time_layers(
     return LayerTimes(batch, thread_count, fwd, bwd, fixed_f, fixed_b, ratio)
 
 
-def contention(model: nn.Sequential, sample: Tensor, thread_count: int, workers: int = 2, rounds: int = 2) -> float:
+def contention(
+    model: nn.Sequential,
+    sample: Tensor,
+    thread_count: int,
+    workers: int = 2,
+    rounds: int = 2,
+    precision: str = DEFAULT,
+) -> float:
     """How much slower each of ``workers`` threads runs the model's layers while the others run them too.
 
     Each thread runs every layer's forward and backward, ``rounds`` times after
@@ -230,11 +248,11 @@ def contention(model: nn.Sequential, sample: Tensor, thread_count: int, workers:
 
     def work(out: List[float]) -> None:
         with torch.enable_grad(), intra_op_threads(thread_count), use_skip_tracker(ReplayingTracker()):
-            for _ in _round(layers, sample, device):
+            for _ in _round(layers, sample, device, precision):
                 pass  # warm-up
             tick = time.perf_counter()
             for _ in range(rounds):
-                for _ in _round(layers, sample, device):
+                for _ in _round(layers, sample, device, precision):
                     pass
             out.append(time.perf_counter() - tick)
 

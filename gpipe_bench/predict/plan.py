@@ -26,6 +26,10 @@ pipelining, each schedule and stage count):
    schedule replayed on ``meta``) plus its parameters and their gradients;
    plans over the cap are dropped. When none fits, the answer says the
    smallest cap that would have worked.
+
+A precision (``--precision``) is the template row's: every configuration tried,
+the published one and the plain baseline are costed in it (:func:`.rows.model_key`),
+and each command it prints runs it.
 """
 
 from __future__ import annotations
@@ -44,13 +48,14 @@ from gpipe_bench.errors import HarnessError
 from gpipe_bench.memory.predict import predict_job
 from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes
 from gpipe_bench.pipe.balance.partition import block_cost, block_costs, solve_blocks
+from gpipe_bench.precision import DEFAULT
 
 from . import hardware as presets
 from .costs import Costs, MeasuredCosts, ModelKey
 from .hardware import Link
 from .rows import RowPrediction, cost_sizes, meta_model, model_key, step
 from .simulate import LayerCost, rank_threads, worker_threads
-from .sources import for_gpus, preset_costs
+from .sources import check_precision, for_gpus, preset_costs
 
 __all__ = [
     "Choice",
@@ -127,6 +132,7 @@ class Plan:
     simulated: int
     seconds: float = 0.0
     notes: List[str] = field(default_factory=list)
+    precision: str = DEFAULT
 
     def speedup(self, planned: Planned) -> float:
         return planned.throughput / self.baseline[1]
@@ -276,7 +282,8 @@ class _Search:
         if not self._memory_profiles:
             s = self.template.settings
             sample = torch.empty(PROFILED, 3, s.input_size, s.input_size, device="meta")
-            self._memory_profiles[PROFILED] = layer_held(self.meta, sample)
+            held = layer_held(self.meta, sample, precision=self.template.row.precision)
+            self._memory_profiles[PROFILED] = held
         return self._memory_profiles[PROFILED]
 
     def memory_form(self, chunks: int, checkpoint: Checkpoint) -> _MemoryForm:
@@ -429,6 +436,8 @@ def command(job: jobs.Job, devices: Sequence[str]) -> str:
     ]
     if job.engine != "distributed":
         parts.append(f"--checkpoint {row.checkpoint}")
+    if row.precision != DEFAULT:
+        parts.append(f"--precision {row.precision}")
     return " ".join(parts)
 
 
@@ -436,11 +445,17 @@ def command(job: jobs.Job, devices: Sequence[str]) -> str:
 
 
 def _template(
-    table: Table, profile: str, stages: int, batch: Optional[int], devices: List[str], layers: int
+    table: Table,
+    profile: str,
+    stages: int,
+    batch: Optional[int],
+    devices: List[str],
+    layers: int,
+    precision: Optional[str] = None,
 ) -> Tuple[jobs.Job, bool]:
     """(the row the plan varies, whether it is a published configuration).
 
-    The table's ``pipeline-<stages>`` row of ``profile`` at ``batch``. A device
+    The table's ``pipeline-<stages>`` row of ``profile`` at ``batch``, in ``precision`` (None: the row's). A device
     count no row has gets the row of the nearest count (the larger one on a tie)
     with an even balance over ``stages``: its settings and micro-batch size, and
     nothing published to set beside the plans.
@@ -462,7 +477,8 @@ def _template(
     chunks = None
     if batch is not None and batch != row.batch:  # the published micro-batch size, kept at another batch
         chunks = max(1, min(batch, round(batch * row.chunks / row.batch)))
-    row, settings = config.apply(table, row, chosen.settings, Overrides(batch=batch, chunks=chunks), model=chosen.model)
+    overrides = Overrides(batch=batch, chunks=chunks, precision=precision)
+    row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
     return jobs.Job(table, row, settings, profile, devices), published
 
 
@@ -527,10 +543,13 @@ def plan(
     calibration: Optional[Tuple[str, float]] = None,
     progress: Callable[[str], None] = lambda line: None,
     host_speed: float = 1.0,
+    precision: Optional[str] = None,
 ) -> Plan:
     """The ``top`` best configurations of ``model`` on ``devices_spec`` that fit ``cap`` bytes per device.
 
     ``host_speed``: with ``hardware``, the target host's speed per core against this one's.
+    ``precision``: fp32, tf32, bf16 or fp16 (None: fp32); refused where ``hardware``
+    (or this machine, without it) cannot run it.
     """
     from gpipe_bench import devices as device_specs
 
@@ -546,7 +565,8 @@ def plan(
     args = {**table.model_args, **chosen.model_args, **any_row.model_args, "num_classes": chosen.settings.classes}
     layers = len(meta_model(ModelKey.of(chosen.model or table.model, args, chosen.settings.input_size)))
     _check(len(devices), layers, batch, chosen.model or table.model)
-    template, published_row = _template(table, profile, len(devices), batch, devices, layers)
+    template, published_row = _template(table, profile, len(devices), batch, devices, layers, precision)
+    check_precision(template, preset)
     _check(len(devices), layers, template.row.batch, template.model_name)
     cap_source = "--memory-per-device"
     if cap is None:
@@ -629,6 +649,7 @@ def plan(
         simulated,
         time.perf_counter() - started,
         notes,
+        template.row.precision,
     )
 
 

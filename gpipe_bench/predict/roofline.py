@@ -13,16 +13,21 @@ What an operator achieves is measured, not assumed at the peak:
   and pass: ``overhead + FLOPs / (share x peak)`` (:class:`.hardware.Rate`).
   A convolution's backward is two calls, the input's gradient and the
   filter's, each with half the backward's FLOPs.
-- **Which unit**: PyTorch's fp32 defaults run convolutions in TF32 on tensor
+- **Which unit, at which peak** (:meth:`.hardware.Hardware.unit`, per
+  precision): PyTorch's fp32 defaults run convolutions in TF32 on tensor
   cores where the preset says so (Ampere and later:
   ``torch.backends.cudnn.allow_tf32`` defaults to True); matrix products stay
   on CUDA cores (``torch.backends.cuda.matmul.allow_tf32`` defaults to False).
+  ``tf32`` puts both on tensor cores at the TF32 peak; ``bf16``/``fp16``
+  (autocast) at the tensor cores' half-precision peak. The tensor-core rates
+  are DeepBench's fp16 ones (a V100's), whatever the format and GPU.
 - **Layout**: tensor-core convolution kernels take NHWC tensors. PyTorch's
   default layout is NCHW, so cuDNN transposes each convolution's activations
   in and out: their traffic again, read and written, at the memory rate
   (:func:`transposed_bytes`). A profile of a TF32 convolution on an A100 in
   pytorch/pytorch issue 81940 shows nchwToNhwc/nhwcToNchw kernels taking 55%
-  of the convolution kernel's own time.
+  of the convolution kernel's own time. A model in channels_last (NHWC, as
+  NVIDIA's mixed-precision examples run) pays none.
 - **Everything else** is memory-bound: its bytes at the share of the memory
   bandwidth a streaming kernel reaches.
 - **No kernel is shorter than the preset's floor** (a kernel launched back to
@@ -47,6 +52,7 @@ import math
 import torch
 
 from ..errors import HarnessError
+from ..precision import DEFAULT
 from .count import OpCost, PassCounts
 from .hardware import Hardware, filter_of
 
@@ -69,9 +75,9 @@ def check_dtype(dtype: torch.dtype) -> None:
         )
 
 
-def peak_flops(hardware: Hardware, kind: str) -> float:
-    """FLOP/s an operator of ``kind`` (``conv``, ``matmul``, ``other``) gets under PyTorch's fp32 defaults."""
-    return hardware.conv_flops() if kind == "conv" else hardware.fp32_flops
+def peak_flops(hardware: Hardware, kind: str, precision: str = DEFAULT) -> float:
+    """FLOP/s an operator of ``kind`` (``conv``, ``matmul``, ``other``) gets under ``precision``."""
+    return hardware.unit(kind, precision)[1]
 
 
 def _check(efficiency: float) -> None:
@@ -83,12 +89,11 @@ def _dense_conv(op: OpCost) -> bool:
     return op.kind == "conv" and not op.grouped
 
 
-def compute_seconds(op: OpCost, hardware: Hardware) -> float:
+def compute_seconds(op: OpCost, hardware: Hardware, precision: str = DEFAULT) -> float:
     """Seconds of one operator's arithmetic: at its unit's measured rate, or at the peak without one."""
+    unit, peak = hardware.unit(op.kind, precision)
+    rates = hardware.rates.get(unit)
     if _dense_conv(op):
-        unit = hardware.conv_unit
-        rates = hardware.rates.get(unit)
-        peak = hardware.conv_flops()
         if rates is not None:
             passes = rates.conv[filter_of(op.window)]
             if op.op.endswith("_backward"):
@@ -96,31 +101,51 @@ def compute_seconds(op: OpCost, hardware: Hardware) -> float:
                 return passes["backward_data"].seconds(half, peak) + passes["backward_filter"].seconds(half, peak)
             return passes["forward"].seconds(op.flops, peak)
         return op.flops / peak
-    if op.kind == "matmul" and "cuda_cores" in hardware.rates:
-        return hardware.rates["cuda_cores"].matmul.seconds(op.flops, hardware.fp32_flops)
-    return op.flops / peak_flops(hardware, op.kind)
+    if op.kind == "matmul" and rates is not None:
+        return rates.matmul.seconds(op.flops, peak)
+    return op.flops / peak
 
 
-def transposed_bytes(op: OpCost, hardware: Hardware) -> int:
-    """Bytes of the NCHW <-> NHWC transposes a tensor-core convolution of NCHW tensors adds: its traffic again."""
-    if _dense_conv(op) and hardware.conv_unit == "tensor_cores" and hardware.rates:
+def transposed_bytes(op: OpCost, hardware: Hardware, precision: str = DEFAULT, channels_last: bool = False) -> int:
+    """Bytes of the NCHW <-> NHWC transposes a tensor-core convolution of NCHW tensors adds: its traffic again.
+
+    ``channels_last``: the model's tensors are NHWC already (none).
+    """
+    on_tensor_cores = hardware.unit(op.kind, precision)[0] == "tensor_cores"
+    if _dense_conv(op) and on_tensor_cores and hardware.rates and not channels_last:
         return op.bytes
     return 0
 
 
-def op_seconds(op: OpCost, hardware: Hardware, efficiency: float = 1.0) -> float:
+def op_seconds(
+    op: OpCost,
+    hardware: Hardware,
+    efficiency: float = 1.0,
+    precision: str = DEFAULT,
+    channels_last: bool = False,
+) -> float:
     """Device seconds of ``op.count`` identical operators (see the module docstring)."""
     _check(efficiency)
     bandwidth = hardware.memory_bandwidth * hardware.memory_share
-    kernel = max(hardware.kernel_floor, compute_seconds(op, hardware), op.bytes / bandwidth)
-    transposes = 2 * transposed_bytes(op, hardware) / bandwidth  # each transposed tensor read and written
+    kernel = max(hardware.kernel_floor, compute_seconds(op, hardware, precision), op.bytes / bandwidth)
+    # each transposed tensor read and written
+    transposes = 2 * transposed_bytes(op, hardware, precision, channels_last) / bandwidth
     return op.count * (kernel + transposes) / efficiency
 
 
-def pass_seconds(counts: PassCounts, hardware: Hardware, efficiency: float = 1.0) -> float:
-    """Device seconds of one pass (a layer's forward or backward): :func:`op_seconds` summed over its operators."""
+def pass_seconds(
+    counts: PassCounts,
+    hardware: Hardware,
+    efficiency: float = 1.0,
+    precision: str = DEFAULT,
+    channels_last: bool = False,
+) -> float:
+    """Device seconds of one pass (a layer's forward or backward): :func:`op_seconds` summed over its operators.
+
+    ``precision``: the row's, which the counts were taken under; ``channels_last``: NHWC tensors.
+    """
     _check(efficiency)
-    return sum((op_seconds(op, hardware, efficiency) for op in counts.ops), 0.0)
+    return sum((op_seconds(op, hardware, efficiency, precision, channels_last) for op in counts.ops), 0.0)
 
 
 def launches(counts: PassCounts) -> int:

@@ -10,7 +10,7 @@ same rules as the run it predicts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -20,6 +20,7 @@ from gpipe_bench.distributed.schedule import default_processes
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.jobs import Job
 from gpipe_bench.perf import checkpoint_stop, layer_ranges, micro_batch_sizes
+from gpipe_bench.precision import DEFAULT
 
 from .costs import Costs, ModelKey
 from .orders import orders, stage_ranks
@@ -45,12 +46,20 @@ class RowPrediction:
 
 
 def model_key(job: Job) -> ModelKey:
-    return ModelKey.of(job.model_name, job.model_args, job.settings.input_size)
+    """What ``job``'s costs are counted and timed for: its model, input size and precision."""
+    return ModelKey.of(job.model_name, job.model_args, job.settings.input_size, job.row.precision)
+
+
+def meta_model(key: ModelKey) -> torch.nn.Sequential:
+    """The model on ``meta`` (shapes only), built once per model: parameter counts and the memory predictor read it.
+
+    The same module whatever the precision (autocast changes what a forward computes in, not the model).
+    """
+    return _meta_model(replace(key, precision=DEFAULT))
 
 
 @lru_cache(maxsize=4)
-def meta_model(key: ModelKey) -> torch.nn.Sequential:
-    """The model on ``meta`` (shapes only), built once per model: parameter counts and the memory predictor read it."""
+def _meta_model(key: ModelKey) -> torch.nn.Sequential:
     from gpipe_bench import models
 
     return models.build_meta(key.name, **dict(key.args))

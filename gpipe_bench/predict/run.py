@@ -17,6 +17,7 @@ from gpipe_bench import jobs
 from gpipe_bench.config import Overrides, Row, Table
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.memory.predict import predict_job
+from gpipe_bench.precision import DEFAULT
 
 from . import hardware as presets
 from .costs import Costs, MeasuredCosts
@@ -59,6 +60,7 @@ class TablePrediction:
     hardware: Optional[str]  # the preset's name, or None when measured here
     rows: List[RowPrediction]
     fitted: Optional[Tuple[str, float, float]] = None  # (row, its throughput, the efficiency)
+    precision: str = DEFAULT  # the rows' (one cost source: one precision)
 
 
 def predict_table(
@@ -89,7 +91,15 @@ def predict_table(
         baseline = next((j for j in planned if j.row.name == base_row.name), None)
         if baseline is None:
             baseline = predicted_jobs(
-                table, profile, [base_row], Overrides(), devices_spec, preset, "gpipe-bench", schedule, None
+                table,
+                profile,
+                [base_row],
+                Overrides(precision=overrides.precision),
+                devices_spec,
+                preset,
+                "gpipe-bench",
+                schedule,
+                None,
             )[0]
     key = model_key(planned[0])
     fitted: Optional[Tuple[str, float, float]] = None
@@ -116,7 +126,7 @@ def predict_table(
         meta = meta_model(key)
         for p in predictions:
             p.memory = _memory(p.job, meta)
-    return TablePrediction(table, profile, costs.description, hardware, predictions, fitted)
+    return TablePrediction(table, profile, costs.description, hardware, predictions, fitted, key.precision)
 
 
 def _memory(job: jobs.Job, meta: torch.nn.Sequential) -> Optional[List[int]]:

@@ -20,7 +20,7 @@ from . import hardware as presets
 from .costs import HardwareCosts, ModelKey
 from .rows import calibrate
 
-__all__ = ["for_gpus", "parse_calibration", "predicted_devices", "predicted_jobs", "preset_costs"]
+__all__ = ["check_precision", "for_gpus", "parse_calibration", "predicted_devices", "predicted_jobs", "preset_costs"]
 
 
 def for_gpus(preset: Optional[presets.Hardware]) -> bool:
@@ -29,6 +29,19 @@ def for_gpus(preset: Optional[presets.Hardware]) -> bool:
     It picks the profile a prediction or a plan defaults to (:func:`gpipe_bench.jobs.default_profile`).
     """
     return preset.device_type == "cuda" if preset is not None else torch.cuda.is_available()
+
+
+def check_precision(job: jobs.Job, preset: Optional[presets.Hardware]) -> jobs.Job:
+    """``job`` if its precision can be predicted; else one error line naming the precisions that can.
+
+    On a preset: what the preset's device runs and has a rate for
+    (:func:`.hardware.check_precision`). Measured here: what this machine's devices run,
+    as a run of the row would be refused (:func:`gpipe_bench.jobs.check_precision`).
+    """
+    if preset is None:
+        return jobs.check_precision(job)
+    presets.check_precision(preset, job.row.precision)
+    return job
 
 
 def parse_calibration(value: Optional[str]) -> Optional[Tuple[str, float]]:
@@ -87,10 +100,11 @@ def predicted_jobs(
                     param="--chunks",
                 )
             ranks = [f"rank{r}" for r in range(processes)]
-            out.append(jobs.Job(table, row, settings, profile, ranks, "distributed", schedule))
+            out.append(check_precision(jobs.Job(table, row, settings, profile, ranks, "distributed", schedule), preset))
             continue
         ours = engine if engine == "torchgpipe" else "gpipe-bench"  # the engines of this process
-        out.append(jobs.Job(table, row, settings, profile, predicted_devices(preset, devices_spec, count), ours))
+        placed = predicted_devices(preset, devices_spec, count)
+        out.append(check_precision(jobs.Job(table, row, settings, profile, placed, ours), preset))
     return out
 
 

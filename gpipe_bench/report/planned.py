@@ -11,6 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any, Dict, List
 
 from .format import format_bytes, render_grid
+from .predicted import precision_words
 
 if TYPE_CHECKING:
     from gpipe_bench.predict.plan import Plan, Planned
@@ -74,9 +75,12 @@ def render(plan: "Plan", fmt: str = "rst") -> str:
             ]
         )
     cap = f"{format_bytes(plan.cap)} per device ({plan.cap_source})" if plan.cap is not None else "none"
+    words = precision_words(plan.precision)
     lines = [
         f"{plan.table.title.split(' speed')[0]} on {','.join(plan.devices)}, batch {plan.batch} "
-        f"({plan.profile} profile, {'torch.distributed.pipelining' if distributed else 'gpipe-bench'} engine)",
+        f"({plan.profile} profile, {'torch.distributed.pipelining' if distributed else 'gpipe-bench'} engine"
+        f"{', ' + plan.precision if words else ''})",
+        *([f"precision: {words}"] if words else []),
         f"costs: {plan.costs}",
         f"memory cap: {cap}",
         f"speedup over {plan.baseline[0]}: {plan.baseline[1]:.3f} {unit} predicted the same way",

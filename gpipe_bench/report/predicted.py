@@ -21,7 +21,19 @@ if TYPE_CHECKING:
     from gpipe_bench.predict.hardware import Hardware
     from gpipe_bench.predict.run import TablePrediction
 
-__all__ = ["measured_for", "render", "as_records"]
+__all__ = ["measured_for", "precision_words", "render", "as_records"]
+
+#: What a precision other than fp32 means for a prediction, in the words every heading uses.
+_PRECISION_WORDS = {
+    "tf32": "tf32 (convolutions and matrix products in TF32)",
+    "bf16": "bf16 (autocast: convolutions and matrix products in bf16, parameters in fp32)",
+    "fp16": "fp16 (autocast: convolutions and matrix products in fp16, parameters in fp32)",
+}
+
+
+def precision_words(precision: str) -> str:
+    """``precision`` as a heading says it ('' for fp32, PyTorch's defaults: headings leave it out)."""
+    return _PRECISION_WORDS.get(precision, "")
 
 
 def _measured_group(
@@ -103,6 +115,7 @@ def as_records(
                 "published_throughput": published.get("throughput"),
                 "published_speedup": published.get("speedup"),
                 "costs": prediction.costs,
+                "precision": p.job.row.precision,
             }
         )
     return out
@@ -140,7 +153,9 @@ def render(prediction: "TablePrediction", results: Sequence[Result], hardware: O
                 fmt_num(r["published_speedup"], 3, "x"),
             ]
         )
-    return render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 1), fmt)
+    grid = render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 1), fmt)
+    words = precision_words(prediction.precision)
+    return f"Precision: {words}\n\n{grid}" if words else grid
 
 
 def _rate(value: Optional[float], unit: str) -> str:

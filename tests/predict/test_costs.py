@@ -407,8 +407,10 @@ def test_measured_costs_measure_contention_only_where_workers_compute_side_by_si
     tiny = torch.nn.Sequential(torch.nn.Identity())
     monkeypatch.setattr(costs, "_model", lambda key: tiny)
 
-    def contention(model: torch.nn.Module, sample: torch.Tensor, threads: int, workers: int, rounds: int) -> float:
-        assert model is tiny and rounds == 2
+    def contention(
+        model: torch.nn.Module, sample: torch.Tensor, threads: int, workers: int, rounds: int, precision: str
+    ) -> float:
+        assert model is tiny and rounds == 2 and precision == "fp32"
         measured.append((tuple(sample.shape), threads, workers))
         return 0.25
 

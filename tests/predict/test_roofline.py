@@ -123,13 +123,15 @@ def _layer() -> LayerCounts:
 def test_hardware_costs_turn_each_layer_into_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     """The roofline as predictions use it: HardwareCosts over a layer's counts, scaled by the efficiency."""
     counts = ModelCounts(layers=(_layer(),), sample_shape=(3, 8, 8), dtype=torch.float32)
-    monkeypatch.setattr(costs_module, "count_named", lambda name, args, size: counts)
+    monkeypatch.setattr(costs_module, "count_named", lambda name, args, size, precision: counts)
     key = ModelKey.of("toy", {}, 8)
     (layer,) = HardwareCosts(key, MEASURED, efficiency=0.5).layers(4, 1, "cuda:0")
     assert layer.forward == pytest.approx((1e-5 + 4e9 / 1e12) / 0.5)  # 3x3 forward: share 1.0 here
     assert layer.backward == pytest.approx(2 * (1e-5 + 4e9 / 0.5e12) / 0.5)
     monkeypatch.setattr(
-        costs_module, "count_named", lambda name, args, size: dataclasses.replace(counts, dtype=torch.float16)
+        costs_module,
+        "count_named",
+        lambda name, args, size, precision: dataclasses.replace(counts, dtype=torch.float16),
     )
     with pytest.raises(HarnessError, match="float32"):
         HardwareCosts(key, MEASURED)

@@ -89,6 +89,13 @@ def test_text_names_the_search_then_ranks_the_plans_over_the_published_one() -> 
     ]
 
 
+def test_a_precision_other_than_fp32_is_in_the_heading() -> None:
+    lines = planned.render(dataclasses.replace(_plan(), precision="fp16")).splitlines()
+    assert lines[0] == "resnet101 on cuda:0,cuda:1, batch 256 (published profile, gpipe-bench engine, fp16)"
+    assert lines[1].startswith("precision: fp16 (autocast: convolutions and matrix products in fp16")
+    assert lines[2] == "costs: p40 preset"
+
+
 def test_json_records_are_the_plans_best_first_then_the_published_configuration() -> None:
     records = json.loads(planned.render(_plan(), fmt="json"))
     assert [(r["rank"], r["published"]) for r in records] == [(1, False), (2, False), (0, True)]

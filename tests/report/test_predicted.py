@@ -83,6 +83,7 @@ def test_records_set_each_prediction_beside_the_measurement_on_the_named_hardwar
         "published_throughput": 137.788,
         "published_speedup": 1.489,
         "costs": "p40 preset",
+        "precision": "fp32",
     }
     assert records[0]["throughput"] == 96.0 and records[0]["bubble"] == 0.0 and records[0]["balance"] is None
     assert records[0]["measured_throughput"] == 100.0 and records[0]["measured_speedup"] == 1.0
@@ -143,6 +144,16 @@ def test_render_writes_the_predicted_table() -> None:
     (line,) = [line for line in predicted.render(bare, [], "p40", fmt="md").splitlines() if "pipeline-2" in line]
     assert [c.strip() for c in line.strip("|").split("|")][5:] == ["–", "–", "–", "1.489x"]
     assert json.loads(predicted.render(prediction, [], "p40", fmt="json"))[1]["bubble"] == 0.375
+
+
+def test_a_precision_other_than_fp32_heads_the_table() -> None:
+    prediction = _prediction()
+    assert not predicted.render(prediction, [], "p40").startswith("Precision")  # fp32: PyTorch's defaults
+    bf16 = dataclasses.replace(prediction, precision="bf16")
+    lines = predicted.render(bf16, [], "p40", fmt="md").splitlines()
+    assert lines[0].startswith("Precision: bf16 (autocast") and lines[1] == "" and lines[2].startswith("| Experiment")
+    tf32 = predicted.render(dataclasses.replace(prediction, precision="tf32"), [], "p40")
+    assert tf32.startswith("Precision: tf32 (convolutions and matrix products in TF32")
 
 
 def test_measured_throughput_and_speedup_come_from_the_same_machine() -> None:
