@@ -11,6 +11,7 @@ bad value and the fix, exit code 2, and no results file.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
@@ -18,7 +19,7 @@ from typing import Any, Callable, List, Optional, Tuple, TypeVar
 import click
 import torch
 
-from . import __version__, config, jobs, models, report, results
+from . import __version__, config, jobs, models, report, results, signals
 from .config import Overrides
 from .errors import HarnessError
 from .precision import PRECISIONS
@@ -35,6 +36,9 @@ class _Command(click.Command):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt as stop:  # outside a row (resolving, planning, printing): nothing was being saved
+            click.echo("\nInterrupted.", err=True)
+            sys.exit(signals.exit_code(stop))
         except HarnessError as error:
             if error.param:
                 raise click.BadParameter(error.message, ctx=ctx, param_hint=error.param) from None
@@ -68,6 +72,8 @@ def main() -> None:
 
     The engine is importable as gpipe_bench.pipe (torchgpipe 0.0.7's API).
     """
+    # SIGTERM stops a run as Ctrl-C does: the finished rows kept, one line, exit 143 (gpipe_bench.signals).
+    click.get_current_context().call_on_close(signals.install())
 
 
 # -- shared options ----------------------------------------------------------------------------------------------
@@ -312,8 +318,13 @@ def _write_plot(kind: str, table: config.Table, saved: List[results.Result], pat
 
 
 def _interrupted(interrupt: Any, what: str) -> None:
-    click.echo(f"\nInterrupted in {interrupt.job.row.name}{what}", err=True)
-    sys.exit(130)
+    """The one line a stopped run prints (a launch's ranks leave it to the launch), and its exit code."""
+    from .distributed.launch import ERROR_DIR_ENV
+
+    if not os.environ.get(ERROR_DIR_ENV):
+        by = "" if interrupt.signum == signal.SIGINT else f" (by {signal.Signals(interrupt.signum).name})"
+        click.echo(f"\nInterrupted in {interrupt.job.row.name}{by}{what}", err=True)
+    sys.exit(signals.exit_code(interrupt))
 
 
 def _processes(size: int) -> str:
@@ -1051,7 +1062,7 @@ def plan_command(
         calibration=parse_calibration(calibrate),
         progress=progress,
         host_speed=host_speed,
-        **({"precision": precision} if precision is not None else {}),
+        precision=precision,
     )
     click.echo(planned.render(answer, fmt))
 

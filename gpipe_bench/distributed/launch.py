@@ -33,10 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from gpipe_bench import signals
+
 __all__ = ["ERROR_DIR_ENV", "Failure", "worker_main", "first_failure", "launch", "rank_threads", "thread_count"]
 
 #: Set by :func:`launch` for its workers: the folder where a failing rank leaves its error.
 ERROR_DIR_ENV = "GPIPE_BENCH_ERROR_DIR"
+#: Set by :func:`launch` for its workers: its pid, the parent each rank must not outlive.
+LAUNCH_PID_ENV = "GPIPE_BENCH_LAUNCH_PID"
 
 _INTERRUPTED = (
     "gpipe-bench launch: interrupted; the ranks were stopped and nothing was written for the row in progress."
@@ -97,6 +101,9 @@ def worker_main(main: Callable[..., Any]) -> None:
     rank = int(os.environ.get("RANK", "0"))
     # The agent passes Ctrl-C on to every rank; the launch says it once (click would print a line per rank).
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    # A launch killed outright (SIGKILL) cannot stop its ranks: each stops itself when its parent dies.
+    launcher = os.environ.get(LAUNCH_PID_ENV)
+    signals.die_with_parent(signal.SIGTERM, parent=int(launcher) if launcher else None)
     try:
         main(standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -154,7 +161,9 @@ def first_failure(folder: str, exitcodes: Dict[int, int]) -> Optional[Failure]:
             continue
     silent = [(rank, code) for rank, code in sorted(exitcodes.items()) if code != 0 and rank not in recorded]
     # SIGTERM is how the agent stops the ranks still running once it has seen a failure.
-    died = [Failure(rank, "died", _ended(code)) for rank, code in silent if code != -signal.SIGTERM]
+    # A rank stopped by it exits 143 (gpipe_bench.signals: SIGTERM ends a run as Ctrl-C does), or dies of it.
+    stopped = (-signal.SIGTERM, 128 + signal.SIGTERM)
+    died = [Failure(rank, "died", _ended(code)) for rank, code in silent if code not in stopped]
     if died:
         return died[0]
     if recorded:
@@ -179,6 +188,7 @@ def launch(torchrun_args: Sequence[str], world: Optional[int] = None) -> int:
 
     folder = tempfile.mkdtemp(prefix="gpipe-bench-launch-")
     os.environ[ERROR_DIR_ENV] = folder
+    os.environ[LAUNCH_PID_ENV] = str(os.getpid())
     try:
         _quiet_agent()
         options = [f"--monitor-interval={_MONITOR_INTERVAL_S}", *torchrun_args]
@@ -193,9 +203,10 @@ def launch(torchrun_args: Sequence[str], world: Optional[int] = None) -> int:
                 return 1
             print(failure.report(world), file=sys.stderr)
             return 2 if failure.kind == "usage" else 1
-        except (KeyboardInterrupt, SignalException):  # Ctrl-C, or SIGTERM to the launch
+        except (KeyboardInterrupt, SignalException) as stop:  # Ctrl-C, or SIGTERM to the launch
             print(_INTERRUPTED, file=sys.stderr)
-            return 130
+            signum = getattr(stop, "sigval", None) or getattr(stop, "signum", None) or signal.SIGINT
+            return 128 + int(signum)
         except Exception as error:  # the agent's own failure: rendezvous, a busy port
             print(
                 f"gpipe-bench launch: torchrun failed before the ranks ran: {type(error).__name__}: {error}",
@@ -205,6 +216,7 @@ def launch(torchrun_args: Sequence[str], world: Optional[int] = None) -> int:
         return 0
     finally:
         os.environ.pop(ERROR_DIR_ENV, None)
+        os.environ.pop(LAUNCH_PID_ENV, None)
         shutil.rmtree(folder, ignore_errors=True)
 
 

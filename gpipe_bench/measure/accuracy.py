@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from gpipe_bench import models, optim, precision
+from gpipe_bench import models, optim, precision, signals
 from gpipe_bench.data import fashion_mnist, imagenet
 from gpipe_bench.engines import place
 from gpipe_bench.environment import environment, now
@@ -349,8 +350,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _replica(rank: int, world: int, port: int, job: Job, data: Data, seed: int, queue: Any) -> None:
-    """One data-parallel process: its slice of every mini-batch; rank 0 reports the validation errors."""
+def _replica(rank: int, world: int, port: int, job: Job, data: Data, seed: int, queue: Any, parent: int) -> None:
+    """One data-parallel process: its slice of every mini-batch; rank 0 reports the validation errors.
+
+    It never outlives the run: it dies with its parent (even one killed by
+    SIGKILL), and leaves Ctrl-C to the parent, which stops the replicas itself.
+    """
+    signals.die_with_parent(signal.SIGKILL, parent=parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         device = torch.device(job.devices[rank]) if job.devices[rank].startswith("cuda") else torch.device("cpu")
@@ -394,11 +401,37 @@ def train_dataparallel(job: Job, data: Data, seed: int, progress: Optional[Progr
     queue = context.Queue()
     port = _free_port()
     procs = [
-        context.Process(target=_replica, args=(r, world, port, job, data, seed, queue), daemon=True)
+        context.Process(target=_replica, args=(r, world, port, job, data, seed, queue, os.getpid()), daemon=True)
         for r in range(world)
     ]
+    with signals.on_stop(lambda: _kill(procs)):
+        for p in procs:
+            p.start()
+        return _collect(job, procs, queue, progress)
+
+
+def _kill(procs: List[Any]) -> None:
+    """SIGKILL to every replica still running (a second signal: no time to wait)."""
     for p in procs:
-        p.start()
+        if p.pid is not None and p.exitcode is None:
+            p.kill()
+
+
+def _stop(procs: List[Any], grace_s: float = 2.0) -> None:
+    """SIGTERM to every replica still running, ``grace_s`` for them to go, then SIGKILL."""
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in alive:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    _kill(alive)
+    for p in alive:
+        p.join(timeout=1.0)
+
+
+def _collect(job: Job, procs: List[Any], queue: Any, progress: Optional[Progress]) -> Trained:
+    """Rank 0's result from ``queue``; the replicas are stopped at once when the run is (SIGTERM, then SIGKILL)."""
     deadline = time.monotonic() + job.timeout_s
     errors: Optional[Trained] = None
     failure: Optional[str] = None
@@ -420,13 +453,14 @@ def train_dataparallel(job: Job, data: Data, seed: int, progress: Optional[Progr
                 errors = payload
             elif kind == "error":
                 failure = str(payload)
+    except BaseException:
+        failure = failure or "stopped"
+        raise
     finally:
+        # Finished: each replica exits by itself. Failed or stopped: none is waited for.
         for p in procs:
-            p.join(timeout=30 if failure is None else 1)
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
+            p.join(timeout=30 if failure is None else 0)
+        _stop(procs)
     if failure is not None:
         raise RuntimeError(failure)
     assert errors is not None

@@ -2,14 +2,16 @@
 
 The same for every measurement and engine: the results directory is checked
 before the first row (a long run must not fail at its end), each row's record
-is written whole when the row finishes, and Ctrl-C stops the run between
-records: the rows already saved stay, the interrupted one writes nothing.
+is written whole when the row finishes, and Ctrl-C (or SIGTERM, by
+:mod:`gpipe_bench.signals`) stops the run between records: the rows already
+saved stay, the interrupted one writes nothing.
 What the user sees is the caller's: ``before`` and ``after`` are told of
 each row.
 """
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -21,11 +23,12 @@ __all__ = ["RowInterrupted", "run_rows"]
 
 
 class RowInterrupted(KeyboardInterrupt):
-    """Ctrl-C in ``job``; ``saved`` rows were written before it, ``completed_epochs`` of it had finished (speed)."""
+    """Ctrl-C or SIGTERM (``signum``) in ``job``; ``saved`` rows were written before it, ``completed_epochs`` of
+    it had finished (speed)."""
 
-    def __init__(self, job: Job, saved: int, completed_epochs: Optional[int]) -> None:
+    def __init__(self, job: Job, saved: int, completed_epochs: Optional[int], signum: int = signal.SIGINT) -> None:
         super().__init__(job.row.name)
-        self.job, self.saved, self.completed_epochs = job, saved, completed_epochs
+        self.job, self.saved, self.completed_epochs, self.signum = job, saved, completed_epochs, signum
 
 
 def run_rows(
@@ -51,7 +54,12 @@ def run_rows(
         try:
             result = measure(job)
         except KeyboardInterrupt as interrupt:
-            raise RowInterrupted(job, len(done), getattr(interrupt, "completed_epochs", None)) from None
+            raise RowInterrupted(
+                job,
+                len(done),
+                getattr(interrupt, "completed_epochs", None),
+                getattr(interrupt, "signum", signal.SIGINT),
+            ) from None
         if result is None:
             continue
         path = results.save(result, root)

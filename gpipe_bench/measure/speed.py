@@ -18,6 +18,7 @@ through module hooks; :func:`check_timeline` says so before anything runs.
 from __future__ import annotations
 
 import gc
+import signal
 import statistics
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -44,11 +45,11 @@ _Host = Callable[[str], AbstractContextManager[Any]]
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a row: how many epochs had finished (warm-up included) when it came."""
+    """Ctrl-C (or SIGTERM: ``signum``) during a row: how many epochs had finished (warm-up included) when it came."""
 
-    def __init__(self, completed_epochs: int) -> None:
+    def __init__(self, completed_epochs: int, signum: int = signal.SIGINT) -> None:
         super().__init__(completed_epochs)
-        self.completed_epochs = completed_epochs
+        self.completed_epochs, self.signum = completed_epochs, signum
 
 
 def check_timeline(engine: str, planned: Sequence[Job] = ()) -> None:
@@ -115,8 +116,8 @@ def run(job: Job, progress: Optional[Progress] = None, timeline: Optional[Timeli
             if timeline is not None and completed == record_after:
                 timeline(_record_step(job, trainer, run_step))
         trainer.barrier()
-    except KeyboardInterrupt:
-        raise Interrupted(completed) from None
+    except KeyboardInterrupt as stop:
+        raise Interrupted(completed, getattr(stop, "signum", signal.SIGINT)) from None
     except (RuntimeError, MemoryError) as error:
         if not engines.is_oom(error) or job.engine == "distributed":
             raise
