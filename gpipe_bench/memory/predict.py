@@ -150,26 +150,8 @@ def profile_partition(
         outputs, out_atomic = as_tuple(out)
         forward = meter.curves(since=start).get(0)
         held = forward.final if forward else 0
-        with meter.charge(1):  # the gradient arriving from the next partition is not this one's
-            grad_outputs = [torch.ones_like(t) if t.requires_grad else None for t in outputs]
-        start = meter.mark()
-        pairs = [(t, g) for t, g in zip(outputs, grad_outputs) if g is not None]
-        wrt = [t for t in leaves if t.requires_grad] + params
-        grads: Sequence[Optional[Tensor]] = ()
-        if pairs and wrt:
-            grads = torch.autograd.grad([t for t, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-        n_in = sum(1 for t in leaves if t.requires_grad)
-        grad_in = nbytes([g for g in grads[:n_in] if g is not None])
-        param_grads = [g for g in grads[n_in:] if g is not None]
-        backward = meter.curves(since=start).get(0)
-        meter.exclude(param_grads)
-        backward_np = meter.curves(since=start).get(0)
-        pgrad_bytes = nbytes(param_grads)
-        next_inputs = tuple(t.detach() for t in outputs)
-        del out, outputs, grads, param_grads, pairs, grad_outputs, leaves
-
-    def above(curve_peak: int) -> int:
-        return max(0, curve_peak - held)
+        bwd, bwd_np, grad_in, pgrad_bytes, next_inputs = _backward(meter, outputs, leaves, params, held)
+        del out, outputs, leaves
 
     return (
         CellCost(
@@ -177,8 +159,8 @@ def profile_partition(
             nograd_peak=nograd.peak if nograd else 0,
             held=held,
             grad_peak=forward.peak if forward else 0,
-            bwd_peak=above(backward.peak) if backward else 0,
-            bwd_peak_no_param_grads=above(backward_np.peak) if backward_np else 0,
+            bwd_peak=max(0, bwd),
+            bwd_peak_no_param_grads=max(0, bwd_np),
             grad_in=grad_in,
             param_grads=pgrad_bytes,
         ),
