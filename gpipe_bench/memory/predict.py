@@ -269,14 +269,14 @@ def _base(meter: TensorMemory) -> Tuple[int, int]:
 
 
 def _backward(
-    meter: TensorMemory, outputs: Tensors, leaves: Tensors, params: List[Tensor], base: int
+    meter: TensorMemory, outputs: Tensors, leaves: Tensors, params: Sequence[Tensor], base: int
 ) -> Tuple[int, int, int, int, Tensors]:
     """One cell's backward: (peak, peak without parameter gradients) above ``base``, grad_in, param_grads, outputs."""
     with meter.charge(1):  # the gradient arriving from the next partition is not this one's
         grad_outputs = [torch.ones_like(t) if t.requires_grad else None for t in outputs]
     mark = meter.mark()
     pairs = [(t, g) for t, g in zip(outputs, grad_outputs) if g is not None]
-    wrt = [t for t in leaves if t.requires_grad] + params
+    wrt = [t for t in leaves if t.requires_grad] + list(params)
     grads: Sequence[Optional[Tensor]] = ()
     if pairs and wrt:
         grads = torch.autograd.grad([t for t, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
