@@ -94,12 +94,12 @@ def _predict_and_measure(
     measured = _measure(engine, shape, max(slots) + 1)
     # As in fp32: devices release what they share at their own pace inside a clock, and the
     # prediction takes the later release, so with several devices it may exceed the measurement
-    # by one micro-batch's boundary tensors (bf16 here). It may also fall short by a few hundred
-    # bytes (under 2% of these tiny devices; not yet explained), at a backward after a recompute.
+    # by one micro-batch's boundary tensors (bf16 here). It falls short in one case, by 250 of
+    # 24,624 bytes (two partitions sharing a device, checkpoint never; not yet explained): 1.0%.
     boundary = 2 * max(micro_batch_sizes(batch, chunks)) * 6 * 12 * 12 * 2
     slack = boundary if max(slots) > 0 else 0
     for j, (p, m) in enumerate(zip(predicted.per_device, measured)):
-        assert m * 0.98 <= p <= m * 1.01 + slack, f"device {j}: predicted {p}, measured {m} ({predicted.when[j]})"
+        assert m * 0.985 <= p <= m * 1.01 + slack, f"device {j}: predicted {p}, measured {m} ({predicted.when[j]})"
 
 
 @pytest.mark.parametrize("checkpoint", ["always", "except_last", "never"])
@@ -146,3 +146,15 @@ def test_bf16_layers_hold_about_half_of_fp32() -> None:
     # Convolutions write bf16; the input stays fp32, BatchNorm's statistics too.
     assert bf16_out[0] * 2 == fp32_out[0]
     assert 0.45 < sum(bf16_held) / sum(fp32_held) < 0.6
+
+
+def test_a_backward_whose_own_forward_made_the_casts_holds_more() -> None:
+    """A recompute after a clear makes the casts its backward then runs with, still cached: autograd holds more
+    of that backward than of one whose casts an earlier forward made (the one-device except_last case)."""
+    torch.manual_seed(0)
+    model = _model(width=16)
+    part = copy.deepcopy(model).to("meta")
+    from gpipe_bench.memory.predict import profile
+
+    (cost,) = profile([part], (torch.empty(8, 3, 12, 12, device="meta"),), True, precision="bf16")
+    assert cost.made_bwd_peak > cost.bwd_peak > 0
