@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import pytest
 import yaml
@@ -78,6 +78,7 @@ def test_a_second_signal_ends_the_run_at_once_after_telling_the_children(tmp_pat
     main = subprocess.Popen(
         [sys.executable, "-c", _SLOW_TO_STOP, str(told)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
     )
+    _STARTED.append(main)
     assert main.stdout is not None and main.stdout.readline().strip() == b"ready"
     main.send_signal(signal.SIGTERM)
     time.sleep(0.5)
@@ -91,9 +92,27 @@ def test_a_second_signal_ends_the_run_at_once_after_telling_the_children(tmp_pat
 # -- runs, as a scheduler sees them --------------------------------------------------------------------------------
 
 
+_STARTED: List[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running() -> Iterator[None]:
+    """A test that fails half-way must not leave its run computing: every run it started is killed after it."""
+    yield
+    while _STARTED:
+        main = _STARTED.pop()
+        if main.poll() is None:
+            for proc in processes.step_processes(main.pid, subreaper=False).values():
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            main.wait(timeout=10)
+
+
 def _start(args: List[str], tmp_path: Path, **env: str) -> subprocess.Popen[bytes]:
     log = open(tmp_path / "log.txt", "wb")  # a file, not a pipe: nothing blocks on a full pipe
-    return subprocess.Popen(
+    main = subprocess.Popen(
         [sys.executable, "-m", "gpipe_bench.cli", *args],
         cwd=ROOT,
         stdout=log,
@@ -101,6 +120,8 @@ def _start(args: List[str], tmp_path: Path, **env: str) -> subprocess.Popen[byte
         start_new_session=True,
         env={**os.environ, **env},
     )
+    _STARTED.append(main)
+    return main
 
 
 def _tree(main: subprocess.Popen[bytes]) -> Dict[int, processes.Proc]:
