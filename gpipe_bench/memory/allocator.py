@@ -3,7 +3,7 @@
 Why: the published memory tables report what the CUDA caching allocator
 *reserved* (``torch.cuda.max_memory_reserved``, called ``max_memory_cached``
 in 2019) minus model memory, while :mod:`gpipe_bench.memory.predict` sums the
-bytes tensors hold (issue 27: predicted/published 0.47-0.57). The gap is the
+bytes tensors hold (predicted/published 0.47-0.57 on that table). The gap is the
 allocator's rounding, segment sizes and fragmentation. This module replays a
 trace of allocations and frees, in execution order, through the allocator's
 rules and reports what it would have reserved. It needs no GPU and no torch.
