@@ -24,7 +24,7 @@ the caller's autocast state into its workers and recomputations.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Dict, Iterator, Literal, Optional, Tuple, get_args
+from typing import Any, Dict, Iterator, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 from torch import nn
@@ -71,18 +71,27 @@ def runnable(device_type: str, bf16: bool = True) -> Tuple[Precision, ...]:
     return ("fp32", "bf16")
 
 
-def check(precision: str, device_type: str, bf16: bool = True, where: str = "", device: str = "") -> None:
+def check(
+    precision: str,
+    device_type: str,
+    bf16: bool = True,
+    where: str = "",
+    device: str = "",
+    allowed: Optional[Sequence[str]] = None,
+) -> None:
     """Raise one :class:`HarnessError` line unless ``device_type`` runs ``precision``, naming those it runs.
 
     ``bf16``: whether the GPU has bf16 arithmetic (``torch.cuda.is_bf16_supported``,
     or a hardware preset's flag). ``where``: what asked (a row), ``device``: the
-    device in words (a preset's name), for the message.
+    device in words (a preset's name), for the message; ``allowed``: the precisions
+    to name where the caller runs fewer than the device type does (a preset without
+    tensor cores predicts no fp16).
     """
     if precision not in PRECISIONS:
         raise HarnessError(f"unknown precision {precision!r}; use one of: {', '.join(PRECISIONS)}", param="--precision")
-    allowed = runnable(device_type, bf16)
-    if precision in allowed:
+    if precision in runnable(device_type, bf16):
         return
+    allowed = tuple(allowed) if allowed is not None else runnable(device_type, bf16)
     device = device or _DEVICE_WORDS.get(device_type, device_type)
     why = {
         "tf32": "TF32 is a format of NVIDIA tensor cores, Ampere and later",

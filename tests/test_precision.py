@@ -121,3 +121,8 @@ def test_fp16_skips_an_overflowing_step_counts_it_and_halves_the_scale() -> None
     scale.step(opt)
     assert not torch.equal(model.weight, before)  # taken
     assert scale.record() == {"loss_scale": {"steps": 2, "skipped_steps": 1, "final": first_scale / 2}}
+
+
+def test_a_caller_that_runs_fewer_precisions_names_its_own() -> None:
+    with pytest.raises(HarnessError, match=r"p40 cannot run --precision bf16 .*use one of: fp32, tf32$"):
+        precision.check("bf16", "cuda", bf16=False, device="p40", allowed=("fp32", "tf32"))

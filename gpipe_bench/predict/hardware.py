@@ -205,7 +205,7 @@ def check_precision(hardware: Hardware, precision: str) -> None:
     every command gives); what it runs without a rate in the preset (fp16 on a GPU without
     tensor cores) is refused here.
     """
-    precisions.check(precision, hardware.device_type, hardware.bf16, device=hardware.name)
+    precisions.check(precision, hardware.device_type, hardware.bf16, device=hardware.name, allowed=hardware.precisions)
     if precision not in hardware.precisions:
         raise HarnessError(
             f"{hardware.name} has no tensor cores to run --precision {precision} on (the preset gives no "
