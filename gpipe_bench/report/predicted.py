@@ -43,14 +43,18 @@ def _measured_group(
 
     A key equal to ``hardware`` wins; otherwise the first key containing it, in the
     groups' order. One group for every column of a row, so a row's measured
-    throughput and speedup always come from the same machine.
+    throughput and speedup always come from the same machine; and from the
+    prediction's precision (an fp32 record never stands beside a bf16 prediction).
     """
     if hardware is None:
         return None
     matching = [
         group
         for group in group_results(prediction.table, results)
-        if group.profile == prediction.profile and group.hardware is not None and hardware in group.hardware
+        if group.profile == prediction.profile
+        and group.precision == prediction.precision
+        and group.hardware is not None
+        and hardware in group.hardware
     ]
     exact = [group for group in matching if group.hardware == hardware]
     chosen = exact or matching

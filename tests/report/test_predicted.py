@@ -170,6 +170,16 @@ def test_measured_throughput_and_speedup_come_from_the_same_machine() -> None:
     assert (row["measured_throughput"], row["measured_speedup"]) in [(150.0, 1.5), (190.0, 1.9)]
 
 
+def test_a_prediction_stands_beside_records_of_its_own_precision_only() -> None:
+    prediction = _prediction()
+    fp32 = _measured(prediction)
+    bf16 = dataclasses.replace(prediction, precision="bf16")
+    assert [r["measured_throughput"] for r in predicted.as_records(bf16, fp32, "p40")] == [None, None]
+    half = [dataclasses.replace(r, settings={**r.settings, "precision": "bf16"}) for r in fp32]
+    assert [r["measured_throughput"] for r in predicted.as_records(bf16, half, "p40")] == [100.0, 150.0]
+    assert [r["measured_throughput"] for r in predicted.as_records(prediction, half, "p40")] == [None, None]
+
+
 def test_presets_table_names_rates_memory_and_links_with_sources() -> None:
     def preset(name: str, kind: str, links: Dict[str, Link], default: str) -> Hardware:
         return Hardware(
