@@ -22,6 +22,7 @@ import torch
 from . import __version__, config, jobs, models, report, results, signals
 from .config import Overrides
 from .errors import HarnessError
+from .precision import DEFAULT as DEFAULT_PRECISION
 from .precision import PRECISIONS
 from .timeline import files as timeline
 from .timeline.model import Timeline
@@ -304,8 +305,19 @@ def _show_saved(table: config.Table, root: Path, profile: str, done: List[result
     return saved
 
 
-def _write_plot(kind: str, table: config.Table, saved: List[results.Result], path: Path) -> None:
-    """``plot.<kind>_plot`` of ``saved`` at ``path``; a line saying why not when matplotlib is missing."""
+def _write_plot(
+    kind: str, table: config.Table, saved: List[results.Result], root: Path, done: List[results.Result]
+) -> None:
+    """``plot.<kind>_plot`` of the saved records of the rows' machine and precision, beside those records.
+
+    One figure per precision (``memory-per-device--bf16.png``): a bf16 row is never drawn as its fp32 row.
+    A line says why not when matplotlib is missing.
+    """
+    first = done[0]
+    name = {"memory": "memory-per-device", "accuracy": "error-per-epoch"}[kind]
+    suffix = "" if first.precision == DEFAULT_PRECISION else f"--{first.precision}"
+    path = root / table.name / first.profile / first.hardware_key() / f"{name}{suffix}.png"
+    saved = [r for r in saved if r.precision == first.precision]
     try:
         from . import plot
 
@@ -689,12 +701,7 @@ def memory_command(
         if per_device:
             click.echo(report.memory_per_device(table, saved_results, fmt="rst"))
         if not distributed:
-            _write_plot(
-                "memory",
-                table,
-                saved_results,
-                root / table.name / profile_name / done[0].hardware_key() / "memory-per-device.png",
-            )
+            _write_plot("memory", table, saved_results, root, done)
 
 
 # -- accuracy ------------------------------------------------------------------------------------------------------
@@ -789,12 +796,7 @@ def accuracy_command(
     if saved_results:
         for line in report.transparency(table, saved_results):
             click.echo(f"- {line}")
-        _write_plot(
-            "accuracy",
-            table,
-            saved_results,
-            root / table.name / profile / done[0].hardware_key() / "error-per-epoch.png",
-        )
+        _write_plot("accuracy", table, saved_results, root, done)
 
 
 # -- table / compare -----------------------------------------------------------------------------------------------

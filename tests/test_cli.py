@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
+from typing import Any, List
 
 import pytest
 from click.testing import CliRunner, Result
@@ -182,3 +182,38 @@ def test_a_results_file_that_is_not_a_record_is_one_warning_line(tmp_path: Path)
     assert result.exit_code == 0
     warnings = [line for line in result.output.splitlines() if line.startswith("warning: skipping")]
     assert len(warnings) == 1 and "junk.json" in warnings[0]
+
+
+def test_a_precision_gets_its_own_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpipe_bench import cli, config, plot
+    from gpipe_bench.results import Result
+
+    drawn: List[Any] = []
+
+    def memory_plot(table: Any, results: List[Result], path: Path) -> Path:
+        drawn.append(([r.precision for r in results], path.name))
+        return path
+
+    monkeypatch.setattr(plot, "memory_plot", memory_plot)
+    table = config.load("amoebanetd-memory")
+
+    def record(precision: str) -> Result:
+        settings = {"precision": precision}
+        return Result(
+            "amoebanetd-memory",
+            "pipeline-2",
+            "quick",
+            "gpipe-bench",
+            "memory",
+            "m",
+            "GiB",
+            1.0,
+            "ok",
+            settings=settings,
+            environment={"cpu_model": "x"},
+        )
+
+    fp32, bf16 = record("fp32"), record("bf16")
+    cli._write_plot("memory", table, [fp32, bf16], tmp_path, [bf16])
+    cli._write_plot("memory", table, [fp32, bf16], tmp_path, [fp32])
+    assert drawn == [(["bf16"], "memory-per-device--bf16.png"), (["fp32"], "memory-per-device.png")]
