@@ -40,6 +40,7 @@ __all__ = [
     "resolve_distributed",
     "resolve_accuracy",
     "check_precision",
+    "check_engine_precision",
     "accuracy_placement",
     "Planner",
     "in_torchrun",
@@ -151,7 +152,7 @@ class Job:
 
 
 def check_precision(job: Job) -> Job:
-    """``job`` if its devices run its precision; else one error naming the precisions they run.
+    """``job`` if its devices and engine run its precision; else one error naming what does.
 
     Only a present GPU is asked whether it has bf16; a row sized for GPUs
     without running (predict-only) is taken to run on one that does.
@@ -160,11 +161,28 @@ def check_precision(job: Job) -> Job:
     if job.device_type == "cuda" and torch.cuda.is_available() and any(d.startswith("cuda") for d in job.devices):
         bf16 = torch.cuda.is_bf16_supported()
     precision.check(job.row.precision, job.device_type, bf16, where=job.row.name)
-    if job.engine == "torchgpipe" and job.split and precision.autocast_dtype(job.row.precision) is not None:
-        # Its workers are threads that do not take the caller's autocast: the row would run in fp32 unannounced.
+    return check_engine_precision(job)
+
+
+def check_engine_precision(job: Job) -> Job:
+    """``job`` if its engine runs its precision as asked; else one error saying why not and what does.
+
+    The rules of the engines, whatever the devices (a prediction on a preset asks them too):
+    torchgpipe 0.0.7's workers are threads that do not take the caller's autocast (a split
+    row would run in fp32 unannounced); torch's pipelining stages would each need the one
+    loss scale fp16 needs, which it does not keep.
+    """
+    autocast = precision.autocast_dtype(job.row.precision) is not None
+    if job.engine == "torchgpipe" and job.split and autocast:
         raise HarnessError(
             f"{job.row.name}: torchgpipe 0.0.7's workers do not take the caller's autocast, so --precision "
             f"{job.row.precision} would run in fp32; use --engine gpipe-bench, or --precision fp32/tf32",
+            param="--precision",
+        )
+    if job.engine == "distributed" and job.row.precision == "fp16":
+        raise HarnessError(
+            f"{job.row.name}: --precision fp16 needs one loss scale agreed by every stage, which --engine distributed "
+            "does not keep; use --precision bf16 (no loss scale), or fp16 with --engine gpipe-bench",
             param="--precision",
         )
     return job
@@ -344,12 +362,6 @@ def resolve_distributed(
                     "needs (with one micro-batch every schedule is fill-drain: --schedule gpipe runs it)"
                 )
             continue
-        if row.precision == "fp16":
-            raise HarnessError(
-                f"{row.name}: --precision fp16 needs one loss scale agreed by every stage, which --engine distributed "
-                "does not keep; use --precision bf16 (no loss scale), or fp16 with --engine gpipe-bench",
-                param="--precision",
-            )
         jobs.append(
             check_precision(
                 Job(

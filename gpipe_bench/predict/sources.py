@@ -37,11 +37,12 @@ def check_precision(job: jobs.Job, preset: Optional[presets.Hardware]) -> jobs.J
     On a preset: what the preset's device runs and has a rate for
     (:func:`.hardware.check_precision`). Measured here: what this machine's devices run,
     as a run of the row would be refused (:func:`gpipe_bench.jobs.check_precision`).
+    Either way, what the engine runs (:func:`gpipe_bench.jobs.check_engine_precision`).
     """
     if preset is None:
         return jobs.check_precision(job)
     presets.check_precision(preset, job.row.precision)
-    return job
+    return jobs.check_engine_precision(job)
 
 
 def parse_calibration(value: Optional[str]) -> Optional[Tuple[str, float]]:

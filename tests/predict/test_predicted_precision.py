@@ -58,6 +58,19 @@ def test_plan_refuses_what_the_device_cannot_run_in_one_line(args: List[str], ne
     one_line_error(_run(["plan", "resnet101", "--devices", "0,1", "--quiet", *args]), "--precision", *needles)
 
 
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--engine", "distributed", "--precision", "fp16"], ["one loss scale agreed by every stage"]),
+        (["--engine", "torchgpipe", "--precision", "bf16"], ["do not take the caller's autocast"]),
+    ],
+)
+def test_predict_refuses_what_the_engine_would_not_run_as_asked(args: List[str], needles: List[str]) -> None:
+    """The engines' rules hold on a preset too: a prediction of a run that would be refused is refused."""
+    command = ["predict", "resnet101", "--pipeline", "2", "--hardware", "h100", "--quiet", *args]
+    one_line_error(_run(command), "--precision", *needles)
+
+
 def test_bf16_predicts_resnet101_naive_1_faster_than_fp32_on_an_h100() -> None:
     table = jobs.table_for("resnet101", "speed")
     rows = [r for r in table.profile("published").rows if r.name == "naive-1"]
