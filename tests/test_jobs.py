@@ -6,6 +6,7 @@ from dataclasses import replace
 from typing import List, Tuple
 
 import pytest
+import torch
 
 from gpipe_bench import config, jobs
 from gpipe_bench.config import Overrides
@@ -187,6 +188,7 @@ def test_torchgpipe_would_run_autocast_rows_in_fp32_so_they_are_refused() -> Non
 def test_fp16_under_torchs_pipelining_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # ranks on GPUs, which run fp16
     with pytest.raises(HarnessError, match="fp16 needs one loss scale agreed by every stage"):
         jobs.resolve_distributed(
             SPEED,
