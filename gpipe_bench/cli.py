@@ -243,23 +243,26 @@ def _rows(
     kind: str,
     model: str,
     profile: Optional[str],
-    quiet: bool,
     pipeline: Optional[int],
     naive: Optional[int],
     experiment: Optional[str],
     plain: bool = False,
-) -> Tuple[config.Table, str, List[config.Row], bool]:
-    """The table, profile and rows a speed or memory command names (the profile's default said once).
+) -> Tuple[config.Table, str, List[config.Row], bool, str]:
+    """The table, profile and rows a speed or memory command names, and a note on the profile's default.
 
+    The caller says the note once everything is resolved: an error comes alone, with no note before it.
     ``plain``: a registered model without a speed table gets its plain model's (``predict``).
     """
     jobs.names_a_row(pipeline=pipeline, naive=naive, experiment=experiment)
     table = jobs.table_for(model, kind, plain)
     profile_name, note = jobs.default_profile(profile, torch.cuda.is_available())
+    rows, named = jobs.pick_rows(table, profile_name, pipeline=pipeline, naive=naive, experiment=experiment)
+    return table, profile_name, rows, named, note
+
+
+def _note(note: str, quiet: bool) -> None:
     if note and not quiet:
         click.echo(note, err=True)
-    rows, named = jobs.pick_rows(table, profile_name, pipeline=pipeline, naive=naive, experiment=experiment)
-    return table, profile_name, rows, named
 
 
 # -- progress ------------------------------------------------------------------------------------------------------
@@ -432,7 +435,7 @@ def speed_command(
     from .measure import speed
     from .measure.runner import RowInterrupted, run_rows
 
-    table, profile_name, rows, named = _rows("speed", model, profile, quiet, pipeline, naive, experiment)
+    table, profile_name, rows, named, profile_note = _rows("speed", model, profile, pipeline, naive, experiment)
     overrides = Overrides(
         batch=batch_size,
         chunks=chunks,
@@ -504,6 +507,7 @@ def speed_command(
         speed.check_timeline(engine, planned)
         timeline.check_writable(timeline_path)
     if _rank() == 0:
+        _note(profile_note, quiet)
         for note in notes:
             click.echo(note, err=True)
     try:
@@ -628,7 +632,7 @@ def memory_command(
     from .measure import memory
     from .measure.runner import RowInterrupted, run_rows
 
-    table, profile_name, rows, named = _rows("memory", model, profile, quiet, pipeline, naive, experiment)
+    table, profile_name, rows, named, profile_note = _rows("memory", model, profile, pipeline, naive, experiment)
     overrides = Overrides(
         batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint, precision=precision
     )
@@ -656,6 +660,7 @@ def memory_command(
         ]
         notes = []
     if _rank() == 0:
+        _note(profile_note, quiet)
         for note in notes:
             click.echo(note, err=True)
 
@@ -930,9 +935,7 @@ def predict_command(
     preset = presets.load(hardware) if hardware is not None else None
     if profile is None and preset is not None:
         profile, _ = jobs.default_profile(None, for_gpus(preset))
-    table, profile_name, rows, _ = _rows(
-        "speed", model, profile, quiet or fmt == "json", pipeline, naive, experiment, plain=True
-    )
+    table, profile_name, rows, _, profile_note = _rows("speed", model, profile, pipeline, naive, experiment, plain=True)
     overrides = Overrides(
         batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint, precision=precision
     )
@@ -957,6 +960,7 @@ def predict_command(
         progress=progress,
         host_speed=host_speed,
     )
+    _note(profile_note, quiet or fmt == "json")
     if prediction.fitted is not None:
         name, figure, efficiency = prediction.fitted
         progress(f"fitted: efficiency {efficiency:.3f} of the {hardware} preset's peaks, from {name} = {figure:g}")
@@ -1003,7 +1007,7 @@ def predict_command(
     "memory",
     metavar="SIZE",
     help="Keep only plans whose predicted peak fits, e.g. 16GiB [default: the GPU's or the preset's memory; "
-    "on a CPU, 80%% of the available host memory shared by the devices].",
+    "on a CPU, 80% of the available host memory shared by the devices].",
 )
 @_precision_option
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="How many plans to print.")

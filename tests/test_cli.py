@@ -30,6 +30,10 @@ def test_help_reads_like_a_man_page() -> None:
     assert "Example:" in speed_help and "--devices" in speed_help and "--balance" in speed_help
 
 
+def test_help_prints_percent_signs_as_written() -> None:
+    assert "80% of the available host memory" in " ".join(_run(["plan", "--help"]).output.split())
+
+
 def test_list() -> None:
     result = _run(["list"])
     assert result.exit_code == 0
@@ -63,6 +67,7 @@ def test_bad_input(args: List[str], needles: List[str], tmp_path: Path) -> None:
     output = ["--output", str(tmp_path / "out")] if args[0] in ("speed", "memory", "accuracy") else []
     result = _run([*args, *output])
     one_line_error(result, *needles)
+    assert "No CUDA device" not in result.output  # the profile's note is said once the rows resolve, not before
     assert not list(tmp_path.rglob("*.json"))
 
 
