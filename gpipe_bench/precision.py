@@ -24,7 +24,7 @@ the caller's autocast state into its workers and recomputations.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Dict, Iterator, Literal, Optional, Sequence, Tuple, get_args
+from typing import Any, Dict, Iterator, Literal, Optional, Sequence, Tuple, Union, get_args
 
 import torch
 from torch import nn
@@ -105,16 +105,18 @@ def check(
     )
 
 
-@contextmanager
-def whole_step(precision: str) -> Iterator[None]:
+def whole_step(precision: str) -> AbstractContextManager[Any]:
     """A whole training step (forward and backward) under ``precision``'s math flags: TF32 on under tf32.
 
     The flags are process-wide (not per thread), so an engine's workers and
     autograd's threads take them too; they are restored after the block.
+    Every other precision leaves them alone, at no cost per step.
     """
-    if precision != "tf32":
-        yield
-        return
+    return _tf32() if precision == "tf32" else nullcontext()
+
+
+@contextmanager
+def _tf32() -> Iterator[None]:
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
@@ -146,7 +148,13 @@ class LossScale:
         self.enabled = precision == "fp16"
         self.scaler: Optional[torch.amp.GradScaler] = torch.amp.GradScaler(device_type) if self.enabled else None
         self.steps = 0
-        self.skipped = 0
+        # Skipped steps, counted on the scale's device: reading the scale each step would wait for the GPU.
+        self._skipped: Union[int, torch.Tensor] = 0
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped on overflow so far (read on the host: a wait for the device)."""
+        return int(self._skipped)
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` as the backward should see it (scaled under fp16)."""
@@ -161,11 +169,19 @@ class LossScale:
         if self.scaler is None:
             optimizer.step()
             return
-        before = self.scaler.get_scale()
+        before = self._scale()
         self.scaler.step(optimizer)
         self.scaler.update()
-        if self.scaler.get_scale() < before:  # update() halves the scale exactly when the step was skipped
-            self.skipped += 1
+        # update() halves the scale exactly when the step was skipped
+        self._skipped = self._skipped + (self._scale() < before).to(torch.int64)
+
+    def _scale(self) -> torch.Tensor:
+        """The current scale as a tensor on its device (a copy: update() changes it in place), without a wait."""
+        assert self.scaler is not None
+        current = getattr(self.scaler, "_scale", None)  # torch's own tensor; absent in another PyTorch
+        if isinstance(current, torch.Tensor):
+            return current.detach().clone()
+        return torch.tensor(self.scaler.get_scale())
 
     def record(self) -> Dict[str, Any]:
         """What a record's ``extra`` says of the loss scale: nothing outside fp16."""

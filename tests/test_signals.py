@@ -270,14 +270,20 @@ def test_sigterm_within_a_row_abandons_it(tmp_path: Path) -> None:
     assert _stopped_speed_run(tmp_path, main) == []
 
 
-@pytest.mark.slow
-def test_sigterm_to_a_launch_stops_every_rank(tmp_path: Path) -> None:
+def _launch(tmp_path: Path) -> subprocess.Popen[bytes]:
+    """A long row under `launch --nproc 2`, its two ranks past their start-up and into the row."""
     configs = tiny_configs(tmp_path / "cfg")
     args = ["launch", "--nproc", "2", "--", "speed", "resnet101", "--pipeline", "2", "--engine", "distributed"]
     args += ["--profile", "quick", "--epochs", "400", "--quiet", "--output", str(tmp_path / "out")]
     main = _start(args, tmp_path, GPIPE_BENCH_CONFIGS=configs)
     _wait_for(lambda: len(_tree(main)) >= 2 or main.poll() is not None, 60, "the ranks")
-    time.sleep(8)  # the ranks are past their start-up and into the row
+    time.sleep(8)
+    return main
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_launch_stops_every_rank(tmp_path: Path) -> None:
+    main = _launch(tmp_path)
     assert main.poll() is None, _output(tmp_path)
     exit_code, seconds, started = _signal_and_wait(main, signal.SIGTERM)
     assert exit_code == 143, _output(tmp_path)
@@ -289,12 +295,7 @@ def test_sigterm_to_a_launch_stops_every_rank(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_killed_launch_leaves_no_rank_behind(tmp_path: Path) -> None:
-    configs = tiny_configs(tmp_path / "cfg")
-    args = ["launch", "--nproc", "2", "--", "speed", "resnet101", "--pipeline", "2", "--engine", "distributed"]
-    args += ["--profile", "quick", "--epochs", "400", "--quiet", "--output", str(tmp_path / "out")]
-    main = _start(args, tmp_path, GPIPE_BENCH_CONFIGS=configs)
-    _wait_for(lambda: len(_tree(main)) >= 2 or main.poll() is not None, 60, "the ranks")
-    time.sleep(8)
+    main = _launch(tmp_path)
     exit_code, _, started = _signal_and_wait(main, signal.SIGKILL)
     assert exit_code == -signal.SIGKILL
     _gone(started, 10)

@@ -161,8 +161,8 @@ def profile_partition(
             nograd_peak=nograd.peak if nograd else 0,
             held=held,
             grad_peak=forward.peak if forward else 0,
-            bwd_peak=max(0, bwd),
-            bwd_peak_no_param_grads=max(0, bwd_np),
+            bwd_peak=bwd,
+            bwd_peak_no_param_grads=bwd_np,
             grad_in=grad_in,
             param_grads=pgrad_bytes,
         ),
@@ -273,7 +273,8 @@ def _base(meter: TensorMemory) -> Tuple[int, int]:
 def _backward(
     meter: TensorMemory, outputs: Tensors, leaves: Tensors, params: Sequence[Tensor], base: int
 ) -> Tuple[int, int, int, int, Tensors]:
-    """One cell's backward: (peak, peak without parameter gradients) above ``base``, grad_in, param_grads, outputs."""
+    """One cell's backward: (peak, peak without parameter gradients) above ``base`` (never below 0), grad_in,
+    param_grads, outputs."""
     with meter.charge(1):  # the gradient arriving from the next partition is not this one's
         grad_outputs = [torch.ones_like(t) if t.requires_grad else None for t in outputs]
     mark = meter.mark()
@@ -288,7 +289,7 @@ def _backward(
     peak, _ = _above(meter, mark, base)
     meter.exclude(param_grads)
     peak_np, _ = _above(meter, mark, base)
-    return peak, peak_np, grad_in, nbytes(param_grads), tuple(t.detach() for t in outputs)
+    return max(0, peak), max(0, peak_np), grad_in, nbytes(param_grads), tuple(t.detach() for t in outputs)
 
 
 def _grad_forward(
@@ -371,18 +372,18 @@ def _profile_autocast(
         nograd_peak=nograd_peak,
         held=held,
         grad_peak=grad_peak,
-        bwd_peak=max(0, bwd),
-        bwd_peak_no_param_grads=max(0, bwd_np),
+        bwd_peak=bwd,
+        bwd_peak_no_param_grads=bwd_np,
         grad_in=grad_in,
         param_grads=param_grads,
         casts=casts,
         casts_saved=casts_saved,
         cold_nograd_peak=cold_nograd_peak,
         cold_grad_peak=cold_grad_peak,
-        cold_bwd_peak=max(0, cold_bwd),
-        cold_bwd_peak_no_param_grads=max(0, cold_bwd_np),
-        made_bwd_peak=max(0, made_bwd),
-        made_bwd_peak_no_param_grads=max(0, made_bwd_np),
+        cold_bwd_peak=cold_bwd,
+        cold_bwd_peak_no_param_grads=cold_bwd_np,
+        made_bwd_peak=made_bwd,
+        made_bwd_peak_no_param_grads=made_bwd_np,
     )
     return cost, next_inputs, out_atomic
 
