@@ -586,6 +586,15 @@ def launch_command(
     help="Predict from the meta device only; run nothing (sizes rows this machine cannot hold).",
 )
 @click.option("--per-device", is_flag=True, help="Also print each device's model memory, measured and predicted peak.")
+@click.option(
+    "--allocator-era",
+    type=click.Choice(["current", "1.3"]),
+    default="current",
+    show_default=True,
+    help="What CUDA rows' predicted reserved memory follows: today's caching allocator (with "
+    "PYTORCH_CUDA_ALLOC_CONF as set) and our engine's step, or PyTorch 1.3's (2019, the published table's era: "
+    "the same allocator rules, autograd's gradient accumulation, zero_grad in place, no multi-tensor optimizer).",
+)
 @_output_option
 @click.option(
     "--engine",
@@ -610,6 +619,7 @@ def memory_command(
     precision: Optional[str],
     predict_only: bool,
     per_device: bool,
+    allocator_era: str,
     output: Optional[Path],
     engine: str,
     schedule: str,
@@ -622,8 +632,10 @@ def memory_command(
     4 bytes × 3: weights, gradients, one optimizer buffer, in GiB), and peak
     activation memory summed over devices: measured over two training steps (CUDA:
     the allocator's peak reserved memory minus the model; CPU: the bytes tensors
-    held, model state left out) and predicted from the meta device alone. Rows
-    with a null balance get one from balance_by_size. Each row is saved to the
+    held, model state left out) and predicted from the meta device alone: on
+    CUDA rows both what the caching allocator reserves (the published
+    quantity, replayed through a model of the allocator) and what it allocates.
+    Rows with a null balance get one from balance_by_size. Each row is saved to the
     results directory; then the table prints beside the published one, and a PNG
     of the per-device memory is written next to the results.
 
@@ -631,7 +643,12 @@ def memory_command(
     """
     from .measure import memory
     from .measure.runner import RowInterrupted, run_rows
+    from .memory.reserved import settings_for
 
+    try:
+        allocator = settings_for(allocator_era)
+    except ValueError as error:
+        raise HarnessError(f"{error}; fix or unset the variable") from None
     table, profile_name, rows, named, profile_note = _rows("memory", model, profile, pipeline, naive, experiment)
     overrides = Overrides(
         batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint, precision=precision
@@ -685,14 +702,18 @@ def memory_command(
             figure = f"{report.format_gib(result.value)} measured"
             if extra.get("allocated_gib") is not None:  # CUDA: what the prediction is compared with
                 figure += f" ({report.format_gib(extra['allocated_gib'])} allocated)"
-        click.echo(
-            f"{job.row.name}: {figure}, {report.format_gib(extra['predicted_gib'])} predicted  -> {path}", err=True
-        )
+        predicted = f"{report.format_gib(extra['predicted_gib'])} predicted"
+        if extra.get("predicted_reserved_gib") is not None:
+            predicted = (
+                f"{report.format_gib(extra['predicted_reserved_gib'])} predicted reserved "
+                f"({report.format_gib(extra['predicted_allocated_gib'])} allocated)"
+            )
+        click.echo(f"{job.row.name}: {figure}, {predicted}  -> {path}", err=True)
 
     try:
         done = run_rows(
             planned,
-            lambda job: memory.run(job, predict_only=predict_only),
+            lambda job: memory.run(job, predict_only=predict_only, allocator=allocator),
             root,
             writer=_rank() == 0,
             before=before,

@@ -38,6 +38,7 @@ from gpipe_bench import engines, models, optim
 from gpipe_bench.devices import available_host_bytes, memory_slots
 from gpipe_bench.environment import environment, now
 from gpipe_bench.jobs import Job
+from gpipe_bench.memory.allocator import AllocatorSettings
 from gpipe_bench.memory.predict import Prediction, find_balance, predict_job
 from gpipe_bench.perf import split
 from gpipe_bench.results import Result, Status
@@ -111,6 +112,19 @@ def _comparison(
     return out
 
 
+def _reserved_record(prediction: Prediction) -> Dict[str, Any]:
+    """The caching allocator's predicted figures (CUDA rows), in GiB, total and per device; none elsewhere."""
+    if prediction.reserved is None or prediction.allocated is None:
+        return {}
+    return {
+        "predicted_reserved_gib": sum(prediction.reserved) / GIB,
+        "predicted_allocated_gib": sum(prediction.allocated) / GIB,
+        "predicted_reserved_per_device_gib": [b / GIB for b in prediction.reserved],
+        "predicted_allocated_per_device_gib": [b / GIB for b in prediction.allocated],
+        "predicted_allocator": prediction.allocator,
+    }
+
+
 def measure(trainer: engines.Trainer, job: Job) -> Peaks:
     """Peak activation bytes per memory slot of this process over the configured training steps."""
     optimizer = optim.build(job.settings.optimizer, trainer.parameters())
@@ -126,8 +140,11 @@ def measure(trainer: engines.Trainer, job: Job) -> Peaks:
     return Peaks(list(watch.peaks), list(watch.allocated))
 
 
-def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
+def run(job: Job, *, predict_only: bool = False, allocator: Optional[AllocatorSettings] = None) -> Optional[Result]:
     """The row's memory figures as a Result (value: measured total GiB; None when predicted only or OOM).
+
+    ``allocator``: the caching allocator's settings for the prediction of what a CUDA row
+    reserves (:mod:`gpipe_bench.memory.reserved`); None predicts held bytes only.
 
     On the reporting process (rank 0 of a launch); None elsewhere. On CPU a row
     whose prediction does not fit the host's available memory is not run (the
@@ -143,7 +160,7 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
     width, copies = own.bytes_per_parameter, own.parameter_copies
     balance = find_balance(job, meta)
     local = job.engine != "distributed"
-    prediction = predict_job(job, balance, meta) if local else None
+    prediction = predict_job(job, balance, meta, allocator=allocator) if local else None
     devices = list(job.devices) if job.split else [job.devices[0]]
     distinct, slots = memory_slots(devices)
     parts = split(meta, balance) if job.split else [meta]
@@ -205,11 +222,16 @@ def run(job: Job, *, predict_only: bool = False) -> Optional[Result]:
             predicted_per_device_gib=[b / GIB for b in prediction.per_device],
             predicted_peak_at=prediction.when,
         )
+        extra.update(_reserved_record(prediction))
     if measured is not None:
         cuda = trainer is not None and any(d.startswith("cuda") for d in trainer.memory_devices())
         extra["method"] = METHODS["cuda" if cuda else "cpu"]
         extra["measured_per_device_gib"] = [b / GIB for b in measured]
         extra.update(_comparison(prediction, measured, allocated, "cuda" if cuda else "cpu"))
+        if prediction is not None and prediction.reserved is not None and cuda:
+            extra["predicted_reserved_over_measured"] = compared(sum(prediction.reserved), measured, [])
+            if prediction.allocated is not None and allocated:
+                extra["predicted_allocated_over_measured"] = compared(sum(prediction.allocated), allocated, [])
     if note:
         extra["note"] = note
     if trainer is not None:

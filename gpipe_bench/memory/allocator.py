@@ -77,7 +77,7 @@ expandable segment is one address range per pool and stream, 9/8 of
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Hashable, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
@@ -272,6 +272,7 @@ class AllocatorSettings:
     roundup_power2_divisions: Tuple[int, ...] = _NO_DIVISIONS
     expandable_segments: bool = False
     garbage_collection_threshold: float = 0.0
+    conf: str = field(default="", compare=False)  # the PYTORCH_CUDA_ALLOC_CONF parsed, as written (records name it)
 
     def __post_init__(self) -> None:
         if self.era not in ERAS:
@@ -345,7 +346,7 @@ class AllocatorSettings:
                 tokens.take(key)
             if not tokens.done():
                 tokens.expect(",", key)
-        return cls(era, max_split, rounding, divisions, expandable, threshold)
+        return cls(era, max_split, rounding, divisions, expandable, threshold, conf.strip())
 
     def divisions(self, size: int) -> int:
         """The ``roundup_power2_divisions`` entry for ``size`` (AllocatorConfig::roundup_power2_divisions)."""

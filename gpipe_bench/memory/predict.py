@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,9 @@ from gpipe_bench.pipe.microbatch import Tensors, as_tuple, unpack
 from gpipe_bench.pipe.schedule import Step, backward_steps, forward_steps
 from gpipe_bench.pipe.skip.tracker import ReplayingTracker, use_skip_tracker
 
+from . import reserved
+from .allocator import AllocatorSettings
+from .reserved import CellTrace
 from .tracker import TensorMemory, storage_key
 
 __all__ = [
@@ -102,14 +105,25 @@ class CellCost:
     cold_bwd_peak_no_param_grads: int = 0
     made_bwd_peak: int = 0  # bwd_peak where this cell's own forward made the casts, still cached
     made_bwd_peak_no_param_grads: int = 0
+    # The cell's allocation trace for the CUDA allocator model (memory.reserved); fp32 and tf32 profiles only.
+    trace: Optional[CellTrace] = field(default=None, compare=False, repr=False)
 
 
 @dataclass
 class Prediction:
-    """Peak activation bytes per device, and where in the step each peak falls."""
+    """Peak activation bytes per device, and where in the step each peak falls.
+
+    ``reserved`` / ``allocated``: on CUDA rows predicted with an allocator
+    (:mod:`gpipe_bench.memory.reserved`), the caching allocator's peaks per
+    device minus the model memory (the published rule), over the row's steps;
+    ``allocator`` names the rules. ``None`` where not predicted (a CPU row, autocast).
+    """
 
     per_device: List[int]
     when: List[str] = field(default_factory=list)
+    reserved: Optional[List[int]] = None
+    allocated: Optional[List[int]] = None
+    allocator: str = ""
 
     @property
     def total(self) -> int:
@@ -143,6 +157,7 @@ def profile_partition(
         outputs, out_atomic = as_tuple(out)
         nograd = meter.curves().get(0)
         out_bytes = nbytes(outputs)
+        nograd_end, out_ids = meter.mark(), _serials(meter, outputs)
         del out, outputs
 
         start = meter.mark()
@@ -152,8 +167,12 @@ def profile_partition(
         outputs, out_atomic = as_tuple(out)
         forward = meter.curves(since=start).get(0)
         held = forward.final if forward else 0
-        bwd, bwd_np, grad_in, pgrad_bytes, next_inputs = _backward(meter, outputs, leaves, params, held)
+        forward_end = meter.mark()
+        kept: List[List[int]] = []
+        bwd, bwd_np, grad_in, pgrad_bytes, next_inputs = _backward(meter, outputs, leaves, params, held, kept)
         del out, outputs, leaves
+        end = meter.mark()
+    trace = _cell_trace(meter, (0, nograd_end, start, forward_end, end), out_ids, kept)
 
     return (
         CellCost(
@@ -165,9 +184,39 @@ def profile_partition(
             bwd_peak_no_param_grads=bwd_np,
             grad_in=grad_in,
             param_grads=pgrad_bytes,
+            trace=trace,
         ),
         next_inputs,
         out_atomic,
+    )
+
+
+def _serials(meter: TensorMemory, tensors: Iterable[Tensor]) -> List[int]:
+    """The meter's ids of the allocations behind ``tensors`` (one per storage)."""
+    return list(dict.fromkeys(s for s in (meter.serial(t) for t in tensors) if s is not None))
+
+
+def _cell_trace(
+    meter: TensorMemory, marks: Tuple[int, int, int, int, int], out: List[int], kept: List[List[int]]
+) -> CellTrace:
+    """One cell's :class:`~gpipe_bench.memory.reserved.CellTrace` from the meter's log between ``marks``.
+
+    ``marks``: the no-grad forward's start and end, the grad forward's start and
+    end, the end of the backward and of the release of what it used. ``kept``:
+    the ids of the input's gradient and of the parameter gradients.
+    """
+    begin, nograd_end, start, forward_end, end = marks
+    grad_in, param_grads = kept if kept else ([], [])
+    backward = meter.events(forward_end, end)
+    sizes = {i: n for i, n in itertools.chain(meter.events(begin, nograd_end), backward) if n >= 0}
+    return CellTrace(
+        nograd=CellTrace.keep(meter.events(begin, nograd_end), out),
+        out=tuple(i for i in out if sizes.get(i, 0) > 0),
+        forward=CellTrace.keep(meter.events(start, forward_end), ()),
+        backward=CellTrace.keep(backward, grad_in + param_grads),
+        grad_in=tuple(i for i in grad_in if sizes.get(i, 0) > 0),
+        param_grads=tuple(i for i in param_grads if sizes.get(i, 0) > 0),
+        sizes={i: sizes[i] for i in itertools.chain(out, grad_in, param_grads) if sizes.get(i, 0) > 0},
     )
 
 
@@ -271,10 +320,15 @@ def _base(meter: TensorMemory) -> Tuple[int, int]:
 
 
 def _backward(
-    meter: TensorMemory, outputs: Tensors, leaves: Tensors, params: Sequence[Tensor], base: int
+    meter: TensorMemory,
+    outputs: Tensors,
+    leaves: Tensors,
+    params: Sequence[Tensor],
+    base: int,
+    kept: Optional[List[List[int]]] = None,
 ) -> Tuple[int, int, int, int, Tensors]:
     """One cell's backward: (peak, peak without parameter gradients) above ``base`` (never below 0), grad_in,
-    param_grads, outputs."""
+    param_grads, outputs. ``kept``: appended the meter's ids of the input's gradients, then of the parameters'."""
     with meter.charge(1):  # the gradient arriving from the next partition is not this one's
         grad_outputs = [torch.ones_like(t) if t.requires_grad else None for t in outputs]
     mark = meter.mark()
@@ -286,6 +340,8 @@ def _backward(
     n_in = sum(1 for t in leaves if t.requires_grad)
     grad_in = nbytes([g for g in grads[:n_in] if g is not None])
     param_grads = [g for g in grads[n_in:] if g is not None]
+    if kept is not None:
+        kept.extend([_serials(meter, [g for g in grads[:n_in] if g is not None]), _serials(meter, param_grads)])
     peak, _ = _above(meter, mark, base)
     meter.exclude(param_grads)
     peak_np, _ = _above(meter, mark, base)
@@ -684,6 +740,7 @@ def predict_pipeline(
     optimizer_temp: Optional[Sequence[int]] = None,
     cache: Optional[Dict[Any, List[CellCost]]] = None,
     precision: str = "fp32",
+    allocator: Optional[reserved.Setup] = None,
 ) -> Prediction:
     """Peak activation bytes per device of a GPipe training step of ``model`` (on ``meta``) on ``sample``.
 
@@ -700,25 +757,65 @@ def predict_pipeline(
         if key not in cache:
             cache[key] = profile(parts, (sample[:size],), True, precision=precision)
     by_size = {size: cache[_profile_key(balance, size, precision)] for size in set(sizes)}
-    return simulate(
-        [by_size[size] for size in sizes],
-        checkpoint_stop(checkpoint, chunks),
-        input_bytes=nbytes([sample]),
-        head_bytes=head_bytes,
-        optimizer_temp=optimizer_temp,
-        slots=slots,
+    costs = [by_size[size] for size in sizes]
+    stop = checkpoint_stop(checkpoint, chunks)
+    prediction = simulate(
+        costs, stop, input_bytes=nbytes([sample]), head_bytes=head_bytes, optimizer_temp=optimizer_temp, slots=slots
     )
+    if allocator is not None:
+        _with_reserved(prediction, allocator, costs, stop, parts, slots, nbytes([sample]), head_bytes)
+    return prediction
+
+
+def _with_reserved(
+    prediction: Prediction,
+    setup: reserved.Setup,
+    costs: Sequence[Sequence[CellCost]],
+    stop: int,
+    parts: Sequence[nn.Module],
+    slots: Optional[Sequence[int]],
+    input_bytes: int,
+    head_bytes: int,
+) -> None:
+    """Add the CUDA allocator's figures to ``prediction`` (nothing when a cell has no trace: autocast)."""
+    traces = [[c.trace for c in row] for row in costs]
+    if any(t is None for row in traces for t in row):
+        return
+    params = [[p.numel() * p.element_size() for p in part.parameters()] for part in parts]
+    result = reserved.replay_steps(
+        cast(List[List[CellTrace]], traces),
+        stop,
+        reserved.ModelState(params),
+        setup,
+        slots=slots,
+        input_bytes=input_bytes,
+        head_bytes=head_bytes,
+    )
+    prediction.reserved = [max(0, p - m) for p, m in zip(result.peak_reserved, result.model_bytes)]
+    prediction.allocated = [max(0, p - m) for p, m in zip(result.peak_allocated, result.model_bytes)]
+    prediction.allocator = setup.describe()
 
 
 def predict_plain(
-    model: nn.Module, sample: Tensor, *, head_bytes: int = 0, optimizer_temp: int = 0, precision: str = "fp32"
+    model: nn.Module,
+    sample: Tensor,
+    *,
+    head_bytes: int = 0,
+    optimizer_temp: int = 0,
+    precision: str = "fp32",
+    allocator: Optional[reserved.Setup] = None,
 ) -> Prediction:
     """Peak activation bytes of a training step of the plain ``model`` (on ``meta``) on ``sample``.
 
     ``precision``: under bf16 or fp16 the forward runs under autocast, the backward outside it.
     """
     cost = profile([model], (sample,), True, precision=precision, backward_autocast=False)[0]
-    return simulate_plain(cost, input_bytes=nbytes([sample]), head_bytes=head_bytes, optimizer_temp=optimizer_temp)
+    prediction = simulate_plain(
+        cost, input_bytes=nbytes([sample]), head_bytes=head_bytes, optimizer_temp=optimizer_temp
+    )
+    if allocator is not None:
+        _with_reserved(prediction, allocator, [[cost]], 0, [model], None, nbytes([sample]), head_bytes)
+    return prediction
 
 
 def head_bytes(outputs: Sequence[Tensor], batch: int, precision: str = "fp32") -> int:
@@ -779,12 +876,18 @@ def _optimizer_temp(part: nn.Module, device: str) -> int:
 
 
 def predict_job(
-    job: Job, balance: Sequence[int], model: Optional[nn.Sequential] = None, cache: Optional[Dict[Any, Any]] = None
+    job: Job,
+    balance: Sequence[int],
+    model: Optional[nn.Sequential] = None,
+    cache: Optional[Dict[Any, Any]] = None,
+    allocator: Optional[AllocatorSettings] = None,
 ) -> Prediction:
     """Peak activation bytes per device for the row, from ``meta`` (see :mod:`gpipe_bench.memory.predict`).
 
     Under the row's precision: bf16 and fp16 run the forward under autocast.
     ``cache``: partition profiles kept across calls (:func:`~gpipe_bench.memory.predict.predict_pipeline`).
+    ``allocator``: on a CUDA row, also predict what the caching allocator reserves under these
+    settings (:mod:`gpipe_bench.memory.reserved`), over the table's training steps.
     """
     row, s = job.row, job.settings
     model = model if model is not None else _meta_model(job)
@@ -794,9 +897,10 @@ def predict_job(
         out = model(sample[:1])
     chosen = getattr(row, "precision", "fp32")
     head = head_bytes(as_tuple(out)[0], row.batch, chosen)
+    setup = _setup(job, allocator)
     if not job.split:
         temp = _optimizer_temp(model, job.devices[0])
-        return predict_plain(model, sample, head_bytes=head, optimizer_temp=temp, precision=chosen)
+        return predict_plain(model, sample, head_bytes=head, optimizer_temp=temp, precision=chosen, allocator=setup)
     parts = split(model, balance)
     devices = list(job.devices)
     _, slots = memory_slots(devices)
@@ -812,4 +916,16 @@ def predict_job(
         optimizer_temp=temps,
         cache=cache,
         precision=chosen,
+        allocator=setup,
     )
+
+
+def _setup(job: Job, allocator: Optional[AllocatorSettings]) -> Optional[reserved.Setup]:
+    """The allocator replay of a CUDA row (None on a CPU row or without settings)."""
+    if allocator is None or not any(d.startswith("cuda") for d in job.devices):
+        return None
+    try:
+        steps = job.memory_settings.steps
+    except TypeError:  # not a memory table: the memory table's default
+        steps = reserved.STEPS
+    return reserved.Setup(allocator, steps=steps)

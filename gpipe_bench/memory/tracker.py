@@ -161,6 +161,26 @@ class TensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
         with self._lock:
             return len(self._log)
 
+    def serial(self, tensor: torch.Tensor) -> Optional[int]:
+        """The allocation now holding ``tensor``'s storage (an id in :meth:`events`), if the meter saw it made."""
+        with self._lock:
+            return self._live.get(storage_key(tensor))
+
+    def events(self, since: int, until: int, owner: int = 0) -> List[Tuple[int, int]]:
+        """``owner``'s allocations and releases between two marks, in order: ``(serial, bytes)``, bytes -1 a release.
+
+        The allocation trace the CUDA allocator model replays
+        (:mod:`gpipe_bench.memory.reserved`); model state left out with
+        :meth:`exclude` is kept here (the trace decides what it is).
+        """
+        with self._lock:
+            log = list(self._log)
+        owners: Dict[int, int] = {}
+        for serial, nbytes, who in log[:until]:
+            if nbytes >= 0:
+                owners[serial] = who
+        return [(serial, nbytes) for serial, nbytes, _ in log[since:until] if owners.get(serial) == owner]
+
     def live_at(self, marks: Sequence[int]) -> List[int]:
         """Live bytes of every owner together (model state excluded) at each of ``marks`` (from :meth:`mark`).
 

@@ -7,7 +7,7 @@ meaningless without them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from gpipe_bench.results import DEFAULT_ENGINE, Result
 
@@ -146,6 +146,9 @@ def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published
             "Predicted",
             "Predicted / measured",
         ]
+        reserved = any(r.extra.get("predicted_reserved_gib") is not None for r in group.results.values())
+        if reserved:  # CUDA rows: the Predicted column is reserved (the published quantity); allocated beside it
+            headers.insert(6, "Predicted allocated")
         if published:
             headers += ["Published model memory", "Published peak activation"]
         rows = []
@@ -157,9 +160,11 @@ def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published
                 abbrev(extra.get("parameters")),
                 format_gib(extra.get("model_memory_gib")),
                 memory_cell(result),
-                format_gib(extra.get("predicted_gib")),
-                fmt_num(extra.get("predicted_over_measured"), 3),
+                format_gib(_predicted(extra)),
+                fmt_num(extra.get("predicted_reserved_over_measured", extra.get("predicted_over_measured")), 3),
             ]
+            if reserved:
+                cells.insert(6, format_gib(extra.get("predicted_allocated_gib")))
             if published:
                 values = row.published.values
                 peak = values.get("peak_activation_gb")
@@ -178,20 +183,36 @@ def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published
             "model memory excluded; measured as " + "; ".join(methods) + ". Predicted from the meta device "
             "(gpipe_bench.memory.predict). Published columns are labelled GB but are GiB.\n"
         )
+    allocators = _recorded(table, results, "predicted_allocator", status=None)
+    if allocators:
+        text += (
+            "Predicted on CUDA rows: what the caching allocator reserves minus the model memory (the published "
+            "quantity), Predicted allocated beside it; the allocation trace of the steps replayed through a model "
+            "of " + "; ".join(allocators) + " (gpipe_bench.memory.reserved; cuDNN's workspaces not counted).\n"
+        )
     bases = _recorded(table, results, "predicted_compared_with")
     if bases:
         text += (
-            "Predicted / measured: the prediction over " + "; ".join(bases) + " (on CUDA the allocated peak: "
-            "the reserved one grows in the allocator's 2 and 20 MiB segments and holds cuDNN's workspaces, "
-            "which the prediction does not count).\n"
+            "Predicted / measured: the prediction over " + "; ".join(bases) + " (on CUDA with a predicted reserved "
+            "peak: reserved over the measured reserved).\n"
         )
     return text
 
 
-def _recorded(table: "Table", results: Sequence[Result], key: str) -> List[str]:
-    """The distinct values of ``extra[key]`` over the table's measured records, sorted."""
+def _predicted(extra: Dict[str, Any]) -> Any:
+    """A memory record's Predicted figure: reserved where the allocator was modelled (CUDA), else held bytes."""
+    reserved = extra.get("predicted_reserved_gib")
+    return reserved if reserved is not None else extra.get("predicted_gib")
+
+
+def _recorded(table: "Table", results: Sequence[Result], key: str, status: Optional[str] = "ok") -> List[str]:
+    """The distinct values of ``extra[key]`` over the table's records of ``status`` (None: any), sorted."""
     return sorted(
-        {str(r.extra[key]) for r in results if r.table == table.name and r.status == "ok" and r.extra.get(key)}
+        {
+            str(r.extra[key])
+            for r in results
+            if r.table == table.name and (status is None or r.status == status) and r.extra.get(key)
+        }
     )
 
 

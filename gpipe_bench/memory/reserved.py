@@ -1,0 +1,469 @@
+"""What the CUDA caching allocator reserves for a row: the predictor's cells as one allocation trace per device.
+
+Why: whether a row fits on a GPU is decided by what the caching allocator
+*reserves* (``torch.cuda.max_memory_reserved``), and the published memory
+table reports that figure minus the model. :mod:`gpipe_bench.memory.predict`
+sums the bytes tensors hold; the allocator rounds every request, carves
+segments of 2 or 20 MiB or more, and caches freed blocks that a differently
+sized request may not fit. This module builds the allocation trace of whole
+training steps from the predictor's per-cell traces, in the engine's order,
+and replays it through :mod:`gpipe_bench.memory.allocator`.
+
+The trace, per device (one :class:`~gpipe_bench.memory.allocator.Allocator`
+each, as the C++ keeps one per device):
+
+* the model first: every parameter, in the partitions' order;
+* the mini-batch on the first device, kept through the steps;
+* per step, the cells in the schedule's order (the same functions
+  :func:`~gpipe_bench.memory.predict.simulate` walks, with its lifetimes):
+  each cell's own allocations and releases as the meter logged them on
+  ``meta`` (:class:`CellTrace`): a checkpointed forward leaves its output, a
+  forward with autograd (or a recompute) leaves what its backward needs, the
+  backward releases that and leaves the input's gradient and one set of
+  parameter gradients;
+* between devices (CUDA rows), the copies the engine makes: a cell's input
+  arrives on its device's incoming copy stream (a pool of its own: blocks
+  belong to the stream that allocated them) and is kept until the cell's
+  backward, which keeps the input leaf for its gradient; the gradient arriving
+  from the next device the same way, for its backward;
+* gradient accumulation as the engine does it (:func:`gpipe_bench.pipe.pipeline`'s
+  ``_accumulate``): the first micro-batch's gradients kept, the second summed
+  out of place into new tensors (which become ``.grad``), later ones added in
+  place; ``.grad`` lives until the next step's ``zero_grad`` frees it
+  (``set_to_none``, PyTorch's default since 2.0);
+* the optimizer step: RMSprop's ``square_avg`` per parameter at the first
+  step (kept), and its temporaries: one per parameter, all at once where
+  PyTorch uses the multi-tensor (``foreach``) implementation, one at a time
+  otherwise;
+* cuBLAS's workspace, once per stream that runs a matrix product (PyTorch
+  allocates it through the caching allocator).
+
+Era ``"1.3"`` (the published table's PyTorch, torchgpipe 0.0.x): the same
+allocator rules (:mod:`gpipe_bench.memory.allocator` says why), but
+autograd's own accumulation (the first micro-batch's gradients become
+``.grad``, later ones are added in place), ``zero_grad`` zeroing in place
+(``.grad`` is kept across steps), RMSprop one parameter at a time, and cuBLAS
+managing its own workspace outside the allocator.
+
+Left out, each for a reason: cuDNN's convolution workspaces (their size is
+that of the algorithm cuDNN picks at run time, which no documentation gives
+ahead of it); ``recordStream``'s deferred reuse (a block freed while a copy is
+in flight waits for it: modelled as reusable at once); the CUDA context and
+the library handles (outside the allocator: ``plan`` adds the context);
+autocast rows (their cells are profiled on fake tensors without a trace).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+
+from gpipe_bench.pipe.schedule import backward_steps, forward_steps
+
+from .allocator import ERA_1_3, Allocator, AllocatorSettings, AllocatorStats
+
+__all__ = [
+    "CUBLAS_WORKSPACE",
+    "CellTrace",
+    "Events",
+    "ModelState",
+    "Reserved",
+    "STEPS",
+    "Setup",
+    "replay_steps",
+    "settings_for",
+    "ALLOC_CONF",
+]
+
+#: One cell phase's allocations and releases, in order: ``(id, bytes)``; bytes ``-1`` is the release of ``id``.
+Events = Tuple[Tuple[int, int], ...]
+
+_MIB = 1 << 20
+#: cuBLAS's workspace per (handle, stream): NVIDIA's cuBLAS documentation (``cublasSetWorkspace``) recommends
+#: 4 MiB before Hopper and 32 MiB from Hopper on; PyTorch allocates it through the caching allocator
+#: (aten/src/ATen/cuda/CublasHandlePool.cpp, ``getChosenWorkspaceSize``). By compute capability major.
+CUBLAS_WORKSPACE = {"pre-hopper": 4 * _MIB, "hopper": 32 * _MIB}
+
+_COMPUTE = 0  # the worker's stream (the allocator's default, which cell phases use)
+_INCOMING = "incoming"  # the device's incoming copy stream (gpipe_bench.pipe.copy.CopyStreams)
+
+
+@dataclass(frozen=True)
+class CellTrace:
+    """One cell's allocation trace, from the meter's log on ``meta`` (ids are the meter's serials).
+
+    ``nograd``: a checkpointed (no-grad) forward; it leaves ``out`` allocated.
+    ``forward``: a forward with autograd, or a recompute; it leaves what the backward needs.
+    ``backward``: the backward, then the release of everything ``forward`` left,
+    except ``grad_in`` (the input's gradient) and ``param_grads`` (one set of
+    parameter gradients), whose lifetimes the schedule decides.
+    ``sizes``: the bytes of each id in ``out``, ``grad_in`` and ``param_grads``.
+    """
+
+    nograd: Events
+    out: Tuple[int, ...]
+    forward: Events
+    backward: Events
+    grad_in: Tuple[int, ...]
+    param_grads: Tuple[int, ...]
+    sizes: Dict[int, int]
+
+    @staticmethod
+    def keep(events: Sequence[Tuple[int, int]], kept: Sequence[int]) -> Events:
+        """``events`` without zero-byte allocations and without the releases of ``kept`` (their lifetimes are the schedule's)."""
+        drop = set(kept)
+        empty = {i for i, n in events if n == 0}
+        return tuple((i, n) for i, n in events if i not in empty and not (n < 0 and i in drop))
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """The parameters' sizes in bytes, per partition, and the optimizer's buffers per parameter (RMSprop: one)."""
+
+    params: Sequence[Sequence[int]]
+    state_buffers: int = 1
+
+
+#: Training steps replayed when the row does not say (the memory table's default).
+STEPS = 2
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How a row's steps are replayed: the allocator's settings (and era), the steps, the GPU's cuBLAS workspace.
+
+    ``foreach``: the optimizer's multi-tensor step (PyTorch's default on CUDA today;
+    era 1.3 had none). ``hopper``: a compute capability 9 GPU or later (32 MiB cuBLAS workspace).
+    """
+
+    settings: AllocatorSettings
+    steps: int = STEPS
+    foreach: bool = True
+    hopper: bool = False
+
+    @property
+    def legacy(self) -> bool:
+        return self.settings.era == ERA_1_3
+
+    @property
+    def workspace(self) -> int:
+        """cuBLAS's workspace in the allocator: none in 1.3 (cuBLAS allocated its own)."""
+        if self.legacy:
+            return 0
+        return CUBLAS_WORKSPACE["hopper" if self.hopper else "pre-hopper"]
+
+    def describe(self) -> str:
+        """The rules the figures follow, for a record and a table's footnote."""
+        if self.legacy:
+            return (
+                "CUDA caching allocator of PyTorch 1.3 (2019) with that era's training step: autograd's gradient "
+                "accumulation, zero_grad in place, RMSprop one parameter at a time"
+            )
+        return (
+            "today's CUDA caching allocator (PyTorch's c10/cuda/CUDACachingAllocator.cpp at 001074d25084)"
+            + (f"; PYTORCH_CUDA_ALLOC_CONF={self.settings.conf}" if self.settings.conf else "")
+            + "; our engine's training step"
+            + (", RMSprop foreach" if self.foreach else "")
+        )
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """Per device: the allocator's statistics over the steps (peaks include the model state)."""
+
+    stats: List[AllocatorStats]
+    model_bytes: List[int]  # per device: the parameters, gradients and optimizer buffers the trace allocated
+
+    @property
+    def peak_reserved(self) -> List[int]:
+        return [s.peak_reserved for s in self.stats]
+
+    @property
+    def peak_allocated(self) -> List[int]:
+        return [s.peak_allocated for s in self.stats]
+
+
+def _run(allocator: Allocator, events: Events, base: int) -> None:
+    malloc, free = allocator.malloc, allocator.free
+    for key, nbytes in events:
+        if nbytes < 0:
+            free(base + key)
+        else:
+            malloc(base + key, nbytes)
+
+
+_NET: Dict[int, Tuple[Events, Events]] = {}
+
+
+def _net(events: Events) -> Events:
+    """What outlives a phase, in order: releases of what it did not allocate, allocations it does not release."""
+    cached = _NET.get(id(events))
+    if cached is not None and cached[0] is events:
+        return cached[1]
+    made = {i for i, n in events if n >= 0}
+    gone = {i for i, n in events if n < 0}
+    net = tuple((i, n) for i, n in events if (n < 0 and i not in made) or (n >= 0 and i not in gone))
+    _NET[id(events)] = (events, net)
+    return net
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A phase's last full run on a device: its allocated peak above its start, and what it left allocated."""
+
+    rise: int
+    allocated: int
+    requested: int
+
+
+class _Replay:
+    """The trace of a row's steps, fed to one allocator per device as it is built (no trace list is kept)."""
+
+    def __init__(
+        self,
+        traces: Sequence[Sequence[CellTrace]],
+        slots: Sequence[int],
+        copies: bool,
+        settings: AllocatorSettings,
+        repeats: bool,
+    ) -> None:
+        self.traces, self.slot = traces, list(slots)
+        self.m, self.n = len(traces), len(traces[0])
+        self.copies = copies
+        self.alloc = [Allocator(settings) for _ in range(max(self.slot) + 1)]
+        self._base = 0
+        self.repeats = repeats
+        self._last: Dict[Tuple[int, int], _Run] = {}  # (device, phase) -> its last full run, if it made no segment
+
+    # -- keys -------------------------------------------------------------------------------------
+
+    def namespace(self) -> int:
+        """A fresh key range for one cell's ids (meter serials are below 2**40)."""
+        self._base += 1 << 40
+        return self._base
+
+    def run(self, j: int, events: Events, base: int) -> None:
+        """One cell phase on partition ``j``'s device: in full, or by its net effect when it repeats (see :func:`replay_steps`)."""
+        allocator = self.alloc[self.slot[j]]
+        seen = (self.slot[j], id(events))
+        last = self._last.get(seen) if self.repeats else None
+        start, requested, reserved = allocator.allocated, allocator.requested, allocator.reserved
+        if last is None:
+            peak = allocator.peak_allocated
+            allocator.peak_allocated = start
+            _run(allocator, events, base)
+            rise = allocator.peak_allocated - start
+            allocator.peak_allocated = max(peak, allocator.peak_allocated)
+            last = _Run(rise, allocator.allocated - start, allocator.requested - requested)
+        else:
+            _run(allocator, _net(events), base)
+            allocator.peak_allocated = max(allocator.peak_allocated, start + last.rise)
+        if allocator.reserved == reserved:
+            self._last[seen] = last
+        else:  # it took a new segment: the next one runs in full
+            self._last.pop(seen, None)
+
+    def malloc(self, j: int, key: Hashable, nbytes: int, stream: Hashable = _COMPUTE) -> None:
+        self.alloc[self.slot[j]].malloc(key, nbytes, stream)
+
+    def free(self, j: int, key: Hashable) -> None:
+        self.alloc[self.slot[j]].free(key)
+
+    def crosses(self, a: int, b: int) -> bool:
+        """Whether a tensor passed from partition ``a`` to ``b`` is copied (CUDA rows on distinct devices)."""
+        return self.copies and self.slot[a] != self.slot[b]
+
+
+#: The environment variable users set the allocator with; predictions read it as the allocator does.
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def settings_for(era: str, environ: Optional[Mapping[str, str]] = None) -> AllocatorSettings:
+    """The allocator settings a prediction for ``era`` follows: today's read ``PYTORCH_CUDA_ALLOC_CONF``.
+
+    Era 1.3 had no settings, so the variable (which describes the user's own
+    set-up) is not applied to it. ValueError names a bad key or value.
+    """
+    if era == ERA_1_3:
+        return AllocatorSettings(era=ERA_1_3)
+    return AllocatorSettings.parse((environ if environ is not None else os.environ).get(ALLOC_CONF, ""), era)
+
+
+def replay_steps(
+    traces: Sequence[Sequence[CellTrace]],
+    checkpoint_stop: int,
+    model: ModelState,
+    setup: Setup,
+    *,
+    slots: Optional[Sequence[int]] = None,
+    input_bytes: int = 0,
+    head_bytes: int = 0,
+    repeats: bool = True,
+) -> Reserved:
+    """Replay ``setup.steps`` training steps of the fill-drain schedule over ``traces[i][j]`` (micro-batch, partition).
+
+    ``slots[j]``: partition ``j``'s device (default: one each); tensors crossing
+    partitions on different devices are copied (distinct GPUs). cuBLAS's
+    workspace is allocated on the last device (the classifier's matrix product).
+
+    ``repeats``: a phase that ran in full on a device without taking a new
+    segment runs by its net effect the next times it comes (the same trace:
+    micro-batches of one size), its allocated peak taken as the last full
+    run's rise: the releases of what it did not allocate and the allocations it
+    keeps, in order. On the published AmoebaNet-D rows this moves peak
+    reserved by 1.5% at most against the full replay, which takes 2-3 times longer.
+    """
+    n = len(traces[0])
+    r = _Replay(traces, slots if slots is not None else list(range(n)), True, setup.settings, repeats)
+    legacy = setup.legacy
+    steps, workspace = setup.steps, setup.workspace
+    grads: List[List[Tuple[Hashable, int]]] = [[] for _ in range(n)]  # .grad per partition: (key, bytes)
+    for j in range(n):
+        for k, nbytes in enumerate(model.params[j]):
+            r.malloc(j, ("param", j, k), nbytes)
+    if input_bytes:
+        r.malloc(0, ("input",), input_bytes)
+    for step in range(steps):
+        if not legacy:  # zero_grad(set_to_none=True)
+            for j in range(n):
+                for key, _ in grads[j]:
+                    r.free(j, key)
+                grads[j] = []
+        _step(r, step, checkpoint_stop, grads, legacy, head_bytes, workspace if step == 0 else 0)
+        _optimizer_step(r, model, step, setup.foreach and not legacy)
+    model_bytes = [0] * len(r.alloc)
+    for j in range(n):
+        model_bytes[r.slot[j]] += sum(model.params[j]) * (2 + model.state_buffers)
+    return Reserved([a.stats() for a in r.alloc], model_bytes)
+
+
+def _step(
+    r: _Replay,
+    step: int,
+    stop: int,
+    grads: List[List[Tuple[Hashable, int]]],
+    legacy: bool,
+    head_bytes: int,
+    workspace: int,
+) -> None:
+    """One training step's forward, loss and backward, in the schedule's order."""
+    m, n = r.m, r.n
+    base: Dict[Tuple[int, int], int] = {}
+    later: List[Tuple[int, Hashable]] = []
+    for steps in forward_steps(m, n):
+        for s in steps:
+            i, j = s.i, s.j
+            t = r.traces[i][j]
+            base[(i, j)] = ns = r.namespace()
+            if j > 0 and r.crosses(j - 1, j):
+                prev = r.traces[i][j - 1]
+                r.malloc(j, ("in", step, i, j), sum(prev.sizes[k] for k in prev.out), _INCOMING)
+            if i < stop:
+                r.run(j, t.nograd, ns)
+                if j < n - 1 and r.crosses(j, j + 1):  # copied to the next device: nothing else holds it
+                    later.extend((j, ns + k) for k in t.out)
+            else:
+                r.run(j, t.forward, ns)
+        _release(r, later)
+    last = n - 1
+    if head_bytes:
+        r.malloc(last, ("head", step), head_bytes)
+    if workspace:
+        r.malloc(last, ("cublas",), workspace)
+    done = [0] * n
+    for steps in backward_steps(m, n, lambda i: i < stop):
+        for s in steps:
+            i, j = s.i, s.j
+            t = r.traces[i][j]
+            ns = base[(i, j)]
+            if s.kind == "recompute":
+                r.run(j, t.forward, ns)
+                if j == last:
+                    for k in t.out:  # the recomputed output replaces the checkpointed one
+                        r.free(j, ns + k)
+                continue
+            arriving = j < last and r.crosses(j, j + 1)
+            if arriving:
+                nxt = r.traces[i][j + 1]
+                r.malloc(j, ("grad", step, i, j), sum(nxt.sizes[k] for k in nxt.grad_in), _INCOMING)
+            r.run(j, t.backward, ns)
+            if arriving:
+                r.free(j, ("grad", step, i, j))
+            if j > 0 and r.crosses(j - 1, j):
+                r.free(j, ("in", step, i, j))
+            _accumulate(r, j, step, done[j], [(ns + k, t.sizes[k]) for k in t.param_grads], grads, legacy)
+            done[j] += 1
+            if j < last:
+                nxt = r.traces[i][j + 1]
+                later.extend((j + 1, base[(i, j + 1)] + k) for k in nxt.grad_in)
+            if j > 0 and i < stop and not r.crosses(j - 1, j):
+                prev = r.traces[i][j - 1]
+                later.extend((j - 1, base[(i, j - 1)] + k) for k in prev.out)  # the checkpointed input it took
+        _release(r, later)
+    if head_bytes:
+        r.free(last, ("head", step))
+
+
+def _release(r: _Replay, later: List[Tuple[int, Hashable]]) -> None:
+    """Releases deferred to the end of a clock (concurrent devices may release in either order)."""
+    for j, key in later:
+        r.free(j, key)
+    later.clear()
+
+
+def _accumulate(
+    r: _Replay,
+    j: int,
+    step: int,
+    done: int,
+    fresh: List[Tuple[Hashable, int]],
+    grads: List[List[Tuple[Hashable, int]]],
+    legacy: bool,
+) -> None:
+    """One micro-batch's parameter gradients of partition ``j`` added into ``grads[j]``.
+
+    Today's engine: the first set is kept, the second summed out of place with it
+    (new tensors: ``.grad``), later ones in place. Autograd's (era 1.3, ``.grad``
+    kept across steps): the very first set becomes ``.grad``, every other one is
+    added in place.
+    """
+    if legacy:
+        if not grads[j]:
+            grads[j] = fresh
+            return
+        for key, _ in fresh:
+            r.free(j, key)
+        return
+    if done == 0:
+        grads[j] = fresh
+        return
+    if done == 1:
+        sums: List[Tuple[Hashable, int]] = [(("sum", step, j, k), nbytes) for k, (_, nbytes) in enumerate(fresh)]
+        for key, nbytes in sums:
+            r.malloc(j, key, nbytes)
+        for key, _ in grads[j] + fresh:
+            r.free(j, key)
+        grads[j] = sums
+        return
+    for key, _ in fresh:
+        r.free(j, key)
+
+
+def _optimizer_step(r: _Replay, model: ModelState, step: int, foreach: bool) -> None:
+    """RMSprop's step per partition: its buffers at the first step, its temporaries every step."""
+    for j, sizes in enumerate(model.params):
+        if step == 0:
+            for b in range(model.state_buffers):
+                for k, nbytes in enumerate(sizes):
+                    r.malloc(j, ("state", b, j, k), nbytes)
+        temps = [(("temp", step, j, k), nbytes) for k, nbytes in enumerate(sizes)]
+        if foreach:
+            for key, nbytes in temps:
+                r.malloc(j, key, nbytes)
+            for key, _ in temps:
+                r.free(j, key)
+        else:
+            for key, nbytes in temps:
+                r.malloc(j, key, nbytes)
+                r.free(j, key)
