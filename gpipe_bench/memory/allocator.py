@@ -612,6 +612,15 @@ class Allocator:
         block.allocated = False
         self._free_block(block)
 
+    def rename(self, key: Hashable, new: Hashable) -> None:
+        """Hand ``key``'s allocation to ``new``: nothing moves (a trace's shortcut for a tensor that takes a freed one's block)."""
+        if new in self._live:
+            raise ValueError(f"allocation key {new!r} is already live")
+        try:
+            self._live[new] = self._live.pop(key)
+        except KeyError:
+            raise ValueError(f"rename of {key!r}: no such live allocation") from None
+
     def empty_cache(self) -> None:
         """Return every cached segment with nothing in use (release_cached_blocks)."""
         for pool in self._pools:

@@ -207,16 +207,13 @@ def _cell_trace(
     """
     begin, nograd_end, start, forward_end, end = marks
     grad_in, param_grads = kept if kept else ([], [])
-    backward = meter.events(forward_end, end)
-    sizes = {i: n for i, n in itertools.chain(meter.events(begin, nograd_end), backward) if n >= 0}
-    return CellTrace(
-        nograd=CellTrace.keep(meter.events(begin, nograd_end), out),
-        out=tuple(i for i in out if sizes.get(i, 0) > 0),
-        forward=CellTrace.keep(meter.events(start, forward_end), ()),
-        backward=CellTrace.keep(backward, grad_in + param_grads),
-        grad_in=tuple(i for i in grad_in if sizes.get(i, 0) > 0),
-        param_grads=tuple(i for i in param_grads if sizes.get(i, 0) > 0),
-        sizes={i: sizes[i] for i in itertools.chain(out, grad_in, param_grads) if sizes.get(i, 0) > 0},
+    return CellTrace.of(
+        meter.events(begin, nograd_end),
+        out,
+        meter.events(start, forward_end),
+        meter.events(forward_end, end),
+        grad_in,
+        param_grads,
     )
 
 

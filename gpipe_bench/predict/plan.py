@@ -45,7 +45,9 @@ from gpipe_bench import jobs
 from gpipe_bench.config import Checkpoint, Overrides, Table
 from gpipe_bench.devices import available_host_bytes, memory_slots
 from gpipe_bench.errors import HarnessError
+from gpipe_bench.memory.allocator import ERA_CURRENT
 from gpipe_bench.memory.predict import predict_job
+from gpipe_bench.memory.reserved import settings_for
 from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes
 from gpipe_bench.pipe.balance.partition import block_cost, block_costs, solve_blocks
 from gpipe_bench.precision import DEFAULT
@@ -75,6 +77,11 @@ CHECKPOINTS: Tuple[Checkpoint, ...] = ("never", "except_last", "always")
 MAX_CELLS = 2048
 #: How many of the best estimated candidates are simulated.
 SIMULATED = 5
+#: What the CUDA context holds on each GPU outside the caching allocator: an allowance, not a measurement
+#: (its size depends on the driver, the GPU and the kernels loaded; PyTorch's CUDA notes say it is not
+#: counted by the allocator's statistics). Plans on GPUs are capped on predicted reserved memory plus this.
+CUDA_CONTEXT = 512 * 2**20
+
 #: The micro-batch size single-layer memory profiles are taken at (activations are scaled from it).
 PROFILED = 4
 #: A plan estimated over the cap by this factor is not simulated.
@@ -245,6 +252,11 @@ class _Search:
         copies = 2 + sum(1 for k in ("momentum",) if template.settings.optimizer.get(k))
         self.copies = copies  # weights and gradients (and a momentum buffer): float32 each
         self.param_bytes = [sum(p.numel() for p in layer.parameters()) * 4 * copies for layer in self.meta.children()]
+        # GPU plans: the caching allocator as it is set here (PYTORCH_CUDA_ALLOC_CONF), today's rules.
+        try:
+            self.allocator = settings_for(ERA_CURRENT)
+        except ValueError as error:
+            raise HarnessError(f"{error}; fix or unset the variable") from None
 
     # -- time
 
@@ -317,13 +329,24 @@ class _Search:
         return max(block_cost(form.weights, choice.balance, form.enter, form.leave))
 
     def memory(self, job: jobs.Job) -> Optional[List[int]]:
-        """Exact peak bytes per device of our engine's plan: the memory predictor plus parameters and gradients."""
+        """Exact peak bytes per device of our engine's plan: the memory predictor plus the model state.
+
+        On GPUs, what the caching allocator reserves over two steps (model state included)
+        plus the CUDA context (:data:`CUDA_CONTEXT`): what decides whether the plan fits the card.
+        """
         if job.engine == "distributed":
             return None
         balance = tuple(job.row.balance or (self.layers,))
-        activations = list(
-            predict_job(job, balance if job.split else (), self.meta, self._partition_profiles).per_device
-        )
+        prediction = predict_job(job, balance if job.split else (), self.meta, self._partition_profiles, self.allocator)
+        if prediction.reserved is not None:
+            _, slots = memory_slots(list(job.devices)) if job.split else ([], [0])
+            model = [0] * len(prediction.reserved)
+            start = 0
+            for j, size in enumerate(balance if job.split else (self.layers,)):
+                model[slots[j]] += sum(self.param_bytes[start : start + size])
+                start += size
+            return [r + m + CUDA_CONTEXT for r, m in zip(prediction.reserved, model)]
+        activations = list(prediction.per_device)
         if not job.split:
             return [activations[0] + sum(self.param_bytes)]
         _, slots = memory_slots(list(job.devices))
@@ -613,6 +636,11 @@ def plan(
             )
     if engine == "distributed":
         notes.append("peak memory is not predicted for torch's pipelining: no plan was filtered by memory")
+    elif search.gpu:
+        notes.append(
+            "memory per GPU: what the CUDA caching allocator is predicted to reserve over two steps "
+            f"(model state included) plus {CUDA_CONTEXT / 2**30:.1f} GiB for the CUDA context"
+        )
     if not published_row:
         notes.append(
             f"{table.name} publishes no configuration over {len(devices)} devices: the plans start from "
