@@ -3,6 +3,9 @@
 Speed rows compare speedups (absolute throughput depends on the card) and
 show measured / ideal pipeline speedup by the performance model
 (:mod:`gpipe_bench.perf`); memory and accuracy rows compare their figures.
+A run with settings of its own (:attr:`gpipe_bench.results.Result.overrides`)
+is shown after its row, labelled with what differs, and is never compared with
+the published row: those figures are of other settings.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Literal, Optional, Sequence
 
 from gpipe_bench import perf
-from gpipe_bench.results import Result
+from gpipe_bench.results import Result, settings_label
 
 from .audit import count_interval, published_inconsistencies
 from .format import DASH, as_float, fmt_num, join_blocks, published_value, render_grid
@@ -23,8 +26,9 @@ if TYPE_CHECKING:  # config imports models; rendering needs only the attributes
     from gpipe_bench.predict.run import PredictedSpeedups
 
 
-#: A row's verdict: within tolerance, worse, better, not comparable (quick profile, prediction), or not measured.
-Flag = Literal["ok", "regression", "better", "differs", "missing"]
+#: A row's verdict: within tolerance, worse, better, not comparable (quick profile, prediction), not measured,
+#: or not compared at all (a run with settings of its own).
+Flag = Literal["ok", "regression", "better", "differs", "missing", "not compared"]
 
 
 @dataclass
@@ -48,6 +52,14 @@ class CompareRow:
     spread: Optional[float] = None  # relative std of the per-epoch figures
     flag: Flag = "ok"
     note: str = ""
+    #: What the run changed of its row's settings (:func:`gpipe_bench.results.settings_label`); "" for the row's own
+    overrides: str = ""
+
+    @property
+    def label(self) -> str:
+        """The row's name, the engine's where not ours, and the settings it changed."""
+        label = row_label(self.experiment, self.engine)
+        return f"{label} [{self.overrides}]" if self.overrides else label
 
 
 @dataclass
@@ -72,9 +84,10 @@ def _flag(table: "Table", ratio: float) -> Flag:
 def _compare_row(
     table: "Table", profile: "Profile", group: Group, row: "Row", engine: str, result: Optional[Result]
 ) -> CompareRow:
-    values = row.published.values
+    own = result is None or not result.overrides
+    values = row.published.values if own else {}
     speed = table.kind == "speed"
-    ideal = ideal_speedup_of(row) if on_row_devices(row, result) else None
+    ideal = ideal_speedup_of(row, result) if on_row_devices(row, result) else None
     entry = CompareRow(
         experiment=row.name,
         engine=engine,
@@ -82,9 +95,10 @@ def _compare_row(
         hardware=group.hardware,
         status=result.status if result is not None else None,
         ours=result.value if result is not None and result.status == "ok" else None,
-        published=published_value(table, row),
-        micro_batches=perf.effective_microbatches(row.batch, row.chunks) if row.mode == "pipeline" else None,
+        published=published_value(table, row) if own else None,
+        micro_batches=_micro_batches(row, result),
         ideal=ideal,
+        overrides=settings_label(result.overrides) if result is not None else "",
     )
     if speed:
         entry.published_speedup = as_float(values.get("speedup"))
@@ -96,10 +110,13 @@ def _compare_row(
                 entry.published_of_ideal = entry.published_speedup / ideal
     if result is not None and result.value and result.spread.get("std") is not None:
         entry.spread = result.spread["std"] / result.value
-    extra_note = _parameter_note(table, row, result)
+    extra_note = _parameter_note(table, row, result) if own else ""
 
     if result is None:
         entry.flag, entry.note = "missing", "no result"
+    elif not own:
+        entry.flag = "not compared"
+        entry.note = f"ran with {entry.overrides}, not its row's settings: not compared with the published figures"
     elif result.status == "oom":
         nothing_published = entry.published is None or str(values.get("status", "")).lower() == "out of memory"
         entry.flag = "ok" if nothing_published else "regression"
@@ -146,6 +163,14 @@ def _compare_row(
     return entry
 
 
+def _micro_batches(row: "Row", result: Optional[Result]) -> Optional[int]:
+    """A pipeline row's micro-batches as ``result`` ran them (its recorded batch and chunks)."""
+    if row.mode != "pipeline":
+        return None
+    ran = result.settings if result is not None else {}
+    return perf.effective_microbatches(int(ran.get("batch", row.batch)), int(ran.get("chunks", row.chunks)))
+
+
 def _parameter_note(table: "Table", row: "Row", result: Optional[Result]) -> str:
     """Our parameter count and model memory against the published ones (memory tables)."""
     if table.kind != "memory" or result is None:
@@ -164,7 +189,7 @@ def _parameter_note(table: "Table", row: "Row", result: Optional[Result]) -> str
 
 
 def _describe(table: "Table", entry: CompareRow) -> str:
-    line = f"{table.name} {row_label(entry.experiment, entry.engine)} [{entry.flag}]"
+    line = f"{table.name} {entry.label} [{entry.flag}]"
     if entry.hardware is not None:
         line += f" on {entry.hardware} ({entry.profile} profile)"
     return f"{line}: {entry.note}"
@@ -229,7 +254,7 @@ def _compare_grid(table: "Table", entries: Sequence[CompareRow], fmt: str) -> st
     rows = []
     for e in entries:
         cells = [
-            row_label(e.experiment, e.engine),
+            e.label,
             fmt_num(e.ours, digits)
             if e.status in (None, "ok")
             else f"{fmt_num(e.ours, digits)} (predicted)"

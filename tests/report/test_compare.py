@@ -112,3 +112,19 @@ def test_compare_markdown_and_text_layout() -> None:
     comparison = report.compare(table, as_published(table), fmt="md")
     assert "| Experiment" in comparison.text
     assert comparison.text.endswith("\n") and not math.isnan(row_of(comparison, "pipeline-8").ratio)
+
+
+def test_a_run_with_settings_of_its_own_is_never_compared_with_its_rows_published_figures() -> None:
+    table = resnet()
+    slow = 100.0 * 1.489 * 0.5  # far below the published speedup: a regression, were it the row
+    own = result(table, "pipeline-2", slow, overrides={"balance": [192, 178], "checkpoint": "never"})
+    results = [result(table, "naive-1", 100.0), result(table, "pipeline-2", 100.0 * 1.489), own]
+    comparison = report.compare(table, results)
+    assert row_of(comparison, "pipeline-2").flag == "ok"
+    [apart] = [e for e in comparison.rows if e.overrides]
+    assert apart.label == "pipeline-2 [balance 192,178, checkpoint never]"
+    assert apart.flag == "not compared" and apart.published is None and apart.published_speedup is None
+    assert apart.ratio is None and apart.ideal == pytest.approx(2 * 256 / 257)  # its own settings' ideal
+    assert comparison.regressions == []
+    line = next(x for x in comparison.text.splitlines() if x.startswith("pipeline-2 [balance 192,178"))
+    assert "137.788" not in line and "1.489x" not in line
