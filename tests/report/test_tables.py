@@ -190,8 +190,10 @@ def test_memory_table_shows_predictions_and_units() -> None:
     assert "CUDA max_memory_reserved minus model memory" in text  # the method of the measured rows, said once
     per_device = report.memory_per_device(table, results)
     assert "cuda:1" in per_device and "9.96 GiB" in per_device and "backward 126 on partition 0" in per_device
-    entry = row_of(report.compare(table, results), "pipeline-8")
-    assert entry.flag == "differs" and "predicted (not measured)" in entry.note  # never a regression
+    comparison = report.compare(table, results)
+    entry = row_of(comparison, "pipeline-8")  # a prediction is not a measurement: never set against the published
+    assert entry.flag == "missing" and entry.ours is None and comparison.regressions == []
+    assert "- not compared: predictions, not measurements (memory --predict-only): pipeline-8" in comparison.text
 
 
 def test_cuda_memory_rows_show_the_allocated_peak_and_the_prediction_against_it() -> None:
