@@ -474,7 +474,7 @@ def speed_command(
             for line in written:
                 click.echo(line, err=True)
 
-    def saved(job: jobs.Job, result: results.Result, path: Path) -> None:
+    def saved(job: jobs.Job, result: results.Result, path: Optional[Path]) -> None:
         figure = "Out of memory" if result.status == "oom" else f"{result.value:.3f} {result.unit}"
         click.echo(f"{_row_label(job)}: {figure}  -> {path}", err=True)
 
@@ -583,7 +583,7 @@ def launch_command(
 @click.option(
     "--predict-only",
     is_flag=True,
-    help="Predict from the meta device only; run nothing (sizes rows this machine cannot hold).",
+    help="Predict from the meta device only; run nothing and save nothing (sizes rows this machine cannot hold).",
 )
 @click.option("--per-device", is_flag=True, help="Also print each device's model memory, measured and predicted peak.")
 @click.option(
@@ -637,7 +637,9 @@ def memory_command(
     quantity, replayed through a model of the allocator) and what it allocates.
     Rows with a null balance get one from balance_by_size. Each row is saved to the
     results directory; then the table prints beside the published one, and a PNG
-    of the per-device memory is written next to the results.
+    of the per-device memory is written next to the results. With --predict-only
+    the table prints and nothing is written: a prediction is not a measurement
+    of this machine.
 
     Example: gpipe-bench memory amoebanetd --profile published --predict-only --per-device
     """
@@ -686,7 +688,7 @@ def memory_command(
             what = "predicting" if predict_only else "predicting and measuring"
             click.echo(f"{job.row.name}: {what} on {', '.join(job.devices)}...", err=True)
 
-    def saved(job: jobs.Job, result: results.Result, path: Path) -> None:
+    def saved(job: jobs.Job, result: results.Result, path: Optional[Path]) -> None:
         extra = result.extra
         if distributed:
             per_rank = ", ".join(report.format_gib(v) for v in extra["measured_per_device_gib"])
@@ -708,19 +710,25 @@ def memory_command(
                 f"{report.format_gib(extra['predicted_reserved_gib'])} predicted reserved "
                 f"({report.format_gib(extra['predicted_allocated_gib'])} allocated)"
             )
-        click.echo(f"{job.row.name}: {figure}, {predicted}  -> {path}", err=True)
+        where = f"  -> {path}" if path is not None else " (not saved: a prediction, not a measurement)"
+        click.echo(f"{job.row.name}: {figure}, {predicted}{where}", err=True)
 
     try:
         done = run_rows(
             planned,
             lambda job: memory.run(job, predict_only=predict_only, allocator=allocator),
-            root,
+            None if predict_only else root,
             writer=_rank() == 0,
             before=before,
             after=saved,
         )
     except RowInterrupted as interrupt:
         _interrupted(interrupt, f"; nothing written for it ({interrupt.saved} earlier row(s) saved).")
+        return
+    if predict_only:  # sized for devices this host may lack: shown, never saved among this host's measurements
+        click.echo(report.render(table, done, fmt="rst", published=True))
+        if per_device and done:
+            click.echo(report.memory_per_device(table, done, fmt="rst"))
         return
     saved_results = _show_saved(table, root, profile_name, done)
     if saved_results:
@@ -808,7 +816,7 @@ def accuracy_command(
     def measure(job: jobs.Job) -> results.Result:
         return accuracy.run(job, progress_for(job), save=lambda r: results.save(r, root))
 
-    def saved(job: jobs.Job, result: results.Result, path: Path) -> None:
+    def saved(job: jobs.Job, result: results.Result, path: Optional[Path]) -> None:
         click.echo(
             f"{job.row.name}: {report.mean_std(result)} % top-1 error over {len(result.samples)} seed(s)", err=True
         )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -75,6 +75,10 @@ class Job:
     timeout_s: float = 300.0  # distributed only: the process group's timeout
     seeds: Sequence[int] = field(default_factory=lambda: (0,))  # accuracy only
     data: Optional[Path] = None  # accuracy only
+    #: What the command line changed of the config's row (:func:`gpipe_bench.config.overridden`), and
+    #: ``devices``: how many distinct devices its partitions shared, when they shared some. Its record
+    #: carries them and takes a name of its own (:func:`gpipe_bench.results.path_for`).
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
@@ -148,6 +152,7 @@ class Job:
             "optimizer": dict(s.optimizer),
             "classes": s.classes,
             "precision": row.precision,
+            **({"overrides": dict(self.overrides)} if self.overrides else {}),
         }
 
 
@@ -283,15 +288,18 @@ def resolve(
     """
     chosen = table.profile(profile)
     jobs = []
-    for row in rows:
-        row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
+    for config_row in rows:
+        row, settings = config.apply(table, config_row, chosen.settings, overrides, model=chosen.model)
+        changed = config.overridden(table.kind, (config_row, chosen.settings), (row, settings))
         count = partitions(row)
         if predict_only:
-            sized = Job(table, row, settings, profile, _predict_only_devices(devices_spec, count, profile), engine)
+            placed = _predict_only_devices(devices_spec, count, profile)
+            sized = Job(table, row, settings, profile, placed, engine, overrides=changed | _shared(placed))
             jobs.append((check_precision(sized), ""))
             continue
         placement = devices.resolve(devices_spec, count)
-        job = check_precision(Job(table, row, settings, profile, placement.devices, engine))
+        changed |= _shared(placement.devices)
+        job = check_precision(Job(table, row, settings, profile, placement.devices, engine, overrides=changed))
         note = placement.note
         if row.planned and row.balance is None:
             if planner is None:
@@ -300,6 +308,12 @@ def resolve(
             note = "; ".join(n for n in (note, f"balance {list(job.row.balance or ())} {how}") if n)
         jobs.append((job, note))
     return jobs
+
+
+def _shared(placed: Sequence[str]) -> Dict[str, int]:
+    """``{"devices": N}`` when the partitions share N < their count distinct devices (not the row's devices)."""
+    distinct = len(set(placed))
+    return {"devices": distinct} if distinct < len(placed) else {}
 
 
 def in_torchrun() -> bool:
@@ -332,8 +346,9 @@ def resolve_distributed(
     size = int(os.environ["WORLD_SIZE"])
     chosen = table.profile(profile)
     jobs, notes = [], []
-    for row in rows:
-        row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
+    for config_row in rows:
+        row, settings = config.apply(table, config_row, chosen.settings, overrides, model=chosen.model)
+        changed = config.overridden(table.kind, (config_row, chosen.settings), (row, settings))
         stages = partitions(row)
         if row.planned and row.balance is None:
             # Every rank would time the layers on its own and might plan another balance: the ranks must agree.
@@ -365,7 +380,15 @@ def resolve_distributed(
         jobs.append(
             check_precision(
                 Job(
-                    table, row, settings, profile, [f"rank{r}" for r in range(size)], "distributed", schedule, timeout_s
+                    table,
+                    row,
+                    settings,
+                    profile,
+                    [f"rank{r}" for r in range(size)],
+                    "distributed",
+                    schedule,
+                    timeout_s,
+                    overrides=changed,
                 )
             )
         )
@@ -416,16 +439,27 @@ def resolve_accuracy(
         fashion_mnist.locate(data)
     count = seeds if seeds is not None else recipe.runs
     jobs = []
-    for row in rows:
+    for config_row in rows:
         row, settings = config.apply(
-            table, row, chosen.settings, Overrides(epochs=epochs, precision=precision), model=chosen.model
+            table, config_row, chosen.settings, Overrides(epochs=epochs, precision=precision), model=chosen.model
         )
+        changed = config.overridden(table.kind, (config_row, chosen.settings), (row, settings))
         width = row.devices if row.mode == "dataparallel" else partitions(row)
         if cuda:
             placed = devices.resolve(None, width).devices
         else:
             placed = ["cpu"] * width
-        job = Job(table, row, settings, profile, placed, seeds=tuple(range(count)), data=data, timeout_s=3600.0)
+        job = Job(
+            table,
+            row,
+            settings,
+            profile,
+            placed,
+            seeds=tuple(range(count)),
+            data=data,
+            timeout_s=3600.0,
+            overrides=changed,
+        )
         jobs.append(check_precision(job))
     return jobs
 

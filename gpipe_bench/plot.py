@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Sequence, Set
 
 from .atomic import write_atomically
-from .results import Result, summarize
+from .results import Result, settings_label, summarize
 
 if TYPE_CHECKING:
     from .config import Table
@@ -44,6 +44,11 @@ def _ordered(table: "Table", results: Sequence[Result]) -> List[Result]:
         return mine
     order = {row.name: k for k, row in enumerate(profile.rows)}
     return sorted(mine, key=lambda r: (order.get(r.experiment, len(order)), r.engine))
+
+
+def _name(result: Result) -> str:
+    """The row's name, and the settings it changed where it ran with settings of its own (as the tables say)."""
+    return f"{result.experiment} [{settings_label(result.overrides)}]" if result.overrides else result.experiment
 
 
 def _values(result: Result, key: str, count: int) -> List[float]:
@@ -114,7 +119,7 @@ def memory_plot(table: "Table", results: Sequence[Result], path: Path) -> Path:
             )
         ticks.append(x + (n - 1) / 2)
         engine = "" if r.engine == "gpipe-bench" else f" ({r.engine})"
-        labels.append(f"{r.experiment}{engine}\n{n} device{'s' if n > 1 else ''}")
+        labels.append(f"{_name(r)}{engine}\n{n} device{'s' if n > 1 else ''}")
         x += n + 1
     ax.set_xticks(ticks)
     ax.set_xticklabels(labels, fontsize=8)
@@ -166,7 +171,7 @@ def accuracy_plot(table: "Table", results: Sequence[Result], path: Path) -> Path
     rows = [r for r in _ordered(table, results) if r.extra.get("curves")]
     if not rows:
         raise ValueError(f"no {table.name} results with per-epoch curves to plot")
-    curves_of = {r.experiment: [list(map(float, c)) for c in r.extra["curves"].values() if c] for r in rows}
+    curves_of = {_name(r): [list(map(float, c)) for c in r.extra["curves"].values() if c] for r in rows}
     epochs = max(min(len(c) for c in curves) for curves in curves_of.values())
     Figure, FigureCanvasAgg, _ = _figure_tools()
     figure = Figure(figsize=(10.5 if epochs > 1 else 7.0, 4.8))
@@ -183,14 +188,12 @@ def accuracy_plot(table: "Table", results: Sequence[Result], path: Path) -> Path
     if epochs > 1:
         ax = figure.add_subplot(1, 2, 1)
         for r in rows:
-            curves = curves_of[r.experiment]
+            curves = curves_of[_name(r)]
             n = min(len(c) for c in curves)
             xs = list(range(1, n + 1))
             means, stds = zip(*(stats([c[e] for c in curves]) for e in range(n)))
             style = "--" if r.settings.get("mode") == "pipeline" else "-"
-            ax.plot(
-                xs, means, style, color=colour(r), marker="o", markersize=3, label=f"{r.experiment} (n={len(curves)})"
-            )
+            ax.plot(xs, means, style, color=colour(r), marker="o", markersize=3, label=f"{_name(r)} (n={len(curves)})")
             lows, highs = [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)]
             ax.fill_between(xs, lows, highs, color=colour(r), alpha=0.15, linewidth=0)
         ax.set_xlabel("epoch")
@@ -201,7 +204,7 @@ def accuracy_plot(table: "Table", results: Sequence[Result], path: Path) -> Path
         ax.set_title("per epoch", fontsize=9)
     ax = figure.add_subplot(1, 2, 2) if epochs > 1 else figure.add_subplot(1, 1, 1)
     for k, r in enumerate(rows):
-        finals = [c[-1] for c in curves_of[r.experiment]]
+        finals = [c[-1] for c in curves_of[_name(r)]]
         mean, std = stats(finals)
         pipeline = r.settings.get("mode") == "pipeline"
         offsets = [(j - (len(finals) - 1) / 2) * 0.08 for j in range(len(finals))]
@@ -211,7 +214,7 @@ def accuracy_plot(table: "Table", results: Sequence[Result], path: Path) -> Path
         )
         ax.annotate(f"{mean:.2f}±{std:.2f}", (k + 0.36, mean), fontsize=7, va="center")
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([f"{r.experiment}\n(batch {r.settings.get('batch', '?')})" for r in rows], fontsize=7)
+    ax.set_xticklabels([f"{_name(r)}\n(batch {r.settings.get('batch', '?')})" for r in rows], fontsize=7)
     ax.set_xlim(-0.5, len(rows) - 0.2)
     ax.set_ylabel("validation top-1 error (%)")
     ax.grid(alpha=0.3, axis="y")

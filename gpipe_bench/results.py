@@ -8,8 +8,20 @@ comparison (:mod:`gpipe_bench.report`) are separate steps over saved records.
 
 Records live at ``<root>/<table>/<profile>/<hardware_key>/<experiment>.json``
 (``<experiment>--<engine>.json`` for engines other than ours, ``--<precision>``
-added for precisions other than fp32), so results from different hardware,
-engines or precisions never share a path and a re-run replaces exactly one file.
+added for precisions other than fp32, and ``--<settings>`` for a run whose
+settings differ from its row's), so results from different hardware, engines,
+precisions or settings never share a path and a re-run replaces exactly one file.
+
+A record's name is a promise about its settings. A run given another batch,
+chunks, balance or checkpoint mode than its config row (an accuracy run: other
+epochs; partitions sharing devices) records what it changed in
+``settings["overrides"]`` (:attr:`gpipe_bench.jobs.Job.overrides`) and is saved
+under the row's name plus a tag of those settings, in a fixed order:
+``batch64``, ``chunks4``, ``balance192-178``, ``checkpoint-never``,
+``epochs2``, ``devices1`` (distinct devices shared by the partitions), joined
+by ``-``: ``pipeline-2--chunks4-balance192-178-checkpoint-never.json``. It never
+replaces the row's record, and the reports show it apart (:func:`settings_label`).
+Records made before overrides were recorded have none and keep their names.
 """
 
 from __future__ import annotations
@@ -40,6 +52,9 @@ __all__ = [
     "hardware_key",
     "results_dir",
     "path_for",
+    "OVERRIDE_ORDER",
+    "settings_tag",
+    "settings_label",
     "save",
     "load_all",
 ]
@@ -88,6 +103,12 @@ class Result:
     def hardware_key(self) -> str:
         """A stable, filesystem-safe slug of the machine: see :func:`hardware_key`."""
         return hardware_key(self.environment)
+
+    @property
+    def overrides(self) -> Dict[str, Any]:
+        """What the run changed of its config row's settings (empty: it ran the row as configured)."""
+        changed = self.settings.get("overrides")
+        return dict(changed) if isinstance(changed, dict) else {}
 
     @property
     def precision(self) -> str:
@@ -174,14 +195,48 @@ def results_dir() -> Path:
     return Path.cwd() / "results"
 
 
-def path_for(result: Result, root: Path) -> Path:
-    """``root/<table>/<profile>/<hardware_key>/<experiment>[--<engine>][--<precision>].json``.
+#: The order of a settings tag's parts; anything else a record says it changed comes after, by name.
+OVERRIDE_ORDER = ("batch", "chunks", "balance", "checkpoint", "epochs", "devices")
 
-    A row run in another engine or precision never replaces the row's own record.
+
+def _ordered(overrides: Dict[str, Any]) -> List[Tuple[str, Any]]:
+    known = [(k, overrides[k]) for k in OVERRIDE_ORDER if k in overrides]
+    return known + sorted((k, v) for k, v in overrides.items() if k not in OVERRIDE_ORDER)
+
+
+def _value_text(value: Any, sep: str) -> str:
+    return sep.join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def settings_tag(overrides: Dict[str, Any]) -> str:
+    """The file-name tag of ``overrides``: ``chunks4-balance192-178-checkpoint-never`` ("" for none).
+
+    Deterministic (a fixed order, see the module docstring) and readable; numbers
+    follow their name, a word follows it after ``-``.
+    """
+    parts = []
+    for name, value in _ordered(overrides):
+        text = _value_text(value, "-")
+        parts.append(f"{name}{text}" if text[:1].isdigit() else f"{name}-{text}")
+    return "-".join(parts)
+
+
+def settings_label(overrides: Dict[str, Any]) -> str:
+    """How the reports name what a run changed: ``balance 192,178, checkpoint never`` ("" for none)."""
+    return ", ".join(f"{name} {_value_text(value, ',')}" for name, value in _ordered(overrides))
+
+
+def path_for(result: Result, root: Path) -> Path:
+    """``root/<table>/<profile>/<hardware_key>/<experiment>[--<engine>][--<precision>][--<settings>].json``.
+
+    A row run in another engine, precision or with other settings (:func:`settings_tag`)
+    never replaces the row's own record.
     """
     name = result.experiment if result.engine == DEFAULT_ENGINE else f"{result.experiment}--{result.engine}"
     if result.precision != DEFAULT_PRECISION:
         name = f"{name}--{result.precision}"
+    if result.overrides:
+        name = f"{name}--{settings_tag(result.overrides)}"
     parts = [result.table, result.profile, result.hardware_key(), name]
     for part in parts:
         # Names come from configs; one that could escape root or collide is a bug, not a user error.

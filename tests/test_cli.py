@@ -165,7 +165,7 @@ def test_torchgpipe_engine_on_the_same_settings(tmp_path: Path) -> None:
             "--skip-epochs",
             "1",
             "--batch-size",
-            "4",
+            "8",
             "--chunks",
             "2",
             "--quiet",

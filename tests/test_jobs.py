@@ -209,3 +209,18 @@ def test_fp16_under_torchs_pipelining_is_refused(monkeypatch: pytest.MonkeyPatch
         timeout_s=10,
     )
     assert planned[0].row.precision == "bf16"
+
+
+def test_a_job_knows_what_the_command_line_changed_of_its_row() -> None:
+    row = SPEED.row("pipeline-2", "quick")
+    [(job, _)] = jobs.resolve(SPEED, "quick", [row], Overrides(balance=(192, 178), chunks=4), "cpu:0,cpu:1")
+    assert job.overrides == {"balance": [192, 178]}
+    assert job.settings_record()["overrides"] == {"balance": [192, 178]}
+    [(plain, _)] = jobs.resolve(SPEED, "quick", [row], Overrides(batch=row.batch), "cpu:0,cpu:1")
+    assert plain.overrides == {} and "overrides" not in plain.settings_record()
+
+
+def test_partitions_sharing_a_device_are_not_the_rows_devices() -> None:
+    row = SPEED.row("pipeline-2", "quick")
+    [(job, _)] = jobs.resolve(SPEED, "quick", [row], Overrides(), "cpu:0*2")
+    assert job.overrides == {"devices": 1}

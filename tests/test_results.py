@@ -95,6 +95,36 @@ def test_a_row_run_in_another_precision_never_replaces_the_rows_record(tmp_path:
     assert sorted(r.value for r in results.load_all(tmp_path)) == [137.788, 200.0]
 
 
+def test_a_run_with_settings_of_its_own_never_replaces_the_rows_record(tmp_path: Path) -> None:
+    row = make("pipeline-2")
+    own = make("pipeline-2", value=150.0)
+    own.settings.update(
+        balance=[192, 178], checkpoint="never", overrides={"checkpoint": "never", "balance": [192, 178]}
+    )
+    assert row.overrides == {} and own.overrides == {"checkpoint": "never", "balance": [192, 178]}
+    assert results.path_for(own, tmp_path).name == "pipeline-2--balance192-178-checkpoint-never.json"
+    own.settings["precision"] = "bf16"
+    assert results.path_for(own, tmp_path).name == "pipeline-2--bf16--balance192-178-checkpoint-never.json"
+    for result in (row, own):
+        results.save(result, tmp_path)
+    assert sorted(r.value for r in results.load_all(tmp_path)) == [137.788, 150.0]
+
+
+def test_settings_tag_and_label_are_deterministic_and_readable() -> None:
+    changed = {"devices": 1, "epochs": 2, "checkpoint": "except_last", "balance": [1, 2, 3], "chunks": 4, "batch": 8}
+    assert results.settings_tag(changed) == "batch8-chunks4-balance1-2-3-checkpoint-except_last-epochs2-devices1"
+    assert results.settings_label(changed) == (
+        "batch 8, chunks 4, balance 1,2,3, checkpoint except_last, epochs 2, devices 1"
+    )
+    assert results.settings_tag({}) == "" and results.settings_label({}) == ""
+
+
+def test_a_record_made_before_overrides_were_recorded_loads_as_its_rows() -> None:
+    data = make().to_json()
+    assert "overrides" not in data["settings"]
+    assert Result.from_json(data).overrides == {}
+
+
 def test_path_refuses_components_that_escape_the_root(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unsafe path component"):
         results.path_for(make("../../etc/x"), tmp_path)

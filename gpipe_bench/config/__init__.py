@@ -35,7 +35,7 @@ from .kinds import KIND_SETTINGS, AccuracySettings, KindSettings, MemorySettings
 from .layout import PLANNED
 from .loader import config_dir, load, table_names
 from .plain import plain_table
-from .rows import apply, find_row
+from .rows import NAMED, apply, find_row, overridden
 from .schema import ConfigError
 from .types import (
     CHECKPOINTS,
@@ -54,6 +54,8 @@ from .types import (
 
 __all__ = [
     "PLANNED",
+    "NAMED",
+    "overridden",
     "ConfigError",
     "Published",
     "Row",

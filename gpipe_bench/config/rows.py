@@ -10,14 +10,14 @@ as a mistake in the file, tagged " (after overrides)" where an option caused it.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .layout import ROW, SETTINGS
 from .rules import check_row, check_settings
 from .schema import MISSING, Source
 from .types import Overrides, Row, Settings, Table
 
-__all__ = ["apply", "find_row"]
+__all__ = ["NAMED", "apply", "find_row", "overridden"]
 
 
 def find_row(
@@ -88,3 +88,28 @@ def apply(table: Table, row: Row, settings: Settings, overrides: Overrides, mode
     check_settings(src, "settings", settings)
     check_row(src, key, {"model": model, "kind": table.kind}, row, settings)
     return row, settings
+
+
+#: The row's settings a record's name stands for (what a run may change and still run the row's model).
+#: Precision and engine are not here: a record's name has a suffix of its own for each
+#: (:func:`gpipe_bench.results.path_for`). An accuracy table's epochs are (how long a row trains is
+#: what its error is); a speed or memory figure does not depend on them (per epoch; two steps).
+NAMED = ("batch", "chunks", "balance", "checkpoint")
+
+
+def overridden(kind: str, config: Tuple[Row, Settings], run: Tuple[Row, Settings]) -> Dict[str, Any]:
+    """What ``run`` (a row and settings after :func:`apply`) changed of the ``config``'s row: name -> value as run.
+
+    Empty for a run that only restates the row's own settings. A balance the
+    config leaves to the planner or to ``balance_by_size`` is the row's own
+    until a balance is given instead. Values are JSON's (a balance is a list).
+    """
+    (row, settings), (ran, ran_settings) = config, run
+    changed: Dict[str, Any] = {}
+    for name in NAMED:
+        before, after = getattr(row, name), getattr(ran, name)
+        if before != after:
+            changed[name] = list(after) if isinstance(after, tuple) else after
+    if kind == "accuracy" and settings.epochs != ran_settings.epochs:
+        changed["epochs"] = ran_settings.epochs
+    return changed

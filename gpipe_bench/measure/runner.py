@@ -6,7 +6,9 @@ is written whole when the row finishes, and Ctrl-C (or SIGTERM, by
 :mod:`gpipe_bench.signals`) stops the run between records: the rows already
 saved stay, the interrupted one writes nothing.
 What the user sees is the caller's: ``before`` and ``after`` are told of
-each row.
+each row. Without a results directory (``root=None``) nothing is written:
+predictions sized for devices this host may not have (``memory --predict-only``)
+are shown, never saved where measurements of this host live.
 """
 
 from __future__ import annotations
@@ -34,18 +36,19 @@ class RowInterrupted(KeyboardInterrupt):
 def run_rows(
     jobs: Sequence[Job],
     measure: Callable[[Job], Optional[Result]],
-    root: Path,
+    root: Optional[Path],
     *,
     writer: bool = True,
     before: Optional[Callable[[Job], None]] = None,
-    after: Optional[Callable[[Job, Result, Path], None]] = None,
+    after: Optional[Callable[[Job, Result, Optional[Path]], None]] = None,
 ) -> List[Result]:
-    """``measure`` each job and save its record under ``root``; the records written, in order.
+    """``measure`` each job and save its record under ``root``; the records made, in order.
 
     ``writer``: whether this process writes records (rank 0 of a launch); a
     job whose ``measure`` returns None (another rank's part) saves nothing.
+    ``root=None``: the records are returned, not written (``after`` is told None).
     """
-    if writer:
+    if writer and root is not None:
         results.check_writable(root)
     done: List[Result] = []
     for job in jobs:
@@ -62,7 +65,7 @@ def run_rows(
             ) from None
         if result is None:
             continue
-        path = results.save(result, root)
+        path = results.save(result, root) if root is not None else None
         if after is not None:
             after(job, result, path)
         done.append(result)

@@ -3,6 +3,16 @@
 Speed rows compare speedups (absolute throughput depends on the card) and
 show measured / ideal pipeline speedup by the performance model
 (:mod:`gpipe_bench.perf`); memory and accuracy rows compare their figures.
+A run with settings of its own (:attr:`gpipe_bench.results.Result.overrides`)
+is shown after its row, labelled with what differs, and is never compared with
+the published row: those figures are of other settings.
+
+Only the published profile is compared row by row. Another profile's table
+says once why not (:mod:`.comparable`) and shows what carries over: speedups
+each over the ideal of its own settings, the gap between pipeline and
+data-parallel errors, ours and the published side by side. Predictions
+(``memory --predict-only`` records of older versions) are not measurements:
+they are named, never compared.
 """
 
 from __future__ import annotations
@@ -11,10 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Literal, Optional, Sequence
 
 from gpipe_bench import perf
-from gpipe_bench.results import Result
+from gpipe_bench.results import DEFAULT_ENGINE, Result, settings_label
 
 from .audit import count_interval, published_inconsistencies
-from .format import DASH, as_float, fmt_num, join_blocks, published_value, render_grid
+from .comparable import published_row, why_not
+from .format import DASH, as_float, fmt_num, join_blocks, published_value, render_grid, seed_stats
 from .groups import Group, for_groups, group_heading, ideal_speedup_of, on_row_devices, row_label, row_slots, speedup_of
 from .tables import transparency, transparency_outside
 
@@ -23,8 +34,9 @@ if TYPE_CHECKING:  # config imports models; rendering needs only the attributes
     from gpipe_bench.predict.run import PredictedSpeedups
 
 
-#: A row's verdict: within tolerance, worse, better, not comparable (quick profile, prediction), or not measured.
-Flag = Literal["ok", "regression", "better", "differs", "missing"]
+#: A row's verdict: within tolerance, worse, better, not measured, or not compared (another profile than the
+#: published one, a run with settings of its own).
+Flag = Literal["ok", "regression", "better", "missing", "not compared"]
 
 
 @dataclass
@@ -36,18 +48,28 @@ class CompareRow:
     profile: str
     hardware: Optional[str]
     status: Optional[str]  # the record's status; None when there is no record
-    ours: Optional[float]  # our figure (a prediction for predicted-only memory rows)
+    ours: Optional[float]  # our figure
     published: Optional[float]
     micro_batches: Optional[int]  # pipeline rows: what the chunks really give
-    ideal: Optional[float]  # the ideal speedup on the row's devices (perf.ideal_speedup)
+    ideal: Optional[float]  # the ideal speedup of the settings our record ran (perf.ideal_speedup)
     speedup: Optional[float] = None
     published_speedup: Optional[float] = None
     ratio: Optional[float] = None  # ours / published (speedups for speed rows)
     of_ideal: Optional[float] = None
+    #: the ideal speedup of the published row's settings: what the published speedup is divided by
+    published_ideal: Optional[float] = None
     published_of_ideal: Optional[float] = None
     spread: Optional[float] = None  # relative std of the per-epoch figures
     flag: Flag = "ok"
     note: str = ""
+    #: What the run changed of its row's settings (:func:`gpipe_bench.results.settings_label`); "" for the row's own
+    overrides: str = ""
+
+    @property
+    def label(self) -> str:
+        """The row's name, the engine's where not ours, and the settings it changed."""
+        label = row_label(self.experiment, self.engine)
+        return f"{label} [{self.overrides}]" if self.overrides else label
 
 
 @dataclass
@@ -70,11 +92,19 @@ def _flag(table: "Table", ratio: float) -> Flag:
 
 
 def _compare_row(
-    table: "Table", profile: "Profile", group: Group, row: "Row", engine: str, result: Optional[Result]
+    table: "Table",
+    profile: "Profile",
+    group: Group,
+    row: "Row",
+    engine: str,
+    result: Optional[Result],
+    reason: Optional[str] = None,
 ) -> CompareRow:
-    values = row.published.values
+    """``reason``: why the group's profile is not compared with the published figures (None: it is)."""
+    own = result is None or not result.overrides
+    values = row.published.values if own else {}
     speed = table.kind == "speed"
-    ideal = ideal_speedup_of(row) if on_row_devices(row, result) else None
+    ideal = ideal_speedup_of(row, result) if on_row_devices(row, result) else None
     entry = CompareRow(
         experiment=row.name,
         engine=engine,
@@ -82,44 +112,37 @@ def _compare_row(
         hardware=group.hardware,
         status=result.status if result is not None else None,
         ours=result.value if result is not None and result.status == "ok" else None,
-        published=published_value(table, row),
-        micro_batches=perf.effective_microbatches(row.batch, row.chunks) if row.mode == "pipeline" else None,
+        published=published_value(table, row) if own else None,
+        micro_batches=_micro_batches(row, result),
         ideal=ideal,
+        overrides=settings_label(result.overrides) if result is not None else "",
     )
     if speed:
         entry.published_speedup = as_float(values.get("speedup"))
         entry.speedup = speedup_of(table, profile, group, result)
-        if ideal is not None:
-            if entry.speedup is not None:
-                entry.of_ideal = entry.speedup / ideal
-            if entry.published_speedup is not None:
-                entry.published_of_ideal = entry.published_speedup / ideal
+        if ideal is not None and entry.speedup is not None:
+            entry.of_ideal = entry.speedup / ideal
+        their_row = published_row(table, row.name) if own else None
+        entry.published_ideal = ideal_speedup_of(their_row) if their_row is not None else None
+        if entry.published_ideal is not None and entry.published_speedup is not None:
+            entry.published_of_ideal = entry.published_speedup / entry.published_ideal
     if result is not None and result.value and result.spread.get("std") is not None:
         entry.spread = result.spread["std"] / result.value
-    extra_note = _parameter_note(table, row, result)
+    extra_note = _parameter_note(table, row, result) if own else ""
 
     if result is None:
         entry.flag, entry.note = "missing", "no result"
+    elif not own:
+        entry.flag = "not compared"
+        entry.note = f"ran with {entry.overrides}, not its row's settings: not compared with the published figures"
     elif result.status == "oom":
         nothing_published = entry.published is None or str(values.get("status", "")).lower() == "out of memory"
         entry.flag = "ok" if nothing_published else "regression"
         entry.note = "out of memory, as published" if nothing_published else "out of memory"
-    elif result.status == "predicted" and as_float(result.extra.get("predicted_gib")) is not None:
-        # A prediction is not a measurement: it is shown against the published figure, never a regression.
-        predicted = float(result.extra["predicted_gib"])
-        theirs = entry.published
-        entry.ours = predicted
-        if theirs:
-            entry.ratio = predicted / theirs
-            entry.flag = "ok" if _flag(table, entry.ratio) == "ok" else "differs"
-            entry.note = (
-                f"predicted (not measured) {predicted:.2f} {table.unit} vs published {theirs:.2f} "
-                f"{table.unit} (ratio {entry.ratio:.3f})"
-            )
-        else:
-            entry.note = f"predicted (not measured) {predicted:.2f} {table.unit}; nothing published to compare"
     elif result.status != "ok" or result.value is None:
         entry.flag, entry.note = "missing", f"run {result.status}"
+    elif reason is not None:
+        entry.flag, entry.note = "not compared", reason
     else:
         ours, theirs = (entry.speedup, entry.published_speedup) if speed else (entry.ours, entry.published)
         if ours is None and speed:
@@ -136,14 +159,20 @@ def _compare_row(
                 f"{what} {ours:.{digits}f}{unit} vs published {theirs:.{digits}f}{unit} "
                 f"(ratio {entry.ratio:.3f}, tolerance ±{table.tolerance:.0%})"
             )
-    if group.profile != "published" and entry.flag in ("regression", "better"):
-        # Scaled-down rows on other hardware cannot regress against the published figures:
-        # report the difference, never fail `compare --check` on it.
-        entry.flag = "differs"
-        entry.note += f" ({group.profile} profile: not comparable with the published hardware)"
+    if reason is not None and entry.flag in ("ok", "regression", "better"):
+        # Another profile's rows never regress against the published figures, whatever they are (an out of memory).
+        entry.flag, entry.note, extra_note = "not compared", reason, ""
     if extra_note:
         entry.note = f"{entry.note}; {extra_note}" if entry.note else extra_note
     return entry
+
+
+def _micro_batches(row: "Row", result: Optional[Result]) -> Optional[int]:
+    """A pipeline row's micro-batches as ``result`` ran them (its recorded batch and chunks)."""
+    if row.mode != "pipeline":
+        return None
+    ran = result.settings if result is not None else {}
+    return perf.effective_microbatches(int(ran.get("batch", row.batch)), int(ran.get("chunks", row.chunks)))
 
 
 def _parameter_note(table: "Table", row: "Row", result: Optional[Result]) -> str:
@@ -164,7 +193,7 @@ def _parameter_note(table: "Table", row: "Row", result: Optional[Result]) -> str
 
 
 def _describe(table: "Table", entry: CompareRow) -> str:
-    line = f"{table.name} {row_label(entry.experiment, entry.engine)} [{entry.flag}]"
+    line = f"{table.name} {entry.label} [{entry.flag}]"
     if entry.hardware is not None:
         line += f" on {entry.hardware} ({entry.profile} profile)"
     return f"{line}: {entry.note}"
@@ -175,16 +204,25 @@ def compare(
 ) -> Comparison:
     """Row by row against the published figures; see the module docstring. ``predicted``: a block of its own."""
     entries: List[CompareRow] = []
+    compared: List[CompareRow] = []  # of the groups compared row by row: the rows the flags list
 
     def block(profile: "Profile", group: Group) -> str:
+        reason = why_not(table, profile)
         group_entries = [
-            _compare_row(table, profile, group, row, engine, result)
+            _compare_row(table, profile, group, row, engine, result, reason)
             for row, engine, result in row_slots(profile, group)
         ]
         entries.extend(group_entries)
-        return f"{group_heading(table, group)}\n\n{_compare_grid(table, group_entries, fmt)}"
+        if reason is None:
+            compared.extend(group_entries)
+            return f"{group_heading(table, group)}\n\n{_compare_grid(table, group_entries, fmt)}"
+        grid = _shape_grid(table, profile, group, group_entries, fmt)
+        return f"{group_heading(table, group)}\n\n{grid}\n\nNot compared row by row: {reason}."
 
-    blocks = for_groups(table, results, block)
+    mine = [r for r in results if r.table == table.name]
+    predictions = sorted({f"{r.experiment} ({r.profile} profile)" for r in mine if r.status == "predicted"})
+    measured = [r for r in mine if r.status != "predicted"]
+    blocks = for_groups(table, measured, block)
 
     regressions = [_describe(table, e) for e in entries if e.flag == "regression"]
     if predicted is not None:
@@ -193,19 +231,28 @@ def compare(
         if predicted.checked:
             regressions += missed
     if table.kind == "accuracy":  # a pipeline row that learns something else than data parallelism regresses
-        regressions += transparency_outside(table, results)
+        regressions += transparency_outside(table, measured)
     inconsistencies = published_inconsistencies(table)
-    flagged = [_describe(table, e) for e in entries if e.flag != "ok"]
+    flagged = [_describe(table, e) for e in compared if e.flag not in ("ok", "not compared")]
+    apart: List[str] = []
+    own_settings = sorted({e.label for e in entries if e.overrides})
+    if own_settings:
+        apart.append(f"runs with settings of their own (not their rows'): {', '.join(own_settings)}")
+    if predictions:
+        apart.append(f"predictions, not measurements (memory --predict-only): {', '.join(predictions)}")
     blocks.append(
         "Flags:\n"
         + (
             "\n".join(f"- {line}" for line in flagged)
             if flagged
-            else f"- none: every row within ±{table.tolerance:.0%} of the published figure"
+            else f"- none: every row compared is within ±{table.tolerance:.0%} of the published figure"
+            if any(e.flag == "ok" for e in compared)
+            else "- none: no row compared with the published figures"
         )
+        + "".join(f"\n- not compared: {line}" for line in apart)
     )
     if table.kind == "accuracy":
-        spread = transparency(table, results)
+        spread = transparency(table, measured)
         blocks.append(
             "Transparency (pipeline vs data-parallel):\n"
             + ("\n".join(f"- {line}" for line in spread) if spread else "- nothing measured to compare")
@@ -228,32 +275,91 @@ def _compare_grid(table: "Table", entries: Sequence[CompareRow], fmt: str) -> st
     headers += ["Flag"]
     rows = []
     for e in entries:
-        cells = [
-            row_label(e.experiment, e.engine),
-            fmt_num(e.ours, digits)
-            if e.status in (None, "ok")
-            else f"{fmt_num(e.ours, digits)} (predicted)"
-            if e.status == "predicted"
-            else str(e.status),
-            fmt_num(e.published, digits),
-        ]
+        cells = [e.label, fmt_num(e.ours, digits) if e.status in (None, "ok") else str(e.status)]
+        cells.append(fmt_num(e.published, digits))
         if speed:
-            ideal = e.ideal
             cells += [
-                DASH if e.spread is None else f"±{100 * e.spread:.1f}%",
+                _spread(e),
                 fmt_num(e.speedup, 3, "x"),
                 fmt_num(e.published_speedup, 3, "x"),
                 fmt_num(e.ratio, 3),
-                DASH if ideal is None or e.of_ideal is None else f"{e.of_ideal:.2f} of {ideal:.2f}x",
-                DASH
-                if ideal is None or e.published_of_ideal is None
-                else f"{e.published_of_ideal:.2f} of {ideal:.2f}x",
+                _of_ideal(e.of_ideal, e.ideal),
+                _of_ideal(e.published_of_ideal, e.published_ideal),
             ]
         else:
             cells += [fmt_num(e.ratio, 3)]
         cells.append(e.flag)
         rows.append(cells)
     return render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 2) + ["left"], fmt)
+
+
+def _spread(e: CompareRow) -> str:
+    return DASH if e.spread is None else f"±{100 * e.spread:.1f}%"
+
+
+def _of_ideal(of_ideal: Optional[float], ideal: Optional[float]) -> str:
+    """``0.56 of 1.20x``: a speedup over the ideal of the settings it was measured with (each its own)."""
+    return DASH if of_ideal is None or ideal is None else f"{of_ideal:.2f} of {ideal:.2f}x"
+
+
+def _shape_grid(table: "Table", profile: "Profile", group: Group, entries: Sequence[CompareRow], fmt: str) -> str:
+    """A profile not compared row by row: ours beside the published, each over its own setup, no ratio, no flag.
+
+    Speed: the speedups over the ideal of each one's own settings (the shape of the
+    curve carries over, the figures do not). Accuracy: each pipeline row's error
+    minus the data-parallel row's of its batch, ours and the published. Memory:
+    ours and our prediction of it.
+    """
+    digits = 3 if table.kind == "speed" else 2
+    rows: List[List[str]] = []
+    if table.kind == "speed":
+        headers = ["Experiment", "Ours", "Spread", "Speedup", "Measured / ideal"]
+        headers += ["Published speedup", "Published / ideal"]
+        for e in entries:
+            ours = fmt_num(e.ours, digits) if e.status in (None, "ok") else str(e.status)
+            rows.append(
+                [e.label, ours, _spread(e), fmt_num(e.speedup, 3, "x"), _of_ideal(e.of_ideal, e.ideal)]
+                + [fmt_num(e.published_speedup, 3, "x"), _of_ideal(e.published_of_ideal, e.published_ideal)]
+            )
+    elif table.kind == "accuracy":
+        headers = ["Experiment", "Ours", "Ours - data-parallel", "Published", "Published - data-parallel"]
+        gaps = _transparency_gaps(profile, group)
+        for e in entries:
+            ours = fmt_num(e.ours, digits) if e.status in (None, "ok") else str(e.status)
+            mine, theirs = gaps.get(e.label, (None, None))
+            rows.append([e.label, ours, _points(mine), fmt_num(e.published, 2), _points(theirs)])
+    else:
+        headers = ["Experiment", "Ours", "Predicted", "Predicted / measured"]
+        for e, (_, _, result) in zip(entries, row_slots(profile, group)):
+            extra = result.extra if result is not None else {}
+            ours = fmt_num(e.ours, digits) if e.status in (None, "ok") else str(e.status)
+            rows.append(
+                [e.label, ours, fmt_num(extra.get("predicted_gib"), digits)]
+                + [fmt_num(extra.get("predicted_over_measured"), 3)]
+            )
+    return render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 1), fmt)
+
+
+def _points(gap: Optional[float]) -> str:
+    return DASH if gap is None else f"{gap:+.2f} points"
+
+
+def _transparency_gaps(profile: "Profile", group: Group) -> "dict[str, tuple[Optional[float], Optional[float]]]":
+    """Per pipeline row (its own record): its mean error minus the data-parallel row's of its batch, ours and
+    the published; a signed gap either way is what pipelining changes about learning, at any size."""
+    gaps = {}
+    for row in profile.rows:
+        peer = next((r for r in profile.rows if r.mode == "dataparallel" and r.batch == row.batch), None)
+        if row.mode != "pipeline" or peer is None:
+            continue
+        ours, base = group.get(row.name, DEFAULT_ENGINE), group.get(peer.name, DEFAULT_ENGINE)
+        mine = None
+        if ours is not None and base is not None and ours.samples and base.samples:
+            mine = seed_stats(ours)[0] - seed_stats(base)[0]
+        theirs = [as_float(r.published.values.get("top1_error")) for r in (row, peer)]
+        published = theirs[0] - theirs[1] if theirs[0] is not None and theirs[1] is not None else None
+        gaps[row.name] = (mine, published)
+    return gaps
 
 
 def _predicted_block(table: "Table", predicted: "PredictedSpeedups", fmt: str) -> "tuple[str, List[str]]":

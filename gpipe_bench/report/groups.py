@@ -5,16 +5,21 @@ hardware, precision and engine: a ratio of figures from two machines (or of a
 bf16 row over an fp32 baseline) means nothing. When
 one row was measured twice, the newer record counts (by time, not by its
 text: records from other time zones compare correctly).
+
+A run with settings of its own (:attr:`gpipe_bench.results.Result.overrides`)
+is not its row's record: it is kept apart (:attr:`Group.variants`), shown
+after its row under a label naming what differs (:func:`row_label`), and its
+ideal speedup is its own settings' (:func:`ideal_speedup_of`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from gpipe_bench import perf
 from gpipe_bench.precision import DEFAULT as DEFAULT_PRECISION
-from gpipe_bench.results import DEFAULT_ENGINE, Result, created_at
+from gpipe_bench.results import DEFAULT_ENGINE, Result, created_at, settings_label, settings_tag
 
 from .format import DASH, join_blocks, render_grid
 
@@ -22,8 +27,22 @@ if TYPE_CHECKING:  # config imports models; rendering needs only the attributes
     from gpipe_bench.config import Profile, Row, Table
 
 
-def ideal_speedup_of(row: "Row") -> Optional[float]:
-    return perf.ideal_speedup(row.mode, row.devices, row.batch, row.chunks, row.checkpoint)
+def ideal_speedup_of(row: "Row", result: Optional[Result] = None) -> Optional[float]:
+    """The ideal speedup of ``row`` as ``result`` ran it (its recorded settings), else as the config has it.
+
+    A ratio over an ideal is only meaningful when both belong to one configuration:
+    a record's settings are what it ran, whatever the config says today.
+    """
+    ran: Dict[str, Any] = result.settings if result is not None else {}
+    balance = ran.get("balance")
+    devices = len(balance) if isinstance(balance, list) and row.mode == "pipeline" else row.devices
+    return perf.ideal_speedup(
+        str(ran.get("mode", row.mode)),
+        devices,
+        int(ran.get("batch", row.batch)),
+        int(ran.get("chunks", row.chunks)),
+        str(ran.get("checkpoint", row.checkpoint)),
+    )
 
 
 @dataclass
@@ -34,13 +53,24 @@ class Group:
     hardware: Optional[str]  # None: no results at all
     precision: str = DEFAULT_PRECISION
     results: Dict[Tuple[str, str], Result] = field(default_factory=dict)  # (experiment, engine) -> newest
+    #: Runs with settings of their own: (experiment, engine, settings tag) -> newest; never a row's record.
+    variants: Dict[Tuple[str, str, str], Result] = field(default_factory=dict)
 
     def engines(self) -> List[str]:
-        engines = {engine for _, engine in self.results}
+        engines = {engine for _, engine in self.results} | {engine for _, engine, _ in self.variants}
         return [DEFAULT_ENGINE] + sorted(engines - {DEFAULT_ENGINE})
 
     def get(self, experiment: str, engine: str) -> Optional[Result]:
+        """The row's own record (its config's settings) by ``engine``; never a run with settings of its own."""
         return self.results.get((experiment, engine))
+
+    def variants_of(self, experiment: str, engine: str) -> List[Result]:
+        """The runs of the row by ``engine`` with settings of their own, by their settings tag."""
+        return [self.variants[k] for k in sorted(self.variants) if k[:2] == (experiment, engine)]
+
+    def all(self) -> List[Result]:
+        """Every record of the group: the rows' own and the runs with settings of their own."""
+        return list(self.results.values()) + list(self.variants.values())
 
 
 def group_results(table: "Table", results: Sequence[Result]) -> List[Group]:
@@ -50,6 +80,11 @@ def group_results(table: "Table", results: Sequence[Result]) -> List[Group]:
             continue
         key = (result.profile, result.hardware_key(), result.precision)
         group = groups.setdefault(key, Group(*key))
+        if result.overrides:
+            variant = (result.experiment, result.engine, settings_tag(result.overrides))
+            if variant not in group.variants or created_at(group.variants[variant]) <= created_at(result):
+                group.variants[variant] = result
+            continue
         slot = (result.experiment, result.engine)
         if slot not in group.results or created_at(group.results[slot]) <= created_at(result):
             group.results[slot] = result
@@ -86,25 +121,47 @@ def speedup_of(table: "Table", profile: "Profile", group: Group, result: Optiona
     return result.value / base.value
 
 
-def row_label(row_name: str, engine: str) -> str:
-    return row_name if engine == DEFAULT_ENGINE else f"{row_name} ({engine})"
+def row_label(row_name: str, engine: str, result: Optional[Result] = None) -> str:
+    """``pipeline-2``, ``pipeline-2 (torchgpipe)``; a run with settings of its own adds them: ``[balance 192,178]``."""
+    label = row_name if engine == DEFAULT_ENGINE else f"{row_name} ({engine})"
+    changed = result.overrides if result is not None else {}
+    return f"{label} [{settings_label(changed)}]" if changed else label
 
 
-def row_slots(profile: "Profile", group: Group) -> List[Tuple["Row", str, Optional[Result]]]:
-    """Rows in config order; ours always, other engines' right after where they measured the row."""
-    slots: List[Tuple["Row", str, Optional[Result]]] = []
+class Slot(NamedTuple):
+    """A line of a table: the config's row, the engine, and the record shown (None: not measured)."""
+
+    row: "Row"
+    engine: str
+    result: Optional[Result]
+
+    @property
+    def own(self) -> bool:
+        """Whether the line is the row as configured (else a run with settings of its own, shown apart)."""
+        return self.result is None or not self.result.overrides
+
+    @property
+    def label(self) -> str:
+        return row_label(self.row.name, self.engine, self.result)
+
+
+def row_slots(profile: "Profile", group: Group) -> List[Slot]:
+    """Rows in config order; ours always, other engines' right after where they measured the row, and
+    after each, its runs with settings of their own."""
+    slots: List[Slot] = []
     for row in profile.rows:
         for engine in group.engines():
             result = group.get(row.name, engine)
             if engine == DEFAULT_ENGINE or result is not None:
-                slots.append((row, engine, result))
+                slots.append(Slot(row, engine, result))
+            slots += [Slot(row, engine, variant) for variant in group.variants_of(row.name, engine)]
     return slots
 
 
 def group_heading(table: "Table", group: Group) -> str:
     if group.hardware is None:
         return f"{table.title}: no results yet"
-    envs = [r.environment for r in group.results.values()]
+    envs = [r.environment for r in group.all()]
     env = envs[0]
     gpus = [str(n) for n in env.get("gpus") or []]
     if gpus and not group.hardware.startswith("cpu-"):
@@ -116,10 +173,10 @@ def group_heading(table: "Table", group: Group) -> str:
         cores = env.get("usable_cores") or env.get("cpu_count")
         devices = f"{env.get('cpu_model') or 'unknown CPU'}, {cores} cores"
     torches = sorted({str(e.get("torch")) for e in envs if e.get("torch")})
-    dates = sorted({r.created[:10] for r in group.results.values()})
+    dates = sorted({r.created[:10] for r in group.all()})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     software = f"; torch {', '.join(torches)}" if torches else ""
-    verb = "predicted" if all(r.status == "predicted" for r in group.results.values()) else "measured"
+    verb = "predicted" if all(r.status == "predicted" for r in group.all()) else "measured"
     how = f"{group.profile} profile" + (f", {group.precision}" if group.precision != DEFAULT_PRECISION else "")
     return f"{table.title} on {group.hardware} ({how}): {devices}{software}; {verb} {when}"
 
@@ -130,7 +187,7 @@ def unknown_profile(table: "Table", group: Group) -> str:
 
 def stray_rows(profile: "Profile", group: Group) -> List[str]:
     known = {row.name for row in profile.rows}
-    return sorted({exp for exp, _ in group.results if exp not in known})
+    return sorted({r.experiment for r in group.all() if r.experiment not in known})
 
 
 def on_row_devices(row: "Row", result: Optional[Result]) -> bool:
@@ -139,8 +196,9 @@ def on_row_devices(row: "Row", result: Optional[Result]) -> bool:
     return processes is None or processes == row.devices
 
 
-def of_ideal_cell(row: "Row", speedup: Optional[float]) -> str:
-    ideal = ideal_speedup_of(row)
+def of_ideal_cell(row: "Row", speedup: Optional[float], result: Optional[Result] = None) -> str:
+    """Measured / ideal speedup, the ideal of the settings ``result`` ran (the row's without one)."""
+    ideal = ideal_speedup_of(row, result)
     if ideal is None or speedup is None:
         return DASH
     return f"{speedup / ideal:.2f} of {ideal:.2f}x"

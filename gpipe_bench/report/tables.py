@@ -2,7 +2,9 @@
 
 Each hardware key gets its own table, under a heading that names the
 machine, the software and the dates, because absolute figures are
-meaningless without them.
+meaningless without them. A run with settings of its own stands after its
+row, labelled with what differs and with no published figures beside it: they
+are its row's, not its own. Summary lines read each record's own settings.
 """
 
 from __future__ import annotations
@@ -42,19 +44,20 @@ def speed_table(table: "Table", results: Sequence[Result], *, fmt: str = "rst", 
         if published:
             headers += ["Published", "Published speedup", "Measured / ideal"]
         rows = []
-        for row, engine, result in row_slots(profile, group):
+        for slot in row_slots(profile, group):
+            row, result = slot.row, slot.result
             speedup = speedup_of(table, profile, group, result)
             cells = [
-                row_label(row.name, engine),
+                slot.label,
                 status_cell(result, lambda v: f"{v:.3f} {table.unit}"),
                 fmt_num(speedup, 3, "x"),
             ]
             if published:
-                values = row.published.values
+                values = row.published.values if slot.own else {}
                 cells += [
                     fmt_num(values.get("throughput"), 3),
                     fmt_num(values.get("speedup"), 3, "x"),
-                    of_ideal_cell(row, speedup) if on_row_devices(row, result) else DASH,
+                    of_ideal_cell(row, speedup, result) if on_row_devices(row, result) else DASH,
                 ]
             rows.append(cells)
         return headers, rows, ["left"] + ["right"] * (len(headers) - 1)
@@ -64,15 +67,32 @@ def speed_table(table: "Table", results: Sequence[Result], *, fmt: str = "rst", 
         results,
         fmt,
         grid,
-        lambda profile, group: _same_devices(table, profile, group) + _planned(profile, group),
+        lambda profile, group: _same_devices(table, profile, group) + _planned(profile, group) + _apart(group),
     )
+
+
+def _apart(group: Group) -> List[str]:
+    """Says why the runs with settings of their own have no published figures beside them."""
+    if not group.variants:
+        return []
+    return [
+        "Rows with [settings] ran with settings other than their config row's: shown apart, "
+        "not compared with the published figures."
+    ]
+
+
+def _balance(result: Result) -> str:
+    """The balance ``result`` ran, as recorded."""
+    return ",".join(str(b) for b in result.settings.get("balance") or []) or "?"
 
 
 def _planned(profile: "Profile", group: Group) -> List[str]:
     """A ``balance: planned`` row over the published row it was planned beside: what the balance alone buys.
 
     The two rows share every setting but the balance (the config says so), so
-    their ratio on the same machine and engine is the planner's gain.
+    their ratio on the same machine and engine is the planner's gain. Both
+    records are their rows' own (never a run with settings of its own) and each
+    balance is the one its record ran.
     """
     found = []
     for row in profile.rows:
@@ -94,9 +114,8 @@ def _planned(profile: "Profile", group: Group) -> List[str]:
                 continue
             if not ours.value or not base.value:
                 continue
-            balance = ",".join(str(b) for b in ours.settings.get("balance") or [])
             found.append(
-                f"{row.name} [{balance}] / {published.name} [{','.join(map(str, published.balance or ()))}] "
+                f"{row.name} [{_balance(ours)}] / {published.name} [{_balance(base)}] "
                 f"({engine}): {ours.value / base.value:.3f}x"
             )
     return [f"Planned balance against the published one: {'; '.join(found)}."] if found else []
@@ -108,30 +127,31 @@ def _same_devices(table: "Table", profile: "Profile", group: Group) -> List[str]
     The Speedup column compares with the baseline row (one device, all its
     cores); this line compares like with like, the model split the same way
     with and without micro-batches. Pairs the Speedup column already shows
-    (naive-N is the baseline) are left out.
+    (naive-N is the baseline) are left out. A pipeline run with settings of its own
+    is set against naive-N's own record, labelled with what it changed.
     """
     found = []
-    for row in profile.rows:
-        if row.mode != "pipeline":
-            continue
+    for row, engine, ours in row_slots(profile, group):
         naive = next((r for r in profile.rows if r.mode == "naive" and r.devices == row.devices), None)
-        if naive is None:
+        if row.mode != "pipeline" or naive is None:
             continue
-        for engine in group.engines():
-            ours, base = group.get(row.name, engine), group.get(naive.name, engine)
-            if (
-                ours is None
-                or base is None
-                or ours.status != "ok"
-                or base.status != "ok"
-                or not ours.value
-                or not base.value
-                or baseline_result(table, profile, group, engine) is base
-            ):
-                continue
-            count = ours.extra.get("processes")
-            where = f"{count} processes" if count else f"{row.devices} devices"
-            found.append(f"{row.name} / {naive.name} on the same {where} ({engine}): {ours.value / base.value:.3f}x")
+        base = group.get(naive.name, engine)
+        if (
+            ours is None
+            or base is None
+            or ours.status != "ok"
+            or base.status != "ok"
+            or not ours.value
+            or not base.value
+            or baseline_result(table, profile, group, engine) is base
+        ):
+            continue
+        count = ours.extra.get("processes")
+        where = f"{count} processes" if count else f"{len(ours.settings.get('balance') or ()) or row.devices} devices"
+        found.append(
+            f"{row_label(row.name, DEFAULT_ENGINE, ours)} / {naive.name} on the same {where} ({engine}): "
+            f"{ours.value / base.value:.3f}x"
+        )
     return [f"Pipelining over the same devices: {'; '.join(found)}."] if found else []
 
 
@@ -152,10 +172,11 @@ def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published
         if published:
             headers += ["Published model memory", "Published peak activation"]
         rows = []
-        for row, engine, result in row_slots(profile, group):
+        for slot in row_slots(profile, group):
+            row, result = slot.row, slot.result
             extra = result.extra if result is not None else {}
             cells = [
-                row_label(row.name, engine),
+                slot.label,
                 lf_label(table, row),
                 abbrev(extra.get("parameters")),
                 format_gib(extra.get("model_memory_gib")),
@@ -166,7 +187,7 @@ def _memory_table(table: "Table", results: Sequence[Result], fmt: str, published
             if reserved:
                 cells.insert(6, format_gib(extra.get("predicted_allocated_gib")))
             if published:
-                values = row.published.values
+                values = row.published.values if slot.own else {}
                 peak = values.get("peak_activation_gb")
                 cells += [
                     fmt_num(values.get("model_memory_gb"), 2, "GB"),
@@ -221,12 +242,13 @@ def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "
 
     def grid(profile: "Profile", group: Group) -> Grid:
         # CUDA records have the allocated peak too (what the prediction is compared with); CPU ones one figure.
-        cuda = any(r.extra.get("allocated_per_device_gib") for r in group.results.values())
+        cuda = any(r.extra.get("allocated_per_device_gib") for r in group.all())
         headers = ["Experiment", "Device", "Model memory", "Peak activation"]
         headers += ["Allocated"] if cuda else []
         headers += ["Predicted", "Predicted peak at"]
         rows: List[List[str]] = []
-        for row, engine, result in row_slots(profile, group):
+        for slot in row_slots(profile, group):
+            result = slot.result
             if result is None:
                 continue
             extra = result.extra
@@ -242,7 +264,7 @@ def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "
                 else:
                     ours = "Out of memory" if result.status == "oom" else "not measured"
                 cells = [
-                    row_label(row.name, engine) if k == 0 else "",
+                    slot.label if k == 0 else "",
                     str(name),
                     format_gib(model[k]) if k < len(model) else DASH,
                     ours,
@@ -262,14 +284,15 @@ def _accuracy_table(table: "Table", results: Sequence[Result], fmt: str, publish
     def grid(profile: "Profile", group: Group) -> Grid:
         headers = ["Experiment", "Top-1 error (%)"] + (["Published"] if published else [])
         rows = []
-        for row, engine, result in row_slots(profile, group):
+        for slot in row_slots(profile, group):
+            row, result = slot.row, slot.result
             if result is None or result.status != "ok":
                 ours = status_cell(result, str)
             else:
                 ours = mean_std(result)
-            cells = [row_label(row.name, engine), ours]
+            cells = [slot.label, ours]
             if published:
-                values = row.published.values
+                values = row.published.values if slot.own else {}
                 err, std = values.get("top1_error"), values.get("top1_error_std")
                 cells.append(fmt_num(err, 2) + ("±" + fmt_num(std, 2) if std is not None and err is not None else ""))
             rows.append(cells)

@@ -129,3 +129,36 @@ def test_a_balance_given_replaces_the_planned_one() -> None:
     assert given.balance == (100, 270) and not given.planned
     kept, _ = config.apply(table, row, quick.settings, Overrides(chunks=8))
     assert kept.planned and kept.balance is None and kept.chunks == 8
+
+
+def _overridden(table: Any, name: str, overrides: Overrides, profile: str = "quick") -> Any:
+    chosen = table.profile(profile)
+    row = table.row(name, profile)
+    ran = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
+    return config.overridden(table.kind, (row, chosen.settings), ran)
+
+
+def test_overridden_names_what_a_run_changed_of_its_row() -> None:
+    table = config.load("resnet101-speed")  # quick pipeline-2: batch 64, chunks 4, balance 140,230, except_last
+    changed = _overridden(table, "pipeline-2", Overrides(batch=64, chunks=4, balance=(192, 178), checkpoint="never"))
+    assert changed == {"balance": [192, 178], "checkpoint": "never"}  # batch and chunks restated: not changes
+    restated = Overrides(batch=64, chunks=4, balance=(140, 230), checkpoint="except_last", epochs=2, precision="fp32")
+    assert _overridden(table, "pipeline-2", restated) == {}  # a speed figure is per epoch; precision has a suffix
+
+
+def test_a_planned_or_found_balance_is_the_rows_own_until_one_is_given() -> None:
+    speed = config.load("resnet101-speed")
+    assert _overridden(speed, "pipeline-2-planned", Overrides()) == {}
+    assert _overridden(speed, "pipeline-2-planned", Overrides(balance=(185, 185))) == {"balance": [185, 185]}
+    memory = config.load("amoebanetd-memory")
+    found = replace(memory.row("pipeline-2"), balance=None)
+    settings = memory.profile("published").settings
+    ran = config.apply(memory, found, settings, Overrides())
+    assert config.overridden("memory", (found, settings), ran) == {}
+
+
+def test_an_accuracy_rows_epochs_are_part_of_its_name() -> None:
+    table = config.load("resnet101-accuracy")
+    epochs = table.profile("quick").settings.epochs
+    assert _overridden(table, "pipeline-256", Overrides(epochs=epochs + 1)) == {"epochs": epochs + 1}
+    assert _overridden(table, "pipeline-256", Overrides(epochs=epochs)) == {}

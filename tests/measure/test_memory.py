@@ -158,6 +158,18 @@ def test_cli_row_end_to_end(tmp_path: Path) -> None:
     assert "cpu:1" in result.output  # the per-device table
 
 
+def test_predict_only_prints_the_prediction_and_saves_nothing(tmp_path: Path) -> None:
+    """Rows sized for cuda:0... were saved under this host's key, as if measured here, and a PNG beside them."""
+    args = ["memory", "amoebanetd", "--profile", "published", "--pipeline", "2", "--predict-only", "--per-device"]
+    result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out").exists()  # no record, no plot
+    assert "5.64 GiB predicted (not saved: a prediction, not a measurement)" in result.output
+    pipeline_2 = next(line for line in result.output.splitlines() if line.startswith("pipeline-2 "))
+    assert "not measured" in pipeline_2 and "5.64 GiB" in pipeline_2
+    assert "cuda:1" in result.output  # the per-device table of the devices it was sized for
+
+
 @pytest.mark.parametrize(
     "args, needles",
     [

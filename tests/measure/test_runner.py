@@ -49,6 +49,15 @@ def test_each_row_is_saved_when_it_finishes(tmp_path: Path) -> None:
     assert len(load_all(tmp_path)) == 3
 
 
+def test_without_a_results_directory_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """memory --predict-only: predictions are shown, never saved among this host's measurements."""
+    monkeypatch.chdir(tmp_path)
+    told: List[Optional[Path]] = []
+    done = run_rows(_jobs(), _record, None, after=lambda j, r, p: told.append(p))
+    assert [r.experiment for r in done] == ["naive-1", "naive-2", "pipeline-1"]
+    assert told == [None, None, None] and list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_keeps_the_saved_rows(tmp_path: Path) -> None:
     def measure(job: Job) -> Optional[Result]:
         if job.row.name == "pipeline-1":

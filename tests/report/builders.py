@@ -161,8 +161,14 @@ def result(
     samples: Optional[List[float]] = None,
     extra: Optional[Dict[str, Any]] = None,
     created: str = "2025-11-28T03:00:00+00:00",
+    overrides: Optional[Dict[str, Any]] = None,
 ) -> Result:
+    """A record of ``experiment`` whose settings are its row's in ``profile`` (as a run records them),
+    changed by ``overrides`` as a run given other settings records them."""
     samples = samples if samples is not None else ([] if value is None else [value])
+    settings = row_settings(table, experiment, profile)
+    if overrides:
+        settings.update(overrides, overrides=dict(overrides))
     return Result(
         table=table.name,
         experiment=experiment,
@@ -175,11 +181,27 @@ def result(
         status=status,
         samples=samples,
         spread=summarize(samples),
-        settings={},
+        settings=settings,
         environment=dict(env),
         extra=extra or {},
         created=created,
     )
+
+
+def row_settings(table: Table, experiment: str, profile: str = "published") -> Dict[str, Any]:
+    """The settings a run of the row records (``{}`` for a row the profile does not have)."""
+    chosen = table.profiles.get(profile)
+    row = next((r for r in chosen.rows if r.name == experiment), None) if chosen is not None else None
+    if row is None:
+        return {}
+    return {
+        "mode": row.mode,
+        "batch": row.batch,
+        "chunks": row.chunks,
+        "balance": list(row.balance) if row.balance else None,
+        "checkpoint": row.checkpoint,
+        "precision": row.precision,
+    }
 
 
 def as_published(table: Table, **kwargs: Any) -> List[Result]:
@@ -195,5 +217,5 @@ def blocks(text: str) -> List[str]:
 
 
 def row_of(comparison: report.Comparison, experiment: str, engine: str = "gpipe-bench") -> report.CompareRow:
-    [entry] = [e for e in comparison.rows if e.experiment == experiment and e.engine == engine]
+    [entry] = [e for e in comparison.rows if e.experiment == experiment and e.engine == engine and not e.overrides]
     return entry

@@ -100,6 +100,40 @@ def test_a_planned_row_is_set_against_the_published_one_it_was_planned_beside() 
     assert "pipeline-2-planned  180.000 samples/sec   1.800x" in text
 
 
+def test_the_planned_summary_reads_each_records_own_balance() -> None:
+    """It used to print the config's balance beside a record that ran another one."""
+    rows = speed_rows(RESNET)
+    planned = dataclasses.replace(
+        rows[2], name="pipeline-2-planned", balance=None, planned=True, published=Published(values={})
+    )
+    table = make_table("resnet101-speed", rows[:3] + [planned] + rows[3:])
+    tuned = result(table, "pipeline-2-planned", 180.0)
+    tuned.settings["balance"] = [187, 183]
+    base = result(table, "pipeline-2", 150.0)
+    base.settings["balance"] = [150, 220]  # the config changed since this record was made
+    text = report.speed_table(table, [result(table, "naive-1", 100.0), base, tuned])
+    assert "pipeline-2-planned [187,183] / pipeline-2 [150,220] (gpipe-bench): 1.200x." in text
+
+
+def test_a_run_with_settings_of_its_own_is_shown_apart_from_its_row() -> None:
+    rows = speed_rows(RESNET[:1] + [("naive-2", "naive", 2, 4096, 1, (140, 230), "never", None, None)] + RESNET[1:])
+    table = make_table("resnet101-speed", rows)
+    own = result(table, "pipeline-2", 120.0, overrides={"balance": [192, 178], "checkpoint": "never"})
+    results = [result(table, "naive-1", 100.0), result(table, "naive-2", 60.0), result(table, "pipeline-2", 90.0), own]
+    text = report.speed_table(table, results)
+    lines = {line.split("  ")[0]: line for line in text.splitlines()}
+    row, apart = lines["pipeline-2"], lines["pipeline-2 [balance 192,178, checkpoint never]"]
+    assert "90.000 samples/sec" in row and "137.788" in row and "1.489x" in row  # the row beside its published figures
+    assert "120.000 samples/sec" in apart and "1.200x" in apart
+    assert "137.788" not in apart and "1.489x" not in apart  # never beside the row's published figures
+    assert "0.60 of 1.99x" in apart and "0.60 of 1.49x" in row  # each over its own settings' ideal (no recompute)
+    assert (
+        "pipeline-2 / naive-2 on the same 2 devices (gpipe-bench): 1.500x; "
+        "pipeline-2 [balance 192,178, checkpoint never] / naive-2 on the same 2 devices (gpipe-bench): 2.000x."
+    ) in text
+    assert "Rows with [settings] ran with settings other than their config row's" in text
+
+
 def test_render_dispatches_and_rejects_unknown_formats() -> None:
     table = resnet()
     assert report.render(table, as_published(table)) == report.speed_table(table, as_published(table))
@@ -156,8 +190,10 @@ def test_memory_table_shows_predictions_and_units() -> None:
     assert "CUDA max_memory_reserved minus model memory" in text  # the method of the measured rows, said once
     per_device = report.memory_per_device(table, results)
     assert "cuda:1" in per_device and "9.96 GiB" in per_device and "backward 126 on partition 0" in per_device
-    entry = row_of(report.compare(table, results), "pipeline-8")
-    assert entry.flag == "differs" and "predicted (not measured)" in entry.note  # never a regression
+    comparison = report.compare(table, results)
+    entry = row_of(comparison, "pipeline-8")  # a prediction is not a measurement: never set against the published
+    assert entry.flag == "missing" and entry.ours is None and comparison.regressions == []
+    assert "- not compared: predictions, not measurements (memory --predict-only): pipeline-8" in comparison.text
 
 
 def test_cuda_memory_rows_show_the_allocated_peak_and_the_prediction_against_it() -> None:
