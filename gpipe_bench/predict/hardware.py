@@ -366,5 +366,7 @@ def load(name: str, file: Optional[Path] = None) -> Hardware:
     except KeyError:
         known = ", ".join(presets)
         raise HarnessError(
-            f"unknown hardware {name!r}; known: {known} (gpipe-bench predict --hardware list)", param="--hardware"
+            f"unknown hardware {name!r}; known: {known} (gpipe-bench predict --hardware list; for the CPU at hand, "
+            "--costs measured)",
+            param="--hardware",
         ) from None

@@ -9,10 +9,11 @@ import pytest
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.predict import hardware
 from gpipe_bench.predict.hardware import Link, Rate, filter_of, load, names
+from gpipe_bench.report.predicted import presets_table
 
 
 def test_the_packaged_presets_load_with_sources() -> None:
-    assert {"p40", "v100", "a100", "h100", "h200", "cpu"} <= set(names())
+    assert {"p40", "v100", "a100", "h100", "h200", "epyc-2vcpu"} <= set(names())
     for name in names():
         preset = load(name)
         assert preset.name == name
@@ -35,14 +36,23 @@ def test_published_figures() -> None:
     h100, h200 = load("h100"), load("h200")
     assert h100.tf32_flops == h200.tf32_flops == pytest.approx(494.7e12)  # dense, not the sparse 989
     assert h200.memory_bandwidth > h100.memory_bandwidth
-    assert load("cpu").kind == "cpu" and load("cpu").links["host"].bandwidth == float("inf")
+    assert load("epyc-2vcpu").kind == "cpu" and load("epyc-2vcpu").links["host"].bandwidth == float("inf")
+
+
+def test_the_cpu_preset_is_named_for_its_machine_and_points_to_measured_costs() -> None:
+    epyc = load("epyc-2vcpu")
+    assert "cpu" not in names()  # no preset claims to be whichever CPU runs the prediction
+    assert "AMD EPYC" in epyc.description and "--costs measured" in epyc.description
+    listing = presets_table(hardware.presets())
+    assert "comments above" not in listing and "this machine" not in listing  # a source says which machine
 
 
 def test_unknown_preset_names_the_known_ones() -> None:
     with pytest.raises(HarnessError) as error:
         load("x")
     assert error.value.message == (
-        f"unknown hardware 'x'; known: {', '.join(names())} (gpipe-bench predict --hardware list)"
+        f"unknown hardware 'x'; known: {', '.join(names())} (gpipe-bench predict --hardware list; for the CPU at "
+        "hand, --costs measured)"
     )
     with pytest.raises(HarnessError, match="has no 'nvlink' link; it has: pcie"):
         load("p40").link("nvlink")
