@@ -71,6 +71,46 @@ def test_bad_input(args: List[str], needles: List[str], tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.json"))
 
 
+QUICK_PIPELINE_2 = ["resnet101", "--pipeline", "2", "--profile", "quick"]
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["speed", *QUICK_PIPELINE_2, "--skip-epochs", "5"],
+            "--skip-epochs 5: not less than epochs (3): nothing would be measured; use --skip-epochs 2 or less, "
+            "or --epochs 6 or more",
+        ),
+        (
+            ["speed", *QUICK_PIPELINE_2, "--epochs", "1"],
+            "--epochs 1: not more than the warm-up epochs left out (skip_epochs 1): nothing would be measured; "
+            "use --skip-epochs 0, or --epochs 2 or more",
+        ),
+        (
+            ["speed", *QUICK_PIPELINE_2, "--batch-size", "8", "--chunks", "16"],
+            "--chunks 16: more micro-batches than samples in the batch (8); use --chunks 8 or less",
+        ),
+        (
+            ["predict", *QUICK_PIPELINE_2, "--batch-size", "2"],
+            "--batch-size 2: fewer samples than the row's 4 micro-batches (chunks); use --batch-size 4 or more, "
+            "or --chunks 2 or less",
+        ),
+        (
+            ["memory", "amoebanetd", "--naive", "1", "--profile", "quick", "--chunks", "4"],
+            "--chunks 4: naive rows have no micro-batches; leave --chunks out (micro-batching is what pipeline rows do)",
+        ),
+    ],
+)
+def test_a_bad_flag_value_is_named_by_its_flag(args: List[str], line: str, tmp_path: Path) -> None:
+    """The user typed a flag, so the error names the flag and its fix, not the config file and key it overrides."""
+    output = ["--output", str(tmp_path / "out")] if args[0] in ("speed", "memory") else []
+    result = _run([*args, *output])
+    one_line_error(result, line)
+    assert ".yaml" not in result.output and "settings." not in result.output and "rows." not in result.output
+    assert not list(tmp_path.rglob("*.json"))
+
+
 def test_malformed_yaml(tmp_path: Path) -> None:
     (tmp_path / "resnet101-speed.yaml").write_text("name: resnet101-speed\nrows: [\n")
     result = _run(["table", "resnet101-speed"], GPIPE_BENCH_CONFIGS=str(tmp_path))

@@ -477,7 +477,8 @@ def _template(
     chunks = None
     if batch is not None and batch != row.batch:  # the published micro-batch size, kept at another batch
         chunks = max(1, min(batch, round(batch * row.chunks / row.batch)))
-    overrides = Overrides(batch=batch, chunks=chunks, precision=precision)
+    # plan's own flag is --batch; the chunks are the planner's, kept at the row's micro-batch size
+    overrides = Overrides(batch=batch, chunks=chunks, precision=precision, flags={"batch": "--batch", "chunks": ""})
     row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
     return jobs.Job(table, row, settings, profile, devices), published
 
