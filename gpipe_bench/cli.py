@@ -130,9 +130,32 @@ _precision_option = click.option(
     "apart from the row's fp32 record [default: the row's, fp32 in every shipped table].",
 )
 
-_output_option = click.option(
-    "--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
-)
+
+class _Renamed(click.Option):
+    """An option whose later names are old spellings: they keep working, and --help shows the first name only."""
+
+    def get_help_record(self, ctx: click.Context) -> Optional[Tuple[str, str]]:
+        spellings = self.opts
+        self.opts = spellings[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = spellings
+
+
+def _results_option(dest: str) -> Callable[[F], F]:
+    """--results DIR on every command that writes or reads records (--output, its old name on the measuring
+    commands, still works)."""
+    return click.option(
+        "--results",
+        "--output",
+        dest,
+        cls=_Renamed,
+        metavar="DIR",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Results directory, where records are written and read [default: $GPIPE_BENCH_RESULTS, else results/ "
+        "of the working directory].",
+    )
 
 
 def _set_allocator(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -378,7 +401,7 @@ def list_command() -> None:
 )
 @_override_options(", e.g. 26,22,33,44,44,66,66,69 [default: the row's]")
 @_precision_option
-@_output_option
+@_results_option("output")
 @click.option(
     "--engine",
     type=click.Choice(list(jobs.ENGINES)),
@@ -586,7 +609,7 @@ def launch_command(
     help="Predict from the meta device only; run nothing (sizes rows this machine cannot hold).",
 )
 @click.option("--per-device", is_flag=True, help="Also print each device's model memory, measured and predicted peak.")
-@_output_option
+@_results_option("output")
 @click.option(
     "--engine",
     type=click.Choice(["gpipe-bench", "distributed"]),
@@ -731,7 +754,7 @@ def memory_command(
     type=click.Path(path_type=Path),
     help="quick: Fashion-MNIST directory (the four IDX files) [default: Debian's /usr/share/datasets/fashion-mnist]; published: ImageNet with train/ and val/ class folders.",
 )
-@_output_option
+@_results_option("output")
 @click.option("--quiet", is_flag=True, help="No progress lines (each quarter epoch, each seed).")
 def accuracy_command(
     model: str,
@@ -818,9 +841,7 @@ def accuracy_command(
 @click.option(
     "--published/--no-published", default=True, show_default=True, help="Show the published columns beside ours."
 )
-@click.option(
-    "--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
-)
+@_results_option("root")
 @click.option("--per-device", is_flag=True, help="Memory tables: also each device's model memory and peaks.")
 def table_command(
     table_name: str, fmt: str, profile: Optional[str], published: bool, root: Optional[Path], per_device: bool
@@ -880,9 +901,7 @@ def table_command(
 @click.option(
     "--format", "fmt", type=click.Choice(["rst", "md", "json"]), default="rst", show_default=True, help="Output format."
 )
-@click.option(
-    "--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
-)
+@_results_option("root")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def predict_command(
     model: str,
@@ -1115,9 +1134,7 @@ def anchors_command(names: Tuple[str, ...], fmt: str, check: bool) -> None:
 @click.option(
     "--format", "fmt", type=click.Choice(["rst", "md"]), default="rst", show_default=True, help="Output format."
 )
-@click.option(
-    "--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
-)
+@_results_option("root")
 def compare_command(table_name: Optional[str], check: bool, fmt: str, root: Optional[Path]) -> None:
     """Our results against the published numbers, row by row, with flags and inconsistencies.
 

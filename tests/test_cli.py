@@ -30,6 +30,14 @@ def test_help_reads_like_a_man_page() -> None:
     assert "Example:" in speed_help and "--devices" in speed_help and "--balance" in speed_help
 
 
+def test_every_command_names_the_results_directory_results_and_keeps_output_working(tmp_path: Path) -> None:
+    for command in ("speed", "memory", "accuracy", "predict", "table", "compare"):
+        shown = _run([command, "--help"]).output
+        assert "--results DIR" in shown and "--output" not in shown, command  # the old name works, unadvertised
+    table = _run(["table", "resnet101-speed", "--output", str(tmp_path)])  # an old command line
+    assert table.exit_code == 0 and "No results for resnet101-speed yet" in table.output
+
+
 def test_help_prints_percent_signs_as_written() -> None:
     assert "80% of the available host memory" in " ".join(_run(["plan", "--help"]).output.split())
 
