@@ -292,10 +292,15 @@ def _note(note: str, quiet: bool) -> None:
 
 
 class _Bar:
-    """A progress bar per row with live samples/s; plain per-epoch lines with --quiet."""
+    """A progress bar per row with live samples/s; plain per-epoch lines with --quiet or when stderr is no terminal.
+
+    Lines, not the bar, in a log: click draws a bar only on a terminal, and elsewhere prints
+    its label alone ("       naive-1"), which reads as nothing in a CI log or a file.
+    """
 
     def __init__(self, row: str, epochs: int, quiet: bool) -> None:
-        self.row, self.epochs, self.quiet = row, epochs, quiet
+        self.row, self.epochs = row, epochs
+        self.quiet = quiet or not sys.stderr.isatty()
         self.bar: Any = None
         self.rate = 0.0
 
@@ -424,7 +429,9 @@ def list_command() -> None:
     "rows: PATH-<row>.png and PATH-<row>.json each. Our engine only (--engine gpipe-bench); a row that does not "
     "split the model (naive-1) is the plain model's forward and backward on its device, on any engine.",
 )
-@click.option("--quiet", is_flag=True, help="Log lines instead of a progress bar.")
+@click.option(
+    "--quiet", is_flag=True, help="One line per epoch instead of a progress bar (what stderr gets when not a terminal)."
+)
 def speed_command(
     model: str,
     pipeline: Optional[int],

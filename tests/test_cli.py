@@ -180,6 +180,22 @@ def test_a_row_end_to_end(tmp_path: Path) -> None:
     assert table.exit_code == 0 and "pipeline-2" in table.output
 
 
+def test_progress_in_a_log_is_whole_lines_not_a_bare_row_name(tmp_path: Path) -> None:
+    """CliRunner's stderr is no terminal, as a CI log or `2> file` is: each epoch is one readable line."""
+    configs = tiny_configs(tmp_path / "cfg")
+    args = ["speed", "resnet101", "--experiment", "naive-1", "--profile", "quick", "--devices", "cpu"]
+    result = _run([*args, "--epochs", "2", "--output", str(tmp_path)], GPIPE_BENCH_CONFIGS=configs)
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.stderr.splitlines() if "naive-1" in line]
+    assert "naive-1" not in lines  # the bar's label alone, as click prints it without a terminal
+    epochs = [line for line in lines if line.startswith("naive-1: epoch")]
+    assert [line.split(" samples/s")[0].rsplit(" ", 1)[0] for line in epochs] == [
+        "naive-1: epoch 1/2",
+        "naive-1: epoch 2/2",
+    ]
+    assert all(line.endswith("samples/s") for line in epochs)
+
+
 def test_a_row_in_bf16_is_saved_beside_the_fp32_record_and_apart_in_the_table(tmp_path: Path) -> None:
     configs = tiny_configs(tmp_path / "cfg")
     args = ["speed", "resnet101", "--experiment", "pipeline-2", "--profile", "quick", "--devices", "cpu:0,cpu:1"]
