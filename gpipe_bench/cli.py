@@ -388,9 +388,9 @@ def list_command() -> None:
         table = config.load(name)
         rows = ", ".join(r.name for r in table.profile("published").rows)
         click.echo(f"  {name:22s} {table.title}: {rows}")
-    click.echo("\nModels:")
+    click.echo("\nModels (what each is for: the commands that take it as MODEL):")
     for name in models.names():
-        click.echo(f"  {models.describe(name)}")
+        click.echo(f"  {models.describe(name)}\n      {jobs.model_uses(name)}")
 
 
 # -- speed ---------------------------------------------------------------------------------------------------------

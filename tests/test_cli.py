@@ -46,6 +46,18 @@ def test_list() -> None:
     result = _run(["list"])
     assert result.exit_code == 0
     assert "resnet101-speed" in result.output and "370 layers, 42,520,650 parameters" in result.output
+    assert "pipeline-2-planned" in result.output
+
+
+def test_list_says_what_each_model_is_for() -> None:
+    lines = _run(["list"]).output.splitlines()
+    uses = {line.split(":")[0].strip(): after.strip() for line, after in zip(lines, lines[1:]) if "parameters;" in line}
+    assert uses["resnet101"] == "for speed, accuracy, predict, plan"
+    assert uses["amoebanetd"] == "for speed, memory, predict, plan"
+    assert uses["amoebanetd-corrected"] == "for predict (its plain model, naive-1)"
+    assert uses["resnet14"] == (
+        "for predict (its plain model, naive-1); the model the resnet101-accuracy quick profile trains"
+    )
 
 
 @pytest.mark.parametrize(

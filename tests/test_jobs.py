@@ -209,3 +209,8 @@ def test_fp16_under_torchs_pipelining_is_refused(monkeypatch: pytest.MonkeyPatch
         timeout_s=10,
     )
     assert planned[0].row.precision == "bf16"
+
+
+def test_model_uses_follow_the_tables_and_predicts_plain_rule() -> None:
+    assert jobs.model_uses("resnet101") == "for speed, accuracy, predict, plan"
+    assert jobs.model_uses("resnet50") == "for predict (its plain model, naive-1)"  # no table: its plain model
