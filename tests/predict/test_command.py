@@ -20,7 +20,7 @@ def _run(args: List[str]) -> Result:
 def test_hardware_list_shows_every_preset_with_its_sources() -> None:
     result = _run(["predict", "resnet101", "--hardware", "list"])
     assert result.exit_code == 0, result.output
-    for name in ("p40", "v100", "a100", "h100", "h200", "cpu"):
+    for name in ("p40", "v100", "a100", "h100", "h200", "epyc-2vcpu"):
         assert f"\n{name}" in result.output
     assert "https://" in result.output
 
