@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, TypeVar, Union
 
 import click
 import torch
@@ -26,6 +26,9 @@ from .precision import DEFAULT as DEFAULT_PRECISION
 from .precision import PRECISIONS
 from .timeline import files as timeline
 from .timeline.model import Timeline
+
+if TYPE_CHECKING:
+    from .predict.hardware import Hardware
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -191,6 +194,13 @@ def _cost_options(
             "`gpipe-bench predict --hardware list` shows the presets and their sources.",
         ),
         click.option(
+            "--hardware-file",
+            type=click.Path(path_type=Path),
+            metavar="PATH",
+            help="A preset of one's own instead of --hardware NAME: a YAML file with one preset's fields, as under "
+            "`presets:` in gpipe_bench/predict/hardware.yaml (its `rates` name the packaged ones), checked alike.",
+        ),
+        click.option(
             "--costs",
             "cost_source",
             type=click.Choice(["measured"]),
@@ -220,7 +230,20 @@ def _cost_options(
     )
 
 
-def _host_speed(speed: float, hardware: Optional[str]) -> float:
+def _preset(name: Optional[str], file: Optional[Path], cost_source: Optional[str]) -> "Optional[Union[str, Hardware]]":
+    """The preset --hardware NAME or --hardware-file PATH gives (a file's loaded and checked); None: measured costs."""
+    from .predict.hardware import load_file
+
+    if name is not None and file is not None:
+        raise HarnessError("--hardware and --hardware-file both give a preset; give one", param="--hardware-file")
+    chosen = load_file(file) if file is not None else name
+    if chosen is not None and cost_source is not None:
+        given = "--hardware" if name is not None else "--hardware-file"
+        raise HarnessError(f"{given} and --costs measured are two cost sources; give one", param="--costs")
+    return chosen
+
+
+def _host_speed(speed: float, hardware: "Optional[Union[str, Hardware]]") -> float:
     """``--host-speed``, which only a preset's prediction uses (measured costs are this host's own)."""
     if speed != 1.0 and hardware is None:
         raise HarnessError(
@@ -922,6 +945,7 @@ def predict_command(
     balance: Optional[str],
     checkpoint: Optional[str],
     hardware: Optional[str],
+    hardware_file: Optional[Path],
     cost_source: Optional[str],
     calibrate: Optional[str],
     host_speed: float,
@@ -954,11 +978,10 @@ def predict_command(
     if hardware == "list":
         click.echo(predicted.presets_table(presets.presets()))
         return
-    if hardware is not None and cost_source is not None:
-        raise HarnessError("--hardware and --costs measured are two cost sources; give one", param="--costs")
+    chosen = _preset(hardware, hardware_file, cost_source)
     calibration = parse_calibration(calibrate)
-    host_speed = _host_speed(host_speed, hardware)
-    preset = presets.load(hardware) if hardware is not None else None
+    host_speed = _host_speed(host_speed, chosen)
+    preset = presets.load(chosen) if chosen is not None else None
     if profile is None and preset is not None:
         profile, _ = jobs.default_profile(None, for_gpus(preset))
     table, profile_name, rows, _, profile_note = _rows("speed", model, profile, pipeline, naive, experiment, plain=True)
@@ -978,7 +1001,7 @@ def predict_command(
         rows,
         overrides,
         devices_spec,
-        hardware=hardware,
+        hardware=chosen,
         calibration=calibration,
         engine=engine,
         schedule=schedule,
@@ -989,8 +1012,10 @@ def predict_command(
     _note(profile_note, quiet or fmt == "json")
     if prediction.fitted is not None:
         name, figure, efficiency = prediction.fitted
-        progress(f"fitted: efficiency {efficiency:.3f} of the {hardware} preset's peaks, from {name} = {figure:g}")
-    match = hardware if preset is not None and preset.kind != "cpu" else hardware_key(environment(["cpu"]))
+        progress(
+            f"fitted: efficiency {efficiency:.3f} of the {prediction.hardware} preset's peaks, from {name} = {figure:g}"
+        )
+    match = preset.name if preset is not None and preset.kind != "cpu" else hardware_key(environment(["cpu"]))
     saved = results.load_all(root or results.results_dir(), table=table.name, profile=profile_name, on_skip=_skipped)
     if fmt != "json":
         click.echo(f"{table.title}, {profile_name} profile, predicted from {prediction.costs}:")
@@ -1047,6 +1072,7 @@ def plan_command(
     batch: Optional[int],
     profile: Optional[str],
     hardware: Optional[str],
+    hardware_file: Optional[Path],
     cost_source: Optional[str],
     memory: Optional[str],
     engine: str,
@@ -1073,10 +1099,9 @@ def plan_command(
     from .predict.sources import parse_calibration
     from .report import planned
 
-    if hardware is not None and cost_source is not None:
-        raise HarnessError("--hardware and --costs measured are two cost sources; give one", param="--costs")
+    chosen = _preset(hardware, hardware_file, cost_source)
     cap = parse_size(memory) if memory is not None else None
-    host_speed = _host_speed(host_speed, hardware)
+    host_speed = _host_speed(host_speed, chosen)
 
     def progress(line: str) -> None:
         if not quiet:
@@ -1086,7 +1111,7 @@ def plan_command(
         model,
         devices_spec,
         batch=batch,
-        hardware=hardware,
+        hardware=chosen,
         profile=profile,
         engine=engine,
         cap=cap,

@@ -176,3 +176,44 @@ def test_presets_give_the_tensor_cores_half_precision_peak_where_there_is_one(tm
                 GOOD.replace("    launch: 1.0e-5\n", "    launch: 1.0e-5\n    half_flops: 1.0e+12\n    bf16: 1\n"),
             ),
         )
+
+
+# One preset's fields at the top level: what --hardware-file reads.
+OWN = "\n".join(line[4:] for line in GOOD.splitlines() if line.startswith("    ")) + "\n"
+
+
+def test_a_preset_file_of_ones_own_is_named_after_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "toy-gpu.yaml"
+    path.write_text(OWN + "rates: {cuda_cores: deepbench-titanxp-fp32}\n", encoding="utf-8")
+    preset = hardware.load_file(path)
+    assert (preset.name, preset.fp32_flops, preset.rates["cuda_cores"].name) == (
+        "toy-gpu",
+        1e12,
+        "deepbench-titanxp-fp32",
+    )
+    assert load(preset) is preset  # predict and plan take a name or a preset
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            OWN.replace("fp32_flops", "fp32_flop"),
+            "toy.yaml: toy: unknown field 'fp32_flop' (did you mean 'fp32_flops'?)",
+        ),
+        (OWN.replace("memory: 1024", "memory: lots"), "toy.yaml: toy.memory must be a number, not 'lots'"),
+        (OWN.replace("kind: gpu", "kind: tpu"), "toy.yaml: toy.kind 'tpu' is not one of gpu, cpu"),
+        (OWN + "rates: {cuda_cores: nope}\n", "toy.rates.cuda_cores: 'nope' is not one of the rates"),
+        ("toy:\n" + GOOD.split("toy:\n")[1], "the fields sit under 'toy'; write them at the top level"),
+        ("kind: [gpu\n", "is not valid YAML"),
+    ],
+)
+def test_a_bad_preset_file_is_one_line_charged_to_the_option(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "toy.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(HarnessError) as error:
+        hardware.load_file(path)
+    assert message in error.value.message and error.value.param == "--hardware-file"
+    assert "\n" not in error.value.message
+    with pytest.raises(HarnessError, match="No such file or directory; give the path of a YAML file"):
+        hardware.load_file(tmp_path / "missing.yaml")
