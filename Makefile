@@ -11,7 +11,12 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
+# VENV=DIR puts the environment elsewhere; make creates it there. An existing one that make did not create
+# (no stamp) is refused: installing the pins would replace the torch it holds.
 $(STAMP): pyproject.toml Makefile
+	@if [ -e $(VENV) ] && [ ! -e $(STAMP) ] && [ "$(VENV)" != .venv ]; then \
+	  echo "VENV=$(VENV) exists and was not made by make: installing here would replace its torch with $(TORCH_PINS);" \
+	    "name a new directory (make creates it), or run pip install -e . inside that environment"; exit 2; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH_PINS)
 	$(PIP) install -q --disable-pip-version-check -e '.[test,peers,plot]'
