@@ -7,11 +7,16 @@ PIP    := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install data demo demo-distributed resnet101-speed resnet101-accuracy amoebanetd-speed amoebanetd-memory tables compare test lint typecheck bench-engine gpu-check clean
+.PHONY: install data readme demo demo-distributed resnet101-speed resnet101-accuracy amoebanetd-speed amoebanetd-memory tables compare test lint typecheck bench-engine gpu-check clean
 
 install: $(STAMP)
 
+# VENV=DIR puts the environment elsewhere; make creates it there. An existing one that make did not create
+# (no stamp) is refused: installing the pins would replace the torch it holds.
 $(STAMP): pyproject.toml Makefile
+	@if [ -e $(VENV) ] && [ ! -e $(STAMP) ] && [ "$(VENV)" != .venv ]; then \
+	  echo "VENV=$(VENV) exists and was not made by make: installing here would replace its torch with $(TORCH_PINS);" \
+	    "name a new directory (make creates it), or run pip install -e . inside that environment"; exit 2; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH_PINS)
 	$(PIP) install -q --disable-pip-version-check -e '.[test,peers,plot]'
@@ -72,13 +77,18 @@ compare: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# README.md's sample outputs, run again and written into their blocks (scripts/readme.py says which and how;
+# tests/scripts/test_readme.py fails on a stale one). Nothing is measured: under a minute.
+readme: $(STAMP)
+	$(PY) scripts/readme.py
+
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-# ruff (lint and format) and mypy --strict over the package, its tests and benchmarks/; .ci/run runs it.
+# ruff (lint and format) and mypy --strict over the package, its tests, benchmarks/ and scripts/; .ci/run runs it.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gpipe_bench tests benchmarks
-	$(VENV)/bin/ruff format --check gpipe_bench tests benchmarks
+	$(VENV)/bin/ruff check gpipe_bench tests benchmarks scripts
+	$(VENV)/bin/ruff format --check gpipe_bench tests benchmarks scripts
 	$(PY) -m mypy
 
 # The engine's CPU benchmark (plain model, our GPipe, torchgpipe 0.0.7, two virtual CPU devices),

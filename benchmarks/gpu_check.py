@@ -163,7 +163,7 @@ def _own(name: str) -> Callable[[str, Path], List[str]]:
 
 
 def _cli(*args: str) -> Callable[[str, Path], List[str]]:
-    return lambda py, scratch: [py, "-m", "gpipe_bench.cli", *args, "--output", str(scratch / "results")]
+    return lambda py, scratch: [py, "-m", "gpipe_bench.cli", *args, "--results", str(scratch / "results")]
 
 
 def _tagged(out: str) -> List[str]:
@@ -291,7 +291,7 @@ STEPS: List[Step] = [
             "--profile",
             "quick",
             "--quiet",
-            "--output",
+            "--results",
             str(scratch / "results"),
         ],
         _table,

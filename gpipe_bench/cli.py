@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, TypeVar, Union
 
 import click
 import torch
@@ -26,6 +26,9 @@ from .precision import DEFAULT as DEFAULT_PRECISION
 from .precision import PRECISIONS
 from .timeline import files as timeline
 from .timeline.model import Timeline
+
+if TYPE_CHECKING:
+    from .predict.hardware import Hardware
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -130,9 +133,32 @@ _precision_option = click.option(
     "apart from the row's fp32 record [default: the row's, fp32 in every shipped table].",
 )
 
-_output_option = click.option(
-    "--output", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
-)
+
+class _Renamed(click.Option):
+    """An option whose later names are old spellings: they keep working, and --help shows the first name only."""
+
+    def get_help_record(self, ctx: click.Context) -> Optional[Tuple[str, str]]:
+        spellings = self.opts
+        self.opts = spellings[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = spellings
+
+
+def _results_option(dest: str) -> Callable[[F], F]:
+    """--results DIR on every command that writes or reads records (--output, its old name on the measuring
+    commands, still works)."""
+    return click.option(
+        "--results",
+        "--output",
+        dest,
+        cls=_Renamed,
+        metavar="DIR",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Results directory, where records are written and read [default: $GPIPE_BENCH_RESULTS, else results/ "
+        "of the working directory].",
+    )
 
 
 def _set_allocator(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -168,6 +194,13 @@ def _cost_options(
             "`gpipe-bench predict --hardware list` shows the presets and their sources.",
         ),
         click.option(
+            "--hardware-file",
+            type=click.Path(path_type=Path),
+            metavar="PATH",
+            help="A preset of one's own instead of --hardware NAME: a YAML file with one preset's fields, as under "
+            "`presets:` in gpipe_bench/predict/hardware.yaml (its `rates` name the packaged ones), checked alike.",
+        ),
+        click.option(
             "--costs",
             "cost_source",
             type=click.Choice(["measured"]),
@@ -197,7 +230,20 @@ def _cost_options(
     )
 
 
-def _host_speed(speed: float, hardware: Optional[str]) -> float:
+def _preset(name: Optional[str], file: Optional[Path], cost_source: Optional[str]) -> "Optional[Union[str, Hardware]]":
+    """The preset --hardware NAME or --hardware-file PATH gives (a file's loaded and checked); None: measured costs."""
+    from .predict.hardware import load_file
+
+    if name is not None and file is not None:
+        raise HarnessError("--hardware and --hardware-file both give a preset; give one", param="--hardware-file")
+    chosen = load_file(file) if file is not None else name
+    if chosen is not None and cost_source is not None:
+        given = "--hardware" if name is not None else "--hardware-file"
+        raise HarnessError(f"{given} and --costs measured are two cost sources; give one", param="--costs")
+    return chosen
+
+
+def _host_speed(speed: float, hardware: "Optional[Union[str, Hardware]]") -> float:
     """``--host-speed``, which only a preset's prediction uses (measured costs are this host's own)."""
     if speed != 1.0 and hardware is None:
         raise HarnessError(
@@ -269,10 +315,15 @@ def _note(note: str, quiet: bool) -> None:
 
 
 class _Bar:
-    """A progress bar per row with live samples/s; plain per-epoch lines with --quiet."""
+    """A progress bar per row with live samples/s; plain per-epoch lines with --quiet or when stderr is no terminal.
+
+    Lines, not the bar, in a log: click draws a bar only on a terminal, and elsewhere prints
+    its label alone ("       naive-1"), which reads as nothing in a CI log or a file.
+    """
 
     def __init__(self, row: str, epochs: int, quiet: bool) -> None:
-        self.row, self.epochs, self.quiet = row, epochs, quiet
+        self.row, self.epochs = row, epochs
+        self.quiet = quiet or not sys.stderr.isatty()
         self.bar: Any = None
         self.rate = 0.0
 
@@ -360,9 +411,9 @@ def list_command() -> None:
         table = config.load(name)
         rows = ", ".join(r.name for r in table.profile("published").rows)
         click.echo(f"  {name:22s} {table.title}: {rows}")
-    click.echo("\nModels:")
+    click.echo("\nModels (what each is for: the commands that take it as MODEL):")
     for name in models.names():
-        click.echo(f"  {models.describe(name)}")
+        click.echo(f"  {models.describe(name)}\n      {jobs.model_uses(name)}")
 
 
 # -- speed ---------------------------------------------------------------------------------------------------------
@@ -378,7 +429,7 @@ def list_command() -> None:
 )
 @_override_options(", e.g. 26,22,33,44,44,66,66,69 [default: the row's]")
 @_precision_option
-@_output_option
+@_results_option("output")
 @click.option(
     "--engine",
     type=click.Choice(list(jobs.ENGINES)),
@@ -401,7 +452,9 @@ def list_command() -> None:
     "rows: PATH-<row>.png and PATH-<row>.json each. Our engine only (--engine gpipe-bench); a row that does not "
     "split the model (naive-1) is the plain model's forward and backward on its device, on any engine.",
 )
-@click.option("--quiet", is_flag=True, help="Log lines instead of a progress bar.")
+@click.option(
+    "--quiet", is_flag=True, help="One line per epoch instead of a progress bar (what stderr gets when not a terminal)."
+)
 def speed_command(
     model: str,
     pipeline: Optional[int],
@@ -595,7 +648,7 @@ def launch_command(
     "PYTORCH_CUDA_ALLOC_CONF as set) and our engine's step, or PyTorch 1.3's (2019, the published table's era: "
     "the same allocator rules, autograd's gradient accumulation, zero_grad in place, no multi-tensor optimizer).",
 )
-@_output_option
+@_results_option("output")
 @click.option(
     "--engine",
     type=click.Choice(["gpipe-bench", "distributed"]),
@@ -760,7 +813,7 @@ def memory_command(
     type=click.Path(path_type=Path),
     help="quick: Fashion-MNIST directory (the four IDX files) [default: Debian's /usr/share/datasets/fashion-mnist]; published: ImageNet with train/ and val/ class folders.",
 )
-@_output_option
+@_results_option("output")
 @click.option("--quiet", is_flag=True, help="No progress lines (each quarter epoch, each seed).")
 def accuracy_command(
     model: str,
@@ -847,9 +900,7 @@ def accuracy_command(
 @click.option(
     "--published/--no-published", default=True, show_default=True, help="Show the published columns beside ours."
 )
-@click.option(
-    "--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
-)
+@_results_option("root")
 @click.option("--per-device", is_flag=True, help="Memory tables: also each device's model memory and peaks.")
 def table_command(
     table_name: str, fmt: str, profile: Optional[str], published: bool, root: Optional[Path], per_device: bool
@@ -909,9 +960,7 @@ def table_command(
 @click.option(
     "--format", "fmt", type=click.Choice(["rst", "md", "json"]), default="rst", show_default=True, help="Output format."
 )
-@click.option(
-    "--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
-)
+@_results_option("root")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def predict_command(
     model: str,
@@ -925,6 +974,7 @@ def predict_command(
     balance: Optional[str],
     checkpoint: Optional[str],
     hardware: Optional[str],
+    hardware_file: Optional[Path],
     cost_source: Optional[str],
     calibrate: Optional[str],
     host_speed: float,
@@ -957,11 +1007,10 @@ def predict_command(
     if hardware == "list":
         click.echo(predicted.presets_table(presets.presets()))
         return
-    if hardware is not None and cost_source is not None:
-        raise HarnessError("--hardware and --costs measured are two cost sources; give one", param="--costs")
+    chosen = _preset(hardware, hardware_file, cost_source)
     calibration = parse_calibration(calibrate)
-    host_speed = _host_speed(host_speed, hardware)
-    preset = presets.load(hardware) if hardware is not None else None
+    host_speed = _host_speed(host_speed, chosen)
+    preset = presets.load(chosen) if chosen is not None else None
     if profile is None and preset is not None:
         profile, _ = jobs.default_profile(None, for_gpus(preset))
     table, profile_name, rows, _, profile_note = _rows("speed", model, profile, pipeline, naive, experiment, plain=True)
@@ -981,7 +1030,7 @@ def predict_command(
         rows,
         overrides,
         devices_spec,
-        hardware=hardware,
+        hardware=chosen,
         calibration=calibration,
         engine=engine,
         schedule=schedule,
@@ -992,8 +1041,10 @@ def predict_command(
     _note(profile_note, quiet or fmt == "json")
     if prediction.fitted is not None:
         name, figure, efficiency = prediction.fitted
-        progress(f"fitted: efficiency {efficiency:.3f} of the {hardware} preset's peaks, from {name} = {figure:g}")
-    match = hardware if preset is not None and preset.kind != "cpu" else hardware_key(environment(["cpu"]))
+        progress(
+            f"fitted: efficiency {efficiency:.3f} of the {prediction.hardware} preset's peaks, from {name} = {figure:g}"
+        )
+    match = preset.name if preset is not None and preset.kind != "cpu" else hardware_key(environment(["cpu"]))
     saved = results.load_all(root or results.results_dir(), table=table.name, profile=profile_name, on_skip=_skipped)
     if fmt != "json":
         click.echo(f"{table.title}, {profile_name} profile, predicted from {prediction.costs}:")
@@ -1050,6 +1101,7 @@ def plan_command(
     batch: Optional[int],
     profile: Optional[str],
     hardware: Optional[str],
+    hardware_file: Optional[Path],
     cost_source: Optional[str],
     memory: Optional[str],
     engine: str,
@@ -1076,10 +1128,9 @@ def plan_command(
     from .predict.sources import parse_calibration
     from .report import planned
 
-    if hardware is not None and cost_source is not None:
-        raise HarnessError("--hardware and --costs measured are two cost sources; give one", param="--costs")
+    chosen = _preset(hardware, hardware_file, cost_source)
     cap = parse_size(memory) if memory is not None else None
-    host_speed = _host_speed(host_speed, hardware)
+    host_speed = _host_speed(host_speed, chosen)
 
     def progress(line: str) -> None:
         if not quiet:
@@ -1089,7 +1140,7 @@ def plan_command(
         model,
         devices_spec,
         batch=batch,
-        hardware=hardware,
+        hardware=chosen,
         profile=profile,
         engine=engine,
         cap=cap,
@@ -1144,9 +1195,7 @@ def anchors_command(names: Tuple[str, ...], fmt: str, check: bool) -> None:
 @click.option(
     "--format", "fmt", type=click.Choice(["rst", "md"]), default="rst", show_default=True, help="Output format."
 )
-@click.option(
-    "--results", "root", type=click.Path(file_okay=False, path_type=Path), help="Results directory [default: results/]."
-)
+@_results_option("root")
 def compare_command(table_name: Optional[str], check: bool, fmt: str, root: Optional[Path]) -> None:
     """Our results against the published numbers, row by row, with flags and inconsistencies.
 

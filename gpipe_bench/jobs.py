@@ -31,6 +31,7 @@ from .config import Overrides, Row, Settings, Table
 from .errors import HarnessError
 
 __all__ = [
+    "model_uses",
     "Job",
     "partitions",
     "table_for",
@@ -219,6 +220,20 @@ def table_for(model: str, kind: str, plain: bool = False) -> Table:
             )
         raise HarnessError(f"no {kind} table for {model!r}; choose one of: {', '.join(known)}", param="MODEL")
     return config.load(name)
+
+
+def model_uses(model: str) -> str:
+    """What a registered model is for, in a phrase for ``gpipe-bench list``: the commands that take it as MODEL.
+
+    From :func:`table_for`'s rule: a model's own tables (``<model>-<kind>``) give it their
+    commands (plan with a speed table), ``predict`` takes any model (its plain model where
+    it has no speed table), and a profile may train it in place of its table's model.
+    """
+    tables = [config.load(name) for name in config.table_names()]
+    kinds = [kind for kind in config.KINDS if any(t.kind == kind and t.model == model for t in tables)]
+    commands = kinds + (["predict", "plan"] if "speed" in kinds else ["predict (its plain model, naive-1)"])
+    trained = [f"{t.name} {p.name}" for t in tables for p in t.profiles.values() if p.model == model != t.model]
+    return "for " + ", ".join(commands) + "".join(f"; the model the {where} profile trains" for where in trained)
 
 
 def default_profile(profile: Optional[str], cuda: bool) -> Tuple[str, str]:

@@ -30,6 +30,14 @@ def test_help_reads_like_a_man_page() -> None:
     assert "Example:" in speed_help and "--devices" in speed_help and "--balance" in speed_help
 
 
+def test_every_command_names_the_results_directory_results_and_keeps_output_working(tmp_path: Path) -> None:
+    for command in ("speed", "memory", "accuracy", "predict", "table", "compare"):
+        shown = _run([command, "--help"]).output
+        assert "--results DIR" in shown and "--output" not in shown, command  # the old name works, unadvertised
+    table = _run(["table", "resnet101-speed", "--output", str(tmp_path)])  # an old command line
+    assert table.exit_code == 0 and "No results for resnet101-speed yet" in table.output
+
+
 def test_help_prints_percent_signs_as_written() -> None:
     assert "80% of the available host memory" in " ".join(_run(["plan", "--help"]).output.split())
 
@@ -38,6 +46,18 @@ def test_list() -> None:
     result = _run(["list"])
     assert result.exit_code == 0
     assert "resnet101-speed" in result.output and "370 layers, 42,520,650 parameters" in result.output
+    assert "pipeline-2-planned" in result.output
+
+
+def test_list_says_what_each_model_is_for() -> None:
+    lines = _run(["list"]).output.splitlines()
+    uses = {line.split(":")[0].strip(): after.strip() for line, after in zip(lines, lines[1:]) if "parameters;" in line}
+    assert uses["resnet101"] == "for speed, accuracy, predict, plan"
+    assert uses["amoebanetd"] == "for speed, memory, predict, plan"
+    assert uses["amoebanetd-corrected"] == "for predict (its plain model, naive-1)"
+    assert uses["resnet14"] == (
+        "for predict (its plain model, naive-1); the model the resnet101-accuracy quick profile trains"
+    )
 
 
 @pytest.mark.parametrize(
@@ -68,6 +88,46 @@ def test_bad_input(args: List[str], needles: List[str], tmp_path: Path) -> None:
     result = _run([*args, *output])
     one_line_error(result, *needles)
     assert "No CUDA device" not in result.output  # the profile's note is said once the rows resolve, not before
+    assert not list(tmp_path.rglob("*.json"))
+
+
+QUICK_PIPELINE_2 = ["resnet101", "--pipeline", "2", "--profile", "quick"]
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["speed", *QUICK_PIPELINE_2, "--skip-epochs", "5"],
+            "--skip-epochs 5: not less than epochs (3): nothing would be measured; use --skip-epochs 2 or less, "
+            "or --epochs 6 or more",
+        ),
+        (
+            ["speed", *QUICK_PIPELINE_2, "--epochs", "1"],
+            "--epochs 1: not more than the warm-up epochs left out (skip_epochs 1): nothing would be measured; "
+            "use --skip-epochs 0, or --epochs 2 or more",
+        ),
+        (
+            ["speed", *QUICK_PIPELINE_2, "--batch-size", "8", "--chunks", "16"],
+            "--chunks 16: more micro-batches than samples in the batch (8); use --chunks 8 or less",
+        ),
+        (
+            ["predict", *QUICK_PIPELINE_2, "--batch-size", "2"],
+            "--batch-size 2: fewer samples than the row's 4 micro-batches (chunks); use --batch-size 4 or more, "
+            "or --chunks 2 or less",
+        ),
+        (
+            ["memory", "amoebanetd", "--naive", "1", "--profile", "quick", "--chunks", "4"],
+            "--chunks 4: naive rows have no micro-batches; leave --chunks out (micro-batching is what pipeline rows do)",
+        ),
+    ],
+)
+def test_a_bad_flag_value_is_named_by_its_flag(args: List[str], line: str, tmp_path: Path) -> None:
+    """The user typed a flag, so the error names the flag and its fix, not the config file and key it overrides."""
+    output = ["--output", str(tmp_path / "out")] if args[0] in ("speed", "memory") else []
+    result = _run([*args, *output])
+    one_line_error(result, line)
+    assert ".yaml" not in result.output and "settings." not in result.output and "rows." not in result.output
     assert not list(tmp_path.rglob("*.json"))
 
 
@@ -130,6 +190,22 @@ def test_a_row_end_to_end(tmp_path: Path) -> None:
     assert "137.788" in result.output  # the published figure beside ours
     table = _run(["table", "resnet101-speed", "--results", str(tmp_path), "--format", "md"])
     assert table.exit_code == 0 and "pipeline-2" in table.output
+
+
+def test_progress_in_a_log_is_whole_lines_not_a_bare_row_name(tmp_path: Path) -> None:
+    """CliRunner's stderr is no terminal, as a CI log or `2> file` is: each epoch is one readable line."""
+    configs = tiny_configs(tmp_path / "cfg")
+    args = ["speed", "resnet101", "--experiment", "naive-1", "--profile", "quick", "--devices", "cpu"]
+    result = _run([*args, "--epochs", "2", "--output", str(tmp_path)], GPIPE_BENCH_CONFIGS=configs)
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.stderr.splitlines() if "naive-1" in line]
+    assert "naive-1" not in lines  # the bar's label alone, as click prints it without a terminal
+    epochs = [line for line in lines if line.startswith("naive-1: epoch")]
+    assert [line.split(" samples/s")[0].rsplit(" ", 1)[0] for line in epochs] == [
+        "naive-1: epoch 1/2",
+        "naive-1: epoch 2/2",
+    ]
+    assert all(line.endswith("samples/s") for line in epochs)
 
 
 def test_a_row_in_bf16_is_saved_beside_the_fp32_record_and_apart_in_the_table(tmp_path: Path) -> None:

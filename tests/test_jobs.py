@@ -224,3 +224,8 @@ def test_partitions_sharing_a_device_are_not_the_rows_devices() -> None:
     row = SPEED.row("pipeline-2", "quick")
     [(job, _)] = jobs.resolve(SPEED, "quick", [row], Overrides(), "cpu:0*2")
     assert job.overrides == {"devices": 1}
+
+
+def test_model_uses_follow_the_tables_and_predicts_plain_rule() -> None:
+    assert jobs.model_uses("resnet101") == "for speed, accuracy, predict, plan"
+    assert jobs.model_uses("resnet50") == "for predict (its plain model, naive-1)"  # no table: its plain model

@@ -19,7 +19,7 @@ multi-device row's balance null (found by ``balance_by_size``).
 
 The modules, one concept each:
 
-- :mod:`.types`: what a loaded table is (Table, Profile, Row, Settings, Overrides);
+- :mod:`.types`: what a loaded table is (Table, Profile, Row, Settings, Overrides and the flag of each override);
 - :mod:`.schema`: the checker and its one-line ConfigError;
 - :mod:`.layout`: which keys each level of a table file may hold;
 - :mod:`.rules`: the rules that tie values together (a balance against the model's length);
@@ -39,6 +39,7 @@ from .rows import NAMED, apply, find_row, overridden
 from .schema import ConfigError
 from .types import (
     CHECKPOINTS,
+    FLAGS,
     KINDS,
     MODES,
     Checkpoint,
@@ -63,6 +64,7 @@ __all__ = [
     "Profile",
     "Table",
     "Overrides",
+    "FLAGS",
     "table_names",
     "config_dir",
     "load",

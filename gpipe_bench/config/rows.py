@@ -4,7 +4,8 @@ Why here: ``--pipeline N``, ``--naive N`` and ``--experiment NAME`` name rows
 of a loaded table, and ``--batch-size`` and the like change them; both can
 go wrong in ways only the table knows (the rows it has, a balance's length),
 so both answer with the same one-line :class:`~gpipe_bench.config.schema.ConfigError`
-as a mistake in the file, tagged " (after overrides)" where an option caused it.
+as a mistake in the file: a value a flag gave is named by its flag (``--chunks 16: ...``),
+one the file gave by its key, tagged " (after overrides)".
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 from .layout import ROW, SETTINGS
 from .rules import check_row, check_settings
 from .schema import MISSING, Source
-from .types import Overrides, Row, Settings, Table
+from .types import FLAGS, Overrides, Row, Settings, Table
 
 __all__ = ["NAMED", "apply", "find_row", "overridden"]
 
@@ -75,10 +76,12 @@ def apply(table: Table, row: Row, settings: Settings, overrides: Overrides, mode
 
     ``model``: the row's profile's model (:attr:`Profile.model`), where a profile trains a smaller one.
     """
-    src = Source(table.path, " (after overrides)")
     key = f"rows.{row.name}"
+    keys = {f: f"{key}.{f}" if f in ROW else f"settings.{f}" for f in FLAGS}
+    flags = {keys[f]: overrides.flag(f) for f in FLAGS if overrides.flag(f)}
+    given = overrides.given()
+    src = Source(table.path, " (after overrides)", flags, frozenset(keys[f] for f in given if keys[f] in flags))
     model = model or table.model
-    given = {f: v for f, v in vars(overrides).items() if v is not None}
     row = replace(row, **{f: ROW[f][0](src, f"{key}.{f}", v) for f, v in given.items() if f in ROW})
     if "balance" in given:  # a balance given replaces a planned one
         row = replace(row, planned=False)

@@ -44,14 +44,23 @@ def model_length(src: Source, key: str, model: str, args: Mapping[str, Any], cla
 
 
 def check_settings(src: Source, key: str, s: Settings) -> None:
-    """At least one epoch is measured after the skipped ones."""
-    if s.skip_epochs >= s.epochs:
+    """At least one epoch is measured after the skipped ones.
+
+    Where only the epochs came from a flag (``--epochs 1`` against the table's one warm-up
+    epoch), the flag is what the user can see and change, so it is the one named.
+    """
+    if s.skip_epochs < s.epochs:
+        return
+    skip, epochs = join(key, "skip_epochs"), join(key, "epochs")
+    fix = f"use {src.at_most(skip, s.epochs - 1)}, or {src.at_least(epochs, s.skip_epochs + 1)}"
+    if src.from_flag(epochs) and not src.from_flag(skip):
         src.fail(
-            join(key, "skip_epochs"),
-            s.skip_epochs,
-            f"not less than epochs ({s.epochs}): nothing would be measured",
-            f"use skip_epochs <= {s.epochs - 1} or more epochs",
+            epochs,
+            s.epochs,
+            f"not more than the warm-up epochs left out (skip_epochs {s.skip_epochs}): nothing would be measured",
+            fix,
         )
+    src.fail(skip, s.skip_epochs, f"not less than epochs ({s.epochs}): nothing would be measured", fix)
 
 
 def check_row(src: Source, key: str, table: Mapping[str, Any], row: Row, settings: Settings) -> None:
@@ -63,33 +72,45 @@ def check_row(src: Source, key: str, table: Mapping[str, Any], row: Row, setting
     def k(field: str) -> str:  # k("chunks") -> "rows.pipeline-8.chunks"
         return f"{key}.{field}"
 
+    def leave_out(field: str, instead: str) -> str:  # how to undo a value: drop the flag, or write another
+        flag = src.flags.get(k(field))
+        return f"leave {flag} out" if src.from_flag(k(field)) and flag else instead
+
     if row.mode != "pipeline" and row.chunks != 1:
         src.fail(
             k("chunks"),
             row.chunks,
             f"{row.mode} rows have no micro-batches",
-            "set chunks: 1 (micro-batching is what pipeline rows do)",
+            leave_out("chunks", "set chunks: 1") + " (micro-batching is what pipeline rows do)",
         )
     if row.mode != "pipeline" and row.checkpoint != "never":
         src.fail(
             k("checkpoint"),
             row.checkpoint,
             f"{row.mode} rows run the plain model",
-            "set checkpoint: never (pipeline rows checkpoint)",
+            leave_out("checkpoint", "set checkpoint: never") + " (pipeline rows checkpoint)",
         )
     if row.chunks > row.batch:
+        if src.from_flag(k("batch")) and not src.from_flag(k("chunks")):
+            src.fail(
+                k("batch"),
+                row.batch,
+                f"fewer samples than the row's {row.chunks} micro-batches (chunks)",
+                f"use {src.at_least(k('batch'), row.chunks)}, or {src.at_most(k('chunks'), row.batch)}",
+            )
         src.fail(
             k("chunks"),
             row.chunks,
             f"more micro-batches than samples in the batch ({row.batch})",
-            f"use chunks <= {row.batch}",
+            f"use {src.at_most(k('chunks'), row.batch)}",
         )
     if row.batch > settings.dataset_size:
         src.fail(
             k("batch"),
             row.batch,
             f"larger than dataset_size ({settings.dataset_size}): an epoch has no step",
-            f"use batch <= {settings.dataset_size} or a larger settings.dataset_size",
+            f"use {src.at_most(k('batch'), settings.dataset_size)}"
+            + ("" if src.from_flag(k("batch")) else " or a larger settings.dataset_size"),
         )
     length = model_length(src, k("model_args"), table["model"], row.model_args, settings.classes)
     if row.planned:
@@ -115,13 +136,19 @@ def check_row(src: Source, key: str, table: Mapping[str, Any], row: Row, setting
                 )
         return
     if row.mode == "dataparallel":
-        src.fail(k("balance"), row.balance, "data-parallel rows replicate the whole model", "remove the balance (null)")
+        src.fail(
+            k("balance"),
+            row.balance,
+            "data-parallel rows replicate the whole model",
+            leave_out("balance", "remove the balance (null)"),
+        )
     if len(row.balance) != row.devices:
         src.fail(
             k("balance"),
             row.balance,
             f"{len(row.balance)} partitions for {row.devices} devices",
-            f"give {row.devices} entries, or devices: {len(row.balance)}",
+            f"give {row.devices} entries"
+            + ("" if src.from_flag(k("balance")) else f", or devices: {len(row.balance)}"),
         )
     if length is not None and sum(row.balance) != length:
         args = ", ".join(f"{a}={v}" for a, v in row.model_args.items())

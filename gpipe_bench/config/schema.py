@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, NoReturn, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, NoReturn, Tuple
 
 from gpipe_bench.errors import HarnessError
 
@@ -36,6 +36,7 @@ __all__ = [
     "mapping",
     "number",
     "show",
+    "spell_flag",
     "text",
     "typed",
 ]
@@ -62,15 +63,49 @@ def show(value: Any) -> str:
     return spelt if len(spelt) <= 80 else spelt[:77] + "..."
 
 
+def spell_flag(value: Any) -> str:
+    """A value as a command-line flag takes it (``--balance 100,270``)."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Source:
-    """Where values come from: the file, and a tag such as " (after overrides)"."""
+    """Where values come from: the file, a tag such as " (after overrides)", and the flags that set some of them.
+
+    A value a command-line flag gave is named by that flag (``--skip-epochs 3``), without
+    the file: the user typed the flag, not the config key it overrides. A fix names the
+    flag of any key one can set (``flags``), so the user is told what to type.
+    """
 
     path: str
     tag: str = ""
+    #: dotted key -> the flag that sets it, for the keys a command line can override
+    flags: Mapping[str, str] = field(default_factory=dict)
+    #: the keys whose value a flag gave
+    given: FrozenSet[str] = frozenset()
 
     def fail(self, key: str, value: Any, problem: str, fix: str) -> NoReturn:
+        if key in self.given:
+            raise ConfigError(f"{self.flags[key]} {spell_flag(value)}: {problem}; {fix}")
         raise ConfigError(f"{self.short}: {key} = {show(value)}{self.tag}: {problem}; {fix}")
+
+    def from_flag(self, key: str) -> bool:
+        """Whether a command-line flag gave ``key``'s value."""
+        return key in self.given
+
+    def at_most(self, key: str, limit: int) -> str:
+        """The fix "no more than ``limit``", spelt as the user sets ``key``: ``--chunks 32 or less``, ``chunks <= 32``."""
+        flag = self.flags.get(key)
+        if flag is None:
+            return f"{key.rsplit('.', 1)[-1]} <= {limit}"
+        return f"{flag} {limit}" + (" or less" if limit > 0 else "")
+
+    def at_least(self, key: str, limit: int) -> str:
+        """The fix "at least ``limit``", spelt as the user sets ``key``: ``--epochs 2 or more``, ``epochs >= 2``."""
+        flag = self.flags.get(key)
+        return f"{key.rsplit('.', 1)[-1]} >= {limit}" if flag is None else f"{flag} {limit} or more"
 
     @property
     def short(self) -> str:  # the path relative to the working directory when below it

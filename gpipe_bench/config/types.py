@@ -8,7 +8,8 @@ of the harness only reads them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Tuple, get_args
+from types import MappingProxyType
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, get_args
 
 from gpipe_bench.precision import DEFAULT as DEFAULT_PRECISION
 
@@ -16,6 +17,7 @@ from .schema import Source
 
 __all__ = [
     "CHECKPOINTS",
+    "FLAGS",
     "KINDS",
     "MODES",
     "Checkpoint",
@@ -133,9 +135,29 @@ class Table:
         return found
 
 
+#: The command-line flag that sets each field of :class:`Overrides` (a row's or its settings' key of the same
+#: name): the one place a config key meets its flag, so a mistake in a value the user typed names what was typed.
+FLAGS: Mapping[str, str] = MappingProxyType(
+    {
+        "batch": "--batch-size",
+        "chunks": "--chunks",
+        "balance": "--balance",
+        "checkpoint": "--checkpoint",
+        "epochs": "--epochs",
+        "skip_epochs": "--skip-epochs",
+        "precision": "--precision",
+    }
+)
+
+
 @dataclass(frozen=True)
 class Overrides:
-    """Command-line overrides of a row and its settings; None keeps the config's value."""
+    """Command-line overrides of a row and its settings; None keeps the config's value.
+
+    ``flags``: where a field was not given by its :data:`FLAGS` flag, what gave it: another
+    flag (``plan --batch``), or "" for a value the harness chose (a plan's chunks, an
+    anchor's batch), which errors name by its config key.
+    """
 
     batch: Optional[int] = None
     chunks: Optional[int] = None
@@ -144,3 +166,12 @@ class Overrides:
     epochs: Optional[int] = None
     skip_epochs: Optional[int] = None
     precision: Optional[str] = None
+    flags: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def given(self) -> Dict[str, Any]:
+        """The fields given (not None), by name."""
+        return {name: getattr(self, name) for name in FLAGS if getattr(self, name) is not None}
+
+    def flag(self, name: str) -> str:
+        """The flag that gives field ``name`` ("" if none does)."""
+        return self.flags.get(name, FLAGS[name])

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import yaml
 
 from gpipe_bench import config, jobs
-from gpipe_bench.config import Overrides
+from gpipe_bench.config import FLAGS, Overrides
 from gpipe_bench.errors import HarnessError
 
 from . import hardware as presets
@@ -181,7 +181,10 @@ def _plain_throughput(anchor: Anchor) -> float:
     """
     table = config.plain_table(anchor.model, classes=anchor.classes)
     profile = table.profile("published")
-    overrides = Overrides(batch=anchor.batch, precision=_ROW_PRECISION[anchor.precision])
+    # the anchor's values, not a command line's: a mistake is named by its config key
+    overrides = Overrides(
+        batch=anchor.batch, precision=_ROW_PRECISION[anchor.precision], flags=dict.fromkeys(FLAGS, "")
+    )
     row, settings = config.apply(table, profile.rows[0], profile.settings, overrides)
     if settings.input_size != anchor.input_size:
         raise _fail(anchor.name, f"input size {anchor.input_size} is not the plain table's {settings.input_size}")

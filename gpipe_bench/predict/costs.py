@@ -272,9 +272,10 @@ class MeasuredCosts(Costs):
     @classmethod
     def here(cls, model: ModelKey, rounds: int = 3) -> "MeasuredCosts":
         """Timed on this machine's device (its GPU if it has one, else the host), with the preset that
-        prices what is not timed (copies between devices, processes): ``h100`` for a GPU, ``cpu`` for the host."""
+        prices what is not timed (copies between devices, processes): ``h100`` for a GPU, ``epyc-2vcpu`` (the
+        developers' CPU, whose links were measured: a thread hand-off, gloo over loopback) for the host."""
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(model, device, load("cpu" if device == "cpu" else "h100"), rounds)
+        return cls(model, device, load("epyc-2vcpu" if device == "cpu" else "h100"), rounds)
 
     def __init__(self, model: ModelKey, device: str, hardware: Hardware, rounds: int = 3) -> None:
         self.device = torch.device(device)

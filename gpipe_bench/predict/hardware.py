@@ -14,12 +14,13 @@ the bidirectional totals spec sheets like to print.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml  # type: ignore[import-untyped, unused-ignore]
 
@@ -39,6 +40,7 @@ __all__ = [
     "Hardware",
     "check_precision",
     "load",
+    "load_file",
     "names",
     "presets",
 ]
@@ -275,10 +277,15 @@ def _preset(name: str, spec: object, file: Path, rates: Mapping[str, Rates]) -> 
     if not isinstance(spec, Mapping):
         raise HarnessError(f"{where} must be a mapping of fields, not {type(spec).__name__}")
     missing, unknown = _FIELDS - set(spec), set(spec) - _FIELDS - _OPTIONAL
-    if missing or unknown:
+    if unknown:
+        bad = sorted(str(key) for key in unknown)[0]
+        close = difflib.get_close_matches(bad, sorted(_FIELDS | _OPTIONAL), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise HarnessError(
-            f"{where}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}; fields are {sorted(_FIELDS)}"
+            f"{where}: unknown field {bad!r}{hint}; fields are {sorted(_FIELDS)}, optional {sorted(_OPTIONAL)}"
         )
+    if missing:
+        raise HarnessError(f"{where}: missing fields {sorted(missing)}; add them (fields are {sorted(_FIELDS)})")
     if spec["kind"] not in DEVICE_KINDS:
         raise HarnessError(f"{where}.kind {spec['kind']!r} is not one of {', '.join(DEVICE_KINDS)}")
     _flag(spec["tf32_convs"], f"{where}.tf32_convs")
@@ -330,22 +337,50 @@ def _preset(name: str, spec: object, file: Path, rates: Mapping[str, Rates]) -> 
     )
 
 
-def _read(file: Path) -> Dict[str, Hardware]:
+def _yaml(file: Path, what: str, fix: str = "") -> Any:
     try:
-        data: Any = yaml.safe_load(file.read_text(encoding="utf-8"))
+        return yaml.safe_load(file.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise HarnessError(f"cannot read hardware presets {file}: {exc.strerror}") from None
+        raise HarnessError(f"cannot read {what} {file}: {exc.strerror}{fix}") from None
     except yaml.YAMLError as exc:
-        raise HarnessError(f"hardware presets {file} are not valid YAML: {' '.join(str(exc).split())}") from None
+        raise HarnessError(f"{what} {file} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def _read(file: Path) -> Tuple[Dict[str, Hardware], Dict[str, Rates]]:
+    data = _yaml(file, "hardware presets")
     if not isinstance(data, Mapping) or not isinstance(data.get("presets"), Mapping):
         raise HarnessError(f"hardware presets {file} must have a top-level 'presets' mapping")
     rates = {str(name): _rates(str(name), spec, file) for name, spec in (data.get("rates") or {}).items()}
-    return {str(name): _preset(str(name), spec, file, rates) for name, spec in data["presets"].items()}
+    return {str(name): _preset(str(name), spec, file, rates) for name, spec in data["presets"].items()}, rates
 
 
 @functools.lru_cache(maxsize=4)
-def _presets(file: Path) -> Dict[str, Hardware]:
+def _file(file: Path) -> Tuple[Dict[str, Hardware], Dict[str, Rates]]:
     return _read(file)
+
+
+def _presets(file: Path) -> Dict[str, Hardware]:
+    return _file(file)[0]
+
+
+def load_file(path: Path) -> Hardware:
+    """A preset of one's own (``--hardware-file PATH``): a YAML file holding one preset's fields.
+
+    The fields are those of a preset under ``presets:`` in the packaged file, checked by the
+    same checker; its ``rates`` name the packaged measured rates. Named after the file
+    (``my-gpu.yaml``: ``my-gpu``). Every mistake is one :class:`HarnessError` line naming
+    the file and the fix, charged to ``--hardware-file``.
+    """
+    fix = "a YAML file with one preset's fields, as under `presets:` in gpipe_bench/predict/hardware.yaml"
+    try:
+        data = _yaml(path, "hardware file", f"; give the path of {fix}")
+        if isinstance(data, Mapping) and len(data) == 1:
+            (name, fields), *_ = data.items()
+            if isinstance(fields, Mapping) and name not in _FIELDS | _OPTIONAL:
+                raise HarnessError(f"{path.name}: the fields sit under {name!r}; write them at the top level ({fix})")
+        return _preset(path.stem, data, path, _file(PRESETS_FILE)[1])
+    except HarnessError as error:  # every message names the file; the option is what the user gave
+        raise HarnessError(error.message, param="--hardware-file") from None
 
 
 def presets(file: Optional[Path] = None) -> Dict[str, Hardware]:
@@ -358,13 +393,21 @@ def names(file: Optional[Path] = None) -> List[str]:
     return list(_presets(file or PRESETS_FILE))
 
 
-def load(name: str, file: Optional[Path] = None) -> Hardware:
-    """The preset ``name``; HarnessError naming the known presets otherwise."""
+def load(name: Union[str, Hardware], file: Optional[Path] = None) -> Hardware:
+    """The preset ``name``; HarnessError naming the known presets otherwise.
+
+    A preset already loaded (a ``--hardware-file``'s, :func:`load_file`) is returned as it
+    is, so predict and plan take either a name or a preset of one's own.
+    """
+    if isinstance(name, Hardware):
+        return name
     presets = _presets(file or PRESETS_FILE)
     try:
         return presets[name]
     except KeyError:
         known = ", ".join(presets)
         raise HarnessError(
-            f"unknown hardware {name!r}; known: {known} (gpipe-bench predict --hardware list)", param="--hardware"
+            f"unknown hardware {name!r}; known: {known} (gpipe-bench predict --hardware list; for the CPU at hand, "
+            "--costs measured)",
+            param="--hardware",
         ) from None

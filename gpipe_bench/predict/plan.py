@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -54,7 +54,7 @@ from gpipe_bench.precision import DEFAULT
 
 from . import hardware as presets
 from .costs import Costs, MeasuredCosts, ModelKey
-from .hardware import Link
+from .hardware import Hardware, Link
 from .rows import RowPrediction, cost_sizes, meta_model, model_key, step
 from .simulate import LayerCost, rank_threads, worker_threads
 from .sources import check_precision, for_gpus, preset_costs
@@ -500,20 +500,20 @@ def _template(
     chunks = None
     if batch is not None and batch != row.batch:  # the published micro-batch size, kept at another batch
         chunks = max(1, min(batch, round(batch * row.chunks / row.batch)))
-    overrides = Overrides(batch=batch, chunks=chunks, precision=precision)
+    # plan's own flag is --batch; the chunks are the planner's, kept at the row's micro-batch size
+    overrides = Overrides(batch=batch, chunks=chunks, precision=precision, flags={"batch": "--batch", "chunks": ""})
     row, settings = config.apply(table, row, chosen.settings, overrides, model=chosen.model)
     return jobs.Job(table, row, settings, profile, devices), published
 
 
 def _costs(
     template: jobs.Job,
-    hardware: Optional[str],
+    preset: Optional[Hardware],
     calibration: Optional[Tuple[str, float]] = None,
     host_speed: float = 1.0,
 ) -> Costs:
     key = model_key(template)
-    if hardware is not None:
-        preset = presets.load(hardware)
+    if preset is not None:
         return preset_costs(template.table, template.profile, key, preset, calibration, None, host_speed)[0]
     if calibration is not None:
         raise HarnessError(
@@ -522,12 +522,12 @@ def _costs(
     return MeasuredCosts.here(key)
 
 
-def default_cap(hardware: Optional[str], devices: Sequence[str]) -> Tuple[Optional[int], str]:
+def default_cap(hardware: Optional[Union[str, Hardware]], devices: Sequence[str]) -> Tuple[Optional[int], str]:
     """(bytes per device, where it comes from): the preset's or the GPU's memory; on a CPU, a share of what is free."""
     if hardware is not None:
         preset = presets.load(hardware)
         if preset.kind != "cpu":
-            return preset.memory, f"the {hardware} preset's memory"
+            return preset.memory, f"the {preset.name} preset's memory"
     if any(d.startswith("cuda") for d in devices) and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(torch.device(devices[0])).total_memory
         return int(total), "the device's memory"
@@ -558,7 +558,7 @@ def plan(
     devices_spec: str,
     *,
     batch: Optional[int] = None,
-    hardware: Optional[str] = None,
+    hardware: Optional[Union[str, Hardware]] = None,
     profile: Optional[str] = None,
     engine: str = "gpipe-bench",
     cap: Optional[int] = None,
@@ -570,6 +570,7 @@ def plan(
 ) -> Plan:
     """The ``top`` best configurations of ``model`` on ``devices_spec`` that fit ``cap`` bytes per device.
 
+    ``hardware``: a preset's name, or a preset of one's own (:func:`.hardware.load_file`).
     ``host_speed``: with ``hardware``, the target host's speed per core against this one's.
     ``precision``: fp32, tf32, bf16 or fp16 (None: fp32); refused where ``hardware``
     (or this machine, without it) cannot run it.
@@ -594,7 +595,7 @@ def plan(
     cap_source = "--memory-per-device"
     if cap is None:
         cap, cap_source = default_cap(hardware, devices)
-    costs = _costs(template, hardware, calibration, host_speed)
+    costs = _costs(template, preset, calibration, host_speed)
     search = _Search(template, costs, engine, cap, progress)
     if isinstance(costs, MeasuredCosts):
         # One size timed (the published row's micro-batch), every other scaled from it: fixed part + per sample.

@@ -9,7 +9,7 @@ parses options and prints what :func:`predict_table` returns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -21,6 +21,7 @@ from gpipe_bench.precision import DEFAULT
 
 from . import hardware as presets
 from .costs import Costs, MeasuredCosts
+from .hardware import Hardware
 from .plan import resolve_planned
 from .rows import RowPrediction, cost_sizes, meta_model, model_key, predict
 from .sources import parse_calibration, predicted_jobs, preset_costs
@@ -70,7 +71,7 @@ def predict_table(
     overrides: Overrides,
     devices_spec: Optional[str],
     *,
-    hardware: Optional[str],
+    hardware: Optional[Union[str, Hardware]],
     calibration: Optional[Tuple[str, float]] = None,
     engine: str = "gpipe-bench",
     schedule: str = "gpipe",
@@ -79,7 +80,8 @@ def predict_table(
     progress: Callable[[str], None] = lambda line: None,
     host_speed: float = 1.0,
 ) -> TablePrediction:
-    """Predict ``rows`` of ``table``: with ``hardware``'s preset (nothing runs), or timed here when None."""
+    """Predict ``rows`` of ``table``: with ``hardware``'s preset (a name, or one's own: nothing runs), or timed here
+    when None."""
     if engine not in ENGINES:
         raise HarnessError(f"predict models the engines {', '.join(ENGINES)}, not {engine!r}", param="--engine")
     preset = presets.load(hardware) if hardware is not None else None
@@ -126,7 +128,8 @@ def predict_table(
         meta = meta_model(key)
         for p in predictions:
             p.memory = _memory(p.job, meta)
-    return TablePrediction(table, profile, costs.description, hardware, predictions, fitted, key.precision)
+    name = preset.name if preset is not None else None
+    return TablePrediction(table, profile, costs.description, name, predictions, fitted, key.precision)
 
 
 def _memory(job: jobs.Job, meta: torch.nn.Sequential) -> Optional[List[int]]:

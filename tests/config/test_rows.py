@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Callable, List
+from dataclasses import fields, replace
+from typing import Any, Callable
 
 import pytest
 
 from gpipe_bench import config
-from gpipe_bench.config import ConfigError, Overrides
+from gpipe_bench.config import FLAGS, ConfigError, Overrides
+from gpipe_bench.config.schema import Source
 
 
 def _error(call: Callable[[], Any]) -> str:
@@ -74,25 +75,81 @@ def test_apply_overrides() -> None:
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (Overrides(chunks=8192), ["rows.pipeline-8.chunks = 8192", "batch (4096)"]),
-        (Overrides(batch=32), ["rows.pipeline-8.chunks = 64", "batch (32)", "use chunks <= 32"]),
-        (Overrides(balance=(100, 270)), ["rows.pipeline-8.balance", "2 partitions for 8 devices"]),
-        (Overrides(balance=(1, 1, 1, 1, 1, 1, 1, 1)), ["sums to 8", "370 layers"]),
-        (Overrides(batch=-1), ["rows.pipeline-8.batch = -1", "at least 1"]),
-        (Overrides(chunks=1.5), ["rows.pipeline-8.chunks = 1.5", "whole number"]),  # type: ignore[arg-type]
-        (Overrides(checkpoint="sometimes"), ["checkpoint = 'sometimes'", "always, except_last, never"]),
-        (Overrides(skip_epochs=10), ["settings.skip_epochs = 10", "epochs (10)"]),
-        (Overrides(epochs=1), ["settings.skip_epochs = 1", "epochs (1)"]),
+        (
+            Overrides(chunks=8192),
+            "--chunks 8192: more micro-batches than samples in the batch (4096); use --chunks 4096 or less",
+        ),
+        (
+            Overrides(batch=32),
+            "--batch-size 32: fewer samples than the row's 64 micro-batches (chunks); use --batch-size 64 or more, "
+            "or --chunks 32 or less",
+        ),
+        (Overrides(balance=(100, 270)), "--balance 100,270: 2 partitions for 8 devices; give 8 entries"),
+        (
+            Overrides(balance=(1, 1, 1, 1, 1, 1, 1, 1)),
+            "--balance 1,1,1,1,1,1,1,1: sums to 8 but resnet101(inplace=False) has 370 layers; make the entries sum to 370",
+        ),
+        (Overrides(batch=-1), "--batch-size -1: must be at least 1; write an integer >= 1"),
+        (Overrides(chunks=1.5), "--chunks 1.5: not a whole number; write an integer >= 1"),  # type: ignore[arg-type]
+        (
+            Overrides(checkpoint="sometimes"),
+            "--checkpoint sometimes: unknown value; use one of: always, except_last, never",
+        ),
+        (
+            Overrides(skip_epochs=10),
+            "--skip-epochs 10: not less than epochs (10): nothing would be measured; use --skip-epochs 9 or less, "
+            "or --epochs 11 or more",
+        ),
+        (
+            Overrides(epochs=1),
+            "--epochs 1: not more than the warm-up epochs left out (skip_epochs 1): nothing would be measured; "
+            "use --skip-epochs 0, or --epochs 2 or more",
+        ),
+        (
+            Overrides(batch=99999),
+            "--batch-size 99999: larger than dataset_size (50000): an epoch has no step; use --batch-size 50000 or less",
+        ),
     ],
 )
-def test_apply_validates_like_load(overrides: Overrides, expected: List[str]) -> None:
+def test_a_value_a_flag_gave_is_named_by_the_flag(overrides: Overrides, expected: str) -> None:
     table = config.load("resnet101-speed")
     message = _error(
         lambda: config.apply(table, table.row("pipeline-8"), table.profile("published").settings, overrides)
     )
-    assert "resnet101-speed.yaml" in message and "(after overrides)" in message
-    for text in expected:
-        assert text in message, (text, message)
+    assert message == expected  # the flag the user typed, no config file, no config key
+
+
+def test_flags_map_every_override_and_a_caller_may_rename_or_drop_them() -> None:
+    assert set(FLAGS) == {f.name for f in fields(Overrides)} - {"flags"}
+    table = config.load("resnet101-speed")
+    row, settings = table.row("pipeline-8"), table.profile("published").settings
+    renamed = Overrides(batch=32, flags={"batch": "--batch"})  # plan's flag
+    assert _error(lambda: config.apply(table, row, settings, renamed)).startswith("--batch 32: fewer samples")
+    # a value no flag gave (an anchor's batch) is named by its key, in the file's form, tagged
+    chosen = Overrides(batch=32, flags=dict.fromkeys(FLAGS, ""))
+    assert _error(lambda: config.apply(table, row, settings, chosen)) == (
+        f"{Source(table.path).short}: rows.pipeline-8.chunks = 64 (after overrides): more micro-batches than "
+        "samples in the batch (32); use chunks <= 32"
+    )
+
+
+def test_a_value_the_file_gave_keeps_the_file_form_with_the_fix_as_flags() -> None:
+    table = config.load("resnet101-speed")
+    settings = replace(table.profile("published").settings, skip_epochs=10)
+    message = _error(lambda: config.apply(table, table.row("pipeline-8"), settings, Overrides()))
+    assert "resnet101-speed.yaml: settings.skip_epochs = 10 (after overrides)" in message
+    assert message.endswith("use --skip-epochs 9 or less, or --epochs 11 or more")  # what the user can type
+
+
+def test_naive_rows_refuse_pipeline_flags_by_name() -> None:
+    table = config.load("resnet101-speed")
+    naive, settings = table.row("naive-1"), table.profile("published").settings
+    assert _error(lambda: config.apply(table, naive, settings, Overrides(chunks=4))) == (
+        "--chunks 4: naive rows have no micro-batches; leave --chunks out (micro-batching is what pipeline rows do)"
+    )
+    assert _error(lambda: config.apply(table, naive, settings, Overrides(checkpoint="always"))).startswith(
+        "--checkpoint always: naive rows run the plain model; leave --checkpoint out"
+    )
 
 
 def test_apply_to_naive_and_memory_rows() -> None:

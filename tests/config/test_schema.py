@@ -59,3 +59,17 @@ def test_mistakes_name_file_key_value_and_fix() -> None:
     assert _error(lambda: check_fields(src, "", [1], SCHEMA)) == (
         "t.yaml: (top level) = [1]: not a mapping; write `key: value` lines with keys epochs, note, extra, x"
     )
+
+
+def test_a_value_a_flag_gave_is_named_by_the_flag_and_fixes_are_spelt_as_flags() -> None:
+    src = Source("t.yaml", " (after overrides)", {"settings.epochs": "--epochs"}, frozenset({"settings.epochs"}))
+    assert _error(lambda: check_fields(src, "settings", {"epochs": 0}, SCHEMA)) == (
+        "--epochs 0: must be at least 1; write an integer >= 1"
+    )
+    assert (src.at_most("settings.epochs", 3), src.at_least("settings.epochs", 2)) == (
+        "--epochs 3 or less",
+        "--epochs 2 or more",
+    )
+    assert src.at_most("settings.epochs", 0) == "--epochs 0"
+    assert (src.at_most("rows.x.chunks", 3), src.at_least("rows.x.chunks", 2)) == ("chunks <= 3", "chunks >= 2")
+    assert src.from_flag("settings.epochs") and not src.from_flag("rows.x.chunks")

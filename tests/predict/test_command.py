@@ -20,7 +20,7 @@ def _run(args: List[str]) -> Result:
 def test_hardware_list_shows_every_preset_with_its_sources() -> None:
     result = _run(["predict", "resnet101", "--hardware", "list"])
     assert result.exit_code == 0, result.output
-    for name in ("p40", "v100", "a100", "h100", "h200", "cpu"):
+    for name in ("p40", "v100", "a100", "h100", "h200", "epyc-2vcpu"):
         assert f"\n{name}" in result.output
     assert "https://" in result.output
 
@@ -139,3 +139,57 @@ def test_unwritable_timeline_path(tmp_path: Path) -> None:
     blocker.write_text("x")
     result = _run(["predict", "resnet101", "--pipeline", "2", "--hardware", "p40", "--timeline", str(blocker / "t")])
     one_line_error(result, "timeline", str(blocker))
+
+
+def _own_p40(tmp_path: Path, change: str = "", to: str = "") -> Path:
+    """The packaged p40 preset as a file of one's own (its fields at the top level), ``change`` replaced by ``to``."""
+    from gpipe_bench.predict.hardware import PRESETS_FILE
+
+    text = PRESETS_FILE.read_text(encoding="utf-8").split("\n  p40:\n")[1].split("\n\n")[0]
+    path = tmp_path / "my-p40.yaml"
+    path.write_text("\n".join(line[4:] for line in text.splitlines()).replace(change, to) + "\n", encoding="utf-8")
+    return path
+
+
+def test_hardware_file_predicts_as_the_preset_it_copies(tmp_path: Path) -> None:
+    args = ["predict", "resnet101", "--pipeline", "2", "--format", "json", "--results", str(tmp_path)]
+    packaged = _run([*args, "--hardware", "p40"])
+    own = _run([*args, "--hardware-file", str(_own_p40(tmp_path))])
+    assert packaged.exit_code == own.exit_code == 0, own.output
+    figure = [json.loads(r.stdout)[0]["throughput"] for r in (packaged, own)]
+    assert figure[0] == pytest.approx(figure[1], rel=0.02)  # the same preset; host timing differs a little
+
+
+@pytest.mark.parametrize(
+    "command, change, to, needles",
+    [
+        (
+            ["predict", "resnet101"],
+            "fp32_flops:",
+            "fp32_flop:",
+            ["--hardware-file", "unknown field 'fp32_flop'", "fp32_flops"],
+        ),
+        (
+            ["plan", "resnet101", "--devices", "0,1"],
+            "memory: 25769803776",
+            "memory: lots",
+            ["--hardware-file", "my-p40.memory", "'lots'"],
+        ),
+        (["plan", "resnet101", "--devices", "0,1", "--hardware", "p40"], "", "", ["--hardware-file", "give one"]),
+        (["predict", "resnet101", "--costs", "measured"], "", "", ["--hardware-file and --costs measured"]),
+    ],
+)
+def test_a_bad_hardware_file_is_one_line(
+    tmp_path: Path, command: List[str], change: str, to: str, needles: List[str]
+) -> None:
+    path = _own_p40(tmp_path, change, to)
+    one_line_error(_run([*command, "--hardware-file", str(path)]), *needles)
+
+
+def test_a_missing_hardware_file_is_one_line(tmp_path: Path) -> None:
+    one_line_error(
+        _run(["predict", "resnet101", "--hardware-file", str(tmp_path / "nope.yaml")]),
+        "--hardware-file",
+        "nope.yaml: No such file or directory",
+        "give the path of a YAML file",
+    )

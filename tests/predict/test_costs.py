@@ -93,7 +93,7 @@ def test_cuda_costs_time_operators_and_updates_on_their_gpu(
 
 
 def test_cpu_costs_stay_on_the_host(no_gpu_timing: List[Tuple[str, Optional[torch.device]]]) -> None:
-    measured = MeasuredCosts(KEY, "cpu", hardware.load("cpu"))
+    measured = MeasuredCosts(KEY, "cpu", hardware.load("epyc-2vcpu"))
     measured.update(1000, 10, "cpu", 1, "accumulate")
     assert {device for _, device in no_gpu_timing} == {torch.device("cpu")}
     assert FakeEvent.recorded == []
@@ -144,7 +144,7 @@ def test_on_a_gpu_the_timings_leave_the_cached_model_and_the_gpu_as_they_were() 
         assert torch.cuda.memory_reserved(device) == 0  # and their blocks given back
 
 
-@pytest.mark.parametrize("cuda, device, preset", [(False, "cpu", "cpu"), (True, "cuda", "h100")])
+@pytest.mark.parametrize("cuda, device, preset", [(False, "cpu", "epyc-2vcpu"), (True, "cuda", "h100")])
 def test_measured_costs_here_time_on_this_machines_device(
     monkeypatch: pytest.MonkeyPatch, cuda: bool, device: str, preset: str
 ) -> None:

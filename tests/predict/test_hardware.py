@@ -9,10 +9,11 @@ import pytest
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.predict import hardware
 from gpipe_bench.predict.hardware import Link, Rate, filter_of, load, names
+from gpipe_bench.report.predicted import presets_table
 
 
 def test_the_packaged_presets_load_with_sources() -> None:
-    assert {"p40", "v100", "a100", "h100", "h200", "cpu"} <= set(names())
+    assert {"p40", "v100", "a100", "h100", "h200", "epyc-2vcpu"} <= set(names())
     for name in names():
         preset = load(name)
         assert preset.name == name
@@ -35,14 +36,23 @@ def test_published_figures() -> None:
     h100, h200 = load("h100"), load("h200")
     assert h100.tf32_flops == h200.tf32_flops == pytest.approx(494.7e12)  # dense, not the sparse 989
     assert h200.memory_bandwidth > h100.memory_bandwidth
-    assert load("cpu").kind == "cpu" and load("cpu").links["host"].bandwidth == float("inf")
+    assert load("epyc-2vcpu").kind == "cpu" and load("epyc-2vcpu").links["host"].bandwidth == float("inf")
+
+
+def test_the_cpu_preset_is_named_for_its_machine_and_points_to_measured_costs() -> None:
+    epyc = load("epyc-2vcpu")
+    assert "cpu" not in names()  # no preset claims to be whichever CPU runs the prediction
+    assert "AMD EPYC" in epyc.description and "--costs measured" in epyc.description
+    listing = presets_table(hardware.presets())
+    assert "comments above" not in listing and "this machine" not in listing  # a source says which machine
 
 
 def test_unknown_preset_names_the_known_ones() -> None:
     with pytest.raises(HarnessError) as error:
         load("x")
     assert error.value.message == (
-        f"unknown hardware 'x'; known: {', '.join(names())} (gpipe-bench predict --hardware list)"
+        f"unknown hardware 'x'; known: {', '.join(names())} (gpipe-bench predict --hardware list; for the CPU at "
+        "hand, --costs measured)"
     )
     with pytest.raises(HarnessError, match="has no 'nvlink' link; it has: pcie"):
         load("p40").link("nvlink")
@@ -166,3 +176,44 @@ def test_presets_give_the_tensor_cores_half_precision_peak_where_there_is_one(tm
                 GOOD.replace("    launch: 1.0e-5\n", "    launch: 1.0e-5\n    half_flops: 1.0e+12\n    bf16: 1\n"),
             ),
         )
+
+
+# One preset's fields at the top level: what --hardware-file reads.
+OWN = "\n".join(line[4:] for line in GOOD.splitlines() if line.startswith("    ")) + "\n"
+
+
+def test_a_preset_file_of_ones_own_is_named_after_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "toy-gpu.yaml"
+    path.write_text(OWN + "rates: {cuda_cores: deepbench-titanxp-fp32}\n", encoding="utf-8")
+    preset = hardware.load_file(path)
+    assert (preset.name, preset.fp32_flops, preset.rates["cuda_cores"].name) == (
+        "toy-gpu",
+        1e12,
+        "deepbench-titanxp-fp32",
+    )
+    assert load(preset) is preset  # predict and plan take a name or a preset
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            OWN.replace("fp32_flops", "fp32_flop"),
+            "toy.yaml: toy: unknown field 'fp32_flop' (did you mean 'fp32_flops'?)",
+        ),
+        (OWN.replace("memory: 1024", "memory: lots"), "toy.yaml: toy.memory must be a number, not 'lots'"),
+        (OWN.replace("kind: gpu", "kind: tpu"), "toy.yaml: toy.kind 'tpu' is not one of gpu, cpu"),
+        (OWN + "rates: {cuda_cores: nope}\n", "toy.rates.cuda_cores: 'nope' is not one of the rates"),
+        ("toy:\n" + GOOD.split("toy:\n")[1], "the fields sit under 'toy'; write them at the top level"),
+        ("kind: [gpu\n", "is not valid YAML"),
+    ],
+)
+def test_a_bad_preset_file_is_one_line_charged_to_the_option(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "toy.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(HarnessError) as error:
+        hardware.load_file(path)
+    assert message in error.value.message and error.value.param == "--hardware-file"
+    assert "\n" not in error.value.message
+    with pytest.raises(HarnessError, match="No such file or directory; give the path of a YAML file"):
+        hardware.load_file(tmp_path / "missing.yaml")

@@ -98,8 +98,8 @@ def test_a_cap_below_every_plan_says_the_smallest_that_works_and_that_one_works(
 @pytest.mark.parametrize(
     "args, needles",
     [
-        (["--devices", "cpu:0*371", "--hardware", "cpu"], ["--devices", "371 devices", "370 layers"]),
-        (["--devices", "cpu:0,cpu:1", "--batch", "1", "--hardware", "cpu"], ["--batch", "batch 1", "2 devices"]),
+        (["--devices", "cpu:0*371", "--hardware", "epyc-2vcpu"], ["--devices", "371 devices", "370 layers"]),
+        (["--devices", "cpu:0,cpu:1", "--batch", "1", "--hardware", "epyc-2vcpu"], ["--batch", "batch 1", "2 devices"]),
         (["--devices", "0,1", "--hardware", "p40", "--memory-per-device", "lots"], ["--memory-per-device", "'lots'"]),
         (["--devices", "0,1", "--hardware", "p40", "--costs", "measured"], ["two cost sources"]),
         (["--devices", "0,1", "--calibrate", "naive-1=92.5"], ["--calibrate", "--hardware"]),
@@ -116,7 +116,7 @@ def test_an_unknown_model_is_one_line() -> None:
 
 
 def test_distributed_plans_name_schedules_and_launch_commands() -> None:
-    args = ["plan", "resnet101", "--devices", "cpu:0,cpu:1", "--hardware", "cpu", "--profile", "quick"]
+    args = ["plan", "resnet101", "--devices", "cpu:0,cpu:1", "--hardware", "epyc-2vcpu", "--profile", "quick"]
     result = _run([*args, "--engine", "distributed", "--batch", "64", "--top", "5", "--format", "json", "--quiet"])
     assert result.exit_code == 0, result.output
     records = json.loads(result.output)
@@ -162,7 +162,7 @@ def _quick_job(name: str = "pipeline-2-planned") -> jobs.Job:
 
 def test_planned_balance_is_the_optimum_of_its_stage_costs() -> None:
     job = _quick_job()
-    costs = HardwareCosts(model_key(job), presets.load("cpu"))
+    costs = HardwareCosts(model_key(job), presets.load("epyc-2vcpu"))
     balance, how = planned_balance(job, costs)
     assert sum(balance) == 370 and len(balance) == 2 and "planned on cpu:0,cpu:1" in how
     search = _Search(job, costs, "gpipe-bench", None, lambda line: None)
@@ -174,7 +174,7 @@ def test_planned_balance_is_the_optimum_of_its_stage_costs() -> None:
 
 def test_resolving_a_planned_row_keeps_it_marked_and_records_it() -> None:
     job = _quick_job()
-    costs = HardwareCosts(model_key(job), presets.load("cpu"))
+    costs = HardwareCosts(model_key(job), presets.load("epyc-2vcpu"))
     resolved, _ = resolve_planned(job, costs)
     assert resolved.row.planned and resolved.row.balance is not None and sum(resolved.row.balance) == 370
     record = resolved.settings_record()
@@ -193,7 +193,9 @@ def test_the_memory_estimate_is_close_to_the_exact_prediction() -> None:
     table = config.load("resnet101-speed")
     template, published = _template(table, "quick", 2, 64, ["cpu:0", "cpu:1"], 370)
     assert published
-    search = _Search(template, HardwareCosts(model_key(template), presets.load("cpu")), "gpipe-bench", None, print)
+    search = _Search(
+        template, HardwareCosts(model_key(template), presets.load("epyc-2vcpu")), "gpipe-bench", None, print
+    )
     for chunks, checkpoint in ((4, "never"), (8, "always"), (16, "except_last")):
         choice = Choice((180, 190), chunks, checkpoint)  # type: ignore[arg-type]
         exact = search.memory(search.job(choice))
@@ -217,7 +219,7 @@ def test_a_planned_row_end_to_end(tmp_path: Path) -> None:
 
 def test_the_search_gives_workers_and_ranks_the_threads_the_engine_and_the_launcher_do() -> None:
     job = _quick_job()
-    costs = HardwareCosts(model_key(job), presets.load("cpu"))
+    costs = HardwareCosts(model_key(job), presets.load("epyc-2vcpu"))
     ours = _Search(job, costs, "gpipe-bench", None, lambda line: None)
     assert ours.threads(2, 2) == worker_threads(list(job.devices), costs.host)
     ranks = _Search(job, costs, "distributed", None, lambda line: None)

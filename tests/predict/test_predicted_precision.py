@@ -37,8 +37,8 @@ def _run(args: List[str]) -> Result:
         (["--hardware", "v100", "--precision", "bf16"], ["v100 cannot run --precision bf16", "fp32, tf32, fp16"]),
         (["--hardware", "p40", "--precision", "bf16"], ["p40 cannot run --precision bf16"]),
         (["--hardware", "p40", "--precision", "fp16"], ["p40 has no tensor cores", "use one of: fp32, tf32"]),
-        (["--hardware", "cpu", "--precision", "fp16"], ["cpu cannot run --precision fp16", "fp32, bf16"]),
-        (["--hardware", "cpu", "--precision", "tf32"], ["cpu cannot run --precision tf32", "fp32, bf16"]),
+        (["--hardware", "epyc-2vcpu", "--precision", "fp16"], ["epyc-2vcpu cannot run --precision fp16", "fp32, bf16"]),
+        (["--hardware", "epyc-2vcpu", "--precision", "tf32"], ["epyc-2vcpu cannot run --precision tf32", "fp32, bf16"]),
         (["--precision", "fp16"], ["--precision fp16", "fp32, bf16"]),  # measured here: a CPU
         (["--precision", "tf32"], ["--precision tf32", "fp32, bf16"]),
     ],
@@ -51,7 +51,7 @@ def test_predict_refuses_what_the_device_cannot_run_in_one_line(args: List[str],
     "args, needles",
     [
         (["--hardware", "v100", "--precision", "bf16"], ["v100 cannot run --precision bf16"]),
-        (["--hardware", "cpu", "--precision", "fp16"], ["cpu cannot run --precision fp16"]),
+        (["--hardware", "epyc-2vcpu", "--precision", "fp16"], ["epyc-2vcpu cannot run --precision fp16"]),
     ],
 )
 def test_plan_refuses_what_the_device_cannot_run_in_one_line(args: List[str], needles: List[str]) -> None:
@@ -123,7 +123,7 @@ def test_precisions_are_cached_apart_and_share_the_meta_model() -> None:
 
 
 def test_each_precision_runs_matrix_products_and_convolutions_on_its_unit() -> None:
-    a100, v100, cpu = load("a100"), load("v100"), load("cpu")
+    a100, v100, cpu = load("a100"), load("v100"), load("epyc-2vcpu")
     assert a100.unit("conv", "fp32") == ("tensor_cores", 156e12)  # PyTorch's default: TF32 convolutions
     assert a100.unit("matmul", "fp32") == ("cuda_cores", 19.5e12)
     assert a100.unit("matmul", "tf32") == ("tensor_cores", 156e12)
@@ -169,7 +169,7 @@ def test_the_preset_list_names_what_each_preset_predicts(monkeypatch: pytest.Mon
     assert load("p40").precisions == ("fp32", "tf32")
     assert load("v100").precisions == ("fp32", "tf32", "fp16")
     assert load("h100").precisions == ("fp32", "tf32", "bf16", "fp16")
-    assert load("cpu").precisions == ("fp32", "bf16")
+    assert load("epyc-2vcpu").precisions == ("fp32", "bf16")
     monkeypatch.setattr(costs_module, "count_named", lambda *args: None)  # refused before counting
     from gpipe_bench.errors import HarnessError
 

@@ -140,7 +140,7 @@ def test_hardware_costs_turn_each_layer_into_seconds(monkeypatch: pytest.MonkeyP
 def test_every_shipped_gpu_preset_has_measured_rates_and_counted_models_get_positive_times() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
     counts = count_model(model.to("meta"), (3, 8, 8))
-    for name in ("p40", "v100", "a100", "h100", "h200", "cpu"):
+    for name in ("p40", "v100", "a100", "h100", "h200", "epyc-2vcpu"):
         preset = load(name)
         if preset.kind == "gpu":
             assert "cuda_cores" in preset.rates and 0 < preset.memory_share <= 1 and preset.kernel_floor > 0

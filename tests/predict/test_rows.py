@@ -76,7 +76,7 @@ def test_a_balance_that_does_not_cover_the_model_is_an_error() -> None:
 
 
 def test_cost_sizes_follow_the_worker_threads() -> None:
-    host = HardwareCosts(model_key(_job("naive-1", ["cpu"])), hardware.load("cpu")).host
+    host = HardwareCosts(model_key(_job("naive-1", ["cpu"])), hardware.load("epyc-2vcpu")).host
     assert cost_sizes(_job("naive-1", ["cpu"], profile="quick"), host) == [(16, host.threads)]
     sizes = cost_sizes(_job("pipeline-2", ["cpu:0", "cpu:1"], profile="quick"), host)
     assert sizes == [(16, worker_threads(["cpu:0", "cpu:1"], host))]
