@@ -249,8 +249,8 @@ def _unwritable(directory: Path, error: OSError) -> HarnessError:
     reason = error.strerror or type(error).__name__
     where = error.filename if isinstance(error.filename, str) and error.filename else str(directory)
     return HarnessError(
-        f"--output DIR: cannot write to {where} ({reason}); choose a writable directory "
-        "(--output DIR or GPIPE_BENCH_RESULTS)"
+        f"--results DIR: cannot write to {where} ({reason}); choose a writable directory "
+        "(--results DIR or GPIPE_BENCH_RESULTS)"
     )
 
 

@@ -12,7 +12,8 @@ a ``$ command`` line) into the block; ``tests/scripts/test_readme.py`` runs them
 again and fails on a block that differs. ``varies`` marks output that depends on
 the machine running it (a prediction measures the host's time per operator there,
 and its ranking of close plans can follow): those are compared with every number
-and checkpoint mode masked. No marked command measures a table: measured rows are
+and checkpoint mode masked. No marked command measures a table (``memory --predict-only``
+runs nothing): measured rows are
 shown as ``gpipe-bench table`` over the committed ``results/``, so the samples
 never take minutes, and the commands run in this process with
 ``GPIPE_BENCH_RESULTS`` set to that directory.
@@ -41,6 +42,7 @@ RESULTS = ROOT / "results"
 _MARKED = re.compile(r"^<!-- output( varies)?: (.+?) -->\n```text\n(.*?)^```$", re.M | re.S)
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _MODE = re.compile(r"\b(?:always|except_last|never)\b")
+_TITLE = re.compile(r" on \S+ (\(\w+ profile(?:, \w+)?\)): .*$")
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,15 @@ def run(command: str) -> str:
 
 
 def normalise(block: str, varies: bool) -> str:
-    """``block`` as compared: as it is, or (``varies``) with numbers and checkpoint modes masked and
-    table rules and spaces collapsed, so a figure measured on another machine is no difference."""
+    """``block`` as compared: as it is, or (``varies``) with numbers and checkpoint modes masked,
+    a table's machine title (``... on <host> (<profile> profile): <hardware>; <torch>; <date>``)
+    reduced to its profile, and table rules and spaces collapsed, so a figure measured on
+    another machine is no difference."""
     if not varies:
         return block
     lines = []
     for line in block.splitlines():
+        line = _TITLE.sub(r"\1", line)
         line = _MODE.sub("MODE", _NUMBER.sub("0", line))
         lines.append(" ".join(re.sub(r"=+", "=", line).split()))
     return "\n".join(lines)

@@ -39,6 +39,9 @@ class RowPrediction:
     outcome: Outcome
     memory: Optional[List[int]] = None  # peak activation bytes per device (the memory predictor)
     speedup: Optional[float] = None
+    # GPU rows: what the caching allocator would reserve / allocate per device, minus the model memory.
+    reserved: Optional[List[int]] = None
+    allocated: Optional[List[int]] = None
 
     @property
     def throughput(self) -> float:

@@ -16,7 +16,9 @@ import torch
 from gpipe_bench import jobs
 from gpipe_bench.config import Overrides, Row, Table
 from gpipe_bench.errors import HarnessError
-from gpipe_bench.memory.predict import predict_job
+from gpipe_bench.memory.allocator import ERA_CURRENT, AllocatorSettings
+from gpipe_bench.memory.predict import Prediction, predict_job
+from gpipe_bench.memory.reserved import settings_for
 from gpipe_bench.precision import DEFAULT
 
 from . import hardware as presets
@@ -126,19 +128,26 @@ def predict_table(
     if memory:
         progress("predicting peak memory per device (meta)")
         meta = meta_model(key)
+        allocator = settings_for(ERA_CURRENT)
         for p in predictions:
-            p.memory = _memory(p.job, meta)
+            prediction = _memory(p.job, meta, allocator)
+            if prediction is not None:
+                p.memory, p.reserved, p.allocated = (
+                    list(prediction.per_device),
+                    prediction.reserved,
+                    prediction.allocated,
+                )
     name = preset.name if preset is not None else None
     return TablePrediction(table, profile, costs.description, name, predictions, fitted, key.precision)
 
 
-def _memory(job: jobs.Job, meta: torch.nn.Sequential) -> Optional[List[int]]:
-    """Peak activation bytes per device from the memory predictor (our engine's rows only)."""
+def _memory(job: jobs.Job, meta: torch.nn.Sequential, allocator: AllocatorSettings) -> Optional[Prediction]:
+    """Peak activation bytes per device from the memory predictor (our engine's rows only); on GPU rows also
+    what the caching allocator would reserve (today's allocator, ``PYTORCH_CUDA_ALLOC_CONF`` as set)."""
     if job.engine == "distributed":
         return None
     balance = tuple(job.row.balance) if job.row.balance and job.split else None
-    prediction = predict_job(job, balance or (), model=meta)
-    return list(prediction.per_device)
+    return predict_job(job, balance or (), model=meta, allocator=allocator)
 
 
 def predicted_speedups(table: Table) -> PredictedSpeedups:

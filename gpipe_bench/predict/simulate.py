@@ -134,7 +134,8 @@ class Outcome:
     def bubble(self) -> float:
         """The share of device time the step leaves idle: 1 - mean busy fraction over the devices."""
         u = self.utilisation
-        return 1.0 - sum(u.values()) / len(u) if u else 0.0
+        # Never below zero: a device busy the whole step can sum to a hair over 1.0 in floating point.
+        return max(0.0, 1.0 - sum(u.values()) / len(u)) if u else 0.0
 
 
 LinkOf = Callable[[str, str], Optional[Link]]

@@ -108,6 +108,10 @@ def as_records(
                 "bubble": p.outcome.bubble,
                 "busiest_utilisation": p.outcome.busiest,
                 "peak_activation_bytes_per_device": p.memory,
+                "predicted_reserved_bytes_per_device": p.reserved,
+                "predicted_allocated_bytes_per_device": p.allocated,
+                "predicted_reserved_gib": sum(p.reserved) / 2**30 if p.reserved is not None else None,
+                "predicted_allocated_gib": sum(p.allocated) / 2**30 if p.allocated is not None else None,
                 "devices": list(p.job.devices),
                 "engine": p.job.record_engine,
                 "batch": row.batch,
@@ -138,6 +142,7 @@ def render(prediction: "TablePrediction", results: Sequence[Result], hardware: O
         "Bubble",
         "Busiest device",
         "Peak activation / device",
+        "Reserved - model / device",
         "Measured",
         "Measured speedup",
         "Published speedup",
@@ -152,11 +157,15 @@ def render(prediction: "TablePrediction", results: Sequence[Result], hardware: O
                 f"{100 * r['bubble']:.1f}%",
                 f"{100 * r['busiest_utilisation']:.1f}%",
                 _memory(r["peak_activation_bytes_per_device"]),
+                _memory(r["predicted_reserved_bytes_per_device"]),
                 fmt_num(r["measured_throughput"], 3),
                 fmt_num(r["measured_speedup"], 3, "x"),
                 fmt_num(r["published_speedup"], 3, "x"),
             ]
         )
+    if not any(r["predicted_reserved_bytes_per_device"] for r in records):  # no GPU row: no allocator to model
+        headers.remove("Reserved - model / device")
+        rows = [cells[:6] + cells[7:] for cells in rows]
     grid = render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 1), fmt)
     words = precision_words(prediction.precision)
     return f"Precision: {words}\n\n{grid}" if words else grid

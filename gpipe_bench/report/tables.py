@@ -243,9 +243,12 @@ def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "
     def grid(profile: "Profile", group: Group) -> Grid:
         # CUDA records have the allocated peak too (what the prediction is compared with); CPU ones one figure.
         cuda = any(r.extra.get("allocated_per_device_gib") for r in group.all())
+        # CUDA rows predicted through the allocator model: what it reserves and allocates, per device.
+        allocator = any(r.extra.get("predicted_reserved_per_device_gib") for r in group.all())
         headers = ["Experiment", "Device", "Model memory", "Peak activation"]
         headers += ["Allocated"] if cuda else []
-        headers += ["Predicted", "Predicted peak at"]
+        headers += ["Predicted reserved", "Predicted allocated"] if allocator else []
+        headers += ["Predicted held", "Predicted peak at"] if allocator else ["Predicted", "Predicted peak at"]
         rows: List[List[str]] = []
         for slot in row_slots(profile, group):
             result = slot.result
@@ -257,6 +260,8 @@ def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "
             measured = list(extra.get("measured_per_device_gib") or [])
             allocated = list(extra.get("allocated_per_device_gib") or [])
             predicted = list(extra.get("predicted_per_device_gib") or [])
+            reserved = list(extra.get("predicted_reserved_per_device_gib") or [])
+            reserved_allocated = list(extra.get("predicted_allocated_per_device_gib") or [])
             when = list(extra.get("predicted_peak_at") or [])
             for k, name in enumerate(names):
                 if measured:
@@ -270,6 +275,11 @@ def memory_per_device(table: "Table", results: Sequence[Result], *, fmt: str = "
                     ours,
                 ]
                 cells += [format_gib(allocated[k]) if k < len(allocated) else DASH] if cuda else []
+                if allocator:
+                    cells += [
+                        format_gib(reserved[k]) if k < len(reserved) else DASH,
+                        format_gib(reserved_allocated[k]) if k < len(reserved_allocated) else DASH,
+                    ]
                 cells += [
                     format_gib(predicted[k]) if k < len(predicted) else DASH,
                     str(when[k]) if k < len(when) else DASH,

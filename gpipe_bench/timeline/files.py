@@ -71,7 +71,7 @@ def _unwritable(path: Path, reason: str) -> HarnessError:
 def check_writable(path: Path) -> None:
     """Fail before any training, not after it, when the files of ``--timeline PATH`` cannot be written.
 
-    A missing directory is created (as ``--output`` does); one that cannot be,
+    A missing directory is created (as ``--results`` does); one that cannot be,
     or cannot be written, or a target that is a directory, is a
     :class:`~gpipe_bench.errors.HarnessError`.
     """

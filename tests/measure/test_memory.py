@@ -164,9 +164,11 @@ def test_predict_only_prints_the_prediction_and_saves_nothing(tmp_path: Path) ->
     result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "out").exists()  # no record, no plot
-    assert "5.64 GiB predicted (not saved: a prediction, not a measurement)" in result.output
+    assert "6.35 GiB predicted reserved (5.37 GiB allocated) (not saved: a prediction, not a measurement)" in (
+        result.output
+    )
     pipeline_2 = next(line for line in result.output.splitlines() if line.startswith("pipeline-2 "))
-    assert "not measured" in pipeline_2 and "5.64 GiB" in pipeline_2
+    assert "not measured" in pipeline_2 and "6.35 GiB" in pipeline_2  # Predicted: what the allocator reserves
     assert "cuda:1" in result.output  # the per-device table of the devices it was sized for
 
 
@@ -190,3 +192,17 @@ def test_memory_bad_input(args: List[str], needles: List[str], tmp_path: Path) -
     for needle in needles:
         assert needle in errors[0]
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_predict_only_follows_the_allocator_era_and_refuses_a_bad_alloc_conf(tmp_path: Path) -> None:
+    args = ["memory", "amoebanetd", "--profile", "published", "--pipeline", "1", "--predict-only"]
+    then = CliRunner().invoke(main, [*args, "--allocator-era", "1.3"])
+    assert then.exit_code == 0, then.output
+    assert "2.09 GiB predicted reserved (1.88 GiB allocated)" in then.output
+    assert "PyTorch 1.3 (2019)" in then.output
+    bad = CliRunner().invoke(main, args, env={"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:5"})
+    assert bad.exit_code == 2
+    assert bad.output.strip().splitlines()[-1] == (
+        "Error: PYTORCH_CUDA_ALLOC_CONF max_split_size_mb:5: too small, must be >= 20 (MiB); fix or unset the variable"
+    )
+    assert "Traceback" not in bad.output

@@ -51,6 +51,10 @@ def test_a_published_row_on_a_preset_as_json(tmp_path: Path) -> None:
     assert row["published_speedup"] == 1.489
     assert 0.0 <= row["bubble"] < 1.0
     assert len(row["peak_activation_bytes_per_device"]) == 2
+    # GPU rows: what the caching allocator would reserve, never below what it allocates
+    reserved, allocated = row["predicted_reserved_bytes_per_device"], row["predicted_allocated_bytes_per_device"]
+    assert len(reserved) == 2 and all(r >= a > 0 for r, a in zip(reserved, allocated))
+    assert row["predicted_reserved_gib"] == sum(reserved) / 2**30
     assert "efficiency" in row["costs"] and "naive-1=92.539" in row["costs"]
 
 
