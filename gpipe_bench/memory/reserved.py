@@ -81,10 +81,12 @@ __all__ = [
 Events = Tuple[Tuple[int, int], ...]
 
 _MIB = 1 << 20
-#: cuBLAS's workspace per (handle, stream): NVIDIA's cuBLAS documentation (``cublasSetWorkspace``) recommends
-#: 4 MiB before Hopper and 32 MiB from Hopper on; PyTorch allocates it through the caching allocator
-#: (aten/src/ATen/cuda/CublasHandlePool.cpp, ``getChosenWorkspaceSize``). By compute capability major.
-CUBLAS_WORKSPACE = {"pre-hopper": 4 * _MIB, "hopper": 32 * _MIB}
+#: cuBLAS's workspace per (handle, stream), as PyTorch sizes it and takes it from the caching allocator
+#: (aten/src/ATen/cuda/CublasHandlePool.cpp, ``parseChosenWorkspaceSize``: ``CUBLAS_WORKSPACE_CONFIG``'s
+#: default ":4096:2:16:8", 32 MiB on compute capability 9 and later). Handles are per thread: one for
+#: the worker's forward, one for autograd's device thread in the backward.
+CUBLAS_WORKSPACE = {"pre-hopper": 4096 * 1024 * 2 + 16 * 1024 * 8, "hopper": 32 * _MIB}
+_CUBLAS_HANDLES = ("forward", "backward")
 
 _COMPUTE = 0  # the worker's stream (the allocator's default, which cell phases use)
 _INCOMING = "incoming"  # the device's incoming copy stream (gpipe_bench.pipe.copy.CopyStreams)
@@ -475,7 +477,8 @@ def _step(
     if head_bytes:
         r.malloc(last, ("head", step), head_bytes)
     if workspace:
-        r.malloc(last, ("cublas",), workspace)
+        for handle in _CUBLAS_HANDLES:
+            r.malloc(last, ("cublas", handle), workspace)
     done = [0] * n
     handed: Dict[Tuple[int, int], int] = {}  # recompute (i, j) -> the backward whose blocks it takes
     clocks = backward_steps(m, n, lambda i: i < stop)
