@@ -698,12 +698,8 @@ def memory_command(
     """
     from .measure import memory
     from .measure.runner import RowInterrupted, run_rows
-    from .memory.reserved import settings_for
+    from .memory.reserved import allocator_for
 
-    try:
-        allocator = settings_for(allocator_era)
-    except ValueError as error:
-        raise HarnessError(f"{error}; fix or unset the variable") from None
     table, profile_name, rows, named, profile_note = _rows("memory", model, profile, pipeline, naive, experiment)
     overrides = Overrides(
         batch=batch_size, chunks=chunks, balance=_parse_balance(balance), checkpoint=checkpoint, precision=precision
@@ -731,6 +727,7 @@ def memory_command(
             )
         ]
         notes = []
+    allocator = allocator_for(allocator_era, [d for job in planned for d in job.devices])
     if _rank() == 0:
         _note(profile_note, quiet)
         for note in notes:

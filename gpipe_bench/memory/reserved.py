@@ -58,8 +58,9 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
+from gpipe_bench.errors import HarnessError
 from gpipe_bench.pipe.schedule import Step, backward_steps, forward_steps
 
 from .allocator import ERA_1_3, Allocator, AllocatorSettings, AllocatorStats
@@ -74,6 +75,7 @@ __all__ = [
     "Setup",
     "replay_steps",
     "settings_for",
+    "allocator_for",
     "ALLOC_CONF",
 ]
 
@@ -197,13 +199,13 @@ class Setup:
         if self.legacy:
             return (
                 "CUDA caching allocator of PyTorch 1.3 (2019) with that era's training step: autograd's gradient "
-                "accumulation, zero_grad in place, RMSprop one parameter at a time"
+                "accumulation, zero_grad in place, the optimizer one parameter at a time"
             )
         return (
             "today's CUDA caching allocator (PyTorch's c10/cuda/CUDACachingAllocator.cpp at 001074d25084)"
             + (f"; PYTORCH_CUDA_ALLOC_CONF={self.settings.conf}" if self.settings.conf else "")
             + "; our engine's training step"
-            + (", RMSprop foreach" if self.foreach else "")
+            + (", the optimizer's multi-tensor (foreach) step" if self.foreach else "")
         )
 
 
@@ -291,13 +293,11 @@ class _Replay:
         self,
         traces: Sequence[Sequence[CellTrace]],
         slots: Sequence[int],
-        copies: bool,
         settings: AllocatorSettings,
         repeats: bool,
     ) -> None:
         self.traces, self.slot = traces, list(slots)
         self.m, self.n = len(traces), len(traces[0])
-        self.copies = copies
         self.alloc = [Allocator(settings) for _ in range(max(self.slot) + 1)]
         self._base = 0
         self.repeats = repeats
@@ -373,8 +373,8 @@ class _Replay:
         self.alloc[self.slot[j]].free(key)
 
     def crosses(self, a: int, b: int) -> bool:
-        """Whether a tensor passed from partition ``a`` to ``b`` is copied (CUDA rows on distinct devices)."""
-        return self.copies and self.slot[a] != self.slot[b]
+        """Whether a tensor passed from partition ``a`` to ``b`` is copied (partitions on distinct GPUs)."""
+        return self.slot[a] != self.slot[b]
 
 
 #: The environment variable users set the allocator with; predictions read it as the allocator does.
@@ -390,6 +390,17 @@ def settings_for(era: str, environ: Optional[Mapping[str, str]] = None) -> Alloc
     if era == ERA_1_3:
         return AllocatorSettings(era=ERA_1_3)
     return AllocatorSettings.parse((environ if environ is not None else os.environ).get(ALLOC_CONF, ""), era)
+
+
+def allocator_for(era: str, devices: Iterable[str]) -> Optional[AllocatorSettings]:
+    """The settings predictions for rows on ``devices`` follow: None when none of them is a GPU (no caching
+    allocator to model, and a variable meant for GPUs is not read); a bad variable is a HarnessError."""
+    if not any(d.startswith("cuda") for d in devices):
+        return None
+    try:
+        return settings_for(era)
+    except ValueError as error:
+        raise HarnessError(f"{error}; fix or unset the variable") from None
 
 
 def replay_steps(
@@ -422,7 +433,7 @@ def replay_steps(
     and peak allocated by 0.8%, in both eras; tests hold tiny models to 2%.
     """
     n = len(traces[0])
-    r = _Replay(traces, slots if slots is not None else list(range(n)), True, setup.settings, repeats)
+    r = _Replay(traces, slots if slots is not None else list(range(n)), setup.settings, repeats)
     legacy = setup.legacy
     steps, workspace = setup.steps, setup.workspace
     grads: List[List[Tuple[Hashable, int]]] = [[] for _ in range(n)]  # .grad per partition: (key, bytes)

@@ -47,7 +47,7 @@ from gpipe_bench.devices import available_host_bytes, memory_slots
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.memory.allocator import ERA_CURRENT
 from gpipe_bench.memory.predict import predict_job
-from gpipe_bench.memory.reserved import settings_for
+from gpipe_bench.memory.reserved import allocator_for
 from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes
 from gpipe_bench.pipe.balance.partition import block_cost, block_costs, solve_blocks
 from gpipe_bench.precision import DEFAULT
@@ -253,10 +253,7 @@ class _Search:
         self.copies = copies  # weights and gradients (and a momentum buffer): float32 each
         self.param_bytes = [sum(p.numel() for p in layer.parameters()) * 4 * copies for layer in self.meta.children()]
         # GPU plans: the caching allocator as it is set here (PYTORCH_CUDA_ALLOC_CONF), today's rules.
-        try:
-            self.allocator = settings_for(ERA_CURRENT)
-        except ValueError as error:
-            raise HarnessError(f"{error}; fix or unset the variable") from None
+        self.allocator = allocator_for(ERA_CURRENT, self.devices)
 
     # -- time
 

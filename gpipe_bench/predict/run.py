@@ -18,7 +18,7 @@ from gpipe_bench.config import Overrides, Row, Table
 from gpipe_bench.errors import HarnessError
 from gpipe_bench.memory.allocator import ERA_CURRENT, AllocatorSettings
 from gpipe_bench.memory.predict import Prediction, predict_job
-from gpipe_bench.memory.reserved import settings_for
+from gpipe_bench.memory.reserved import allocator_for
 from gpipe_bench.precision import DEFAULT
 
 from . import hardware as presets
@@ -128,7 +128,7 @@ def predict_table(
     if memory:
         progress("predicting peak memory per device (meta)")
         meta = meta_model(key)
-        allocator = settings_for(ERA_CURRENT)
+        allocator = allocator_for(ERA_CURRENT, [d for p in predictions for d in p.job.devices])
         for p in predictions:
             prediction = _memory(p.job, meta, allocator)
             if prediction is not None:
@@ -141,7 +141,7 @@ def predict_table(
     return TablePrediction(table, profile, costs.description, name, predictions, fitted, key.precision)
 
 
-def _memory(job: jobs.Job, meta: torch.nn.Sequential, allocator: AllocatorSettings) -> Optional[Prediction]:
+def _memory(job: jobs.Job, meta: torch.nn.Sequential, allocator: Optional[AllocatorSettings]) -> Optional[Prediction]:
     """Peak activation bytes per device from the memory predictor (our engine's rows only); on GPU rows also
     what the caching allocator would reserve (today's allocator, ``PYTORCH_CUDA_ALLOC_CONF`` as set)."""
     if job.engine == "distributed":

@@ -8,9 +8,18 @@ import pytest
 import torch
 from torch import nn
 
+from gpipe_bench.errors import HarnessError
 from gpipe_bench.memory.allocator import ERA_1_3, AllocatorSettings
 from gpipe_bench.memory.predict import predict_pipeline, predict_plain, profile
-from gpipe_bench.memory.reserved import CUBLAS_WORKSPACE, CellTrace, ModelState, Setup, replay_steps, settings_for
+from gpipe_bench.memory.reserved import (
+    CUBLAS_WORKSPACE,
+    CellTrace,
+    ModelState,
+    Setup,
+    allocator_for,
+    replay_steps,
+    settings_for,
+)
 from gpipe_bench.perf import checkpoint_stop
 
 MIB = 1 << 20
@@ -129,3 +138,11 @@ def test_settings_follow_the_environment_today_and_nothing_in_1_3() -> None:
     assert not settings_for("1.3", env).expandable_segments
     with pytest.raises(ValueError, match="max_split_size_mb:5"):
         settings_for("current", {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:5"})
+
+
+def test_rows_without_a_gpu_do_not_read_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    assert allocator_for("current", ["cpu:0", "cpu:1"]) is None  # a CPU plan or table is not refused
+    with pytest.raises(HarnessError, match="only the native caching allocator is modelled"):
+        allocator_for("current", ["cuda:0"])
+    assert allocator_for("1.3", ["cuda:0"]) == AllocatorSettings(era=ERA_1_3)
