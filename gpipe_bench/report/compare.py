@@ -25,7 +25,7 @@ from gpipe_bench.results import DEFAULT_ENGINE, Result, settings_label
 
 from .audit import count_interval, published_inconsistencies
 from .comparable import published_row, why_not
-from .format import DASH, as_float, fmt_num, join_blocks, published_value, render_grid, seed_stats
+from .format import DASH, as_float, fmt_num, format_gib, join_blocks, published_value, render_grid, seed_stats
 from .groups import Group, for_groups, group_heading, ideal_speedup_of, on_row_devices, row_label, row_slots, speedup_of
 from .tables import transparency, transparency_outside
 
@@ -332,11 +332,12 @@ def _shape_grid(table: "Table", profile: "Profile", group: Group, entries: Seque
         headers = ["Experiment", "Ours", "Predicted", "Predicted / measured"]
         for e, (_, _, result) in zip(entries, row_slots(profile, group)):
             extra = result.extra if result is not None else {}
-            ours = fmt_num(e.ours, digits) if e.status in (None, "ok") else str(e.status)
-            rows.append(
-                [e.label, ours, fmt_num(extra.get("predicted_gib"), digits)]
-                + [fmt_num(extra.get("predicted_over_measured"), 3)]
-            )
+            ours = format_gib(e.ours) if e.status in (None, "ok") else str(e.status)
+            predicted = extra.get("predicted_gib")
+            ratio = extra.get("predicted_over_measured")
+            if ratio is None and e.ours and predicted is not None and e.status in (None, "ok"):
+                ratio = predicted / e.ours  # records made before the ratio was recorded: the same division
+            rows.append([e.label, ours, format_gib(predicted), fmt_num(ratio, 3)])
     return render_grid(headers, rows, ["left"] + ["right"] * (len(headers) - 1), fmt)
 
 
