@@ -755,12 +755,12 @@ def predict_pipeline(
             cache[key] = profile(parts, (sample[:size],), True, precision=precision)
     by_size = {size: cache[_profile_key(balance, size, precision)] for size in set(sizes)}
     costs = [by_size[size] for size in sizes]
-    stop = checkpoint_stop(checkpoint, chunks)
+    stop, input_bytes = checkpoint_stop(checkpoint, chunks), nbytes([sample])
     prediction = simulate(
-        costs, stop, input_bytes=nbytes([sample]), head_bytes=head_bytes, optimizer_temp=optimizer_temp, slots=slots
+        costs, stop, input_bytes=input_bytes, head_bytes=head_bytes, optimizer_temp=optimizer_temp, slots=slots
     )
     if allocator is not None:
-        _with_reserved(prediction, allocator, costs, stop, parts, slots, nbytes([sample]), head_bytes)
+        _with_reserved(prediction, allocator, costs, stop, parts, slots, input_bytes, head_bytes)
     return prediction
 
 
@@ -807,11 +807,10 @@ def predict_plain(
     ``precision``: under bf16 or fp16 the forward runs under autocast, the backward outside it.
     """
     cost = profile([model], (sample,), True, precision=precision, backward_autocast=False)[0]
-    prediction = simulate_plain(
-        cost, input_bytes=nbytes([sample]), head_bytes=head_bytes, optimizer_temp=optimizer_temp
-    )
+    input_bytes = nbytes([sample])
+    prediction = simulate_plain(cost, input_bytes=input_bytes, head_bytes=head_bytes, optimizer_temp=optimizer_temp)
     if allocator is not None:
-        _with_reserved(prediction, allocator, [[cost]], 0, [model], None, nbytes([sample]), head_bytes)
+        _with_reserved(prediction, allocator, [[cost]], 0, [model], None, input_bytes, head_bytes)
     return prediction
 
 

@@ -335,24 +335,21 @@ class _Search:
             return None
         balance = tuple(job.row.balance or (self.layers,))
         prediction = predict_job(job, balance if job.split else (), self.meta, self._partition_profiles, self.allocator)
-        if prediction.reserved is not None:
-            _, slots = memory_slots(list(job.devices)) if job.split else ([], [0])
-            model = [0] * len(prediction.reserved)
-            start = 0
-            for j, size in enumerate(balance if job.split else (self.layers,)):
-                model[slots[j]] += sum(self.param_bytes[start : start + size])
-                start += size
-            return [r + m + CUDA_CONTEXT for r, m in zip(prediction.reserved, model)]
-        activations = list(prediction.per_device)
+        if prediction.reserved is not None:  # a GPU: the allocator's peaks and the context beside them
+            return [r + m + CUDA_CONTEXT for r, m in zip(prediction.reserved, self._model_bytes(job, balance))]
+        return [a + m for a, m in zip(prediction.per_device, self._model_bytes(job, balance))]
+
+    def _model_bytes(self, job: jobs.Job, balance: Sequence[int]) -> List[int]:
+        """The parameters and their state (:attr:`param_bytes`) per device of ``job``'s partitions."""
         if not job.split:
-            return [activations[0] + sum(self.param_bytes)]
-        _, slots = memory_slots(list(job.devices))
-        model = [0] * len(activations)
+            return [sum(self.param_bytes)]
+        distinct, slots = memory_slots(list(job.devices))
+        model = [0] * len(distinct)
         start = 0
         for j, size in enumerate(balance):
             model[slots[j]] += sum(self.param_bytes[start : start + size])
             start += size
-        return [a + m for a, m in zip(activations, model)]
+        return model
 
     # -- candidates
 

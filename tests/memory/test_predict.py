@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpipe_bench import optim
 from gpipe_bench.memory.predict import CellCost, predict_pipeline, predict_plain, simulate
 from gpipe_bench.memory.tracker import TensorMemory
 from gpipe_bench.perf import checkpoint_stop, micro_batch_sizes
@@ -36,9 +37,7 @@ def _measure(model: nn.Module, x_shape: Sequence[int], slots: int) -> List[int]:
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-            state = [p.grad for p in model.parameters()]
-            state += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-            meter.exclude(state)
+            meter.exclude(optim.model_state(model.parameters(), optimizer))
         del x, y
     curves = meter.curves()
     return [curves[k].peak if k in curves else 0 for k in range(slots)]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpipe_bench import optim
 from gpipe_bench.memory.predict import head_bytes, layer_held, predict_pipeline, predict_plain
 from gpipe_bench.memory.tracker import TensorMemory
 from gpipe_bench.perf import micro_batch_sizes
@@ -49,9 +50,7 @@ def _measure(model: nn.Module, x_shape: Sequence[int], slots: int) -> List[int]:
             loss.backward()
             del loss
             optimizer.step()
-            state = [p.grad for p in model.parameters()]
-            state += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-            meter.exclude(state)
+            meter.exclude(optim.model_state(model.parameters(), optimizer))
         del x, y
     curves = meter.curves()
     return [curves[k].peak if k in curves else 0 for k in range(slots)]
